@@ -1,0 +1,168 @@
+"""`kiln.compile`: Hugging Face checkpoint -> artifact directory."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tvm
+import tvm_ffi
+
+import kiln
+from kiln.compiler import artifact
+from kiln.compiler.config import read_hf_config, resolve_model
+from kiln.compiler.export import ENTRY_POINTS, export
+from kiln.compiler.pipeline import relax_pipeline
+from kiln.compiler.quantization import get_quantization
+from kiln.compiler.weights import Checkpoint, convert, plan
+from kiln.models import family_of
+from kiln.runtime.artifact import MANIFEST
+from kiln.runtime.errors import KilnError
+from kiln.targets import get_target
+
+PAGE_SIZE = 16
+PREFILL_CHUNK = 1024
+
+
+class KilnWarning(UserWarning):
+    """Something the user should know that does not stop the compile."""
+
+
+def _prepare_output(output: Path) -> Path:
+    """Never clobber what is not ours: an existing output must be empty or a Kiln artifact.
+    The build goes to a staging folder that replaces `output` only once it is complete."""
+    if output.exists():
+        if not output.is_dir():
+            raise KilnError(f"output {output} is a file: choose a directory path for the artifact")
+        if any(output.iterdir()) and not (output / MANIFEST).is_file():
+            raise KilnError(
+                f"output directory {output} is not empty and is not a Kiln artifact: "
+                "choose another --output or empty it"
+            )
+    staging = output.parent / f".{output.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def compile(  # noqa: A001 - the product's verb
+    model: str | Path,
+    target: str = "cpu",
+    quantization: str = "q0f32",
+    output: str | Path | None = None,
+    arch: str | None = None,
+    dump_ir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Compile `model` (checkpoint directory or hub id) for `target`; returns the artifact path.
+
+    `output` defaults to `<model name>-<target>-<quantization>` in the current directory.
+    `dump_ir` writes the IR after every pipeline phase into that directory.
+    """
+    say = progress or (lambda _msg: None)
+    spec = get_target(target)
+    preset = get_quantization(quantization)
+    if preset.model_dtype not in spec.dtypes:
+        raise KilnError(f"quantization {quantization} is not supported on target {target}")
+    model_dir = resolve_model(model)
+    hf_config = read_hf_config(model_dir)
+    family = family_of(hf_config)
+    config = family.config_class.from_hf(hf_config)
+    ckpt = Checkpoint(model_dir)
+    out = Path(output or f"{model_dir.name}-{target}-{quantization}").expanduser().resolve()
+
+    tvm_target = spec.target(arch)
+    model_nn = family.model_class(config, preset.model_dtype)
+    exported = export(model_nn, config.attention_spec(), preset.model_dtype, tvm_target)
+    param_shapes = {name: shape for name, shape, _ in exported.params}
+    weight_map = family.weight_map(config)
+    # Check the checkpoint against the model before spending time on codegen.
+    plan(ckpt, param_shapes, weight_map, family.ignore)
+
+    staging = _prepare_output(out)
+    try:
+        start = time.time()
+        say(f"compiling {family.name} for {target} ({tvm_target.kind.name})")
+        pipeline = relax_pipeline(spec, tvm_target, Path(dump_ir) if dump_ir else None)
+        executable = tvm.compile(exported.mod, tvm_target, relax_pipeline=pipeline)
+        library = f"model-{target}{spec.library_suffix}"
+        spec.export_library(executable, str(staging / library))
+        compile_seconds = time.time() - start
+
+        say(f"converting weights to {preset.name}")
+        param_files = convert(
+            ckpt,
+            param_shapes,
+            weight_map,
+            preset.transform,
+            staging / "params",
+            family.ignore,
+        )
+        tokenizer_files = artifact.copy_tokenizer(model_dir, staging)
+        if "tokenizer.json" not in tokenizer_files:
+            warnings.warn(
+                f"{model_dir} has no tokenizer.json: the artifact works on token ids only "
+                "(prefill_logits, generate_ids); add the tokenizer files and recompile for text",
+                KilnWarning,
+                stacklevel=2,
+            )
+        artifact.write_manifest(
+            staging,
+            {
+                "model": {
+                    "family": family.name,
+                    "architecture": hf_config["architectures"][0],
+                    "source": str(model),
+                    "config": config.to_json(),
+                },
+                "quantization": {"name": preset.name, "model_dtype": preset.model_dtype},
+                "target": {
+                    "name": spec.name,
+                    "device": spec.device,
+                    "arch": arch or spec.default_arch,
+                    "tvm_target": str(tvm_target),
+                },
+                "library": library,
+                "entry_points": list(ENTRY_POINTS),
+                "params": [
+                    {
+                        "name": name,
+                        "shape": list(shape),
+                        "dtype": dtype,
+                        "file": f"params/{param_files[name]}",
+                    }
+                    for name, shape, dtype in exported.params
+                ],
+                "kv_cache": {
+                    "kind": "paged",
+                    "page_size": PAGE_SIZE,
+                    "prefill_chunk_size": PREFILL_CHUNK,
+                    "num_layers": config.num_hidden_layers,
+                    "num_kv_heads": config.num_key_value_heads,
+                    "head_dim": config.head_dim,
+                    "dtype": preset.model_dtype,
+                    "context_length": config.context_length,
+                    "sliding_window": config.sliding_window,
+                },
+                "tokenizer": "tokenizer.json" in tokenizer_files,
+                "versions": _versions(),
+                "build": {"compile_seconds": round(compile_seconds, 2)},
+            },
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(f"wrote {out}")
+    return out
+
+
+def _versions() -> dict[str, Any]:
+    return {"kiln": kiln.__version__, "tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__}

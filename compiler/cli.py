@@ -1,0 +1,114 @@
+"""The `kiln` command line: compile, run, targets."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from kiln.runtime.errors import KilnError
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User mistakes print one line and exit 1; never a traceback (KILN_DEBUG=1 shows it)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        warnings.showwarning = lambda msg, *_a, **_k: click.echo(f"warning: {msg}", err=True)
+        try:
+            return fn(*args, **kwargs)
+        except KilnError as e:
+            if os.environ.get("KILN_DEBUG"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:
+            if os.environ.get("KILN_DEBUG"):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(
+                f"internal error: {type(e).__name__}: {first} "
+                "(this is a Kiln bug; rerun with KILN_DEBUG=1 for the traceback and report it)",
+                err=True,
+            )
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="kiln")
+def main() -> None:
+    """Kiln: compile Llama-family models ahead of time and run them anywhere."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", default="cpu", show_default=True, help="cpu (see `kiln targets`)")
+@click.option("--quantization", default="q0f32", show_default=True, help="preset name")
+@click.option("--output", "-o", default=None, help="artifact directory to write")
+@click.option("--arch", default=None, help="target architecture (e.g. an LLVM -mcpu name)")
+@click.option("--dump-ir", default=None, help="write the IR after each pipeline phase here")
+@_friendly
+def compile(  # noqa: A001
+    model: str, target: str, quantization: str, output: str | None, arch: str | None,
+    dump_ir: str | None,
+) -> None:
+    """Compile MODEL (a checkpoint directory or hub id) into an artifact directory."""
+    from kiln.compiler.api import compile as compile_model
+
+    compile_model(
+        model, target=target, quantization=quantization, output=output, arch=arch,
+        dump_ir=dump_ir, progress=lambda msg: click.echo(msg, err=True),
+    )
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--prompt", "-p", required=True, help="text to continue (or the user message)")
+@click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
+@click.option("--max-tokens", default=128, show_default=True, type=int)
+@click.option("--temperature", default=0.7, show_default=True, type=float, help="0 = greedy")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 = off")
+@click.option("--seed", default=None, type=int)
+@click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("--device", default="cpu", show_default=True)
+@_friendly
+def run(
+    artifact: str, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
+    top_k: int, seed: int | None, stop: tuple[str, ...], device: str,
+) -> None:
+    """Generate text from a compiled ARTIFACT, streaming it to stdout."""
+    from kiln.runtime.model import load
+
+    model = load(artifact, device=device)
+    sampling = dict(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        stop=stop,
+    )
+    if chat:
+        click.echo(model.chat([{"role": "user", "content": prompt}], **sampling))
+        return
+    click.echo(prompt, nl=False)
+    for piece in model.stream(prompt, **sampling):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@main.command()
+def targets() -> None:
+    """List compilation targets."""
+    from kiln.targets import TARGETS
+
+    for spec in TARGETS.values():
+        arch = spec.default_arch or "host ISA, generic"
+        click.echo(f"{spec.name:6} {spec.description} (default arch: {arch})")

@@ -1,0 +1,97 @@
+"""Export a model family to a Relax IRModule with Kiln's entry points.
+
+Entry points (all take the packed parameters last, as the Relax VM calls them):
+- `prefill(input_ids (1, n) int32, logit_positions (k,) int32, kv)`: runs n new tokens of one or
+  more sequences (ragged, as laid out by `kv_state_begin_forward`) and returns float32 logits
+  (1, k, vocab) at the given flat positions: the last token of each sequence for generation, or
+  every position for scoring.
+- `decode(input_ids (b, 1) int32, kv)`: one new token for each of b sequences -> (b, 1, vocab).
+- `create_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+  support_sliding_window)`: builds the paged KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
+from tvm.target import Target
+
+from kiln.compiler.kv_cache import PagedCausalKV, create_paged_kv_cache
+from kiln.models.attention import AttentionSpec
+
+ENTRY_POINTS = ("prefill", "decode", "create_kv_cache")
+
+
+class _Exported(nn.Module):
+    def __init__(self, model: nn.Module, spec: AttentionSpec, dtype: str, target: Target):
+        self.model = model
+        self._spec = spec
+        self._dtype = dtype
+        self._target = target
+
+    def prefill(self, input_ids: nn.Tensor, logit_positions: nn.Tensor, cache: PagedKVCache):
+        hidden = self.model.hidden_states(input_ids, PagedCausalKV(cache, self._spec))
+        hidden = op.take(hidden, logit_positions, axis=1)  # (1, k, hidden)
+        return self.model.logits(hidden), cache
+
+    def decode(self, input_ids: nn.Tensor, cache: PagedKVCache):
+        hidden = self.model.hidden_states(input_ids, PagedCausalKV(cache, self._spec))
+        return self.model.logits(hidden), cache  # (b, 1, vocab)
+
+    def create_kv_cache(
+        self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, sliding_window
+    ) -> PagedKVCache:
+        return create_paged_kv_cache(
+            self._spec,
+            self._dtype,
+            self._target,
+            max_batch_size,
+            max_total_seq_len,
+            prefill_chunk_size,
+            page_size,
+            sliding_window,
+        )
+
+
+@dataclass
+class Exported:
+    mod: tvm.IRModule
+    params: list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in VM argument order
+
+
+def export(model: nn.Module, spec: AttentionSpec, dtype: str, target: Target) -> Exported:
+    wrapper = _Exported(model, spec, dtype, target)
+    kv = nn.spec.Object(object_type=PagedKVCache)
+    packed = {"$": {"param_mode": "packed", "effect_mode": "none"}}
+    mod, named_params = wrapper.export_tvm(
+        spec={
+            "prefill": {
+                "input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
+                "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+                "cache": kv,
+                **packed,
+            },
+            "decode": {
+                "input_ids": nn.spec.Tensor(["batch_size", 1], "int32"),
+                "cache": kv,
+                **packed,
+            },
+            "create_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+    )
+    params = [
+        (name.removeprefix("model."), tuple(int(d) for d in p.shape), p.dtype)
+        for name, p in named_params
+    ]
+    return Exported(mod, params)

@@ -1,0 +1,55 @@
+"""The one place the order of compiler passes lives, in named phases.
+
+    graph -> library_dispatch -> legalize -> schedule -> dataflow_lower -> finalize
+
+`graph` holds Kiln's own target-independent rewrites (passes/); the other phases come from the
+target's `TargetSpec`. With `dump_dir`, the IR after each phase is written as TVMScript.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.target import Target
+
+from kiln.targets.base import TargetSpec
+
+PHASES = ("graph", "library_dispatch", "legalize", "schedule", "dataflow_lower", "finalize")
+
+
+def graph_passes(_target: Target) -> list[tvm.transform.Pass]:
+    return [
+        # nn.Linear is matmul(x, permute_dims(W)): fold the transpose into the matmul so no
+        # weight is transposed at run time.
+        relax.transform.FuseTransposeMatmul(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+def phases(spec: TargetSpec, target: Target) -> list[tuple[str, list[tvm.transform.Pass]]]:
+    return [
+        ("graph", graph_passes(target)),
+        ("library_dispatch", spec.library_dispatch(target)),
+        ("legalize", spec.legalize(target)),
+        ("schedule", spec.schedule(target)),
+        ("dataflow_lower", spec.dataflow_lower(target)),
+        ("finalize", spec.finalize(target)),
+    ]
+
+
+def relax_pipeline(
+    spec: TargetSpec, target: Target, dump_dir: Path | None = None
+) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="kiln_pipeline")
+    def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            for i, (name, passes) in enumerate(phases(spec, target)):
+                mod = tvm.transform.Sequential(passes, name=name)(mod)
+                if dump_dir is not None:
+                    dump_dir.mkdir(parents=True, exist_ok=True)
+                    (dump_dir / f"{i}-{name}.py").write_text(mod.script())
+        return mod
+
+    return _run

@@ -1,0 +1,255 @@
+"""Llama 1/2/3 and CodeLlama: config, layers, model and the Hugging Face weight map.
+
+Mistral and Mixtral reuse these pieces (mistral.py, mixtral.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from kiln.compiler.weights import Source
+from kiln.models.attention import AttentionSpec, CausalKV, RoPE
+from kiln.runtime.errors import KilnError
+
+# Checkpoint tensors that carry no weights (older exports saved RoPE tables).
+HARMLESS_TENSORS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> RoPE:
+    # transformers 5 writes `rope_parameters`; published checkpoints write rope_theta/rope_scaling.
+    params = dict(cfg.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = params or cfg.get("rope_scaling")
+    if not scaling:
+        return RoPE(theta)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return RoPE(theta)
+    if kind == "linear":
+        return RoPE(theta, {"rope_type": "linear", "factor": float(scaling["factor"])})
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in keys if k not in scaling]
+        if missing:
+            raise KilnError(f"config.json: rope_scaling of type llama3 lacks {', '.join(missing)}")
+        return RoPE(theta, {"rope_type": "llama3", **{k: scaling[k] for k in keys}})
+    raise KilnError(
+        f"config.json: rope_scaling type {kind!r} is not supported "
+        "(supported: default, linear, llama3)"
+    )
+
+
+def check_unsupported(cfg: dict[str, Any]) -> None:
+    """Refuse config fields that would change the math in ways this family does not implement."""
+    if cfg.get("quantization_config"):
+        raise KilnError(
+            "config.json: pre-quantized checkpoints (quantization_config) are not supported; "
+            "point Kiln at the full-precision checkpoint and choose --quantization instead"
+        )
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise KilnError(f"config.json: hidden_act {act!r} is not supported (only 'silu')")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise KilnError(f"config.json: {flag}=true is not supported by this family")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RoPE
+    context_length: int
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    num_local_experts: int = 0  # Mixtral
+    num_experts_per_tok: int = 0  # Mixtral
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], **extra: Any) -> LlamaConfig:
+        check_unsupported(cfg)
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            eos = cfg.get("eos_token_id")
+            fields = dict(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope=_rope_from_hf(cfg),
+                context_length=int(cfg.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_id=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            )
+        except KeyError as e:
+            raise KilnError(f"config.json: required field {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as e:
+            raise KilnError(f"config.json: a field has the wrong type ({e})") from None
+        config = cls(**{**fields, **extra})
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise KilnError(
+                f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            if getattr(self, name) <= 0:
+                raise KilnError(f"config.json: {name} must be positive")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LlamaConfig:
+        data = dict(data)
+        data["rope"] = RoPE(**data["rope"])
+        data["eos_token_id"] = tuple(data["eos_token_id"])
+        return cls(**data)
+
+    def attention_spec(self) -> AttentionSpec:
+        return AttentionSpec(
+            num_layers=self.num_hidden_layers,
+            num_q_heads=self.num_attention_heads,
+            num_kv_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rope=self.rope,
+            context_length=self.context_length,
+            sliding_window=self.sliding_window,
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_id: int, dtype: str):
+        self.layer_id = layer_id
+        self.q_heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        qkv_heads = self.q_heads + 2 * self.kv_heads
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_heads * self.head_dim, False, dtype)
+        self.o_proj = nn.Linear(self.q_heads * self.head_dim, config.hidden_size, False, dtype)
+
+    def forward(self, x: nn.Tensor, kv: CausalKV) -> nn.Tensor:
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
+        out = kv.attention(self.layer_id, qkv, self.q_heads)  # (b, s, q_heads, head_dim)
+        return self.o_proj(op.reshape(out, (b, s, self.q_heads * self.head_dim)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, dtype: str):
+        self.inter = inter
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, False, dtype)
+        self.down_proj = nn.Linear(inter, hidden, False, dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_id: int, dtype: str):
+        eps = config.rms_norm_eps
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, False, dtype)
+        self.self_attn = LlamaAttention(config, layer_id, dtype)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, False, dtype)
+        self.mlp = self.make_mlp(config, dtype)
+
+    def make_mlp(self, config: LlamaConfig, dtype: str) -> nn.Module:
+        return LlamaMLP(config.hidden_size, config.intermediate_size, dtype)
+
+    def forward(self, x: nn.Tensor, kv: CausalKV) -> nn.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    layer_class = LlamaDecoderLayer
+
+    def __init__(self, config: LlamaConfig, dtype: str = "float32"):
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            [self.layer_class(config, i, dtype) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, False, dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, False, dtype)
+
+    def hidden_states(self, input_ids: nn.Tensor, kv: CausalKV) -> nn.Tensor:
+        x = self.embed_tokens(input_ids)  # (b, s, hidden)
+        for layer in self.layers:
+            x = layer(x, kv)
+        return x
+
+    def logits(self, hidden: nn.Tensor) -> nn.Tensor:
+        """hidden: (b, s, hidden) -> float32 logits (b, s, vocab)."""
+        hidden = self.norm(hidden)
+        if self.config.tie_word_embeddings:
+            logits = op.matmul(hidden, op.permute_dims(self.embed_tokens.weight))
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+
+MlpMap = Callable[[LlamaConfig, int], dict[str, Source]]
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays, axis=0)
+
+
+def llama_weight_map(config: LlamaConfig, mlp_map: MlpMap | None = None) -> dict[str, Source]:
+    """Kiln parameter name -> the Hugging Face tensors it is built from."""
+    wmap = {
+        "embed_tokens.weight": Source(("model.embed_tokens.weight",)),
+        "norm.weight": Source(("model.norm.weight",)),
+    }
+    if not config.tie_word_embeddings:
+        wmap["lm_head.weight"] = Source(("lm_head.weight",))
+    for i in range(config.num_hidden_layers):
+        hf, kl = f"model.layers.{i}", f"layers.{i}"
+        attn = f"{hf}.self_attn"
+        wmap[f"{kl}.input_layernorm.weight"] = Source((f"{hf}.input_layernorm.weight",))
+        wmap[f"{kl}.post_attention_layernorm.weight"] = Source(
+            (f"{hf}.post_attention_layernorm.weight",)
+        )
+        wmap[f"{kl}.self_attn.qkv_proj.weight"] = Source(
+            tuple(f"{attn}.{p}_proj.weight" for p in "qkv"), _cat
+        )
+        wmap[f"{kl}.self_attn.o_proj.weight"] = Source((f"{attn}.o_proj.weight",))
+        wmap.update((mlp_map or mlp_weight_map)(config, i))
+    return wmap
+
+
+def mlp_weight_map(config: LlamaConfig, i: int) -> dict[str, Source]:
+    mlp = f"model.layers.{i}.mlp"
+    return {
+        f"layers.{i}.mlp.gate_up_proj.weight": Source(
+            (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"), _cat
+        ),
+        f"layers.{i}.mlp.down_proj.weight": Source((f"{mlp}.down_proj.weight",)),
+    }

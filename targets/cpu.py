@@ -1,0 +1,30 @@
+"""The CPU target: TVM's LLVM backend (x86_64 and aarch64 hosts)."""
+
+from __future__ import annotations
+
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.target import Target
+
+from kiln.targets.base import TargetSpec
+
+
+def _make_target(arch: str | None) -> Target:
+    # `arch` is an LLVM -mcpu name; None means generic code for the host's ISA, so an artifact
+    # runs on any machine of that ISA.
+    config = {"kind": "llvm"}
+    if arch:
+        config["mcpu"] = arch
+    return Target(config)
+
+
+CPU = TargetSpec(
+    name="cpu",
+    device="cpu",
+    description="the host CPU through LLVM (x86_64, aarch64)",
+    default_arch=None,
+    make_target=_make_target,
+    library_dispatch=cpu_pipeline.library_dispatch_passes,
+    legalize=cpu_pipeline.legalize_passes,
+    dataflow_lower=cpu_pipeline.dataflow_lower_passes,
+    finalize=cpu_pipeline.finalize_passes,
+)
