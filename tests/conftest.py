@@ -1,0 +1,135 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints (made here with transformers and saved
+as safetensors) and their compiled CPU artifacts, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Tests make their own checkpoints; never reach for the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The checkpoint that ships with Kiln (random weights, a real byte-level BPE tokenizer).
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# name -> (transformers config class, model class, config overrides)
+CHECKPOINTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # GQA, CodeLlama's large rope_theta
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"rope_theta": 1e6}),
+    # Llama 3: llama3 rope scaling and tied embeddings
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "tie_word_embeddings": True,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+            "rope_theta": 500000.0,
+        },
+    ),
+    # linear rope scaling, plain multi-head attention
+    "llama_linear": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    ),
+    # sliding window shorter than the test prompts
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+}
+
+
+def make_checkpoint(name: str, out: Path) -> Path:
+    """Save a tiny random model of family `name` to `out` (safetensors, fp32)."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, overrides = CHECKPOINTS[name]
+    config = getattr(transformers, config_cls)(**{**TINY, **overrides})
+    torch.manual_seed(sum(map(ord, name)))
+    model = getattr(transformers, model_cls)(config).eval()
+    # transformers' init (std 0.02) makes near-uniform logits and constant greedy output;
+    # weights of unit-scale activations give varied tokens, which makes the comparison bite.
+    # A tied embedding that dominates the residual stream would make each token predict itself.
+    embed_std = 0.2 if config.tie_word_embeddings else 1.0
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, embed_std if "embed" in pname else p.shape[-1] ** -0.5)
+            else:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name) -> directory of a tiny saved transformers model (made once)."""
+    made: dict[str, Path] = {"tiny-llama": EXAMPLE}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = make_checkpoint(name, tmp_path_factory.mktemp(f"ckpt-{name}"))
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory, checkpoint):
+    """artifact(name, quantization="q0f32") -> compiled CPU artifact directory (made once)."""
+    import kiln
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, quantization: str = "q0f32") -> Path:
+        key = (name, quantization)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"art-{name}-{quantization}") / "artifact"
+            made[key] = kiln.compile(
+                str(checkpoint(name)), target="cpu", quantization=quantization, output=out
+            )
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """reference(checkpoint_dir) -> the transformers model loaded from it (fp32, eval)."""
+    import transformers
+
+    cache: dict[Path, Any] = {}
+
+    def get(path: Path):
+        if path not in cache:
+            cache[path] = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype="float32"
+            ).eval()
+        return cache[path]
+
+    return get
