@@ -15,7 +15,7 @@ __all__ = ["KilnError", "__version__", "compile", "load"]
 from kiln.runtime.errors import KilnError
 
 
-def compile(model: str, **kwargs: Any) -> Any:  # noqa: A001 - the product's verb
+def compile(model: str, **kwargs: Any) -> Any:
     """Compile a checkpoint (directory or hub id); see `kiln.compiler.api.compile`."""
     from kiln.compiler.api import compile as _compile
 

@@ -50,7 +50,7 @@ def _prepare_output(output: Path) -> Path:
     return staging
 
 
-def compile(  # noqa: A001 - the product's verb
+def compile(
     model: str | Path,
     target: str = "cpu",
     quantization: str = "q0f32",

@@ -58,7 +58,7 @@ def main() -> None:
 @click.option("--arch", default=None, help="target architecture (e.g. an LLVM -mcpu name)")
 @click.option("--dump-ir", default=None, help="write the IR after each pipeline phase here")
 @_friendly
-def compile(  # noqa: A001
+def compile(
     model: str, target: str, quantization: str, output: str | None, arch: str | None,
     dump_ir: str | None,
 ) -> None:
@@ -112,3 +112,7 @@ def targets() -> None:
     for spec in TARGETS.values():
         arch = spec.default_arch or "host ISA, generic"
         click.echo(f"{spec.name:6} {spec.description} (default arch: {arch})")
+
+
+if __name__ == "__main__":
+    main()

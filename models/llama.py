@@ -6,8 +6,8 @@ Mistral and Mixtral reuse these pieces (mistral.py, mixtral.py).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

@@ -14,7 +14,9 @@ class MistralConfig(LlamaConfig):
     def from_hf(cls, cfg: dict[str, Any], **extra: Any) -> LlamaConfig:
         window = cfg.get("sliding_window")
         if window is not None and (not isinstance(window, int) or window <= 0):
-            raise KilnError(f"config.json: sliding_window must be a positive integer, not {window!r}")
+            raise KilnError(
+                f"config.json: sliding_window must be a positive integer, not {window!r}"
+            )
         return LlamaConfig.from_hf(cfg, sliding_window=window, **extra)
 
 

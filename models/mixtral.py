@@ -8,8 +8,14 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from kiln.compiler.weights import Source
-from kiln.models.llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, _cat
-from kiln.models.llama import llama_weight_map
+from kiln.models.llama import (
+    LlamaConfig,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    _cat,
+    llama_weight_map,
+)
 from kiln.models.mistral import MistralConfig
 from kiln.runtime.errors import KilnError
 
@@ -54,11 +60,12 @@ class MixtralMoE(nn.Module):
         # Dense combination: every expert runs on every token and unselected experts get weight
         # 0. Exact, and simple; a gathered grouped-GEMM MoE kernel is the fast path to come.
         experts = op.arange(0, self.num_experts, dtype="int32")  # (experts,)
-        chosen = op.equal(op.unsqueeze(top_i, -1), experts).astype("float32")  # (b, s, k, experts)
-        weights = op.sum(chosen * op.unsqueeze(top_w, -1), axis=2).astype(x.dtype)  # (b, s, experts)
+        # (b, s, k, experts) one-hot of the chosen experts, weighted, summed over k
+        chosen = op.equal(op.unsqueeze(top_i, -1), experts).astype("float32")
+        weights = op.sum(chosen * op.unsqueeze(top_w, -1), axis=2).astype(x.dtype)
         per_expert = op.split(weights, self.num_experts, axis=-1)  # experts x (b, s, 1)
         out = None
-        for w, expert in zip(per_expert, self.experts):
+        for w, expert in zip(per_expert, self.experts, strict=True):
             y = expert(x) * w
             out = y if out is None else out + y
         return out
@@ -79,7 +86,9 @@ def _moe_map(config: LlamaConfig, i: int) -> dict[str, Source]:
     for e in range(config.num_local_experts):
         ex = f"{hf}.experts.{e}"
         # w1 = gate, w3 = up, w2 = down in Mixtral's naming.
-        wmap[f"{kl}.experts.{e}.gate_up_proj.weight"] = Source((f"{ex}.w1.weight", f"{ex}.w3.weight"), _cat)
+        wmap[f"{kl}.experts.{e}.gate_up_proj.weight"] = Source(
+            (f"{ex}.w1.weight", f"{ex}.w3.weight"), _cat
+        )
         wmap[f"{kl}.experts.{e}.down_proj.weight"] = Source((f"{ex}.w2.weight",))
     return wmap
 

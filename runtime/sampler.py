@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from kiln.runtime.errors import KilnError
 
 # Top-p alone would need a full sort of the vocabulary; most of the mass usually sits in a few

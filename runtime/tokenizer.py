@@ -27,6 +27,7 @@ import jinja2
 import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from kiln.runtime.errors import KilnError
 
 _TOKENIZER_FILE = "tokenizer.json"

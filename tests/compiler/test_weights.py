@@ -8,6 +8,7 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 import torch
+
 from kiln.compiler.weights import Checkpoint, Source, convert, plan
 from kiln.runtime.errors import KilnError
 

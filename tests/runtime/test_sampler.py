@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from kiln.runtime.errors import KilnError
 from kiln.runtime.sampler import SamplingParams, make_rng, sample
 

@@ -11,11 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from kiln.runtime.errors import KilnError
-from kiln.runtime.tokenizer import Tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from kiln.runtime.errors import KilnError
+from kiln.runtime.tokenizer import Tokenizer
 
 CORPUS = [
     "Hello world, this is a small test of the tokenizer.",
