@@ -87,3 +87,15 @@ def test_batched_decode_equals_single(artifact):
         model.kv.remove(seq)
     assert rel_err(both[0], singles[0]) <= 1e-5
     assert rel_err(both[1], singles[1]) <= 1e-5
+
+
+def test_q0f16_close_to_fp32(checkpoint, artifact, reference):
+    """fp16 weights and activations stay within fp16 rounding of the fp32 reference."""
+    ref = reference(checkpoint("llama"))
+    ids = prompt(4)
+    ours = kiln.load(artifact("llama", "q0f16")).prefill_logits(ids)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0].numpy()
+    assert ours.dtype == np.float32
+    assert rel_err(ours, theirs) <= 2e-2
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
