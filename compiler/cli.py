@@ -59,15 +59,24 @@ def main() -> None:
 @click.option("--dump-ir", default=None, help="write the IR after each pipeline phase here")
 @_friendly
 def compile(
-    model: str, target: str, quantization: str, output: str | None, arch: str | None,
+    model: str,
+    target: str,
+    quantization: str,
+    output: str | None,
+    arch: str | None,
     dump_ir: str | None,
 ) -> None:
     """Compile MODEL (a checkpoint directory or hub id) into an artifact directory."""
     from kiln.compiler.api import compile as compile_model
 
     compile_model(
-        model, target=target, quantization=quantization, output=output, arch=arch,
-        dump_ir=dump_ir, progress=lambda msg: click.echo(msg, err=True),
+        model,
+        target=target,
+        quantization=quantization,
+        output=output,
+        arch=arch,
+        dump_ir=dump_ir,
+        progress=lambda msg: click.echo(msg, err=True),
     )
 
 
@@ -84,22 +93,37 @@ def compile(
 @click.option("--device", default="cpu", show_default=True)
 @_friendly
 def run(
-    artifact: str, prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
-    top_k: int, seed: int | None, stop: tuple[str, ...], device: str,
+    artifact: str,
+    prompt: str,
+    chat: bool,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: tuple[str, ...],
+    device: str,
 ) -> None:
     """Generate text from a compiled ARTIFACT, streaming it to stdout."""
     from kiln.runtime.model import load
+    from kiln.runtime.sampler import SamplingParams
 
-    model = load(artifact, device=device)
     sampling = dict(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
         stop=stop,
     )
+    SamplingParams(**sampling)  # a bad option fails before the (slow) load
+    model = load(artifact, device=device)
     if chat:
         click.echo(model.chat([{"role": "user", "content": prompt}], **sampling))
         return
+    pieces = model.stream(prompt, **sampling)  # fails on a missing tokenizer before any output
     click.echo(prompt, nl=False)
-    for piece in model.stream(prompt, **sampling):
+    for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
 

@@ -6,8 +6,8 @@ Entry points (all take the packed parameters last, as the Relax VM calls them):
   (1, k, vocab) at the given flat positions: the last token of each sequence for generation, or
   every position for scoring.
 - `decode(input_ids (b, 1) int32, kv)`: one new token for each of b sequences -> (b, 1, vocab).
-- `create_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
-  support_sliding_window)`: builds the paged KV cache.
+- `create_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size)`: builds
+  the paged KV cache. Sliding-window models need prefill chunks no longer than the window.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class _Exported(nn.Module):
         return self.model.logits(hidden), cache  # (b, 1, vocab)
 
     def create_kv_cache(
-        self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, sliding_window
+        self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size
     ) -> PagedKVCache:
         return create_paged_kv_cache(
             self._spec,
@@ -53,7 +53,6 @@ class _Exported(nn.Module):
             max_total_seq_len,
             prefill_chunk_size,
             page_size,
-            sliding_window,
         )
 
 
@@ -85,7 +84,6 @@ def export(model: nn.Module, spec: AttentionSpec, dtype: str, target: Target) ->
                 "max_total_seq_len": int,
                 "prefill_chunk_size": int,
                 "page_size": int,
-                "sliding_window": int,
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }

@@ -24,15 +24,20 @@ HARMLESS_TENSORS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 def _rope_from_hf(cfg: dict[str, Any]) -> RoPE:
     # transformers 5 writes `rope_parameters`; published checkpoints write rope_theta/rope_scaling.
-    params = dict(cfg.get("rope_parameters") or {})
-    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-    scaling = params or cfg.get("rope_scaling")
+    # Like transformers, a `rope_scaling` entry wins over `rope_parameters`.
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(scaling, dict):
+        raise KilnError(f"config.json: rope_scaling must be an object, not {scaling!r}")
+    scaling = dict(scaling)
+    theta = float(scaling.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     if not scaling:
         return RoPE(theta)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return RoPE(theta)
     if kind == "linear":
+        if "factor" not in scaling:
+            raise KilnError("config.json: rope_scaling of type linear lacks factor")
         return RoPE(theta, {"rope_type": "linear", "factor": float(scaling["factor"])})
     if kind == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -86,6 +91,8 @@ class LlamaConfig:
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
+            if heads <= 0:
+                raise KilnError("config.json: num_attention_heads must be positive")
             eos = cfg.get("eos_token_id")
             fields = dict(
                 vocab_size=int(cfg["vocab_size"]),
@@ -111,6 +118,9 @@ class LlamaConfig:
         return config
 
     def validate(self) -> None:
+        for name in ("num_key_value_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise KilnError(f"config.json: {name} must be positive")
         if self.num_attention_heads % self.num_key_value_heads:
             raise KilnError(
                 f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple "
@@ -119,6 +129,8 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
             if getattr(self, name) <= 0:
                 raise KilnError(f"config.json: {name} must be positive")
+        if self.context_length <= 0:
+            raise KilnError("config.json: max_position_embeddings must be positive")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,20 +15,16 @@ def _builtin(name: str) -> Any:
 class PagedKV:
     """One paged KV cache: sequences are added, extended by forward passes, and removed."""
 
-    def __init__(self, cache: Any, sliding_window: int | None):
+    def __init__(self, cache: Any):
         self.cache = cache
-        self.sliding_window = sliding_window
         self._add = _builtin("kv_state_add_sequence")
         self._remove = _builtin("kv_state_remove_sequence")
         self._begin = _builtin("kv_state_begin_forward")
         self._end = _builtin("kv_state_end_forward")
         self._free_pages = _builtin("attention_kv_cache_get_num_available_pages")
-        self._enable_window = _builtin("attention_kv_cache_enable_sliding_window_for_seq")
 
     def add(self, seq_id: int) -> None:
         self._add(self.cache, seq_id)
-        if self.sliding_window:
-            self._enable_window(self.cache, seq_id, self.sliding_window, 0)
 
     def remove(self, seq_id: int) -> None:
         self._remove(self.cache, seq_id)

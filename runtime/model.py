@@ -31,9 +31,7 @@ DEFAULT_CONTEXT = 4096
 def parse_device(device: str) -> tuple[str, int]:
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda", "rocm", "metal") or (index and not index.isdigit()):
-        raise KilnError(
-            f"unknown device {device!r}: use cpu, cuda, cuda:N, rocm, rocm:N or metal"
-        )
+        raise KilnError(f"unknown device {device!r}: use cpu, cuda, cuda:N, rocm, rocm:N or metal")
     return kind, int(index or 0)
 
 
@@ -61,11 +59,11 @@ class Model:
         limit = int(kv["context_length"])
         self.context_length = min(context_length or min(limit, DEFAULT_CONTEXT), limit)
         window = kv.get("sliding_window")
-        # A sliding-window cache keeps only the window, so chunks must not outgrow it.
+        # Sliding-window attention is exact only for prefill chunks no longer than the window.
         self.prefill_chunk = min(int(kv["prefill_chunk_size"]), window or self.context_length)
-        self.tokenizer = Tokenizer.from_dir(self.manifest.root) if self.manifest.data.get(
-            "tokenizer"
-        ) else None
+        self.tokenizer = (
+            Tokenizer.from_dir(self.manifest.root) if self.manifest.data.get("tokenizer") else None
+        )
 
         library = tvm.runtime.load_module(str(self.manifest.library))
         self.vm = tvm_vm.VirtualMachine(library, self.device)
@@ -77,9 +75,8 @@ class Model:
             tvm_ffi.Shape([self.context_length]),
             tvm_ffi.Shape([self.prefill_chunk]),
             tvm_ffi.Shape([int(kv["page_size"])]),
-            tvm_ffi.Shape([1 if window else 0]),
         )
-        self.kv = PagedKV(cache, window)
+        self.kv = PagedKV(cache)
         self._seq_ids = itertools.count()
 
     def _load_params(self) -> list[Any]:
@@ -124,8 +121,10 @@ class Model:
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = np.array(ids[start : start + self.prefill_chunk], dtype="int32")
             last = start + len(chunk) == len(ids)
-            positions = np.arange(len(chunk), dtype="int32") if all_logits else (
-                np.array([len(chunk) - 1], dtype="int32")
+            positions = (
+                np.arange(len(chunk), dtype="int32")
+                if all_logits
+                else (np.array([len(chunk) - 1], dtype="int32"))
             )
             self.kv.begin([seq], [len(chunk)])
             logits, self.kv.cache = self._prefill(

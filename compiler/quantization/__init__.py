@@ -13,7 +13,5 @@ QUANTIZATIONS: dict[str, NoQuant] = {
 
 def get_quantization(name: str) -> NoQuant:
     if name not in QUANTIZATIONS:
-        raise KilnError(
-            f"unknown quantization {name!r}: choose one of {', '.join(QUANTIZATIONS)}"
-        )
+        raise KilnError(f"unknown quantization {name!r}: choose one of {', '.join(QUANTIZATIONS)}")
     return QUANTIZATIONS[name]

@@ -99,3 +99,21 @@ def test_q0f16_close_to_fp32(checkpoint, artifact, reference):
     assert ours.dtype == np.float32
     assert rel_err(ours, theirs) <= 2e-2
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+
+
+def test_sliding_window_crossed_during_decode(checkpoint, artifact, reference):
+    """A prompt shorter than Mistral's window, with decoding running past the window."""
+    ref = reference(checkpoint("mistral"))
+    ids = prompt(5)[:10]
+    ours = kiln.load(artifact("mistral")).generate_ids(
+        ids, max_tokens=20, temperature=0, ignore_eos=True
+    )
+    with torch.no_grad():
+        out = ref.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+        )
+    assert ours == out[0, len(ids) :].tolist()
