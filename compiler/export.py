@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import tvm
 from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.target import Target
 
 from kiln.compiler.kv_cache import PagedCausalKV, create_paged_kv_cache
 from kiln.models.attention import AttentionSpec
+from kiln.models.ops import take
 
 ENTRY_POINTS = ("prefill", "decode", "create_kv_cache")
 
@@ -35,7 +35,7 @@ class _Exported(nn.Module):
 
     def prefill(self, input_ids: nn.Tensor, logit_positions: nn.Tensor, cache: PagedKVCache):
         hidden = self.model.hidden_states(input_ids, PagedCausalKV(cache, self._spec))
-        hidden = op.take(hidden, logit_positions, axis=1)  # (1, k, hidden)
+        hidden = take(hidden, logit_positions, 1, "logit_rows")  # (1, k, hidden)
         return self.model.logits(hidden), cache
 
     def decode(self, input_ids: nn.Tensor, cache: PagedKVCache):

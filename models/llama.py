@@ -16,6 +16,7 @@ from tvm.relax.frontend.nn import op
 
 from kiln.compiler.weights import Source
 from kiln.models.attention import AttentionSpec, CausalKV, RoPE
+from kiln.models.ops import take
 from kiln.runtime.errors import KilnError
 
 # Checkpoint tensors that carry no weights (older exports saved RoPE tables).
@@ -212,7 +213,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, False, dtype)
 
     def hidden_states(self, input_ids: nn.Tensor, kv: CausalKV) -> nn.Tensor:
-        x = self.embed_tokens(input_ids)  # (b, s, hidden)
+        b, s = input_ids.shape
+        x = take(self.embed_tokens.weight, op.reshape(input_ids, (b * s,)), 0, "embed")
+        x = op.reshape(x, (b, s, self.config.hidden_size))  # (b, s, hidden)
         for layer in self.layers:
             x = layer(x, kv)
         return x

@@ -41,7 +41,7 @@ def test_hub_id_resolves_from_cache(offline_cache, checkpoint):
 
 
 def test_unknown_hub_id_offline_is_a_clear_error(offline_cache):
-    with pytest.raises(KilnError, match="could not be fetched.*HF_HUB_OFFLINE"):
+    with pytest.raises(KilnError, match=r"could not be fetched.*HF_HUB_OFFLINE"):
         resolve_model("kiln-test/no-such-model")
 
 
