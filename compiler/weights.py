@@ -347,10 +347,14 @@ class Source:
 
     ``combine`` turns the named checkpoint tensors (read as float32, in order) into the
     parameter, e.g. stacking q/k/v; ``None`` means exactly one tensor, used as is.
+    ``shapes`` gives each named tensor's expected shape when ``combine`` is set, so that a
+    checkpoint that does not fit is refused before any compile work (a q/k split that still
+    adds up to the right total would otherwise pass).
     """
 
     names: tuple[str, ...]
     combine: Callable[[list[np.ndarray]], np.ndarray] | None = None
+    shapes: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.names, str):
@@ -360,6 +364,8 @@ class Source:
             raise ValueError("Source needs at least one checkpoint tensor name")
         if self.combine is None and len(self.names) != 1:
             raise ValueError(f"Source{self.names} has several tensors but no combine function")
+        if self.shapes is not None and len(self.shapes) != len(self.names):
+            raise ValueError(f"Source{self.names} needs one expected shape per tensor")
 
 
 def plan(
@@ -413,12 +419,12 @@ def plan(
 
     bad_shape = []
     for p, src in weight_map.items():
-        if src.combine is None:
-            t = src.names[0]
-            if ckpt.shape(t) != tuple(params[p]):
+        expected = [tuple(params[p])] if src.combine is None else src.shapes or []
+        for t, shape in zip(src.names, expected, strict=False):
+            if ckpt.shape(t) != tuple(shape):
                 bad_shape.append(
                     f"tensor {t} in {ckpt.file_of(t)} has shape {list(ckpt.shape(t))} but "
-                    f"parameter {p} needs {list(params[p])}"
+                    f"parameter {p} needs {list(shape)} from it"
                 )
     if bad_shape:
         raise KilnError(

@@ -252,19 +252,32 @@ def llama_weight_map(config: LlamaConfig, mlp_map: MlpMap | None = None) -> dict
         wmap[f"{kl}.post_attention_layernorm.weight"] = Source(
             (f"{hf}.post_attention_layernorm.weight",)
         )
+        q_rows = config.num_attention_heads * config.head_dim
+        kv_rows = config.num_key_value_heads * config.head_dim
         wmap[f"{kl}.self_attn.qkv_proj.weight"] = Source(
-            tuple(f"{attn}.{p}_proj.weight" for p in "qkv"), _cat
+            tuple(f"{attn}.{p}_proj.weight" for p in "qkv"),
+            _cat,
+            (
+                (q_rows, config.hidden_size),
+                (kv_rows, config.hidden_size),
+                (kv_rows, config.hidden_size),
+            ),
         )
         wmap[f"{kl}.self_attn.o_proj.weight"] = Source((f"{attn}.o_proj.weight",))
         wmap.update((mlp_map or mlp_weight_map)(config, i))
     return wmap
 
 
+def gate_up_source(config: LlamaConfig, gate: str, up: str) -> Source:
+    shape = (config.intermediate_size, config.hidden_size)
+    return Source((gate, up), _cat, (shape, shape))
+
+
 def mlp_weight_map(config: LlamaConfig, i: int) -> dict[str, Source]:
     mlp = f"model.layers.{i}.mlp"
     return {
-        f"layers.{i}.mlp.gate_up_proj.weight": Source(
-            (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"), _cat
+        f"layers.{i}.mlp.gate_up_proj.weight": gate_up_source(
+            config, f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"
         ),
         f"layers.{i}.mlp.down_proj.weight": Source((f"{mlp}.down_proj.weight",)),
     }

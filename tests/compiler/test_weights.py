@@ -434,3 +434,17 @@ def test_convert_non_contiguous_output(tiny: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         loaded["embed_tokens.weight"], TINY["model.embed_tokens.weight"].T
     )
+
+
+def test_plan_checks_each_combined_tensor_shape(tmp_path):
+    """A q/k split that still adds up to the right total is refused before conversion."""
+    safetensors.numpy.save_file(
+        {
+            "q": np.zeros((6, 4), np.float32),  # config says 4 rows of q and 4 of k
+            "k": np.zeros((2, 4), np.float32),
+        },
+        str(tmp_path / "model.safetensors"),
+    )
+    source = Source(("q", "k"), lambda a: np.concatenate(a), ((4, 4), (4, 4)))
+    with pytest.raises(KilnError, match=r"tensor q in .*model\.safetensors has shape \[6, 4\]"):
+        plan(Checkpoint(tmp_path), {"qk": (8, 4)}, {"qk": source})
