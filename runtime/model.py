@@ -50,7 +50,8 @@ class Model:
         if kind != self.manifest.device:
             raise KilnError(
                 f"{self.manifest.root} was compiled for {self.manifest.device}, not {kind}: "
-                f"load it with device={self.manifest.device!r} or compile for --target {kind}"
+                f"load it with device={self.manifest.device!r}, or compile it for a target that "
+                f"runs on {kind} (see `kiln targets`)"
             )
         self.device = tvm.runtime.device(kind, index)
         self.config = self.manifest.config

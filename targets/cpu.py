@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
-from tvm.target import Target
+from tvm.target import Target, codegen
 
+from kiln.runtime.errors import KilnError
 from kiln.targets.base import TargetSpec
 
 
 def _make_target(arch: str | None) -> Target:
-    # `arch` is an LLVM -mcpu name; None means generic code for the host's ISA, so an artifact
-    # runs on any machine of that ISA.
+    # `arch` is an LLVM -mcpu name ("native" = this machine's); None means generic code for the
+    # host's ISA, so the artifact runs on any machine of that ISA.
     config = {"kind": "llvm"}
+    if arch == "native":
+        arch = codegen.llvm_get_system_cpu()
     if arch:
+        # TVM only logs an unknown -mcpu and falls back to generic code; refuse it instead.
+        if not codegen.llvm_is_valid_cpu(arch, codegen.llvm_get_system_triple()):
+            raise KilnError(
+                f"--arch {arch!r} is not a CPU LLVM knows for this host (e.g. skylake, znver4, "
+                "neoverse-n1, or native for this machine's)"
+            )
         config["mcpu"] = arch
     return Target(config)
 

@@ -207,6 +207,7 @@ def test_compile_bad_paths_and_options(checkpoint, tmp_path):
     assert all(name in line for name in TARGETS)
     line = one_error(*invoke("compile", model, "--quantization", "q3f7", "-o", out), "'q3f7'")
     assert all(name in line for name in QUANTIZATIONS)
+    one_error(*invoke("compile", model, "--arch", "nonsense", "-o", out), "'nonsense'", "--arch")
     no_leftovers(out)
 
     a_file = tmp_path / "a-file"
