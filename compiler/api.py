@@ -124,7 +124,7 @@ def compile(
                 "target": {
                     "name": spec.name,
                     "device": spec.device,
-                    "arch": arch or spec.default_arch,
+                    "arch": tvm_target.attrs.get("mcpu") or arch or spec.default_arch,
                     "tvm_target": str(tvm_target),
                 },
                 "library": library,
