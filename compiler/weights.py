@@ -494,6 +494,8 @@ def convert(
         tmp = out_dir / (name + ".tmp")
         safetensors.numpy.save_file(pending, tmp)
         os.replace(tmp, out_dir / name)
+        # safetensors creates files owner-only; an artifact is meant to be shared and copied.
+        os.chmod(out_dir / name, 0o644)
         for key in pending:
             index[key] = name
         written.append(name)

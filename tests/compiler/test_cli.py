@@ -171,6 +171,15 @@ COMPILE_ERRORS = {
         ),
         ["model.layers.0.self_attn.o_proj.weight", "[64, 32]", "[64, 64]"],
     ),
+    # q/k/v are stacked into one parameter: each part's shape is checked before codegen
+    "wrong-shape-stacked": (
+        edit_tensors(
+            lambda t: t.update(
+                {"model.layers.0.self_attn.q_proj.weight": np.zeros((72, 64), np.float32)}
+            )
+        ),
+        ["model.layers.0.self_attn.q_proj.weight", "[72, 64]", "[64, 64]"],
+    ),
     "extra-tensor": (
         edit_tensors(
             lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)})
@@ -260,22 +269,25 @@ def test_recompile_replaces_artifact_and_warns_without_tokenizer(checkpoint, art
     assert 1 <= len(ids) <= 4 and all(0 <= t < 320 for t in ids)
 
 
-def test_failed_compile_keeps_existing_artifact(checkpoint, artifact, tmp_path):
-    """A mistake found only after codegen (q_proj too tall: q/k/v no longer stack into the
-    model's qkv_proj) fails cleanly and leaves the earlier artifact as it was."""
+def test_failed_compile_keeps_existing_artifact(checkpoint, artifact, tmp_path, monkeypatch):
+    """A failure late in the compile (here: writing weights, after codegen) leaves the earlier
+    artifact as it was and no staging folder behind."""
+    import kiln.compiler.api as api
+
+    def failing_convert(*args, **kwargs):
+        out_dir = args[4]
+        out_dir.mkdir(parents=True)
+        (out_dir / "params-00001.safetensors").write_bytes(b"half")
+        raise KilnError(f"no space left on the device writing {out_dir}: free some space")
+
+    monkeypatch.setattr(api, "convert", failing_convert)
     out = shutil.copytree(artifact("llama"), tmp_path / "art")
     before = (out / MANIFEST).read_bytes()
-    model = shutil.copytree(checkpoint("llama"), tmp_path / "model")
-    edit_tensors(
-        lambda t: t.update(
-            {"model.layers.0.self_attn.q_proj.weight": np.zeros((72, 64), np.float32)}
-        )
-    )(model)
-    code, stdout, err = invoke("compile", model, "-o", out)
+    code, stdout, err = invoke("compile", checkpoint("llama"), "-o", out)
     # Progress lines came first (the compile was under way); the error is still one line, last.
     *progress, last = err.splitlines()
     assert progress and not any("error" in line.lower() for line in progress), err
-    one_error(code, stdout, last + "\n", "model.layers.0.self_attn.q_proj.weight", "[136, 64]")
+    one_error(code, stdout, last + "\n", "no space left")
     assert not (tmp_path / ".art.partial").exists()
     assert (out / MANIFEST).read_bytes() == before
     read_manifest(out)  # every file still matches its sha256
