@@ -91,7 +91,7 @@ def compile(
         pipeline = relax_pipeline(spec, tvm_target, Path(dump_ir) if dump_ir else None)
         executable = tvm.compile(exported.mod, tvm_target, relax_pipeline=pipeline)
         library = f"model-{target}{spec.library_suffix}"
-        spec.export_library(executable, str(staging / library))
+        device_code = spec.export(executable, str(staging / library), arch)
         compile_seconds = time.time() - start
 
         say(f"converting weights to {preset.name}")
@@ -126,6 +126,7 @@ def compile(
                     "device": spec.device,
                     "arch": tvm_target.attrs.get("mcpu") or arch or spec.default_arch,
                     "tvm_target": str(tvm_target),
+                    **device_code,
                 },
                 "library": library,
                 "entry_points": list(ENTRY_POINTS),

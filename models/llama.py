@@ -16,7 +16,7 @@ from tvm.relax.frontend.nn import op
 
 from kiln.compiler.weights import Source
 from kiln.models.attention import AttentionSpec, CausalKV, RoPE
-from kiln.models.ops import take
+from kiln.models.ops import Embedding
 from kiln.runtime.errors import KilnError
 
 # Checkpoint tensors that carry no weights (older exports saved RoPE tables).
@@ -201,10 +201,12 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     layer_class = LlamaDecoderLayer
+    # The embedding and LM head, which some quantization presets keep in the float dtype.
+    vocab_modules = ("embed_tokens", "lm_head")
 
     def __init__(self, config: LlamaConfig, dtype: str = "float32"):
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
         self.layers = nn.ModuleList(
             [self.layer_class(config, i, dtype) for i in range(config.num_hidden_layers)]
         )
@@ -214,7 +216,7 @@ class LlamaForCausalLM(nn.Module):
 
     def hidden_states(self, input_ids: nn.Tensor, kv: CausalKV) -> nn.Tensor:
         b, s = input_ids.shape
-        x = take(self.embed_tokens.weight, op.reshape(input_ids, (b * s,)), 0, "embed")
+        x = self.embed_tokens.lookup(op.reshape(input_ids, (b * s,)))
         x = op.reshape(x, (b, s, self.config.hidden_size))  # (b, s, hidden)
         for layer in self.layers:
             x = layer(x, kv)
@@ -224,7 +226,7 @@ class LlamaForCausalLM(nn.Module):
         """hidden: (b, s, hidden) -> float32 logits (b, s, vocab)."""
         hidden = self.norm(hidden)
         if self.config.tie_word_embeddings:
-            logits = op.matmul(hidden, op.permute_dims(self.embed_tokens.weight))
+            logits = self.embed_tokens.project(hidden)
         else:
             logits = self.lm_head(hidden)
         return logits.astype("float32") if logits.dtype != "float32" else logits

@@ -42,6 +42,10 @@ class MixtralMoE(nn.Module):
     """Routes each token to its top-k experts exactly as transformers does: softmax over the
     router logits in float32, top-k, renormalize the k weights to sum to one."""
 
+    # Quantization presets keep the router in the float dtype: it is tiny (hidden x experts),
+    # and rounding its weights would flip top-k choices, which costs far more than it saves.
+    float_modules = ("gate",)
+
     def __init__(self, config: LlamaConfig, dtype: str):
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok

@@ -17,6 +17,7 @@ import tvm_ffi
 from tvm.runtime import vm as tvm_vm
 
 from kiln.runtime.artifact import Manifest, read_manifest
+from kiln.runtime.device import open_device, parse_device
 from kiln.runtime.errors import KilnError
 from kiln.runtime.kv import PagedKV
 from kiln.runtime.safetensors import load_safetensors
@@ -26,13 +27,6 @@ from kiln.runtime.tokenizer import Tokenizer
 # The KV cache is sized for this many tokens unless the caller asks for more (up to the model's
 # context): a 7B model's fp32 cache costs about 0.5 MB per token.
 DEFAULT_CONTEXT = 4096
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda", "rocm", "metal") or (index and not index.isdigit()):
-        raise KilnError(f"unknown device {device!r}: use cpu, cuda, cuda:N, rocm, rocm:N or metal")
-    return kind, int(index or 0)
 
 
 class Model:
@@ -46,14 +40,14 @@ class Model:
         verify: bool = True,
     ):
         self.manifest: Manifest = read_manifest(path, verify=verify)
-        kind, index = parse_device(device)
+        kind, _ = parse_device(device)
         if kind != self.manifest.device:
             raise KilnError(
                 f"{self.manifest.root} was compiled for {self.manifest.device}, not {kind}: "
                 f"load it with device={self.manifest.device!r}, or compile it for a target that "
                 f"runs on {kind} (see `kiln targets`)"
             )
-        self.device = tvm.runtime.device(kind, index)
+        self.device = open_device(device)
         self.config = self.manifest.config
         self.vocab_size = int(self.config["vocab_size"])
         kv = self.manifest.kv_cache

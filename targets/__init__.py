@@ -5,8 +5,9 @@ from __future__ import annotations
 from kiln.runtime.errors import KilnError
 from kiln.targets.base import TargetSpec
 from kiln.targets.cpu import CPU
+from kiln.targets.cuda import CUDA
 
-TARGETS: dict[str, TargetSpec] = {"cpu": CPU}
+TARGETS: dict[str, TargetSpec] = {"cpu": CPU, "cuda": CUDA}
 
 
 def get_target(name: str) -> TargetSpec:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import tvm
@@ -14,6 +14,11 @@ PassList = Callable[[Target], list[tvm.transform.Pass]]
 
 def _none(_target: Target) -> list[tvm.transform.Pass]:
     return []
+
+
+def _export_host_library(executable: Any, path: str, _arch: str | None) -> dict[str, Any]:
+    executable.export_library(path)
+    return {}
 
 
 @dataclass(frozen=True)
@@ -33,12 +38,10 @@ class TargetSpec:
     schedule: PassList = _none  # kernel scheduling (dlight rules on GPUs)
     dataflow_lower: PassList = _none
     finalize: PassList = _none
+    # Writes the compiled library; returns what the manifest records about its device code.
+    export: Callable[[Any, str, str | None], dict[str, Any]] = _export_host_library
     library_suffix: str = ".so"
     dtypes: tuple[str, ...] = ("float32", "float16")  # activation dtypes it runs
-    notes: dict[str, Any] = field(default_factory=dict)
 
     def target(self, arch: str | None = None) -> Target:
         return self.make_target(arch or self.default_arch)
-
-    def export_library(self, executable: Any, path: str) -> None:
-        executable.export_library(path)

@@ -1,0 +1,47 @@
+"""Devices: parsing "cuda:1", loading the TVM runtime library that drives a GPU vendor."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+import tvm
+import tvm_ffi
+
+from kiln.runtime.errors import KilnError
+
+KINDS = ("cpu", "cuda", "rocm", "metal")
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    kind, _, index = device.partition(":")
+    if kind not in KINDS or (index and not index.isdigit()):
+        raise KilnError(f"unknown device {device!r}: use cpu, cuda, cuda:N, rocm, rocm:N or metal")
+    return kind, int(index or 0)
+
+
+def _ensure_vendor_runtime(kind: str) -> None:
+    """The vendor part of the TVM runtime is a separate library that runtime-only installs do
+    not load by themselves (and it needs the vendor driver to load at all)."""
+    if kind == "cpu" or tvm_ffi.get_global_func(f"ffi.Module.load_from_bytes.{kind}", True):
+        return
+    lib = Path(tvm.__file__).parent / "lib" / f"libtvm_runtime_{kind}.so"
+    if not lib.is_file():
+        raise KilnError(f"this TVM installation has no {kind} runtime ({lib.name} is missing)")
+    try:
+        ctypes.CDLL(str(lib), mode=os.RTLD_GLOBAL)
+    except OSError as e:
+        raise KilnError(
+            f"cannot load TVM's {kind} runtime ({e}); is the {kind} driver installed?"
+        ) from None
+
+
+def open_device(device: str) -> Any:
+    kind, index = parse_device(device)
+    _ensure_vendor_runtime(kind)
+    dev = tvm.runtime.device(kind, index)
+    if kind != "cpu" and not dev.exist:
+        raise KilnError(f"no {kind} device {index} on this machine")
+    return dev

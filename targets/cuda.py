@@ -1,0 +1,154 @@
+"""NVIDIA CUDA: kernels compiled ahead of time into a fatbin (SASS per arch + PTX for the newest).
+
+TVM's CUDA codegen emits CUDA C++ and, left alone, the runtime compiles it when the library is
+loaded. Here the source is compiled at build time with nvcc into one fatbin, which replaces the
+source inside the library, so loading an artifact never runs a compiler. Builds are cached by
+content hash (source, archs, nvcc version), so an unchanged kernel set is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tvm_ffi
+from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+from tvm.target import Target
+
+from kiln.runtime.errors import KilnError
+from kiln.targets.base import TargetSpec
+from kiln.targets.blob import (
+    Blob,
+    join_device_payload,
+    kernel_names,
+    split_device_payload,
+    write_blob_asm,
+)
+from kiln.targets.gpu import dlight_schedule, gpu_legalize
+
+DEFAULT_ARCHS = "sm_80,sm_86,sm_89,sm_90"
+_ARCH = re.compile(r"^sm_(\d+)(a?)$")
+
+
+def parse_archs(arch: str | None) -> list[str]:
+    archs = [a.strip() for a in (arch or DEFAULT_ARCHS).split(",") if a.strip()]
+    bad = [a for a in archs if not _ARCH.match(a)]
+    if bad or not archs:
+        raise KilnError(
+            f"--arch {bad[0] if bad else arch!r} is not a CUDA architecture: give a "
+            "comma-separated list such as sm_80,sm_89,sm_90 (sm_90a for Hopper-only features)"
+        )
+    return sorted(set(archs), key=lambda a: (int(_ARCH.match(a)[1]), a))
+
+
+def _make_target(arch: str | None) -> Target:
+    # Code is generated once, for the oldest arch asked for, so that it runs on every one;
+    # nvcc then emits SASS for each.
+    oldest = parse_archs(arch)[0]
+    return Target({"kind": "cuda", "arch": oldest.rstrip("a")}, host={"kind": "llvm"})
+
+
+def _nvcc() -> str:
+    nvcc = shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    )
+    if nvcc is None:
+        raise KilnError(
+            "compiling for --target cuda needs nvcc (the CUDA toolkit) on PATH: install it, "
+            "or put its bin/ folder on PATH"
+        )
+    return nvcc
+
+
+@functools.cache
+def _nvcc_version(nvcc: str) -> str:
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KILN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kiln"
+    )
+    return Path(root) / "cuda"
+
+
+def compile_fatbin(source: str, archs: Sequence[str]) -> bytes:
+    """CUDA source -> one fatbin with SASS for every arch and PTX for the newest."""
+    nvcc = _nvcc()
+    key = hashlib.sha256(
+        "\0".join([source, ",".join(archs), _nvcc_version(nvcc)]).encode()
+    ).hexdigest()
+    cached = cache_dir() / f"{key}.fatbin"
+    if cached.is_file():
+        return cached.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="kiln-cuda-") as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
+        src.write_text(source)
+        # --threads 0: nvcc compiles the archs in parallel on every core.
+        cmd = [nvcc, "--fatbin", "-O3", "-std=c++17", "-w", "--threads", "0"]
+        for i, arch in enumerate(archs):
+            number = arch.removeprefix("sm_")
+            codes = f"sm_{number}" + (f",compute_{number}" if i == len(archs) - 1 else "")
+            cmd += ["-gencode", f"arch=compute_{number},code=[{codes}]"]
+        done = subprocess.run([*cmd, "-o", str(out), str(src)], capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise KilnError(
+                f"nvcc could not compile the kernels for {','.join(archs)} ({last}); check that "
+                "this nvcc supports those archs"
+            )
+        data = out.read_bytes()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp_file.write_bytes(data)
+    tmp_file.replace(cached)
+    return data
+
+
+def export_library(executable: Any, path: str, arch: str | None) -> dict[str, Any]:
+    """Write the host library with the kernels as one fatbin; returns what the manifest
+    records about the device code."""
+    archs = parse_archs(arch)
+    raw = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(executable.mod)
+    blob = Blob.parse(bytes(raw.numpy()))
+    kernels: list[str] = []
+
+    def to_fatbin(payload: bytes) -> bytes:
+        fmt, fmap, source = split_device_payload(payload)
+        if fmt != "cuda":
+            raise KilnError(f"unexpected CUDA module format {fmt!r} from TVM's codegen")
+        kernels.extend(kernel_names(fmap))
+        return join_device_payload("fatbin", fmap, compile_fatbin(source.decode(), archs))
+
+    if blob.rewrite("cuda", to_fatbin) == 0:
+        raise KilnError("the CUDA build produced no device kernels (a Kiln bug)")
+    packed = blob.serialize()
+
+    def pack(_mod: Any, _is_system_lib: bool, _prefix: str, workspace: str) -> str:
+        return str(write_blob_asm(packed, Path(workspace)))
+
+    executable.mod.export_library(path, fpack_imports=pack)
+    return {"archs": archs, "ptx": archs[-1], "kernels": len(kernels), "format": "fatbin"}
+
+
+CUDA = TargetSpec(
+    name="cuda",
+    device="cuda",
+    description="NVIDIA GPUs: fatbin with SASS per --arch and PTX for the newest (needs nvcc)",
+    default_arch=DEFAULT_ARCHS,
+    make_target=_make_target,
+    library_dispatch=cuda_pipeline.library_dispatch_passes,
+    legalize=gpu_legalize,
+    schedule=dlight_schedule,
+    dataflow_lower=cuda_pipeline.dataflow_lower_passes,
+    finalize=cuda_pipeline.finalize_passes,
+    export=export_library,
+)

@@ -1,0 +1,43 @@
+"""Build what the GPU tests load, on a machine with the compiler (the GPU machine may have only
+the TVM runtime): tiny checkpoints and their CUDA artifacts.
+
+    python tests/gpu/build_artifacts.py OUT_DIR [--arch sm_90]
+    KILN_GPU_ARTIFACTS=OUT_DIR pytest -m gpu tests/gpu      # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from conftest import CHECKPOINTS, make_checkpoint
+
+import kiln
+
+# (family, preset) pairs the GPU tests run
+BUILDS = [(name, "q0f16") for name in CHECKPOINTS] + [("llama", "q0f32"), ("tiny-llama", "q0f16")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--arch", default="sm_90")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    example = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
+    for name, preset in BUILDS:
+        ckpt = args.out / f"ckpt-{name}"
+        if name == "tiny-llama":
+            ckpt = example
+        elif not ckpt.exists():
+            make_checkpoint(name, ckpt)
+        art = args.out / f"{name}-{preset}"
+        if not (art / "manifest.json").exists():
+            print(f"compiling {name} {preset}", flush=True)
+            kiln.compile(str(ckpt), target="cuda", quantization=preset, output=art, arch=args.arch)
+
+
+if __name__ == "__main__":
+    main()
