@@ -47,11 +47,16 @@ CHECKPOINTS: dict[str, tuple[str, str, dict[str, Any]]] = {
             "rope_theta": 500000.0,
         },
     ),
-    # linear rope scaling, plain multi-head attention
+    # linear rope scaling, plain multi-head attention (head_dim 32: TVM's CUDA decode kernel
+    # cannot launch multi-head attention with head_dim 16)
     "llama_linear": (
         "LlamaConfig",
         "LlamaForCausalLM",
-        {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+        {
+            "hidden_size": 128,
+            "num_key_value_heads": 4,
+            "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+        },
     ),
     # sliding window shorter than the test prompts
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),

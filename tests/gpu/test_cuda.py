@@ -73,16 +73,18 @@ def test_cuda_fp16_matches_transformers(name, gpu_build):
     print(f"\n{name} q0f16 cuda: prefill logits max rel err {err:.2e}")
     assert err <= FP16_BOUND
 
+    # Greedy decoding: 16 tokens. fp16 rounding may flip a near-tie between the top two logits
+    # (the fp32 reference on the same prefix then has them within the fp16 error measured
+    # above); any other difference fails.
     greedy = model.generate_ids(ids, max_tokens=16, temperature=0, ignore_eos=True)
     with torch.no_grad():
-        out = ref.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=16,
-            min_new_tokens=16,
-            do_sample=False,
-        )
-    assert greedy == out[0, len(ids) :].tolist()
+        ref_logits = ref(torch.tensor([ids + greedy])).logits[0, len(ids) - 1 : -1].numpy()
+    scale = np.abs(ref_logits).max()
+    for step, (token, row) in enumerate(zip(greedy, ref_logits, strict=True)):
+        gap = (row.max() - row[token]) / scale
+        assert gap <= FP16_BOUND, f"step {step}: token {token} is {gap:.2e} below the best"
+    agree = sum(int(t == row.argmax()) for t, row in zip(greedy, ref_logits, strict=True))
+    print(f"{name} q0f16 cuda: greedy tokens equal to the reference's argmax: {agree}/16")
 
 
 def test_cuda_fp32_matches_transformers_tightly(gpu_build):
