@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -113,6 +114,24 @@ def compile_fatbin(source: str, archs: Sequence[str]) -> bytes:
     return data
 
 
+def fatbin_images(data: bytes) -> list[tuple[str, int, bytes]]:
+    """(kind, sm, image) for each image in a fatbin: kind "elf" (SASS) or "ptx" (may be
+    compressed). The container: a 16-byte header (magic 0xBA55ED50, version, header size,
+    size of the rest), then entries of a header (kind 1 = PTX, 2 = ELF; its own size; payload
+    size as u64 at byte 8; sm version at byte 28) and a payload."""
+    magic, _version, header_size, size = struct.unpack_from("<IHHQ", data, 0)
+    if magic != 0xBA55ED50:
+        raise ValueError("not a fatbin")
+    images, offset = [], header_size
+    while offset < header_size + size:
+        kind, _, entry_header, padded = struct.unpack_from("<HHIQ", data, offset)
+        (sm,) = struct.unpack_from("<I", data, offset + 28)
+        payload = data[offset + entry_header : offset + entry_header + padded]
+        images.append(({1: "ptx", 2: "elf"}.get(kind, str(kind)), sm, payload))
+        offset += entry_header + padded
+    return images
+
+
 def export_library(executable: Any, path: str, arch: str | None) -> dict[str, Any]:
     """Write the host library with the kernels as one fatbin; returns what the manifest
     records about the device code."""
@@ -120,13 +139,15 @@ def export_library(executable: Any, path: str, arch: str | None) -> dict[str, An
     raw = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(executable.mod)
     blob = Blob.parse(bytes(raw.numpy()))
     kernels: list[str] = []
+    fatbins: list[bytes] = []
 
     def to_fatbin(payload: bytes) -> bytes:
         fmt, fmap, source = split_device_payload(payload)
         if fmt != "cuda":
             raise KilnError(f"unexpected CUDA module format {fmt!r} from TVM's codegen")
         kernels.extend(kernel_names(fmap))
-        return join_device_payload("fatbin", fmap, compile_fatbin(source.decode(), archs))
+        fatbins.append(compile_fatbin(source.decode(), archs))
+        return join_device_payload("fatbin", fmap, fatbins[-1])
 
     if blob.rewrite("cuda", to_fatbin) == 0:
         raise KilnError("the CUDA build produced no device kernels (a Kiln bug)")
@@ -136,7 +157,11 @@ def export_library(executable: Any, path: str, arch: str | None) -> dict[str, An
         return str(write_blob_asm(packed, Path(workspace)))
 
     executable.mod.export_library(path, fpack_imports=pack)
-    return {"archs": archs, "ptx": archs[-1], "kernels": len(kernels), "format": "fatbin"}
+    images = [f"{kind}:sm_{sm}" for f in fatbins for kind, sm, _ in fatbin_images(f)]
+    return {
+        "archs": archs,
+        "device_code": {"format": "fatbin", "images": images, "kernels": sorted(kernels)},
+    }
 
 
 CUDA = TargetSpec(

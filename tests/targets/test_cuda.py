@@ -1,0 +1,119 @@
+"""The CUDA target on a machine without a GPU: kernels become a fatbin with SASS for every
+requested arch (and PTX for the newest) inside the library; builds are cached by content."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.runtime.errors import KilnError
+from kiln.targets import cuda
+from kiln.targets.blob import Blob, kernel_names, split_device_payload
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+
+FAMILIES = ["llama", "llama3", "mistral", "mixtral"]
+
+
+def device_payload(library) -> tuple[str, bytes, bytes]:
+    """(format, function table, data) of the device module embedded in a compiled library."""
+    data = library.read_bytes()
+    marker = (6).to_bytes(8, "little") + b"fatbin"
+    at = data.index(marker)
+    size = int.from_bytes(data[at - 8 : at], "little")
+    return split_device_payload(data[at : at + size])
+
+
+@pytest.fixture(scope="module")
+def tiny_cuda(checkpoint, tmp_path_factory, monkeypatch_module):
+    out = tmp_path_factory.mktemp("cuda") / "tiny"
+    return kiln.compile(
+        str(checkpoint("tiny-llama")), target="cuda", quantization="q0f16", output=out
+    )
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KILN_CACHE", str(tmp_path_factory.mktemp("kiln-cache")))
+    yield mp
+    mp.undo()
+
+
+def test_fatbin_has_sass_for_every_arch_and_ptx_for_the_newest(tiny_cuda):
+    manifest = json.loads((tiny_cuda / "manifest.json").read_text())
+    archs = cuda.parse_archs(None)
+    assert manifest["target"]["archs"] == archs
+    fmt, fmap, fatbin = device_payload(tiny_cuda / manifest["library"])
+    assert fmt == "fatbin"
+    images = cuda.fatbin_images(fatbin)
+    sass = sorted(sm for kind, sm, _ in images if kind == "elf")
+    assert sass == sorted(int(a.removeprefix("sm_")) for a in archs)
+    assert [(k, sm) for k, sm, _ in images if k == "ptx"] == [("ptx", 90)]
+    # every kernel the host code calls is defined in every SASS image
+    names = kernel_names(fmap)
+    assert names and sorted(names) == manifest["target"]["device_code"]["kernels"]
+    for kind, sm, image in images:
+        if kind == "elf":
+            assert image[:4] == b"\x7fELF"
+            missing = [n for n in names if b"\0" + n.encode() + b"\0" not in image]
+            assert not missing, (sm, missing[:3])
+    # no CUDA source is left in the library for a runtime compiler to find
+    assert b"__global__" not in (tiny_cuda / manifest["library"]).read_bytes()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_compiles_for_cuda(name, checkpoint, tmp_path, monkeypatch_module):
+    art = kiln.compile(
+        str(checkpoint(name)), target="cuda", quantization="q0f16", output=tmp_path / "a",
+        arch="sm_90",
+    )  # fmt: skip
+    fmt, _, fatbin = device_payload(art / "model-cuda.so")
+    assert fmt == "fatbin"
+    assert {(k, sm) for k, sm, _ in cuda.fatbin_images(fatbin)} == {("elf", 90), ("ptx", 90)}
+
+
+def test_build_is_cached_by_content(monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    source = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] += 1.0f; }\n'
+    first = cuda.compile_fatbin(source, ["sm_80"])
+    assert cuda.fatbin_images(first)[0][:2] == ("elf", 80)
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("nvcc ran for an unchanged kernel")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert cuda.compile_fatbin(source, ["sm_80"]) == first
+    with pytest.raises(AssertionError, match="nvcc ran"):
+        cuda.compile_fatbin(source.replace("1.0f", "2.0f"), ["sm_80"])
+
+
+def test_blob_round_trip(tiny_cuda):
+    manifest = json.loads((tiny_cuda / "manifest.json").read_text())
+    fmt, fmap, data = device_payload(tiny_cuda / manifest["library"])
+    from kiln.targets.blob import join_device_payload
+
+    payload = join_device_payload(fmt, fmap, data)
+    blob = Blob(
+        [0, 1, 2, 2], [1, 2], [("relax.VMExecutable", b"x"), ("_lib", None), ("cuda", payload)]
+    )
+    again = Blob.parse(blob.serialize())
+    assert again == blob
+    assert again.rewrite("cuda", lambda p: p[::-1]) == 1
+    assert again.modules[2][1] == payload[::-1]
+
+
+@pytest.mark.parametrize("arch", ["sm80", "compute_90", "sm_9x", ""])
+def test_bad_arch_is_a_clear_error(arch):
+    with pytest.raises(KilnError, match="not a CUDA architecture"):
+        cuda.parse_archs(arch or ",")
+
+
+def test_parse_archs_sorts_and_dedups():
+    assert cuda.parse_archs("sm_90,sm_80,sm_90a,sm_80") == ["sm_80", "sm_90", "sm_90a"]
+    assert np.all([a.startswith("sm_") for a in cuda.parse_archs(None)])
