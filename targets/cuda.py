@@ -25,6 +25,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.target import Target
 
 from kiln.runtime.errors import KilnError
+from kiln.targets import nvrtc
 from kiln.targets.base import TargetSpec
 from kiln.targets.blob import (
     Blob,
@@ -57,14 +58,18 @@ def _make_target(arch: str | None) -> Target:
     return Target({"kind": "cuda", "arch": oldest.rstrip("a")}, host={"kind": "llvm"})
 
 
+def _find_nvcc() -> str | None:
+    if shutil.which("nvcc"):
+        return shutil.which("nvcc")
+    return "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+
+
 def _nvcc() -> str:
-    nvcc = shutil.which("nvcc") or (
-        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
-    )
+    nvcc = _find_nvcc()
     if nvcc is None:
         raise KilnError(
-            "compiling for --target cuda needs nvcc (the CUDA toolkit) on PATH: install it, "
-            "or put its bin/ folder on PATH"
+            "compiling for --target cuda needs nvcc (the CUDA toolkit) on PATH, or NVRTC: "
+            "pip install 'kiln[cuda]'"
         )
     return nvcc
 
@@ -81,15 +86,37 @@ def cache_dir() -> Path:
     return Path(root) / "cuda"
 
 
+def _compiler() -> str:
+    """nvcc when present, else NVRTC from pip; KILN_CUDA_COMPILER=nvcc|nvrtc chooses."""
+    choice = os.environ.get("KILN_CUDA_COMPILER")
+    if choice not in (None, "nvcc", "nvrtc"):
+        raise KilnError(f"KILN_CUDA_COMPILER must be nvcc or nvrtc, not {choice!r}")
+    if choice == "nvrtc" or (choice is None and _find_nvcc() is None and nvrtc.available()):
+        return "nvrtc"
+    return "nvcc"
+
+
 def compile_fatbin(source: str, archs: Sequence[str]) -> bytes:
     """CUDA source -> one fatbin with SASS for every arch and PTX for the newest."""
-    nvcc = _nvcc()
-    key = hashlib.sha256(
-        "\0".join([source, ",".join(archs), _nvcc_version(nvcc)]).encode()
-    ).hexdigest()
+    compiler = _compiler()
+    identity = nvrtc.version() if compiler == "nvrtc" else _nvcc_version(_nvcc())
+    key = hashlib.sha256("\0".join([source, ",".join(archs), identity]).encode()).hexdigest()
     cached = cache_dir() / f"{key}.fatbin"
     if cached.is_file():
         return cached.read_bytes()
+    if compiler == "nvrtc":
+        data = write_fatbin(nvrtc.compile_images(source, archs))
+    else:
+        data = _nvcc_fatbin(source, archs)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp_file.write_bytes(data)
+    tmp_file.replace(cached)
+    return data
+
+
+def _nvcc_fatbin(source: str, archs: Sequence[str]) -> bytes:
+    nvcc = _nvcc()
     with tempfile.TemporaryDirectory(prefix="kiln-cuda-") as tmp:
         src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
         src.write_text(source)
@@ -106,12 +133,7 @@ def compile_fatbin(source: str, archs: Sequence[str]) -> bytes:
                 f"nvcc could not compile the kernels for {','.join(archs)} ({last}); check that "
                 "this nvcc supports those archs"
             )
-        data = out.read_bytes()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp_file = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp_file.write_bytes(data)
-    tmp_file.replace(cached)
-    return data
+        return out.read_bytes()
 
 
 def fatbin_images(data: bytes) -> list[tuple[str, int, bytes]]:
@@ -130,6 +152,28 @@ def fatbin_images(data: bytes) -> list[tuple[str, int, bytes]]:
         images.append(({1: "ptx", 2: "elf"}.get(kind, str(kind)), sm, payload))
         offset += entry_header + padded
     return images
+
+
+def write_fatbin(images: Sequence[tuple[str, int, bytes]]) -> bytes:
+    """Pack (kind, sm, image) into a fatbin container, uncompressed, laid out as nvcc
+    --no-compress writes it (checked byte for byte in the tests)."""
+    body = b""
+    for kind, sm, image in images:
+        image = image.ljust(-(-len(image) // 8) * 8, b"\0")  # NUL-padded to 8 bytes
+        if kind == "elf":
+            header = struct.pack(
+                "<HHIQIIIIIIQ", 2, 0x0101, 64, len(image), 0, 0, 0x00010008, sm, 0, 0, 0x11
+            )
+            header = header.ljust(64, b"\0")
+        else:
+            version = re.search(rb"\.version (\d+)\.(\d+)", image)
+            ptx_version = (int(version[1]) << 16 | int(version[2])) if version else 0
+            header = struct.pack(
+                "<HHIQIIIIIIQ", 1, 0x0101, 80, len(image), 0, 0x40, ptx_version, sm, 0, 0, 0x11
+            )
+            header = header.ljust(64, b"\0") + struct.pack("<I", 0x48).ljust(16, b"\0")
+        body += header + image
+    return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
 
 
 def export_library(executable: Any, path: str, arch: str | None) -> dict[str, Any]:
@@ -167,7 +211,8 @@ def export_library(executable: Any, path: str, arch: str | None) -> dict[str, An
 CUDA = TargetSpec(
     name="cuda",
     device="cuda",
-    description="NVIDIA GPUs: fatbin with SASS per --arch and PTX for the newest (needs nvcc)",
+    description="NVIDIA GPUs: fatbin with SASS per --arch and PTX for the newest "
+    "(needs nvcc, or NVRTC: pip install 'kiln[cuda]')",
     default_arch=DEFAULT_ARCHS,
     make_target=_make_target,
     library_dispatch=cuda_pipeline.library_dispatch_passes,

@@ -8,6 +8,7 @@ the TVM runtime): tiny checkpoints and their CUDA artifacts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def main() -> None:
         if not (art / "manifest.json").exists():
             print(f"compiling {name} {preset}", flush=True)
             kiln.compile(str(ckpt), target="cuda", quantization=preset, output=art, arch=args.arch)
+    # The same model through NVRTC (no CUDA toolkit), for the runtime to load and compare.
+    art = args.out / "tiny-llama-q0f16-nvrtc"
+    if not (art / "manifest.json").exists():
+        os.environ["KILN_CUDA_COMPILER"] = "nvrtc"
+        kiln.compile(str(example), target="cuda", quantization="q0f16", output=art, arch=args.arch)
 
 
 if __name__ == "__main__":

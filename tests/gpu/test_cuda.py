@@ -130,3 +130,16 @@ print(json.dumps({{"ids": ids, "nvrtc": "nvrtc" in maps, "compiler": "libtvm_com
         [1, 528, 812, 68], max_tokens=12, temperature=0
     )
     assert result["ids"] == expect
+
+
+def test_nvrtc_built_artifact_runs_like_the_nvcc_one(gpu_build):
+    """Kernels compiled with NVRTC and packed by Kiln's own fatbin writer load and give the
+    same tokens as the nvcc build."""
+    _, nvcc_art = gpu_build("tiny-llama", "q0f16")
+    nvrtc_art = nvcc_art.parent / "tiny-llama-q0f16-nvrtc"
+    if not os.environ.get("KILN_GPU_ARTIFACTS"):
+        pytest.skip("built by tests/gpu/build_artifacts.py")
+    ids = [1, 528, 812, 68, 267]
+    a = kiln.load(nvcc_art, device="cuda").generate_ids(ids, max_tokens=16, temperature=0)
+    b = kiln.load(nvrtc_art, device="cuda").generate_ids(ids, max_tokens=16, temperature=0)
+    assert a == b

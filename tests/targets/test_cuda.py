@@ -12,10 +12,11 @@ import pytest
 
 import kiln
 from kiln.runtime.errors import KilnError
-from kiln.targets import cuda
+from kiln.targets import cuda, nvrtc
 from kiln.targets.blob import Blob, kernel_names, split_device_payload
 
-pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+KERNEL = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] += 1.0f; }\n'
 
 FAMILIES = ["llama", "llama3", "mistral", "mixtral"]
 
@@ -45,6 +46,7 @@ def monkeypatch_module(tmp_path_factory):
     mp.undo()
 
 
+@needs_nvcc
 def test_fatbin_has_sass_for_every_arch_and_ptx_for_the_newest(tiny_cuda):
     manifest = json.loads((tiny_cuda / "manifest.json").read_text())
     archs = cuda.parse_archs(None)
@@ -67,6 +69,7 @@ def test_fatbin_has_sass_for_every_arch_and_ptx_for_the_newest(tiny_cuda):
     assert b"__global__" not in (tiny_cuda / manifest["library"]).read_bytes()
 
 
+@needs_nvcc
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_compiles_for_cuda(name, checkpoint, tmp_path, monkeypatch_module):
     art = kiln.compile(
@@ -93,6 +96,7 @@ def test_build_is_cached_by_content(monkeypatch, tmp_path):
         cuda.compile_fatbin(source.replace("1.0f", "2.0f"), ["sm_80"])
 
 
+@needs_nvcc
 def test_blob_round_trip(tiny_cuda):
     manifest = json.loads((tiny_cuda / "manifest.json").read_text())
     fmt, fmap, data = device_payload(tiny_cuda / manifest["library"])
@@ -117,3 +121,36 @@ def test_bad_arch_is_a_clear_error(arch):
 def test_parse_archs_sorts_and_dedups():
     assert cuda.parse_archs("sm_90,sm_80,sm_90a,sm_80") == ["sm_80", "sm_90", "sm_90a"]
     assert np.all([a.startswith("sm_") for a in cuda.parse_archs(None)])
+
+
+@needs_nvcc
+def test_fatbin_writer_matches_nvcc_byte_for_byte(tmp_path):
+    """Kiln's container writer (used with NVRTC) lays images out exactly as nvcc does."""
+    (tmp_path / "k.cu").write_text(KERNEL)
+    cmd = [
+        "nvcc",
+        "--fatbin",
+        "--no-compress",
+        "-o",
+        str(tmp_path / "k.fatbin"),
+        str(tmp_path / "k.cu"),
+    ]
+    cmd += [
+        "-gencode",
+        "arch=compute_80,code=[sm_80]",
+        "-gencode",
+        "arch=compute_90,code=[sm_90,compute_90]",
+    ]
+    subprocess.run(cmd, check=True)
+    reference = (tmp_path / "k.fatbin").read_bytes()
+    assert cuda.write_fatbin(cuda.fatbin_images(reference)) == reference
+
+
+@pytest.mark.skipif(not nvrtc.available(), reason="needs NVRTC (pip install 'kiln[cuda]')")
+def test_nvrtc_builds_sass_and_ptx(monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    monkeypatch.setenv("KILN_CUDA_COMPILER", "nvrtc")
+    images = cuda.fatbin_images(cuda.compile_fatbin(KERNEL, ["sm_80", "sm_90"]))
+    assert [(k, sm) for k, sm, _ in images] == [("elf", 80), ("elf", 90), ("ptx", 90)]
+    for kind, _, image in images:
+        assert image.startswith(b"\x7fELF") if kind == "elf" else b".entry k" in image
