@@ -121,12 +121,12 @@ def stdlib_corpus(max_bytes: int) -> list[str]:
     return texts
 
 
-def train_tokenizer(corpus: list[str]) -> Tokenizer:
+def train_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -136,8 +136,8 @@ def train_tokenizer(corpus: list[str]) -> Tokenizer:
         got = tokenizer.token_to_id(token)
         if got != want:
             raise SystemExit(f"special token {token} got id {got}, expected {want}")
-    if tokenizer.get_vocab_size() != VOCAB_SIZE:
-        raise SystemExit(f"vocabulary has {tokenizer.get_vocab_size()} tokens, not {VOCAB_SIZE}")
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise SystemExit(f"vocabulary has {tokenizer.get_vocab_size()} tokens, not {vocab_size}")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A",
         pair="<s> $A <s> $B",
@@ -189,6 +189,26 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def write_tokenizer_files(out: Path, tokenizer: Tokenizer, max_length: int) -> None:
+    """tokenizer.json, tokenizer_config.json (with the chat template), generation_config.json."""
+    tokenizer.save(str(out / "tokenizer.json"))
+    write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "model_max_length": max_length,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
+    write_json(out / "generation_config.json", {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="examples/tiny-llama", help="directory to write")
@@ -205,26 +225,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = train_tokenizer(stdlib_corpus(args.corpus_bytes))
-    tokenizer.save(str(out / "tokenizer.json"))
-    write_json(
-        out / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<s>",
-            "eos_token": "</s>",
-            "unk_token": "<unk>",
-            "add_bos_token": True,
-            "add_eos_token": False,
-            "model_max_length": CONFIG["max_position_embeddings"],
-            "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
-        },
-    )
+    write_tokenizer_files(out, tokenizer, CONFIG["max_position_embeddings"])
     write_json(out / "config.json", CONFIG)
-    write_json(
-        out / "generation_config.json",
-        {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID},
-    )
     # Fixed metadata (no timestamps) keeps the file byte-identical between runs.
     save_file(random_weights(args.seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "README.md").write_text(README, encoding="utf-8")
