@@ -15,6 +15,12 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }  # fmt: skip
+try:  # bfloat16 arrays come from ml_dtypes, which TVM itself requires
+    import ml_dtypes
+
+    _DTYPES["BF16"] = ml_dtypes.bfloat16
+except ImportError:  # pragma: no cover
+    pass
 
 
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:

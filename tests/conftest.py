@@ -53,8 +53,8 @@ CHECKPOINTS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "LlamaConfig",
         "LlamaForCausalLM",
         {
-            "hidden_size": 128,
-            "num_key_value_heads": 4,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
             "rope_scaling": {"rope_type": "linear", "factor": 4.0},
         },
     ),

@@ -15,6 +15,7 @@ A preset acts on a model in two places (mlc-llm's design):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +23,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 
+from kiln.compiler.quantization.layers import QuantizedEmbedding, QuantizedLinear
 from kiln.models.ops import Embedding
 from kiln.runtime.errors import KilnError
 
@@ -130,6 +132,20 @@ class ParamLayout:
             )
 
 
+# Weights are quantized in blocks of rows of about this many values, so that the temporaries
+# stay small next to the tensor itself (a Llama 3 embedding is 525M values).
+BLOCK_VALUES = 1 << 22
+
+
+def by_rows(
+    quantize: Callable[[np.ndarray], dict[str, np.ndarray]], weight: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Applies a row-wise `quantize` to blocks of rows of `weight` and joins the results."""
+    step = max(1, BLOCK_VALUES // max(1, weight.shape[1]))
+    parts = [quantize(weight[i : i + step]) for i in range(0, weight.shape[0], step)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def _stored_name(weight_name: str, suffix: str) -> str:
     return f"{weight_name.removesuffix('.weight')}.{suffix}"
 
@@ -150,8 +166,6 @@ def quantize_weights(
     quantized (Mixtral's router); `vocab_modules` lists the embedding and LM head, which stay in
     float unless `quantize_vocab`.
     """
-    from kiln.compiler.quantization.layers import QuantizedEmbedding, QuantizedLinear
-
     sources = float_layout(model, scheme.model_dtype).sources
     schemes: dict[str, WeightScheme] = {}
     keep: set[str] = set()
@@ -161,8 +175,8 @@ def quantize_weights(
             if name in keep:
                 return node
             if isinstance(node, nn.Linear):
-                if node.bias is not None:
-                    raise KilnError(f"bug in Kiln: {name} has a bias, which quantization lacks")
+                if node.bias is not None or node.out_dtype is not None:
+                    raise KilnError(f"bug in Kiln: quantized layers lack {name}'s bias/out_dtype")
                 schemes[f"{name}.weight"] = scheme
                 return QuantizedLinear(int(node.in_features), int(node.out_features), scheme)
             if isinstance(node, Embedding):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
+from tvm.relax.frontend import nn
+
+from kiln.compiler.quantization.base import ParamLayout, float_layout, preset_json
 
 
 @dataclass(frozen=True)
@@ -13,5 +16,8 @@ class NoQuant:
     model_dtype: str  # dtype of weights and activations
     description: str
 
-    def transform(self, name: str, array: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: array.astype(self.model_dtype)}
+    def quantize_model(self, model: nn.Module) -> ParamLayout:
+        return float_layout(model, self.model_dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        return preset_json(self, scheme="none")

@@ -1,0 +1,101 @@
+"""Layers whose weights stay in a quantization scheme's stored form, for every scheme.
+
+Each kernel is ONE PrimFunc (`op.tensor_expr_op`) that reads the stored tensors directly: a
+dequantize stage followed by the matmul (or the row gather) that consumes it. TVM's FuseOps
+does not fuse a separate dequantize op into a matmul, and GPU schedules (dlight GEMV for
+decode, Matmul for prefill) inline a dequantize stage found in the same PrimFunc.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+if TYPE_CHECKING:
+    from kiln.compiler.quantization.base import WeightScheme
+
+ACCUMULATE = "float32"  # matmuls accumulate in fp32 whatever the activation dtype
+
+
+class _Stored(nn.Module):
+    """Holds the scheme's stored tensors of a (rows, cols) weight as parameters."""
+
+    def __init__(self, rows: int, cols: int, scheme: WeightScheme):
+        self.rows, self.cols, self.scheme = rows, cols, scheme
+        self._suffixes = tuple(scheme.storage(rows, cols))
+        for suffix, (shape, dtype) in scheme.storage(rows, cols).items():
+            setattr(self, suffix, nn.Parameter(shape, dtype))
+
+    def _stored(self) -> list[nn.Tensor]:
+        return [getattr(self, s) for s in self._suffixes]
+
+    def _matmul(self, x: nn.Tensor, name: str) -> nn.Tensor:
+        """x (..., cols) -> x @ W.T (..., rows), in the model dtype."""
+        rows, cols, scheme, suffixes = self.rows, self.cols, self.scheme, self._suffixes
+        dtype = scheme.model_dtype
+
+        def compute(x: te.Tensor, *stored: te.Tensor) -> te.Tensor:
+            tensors = dict(zip(suffixes, stored, strict=True))
+            w = te.compute(  # (rows, cols)
+                (rows, cols),
+                lambda i, j: scheme.weight_te(tensors, i, j),
+                name="dequantize",
+            )
+            k = te.reduce_axis((0, cols), name="k")
+            out = te.compute(  # (..., rows)
+                (*x.shape[:-1], rows),
+                lambda *idx: te.sum(
+                    _cast(x[(*idx[:-1], k)], ACCUMULATE) * _cast(w[idx[-1], k], ACCUMULATE),
+                    axis=k,
+                ),
+                name="matmul",
+            )
+            if dtype == ACCUMULATE:
+                return out
+            return te.compute(out.shape, lambda *idx: out(*idx).astype(dtype), name="cast")
+
+        return op.tensor_expr_op(compute, name, [x, *self._stored()])
+
+
+class QuantizedLinear(_Stored):
+    """`nn.Linear` without bias: x (..., in) -> (..., out)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: WeightScheme):
+        super().__init__(out_features, in_features, scheme)
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self._matmul(x, "dequantize_matmul")
+
+
+class QuantizedEmbedding(_Stored):
+    """`kiln.models.ops.Embedding`: a (num, dim) table; lookups dequantize only the rows read."""
+
+    def __init__(self, num: int, dim: int, scheme: WeightScheme):
+        super().__init__(num, dim, scheme)
+        self.num, self.dim = num, dim
+
+    def lookup(self, ids: nn.Tensor) -> nn.Tensor:
+        """ids (n,) int32 -> rows (n, dim); ids are clamped into the table like `ops.take`."""
+        num, dim, scheme, suffixes = self.num, self.dim, self.scheme, self._suffixes
+
+        def compute(ids: te.Tensor, *stored: te.Tensor) -> te.Tensor:
+            tensors = dict(zip(suffixes, stored, strict=True))
+            return te.compute(  # (n, dim)
+                (ids.shape[0], dim),
+                lambda t, j: scheme.weight_te(tensors, tirx.max(tirx.min(ids[t], num - 1), 0), j),
+                name="dequantize_rows",
+            )
+
+        return op.tensor_expr_op(compute, "dequantize_take", [ids, *self._stored()])
+
+    def project(self, x: nn.Tensor) -> nn.Tensor:
+        """Tied LM head: x (..., dim) -> (..., num)."""
+        return self._matmul(x, "dequantize_matmul")
+
+
+def _cast(x: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    return x if x.dtype == dtype else x.astype(dtype)

@@ -1,0 +1,155 @@
+"""Quantized CPU artifacts of every family.
+
+Kernel correctness is isolated from quantization error: each artifact is compared with
+transformers running, in fp32, the weights the artifact actually holds (quantized weights
+dequantized exactly as the kernels do, float weights as stored). Quantization error itself is
+measured against the original fp32 model and printed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+import kiln
+from kiln.compiler.quantization import QUANTIZATIONS
+from kiln.models import MODELS
+from kiln.runtime.artifact import read_manifest
+from kiln.runtime.safetensors import load_safetensors
+
+FAMILIES = ["llama", "llama3", "llama_linear", "mistral", "mixtral"]
+PROMPT_LEN = 45
+DECODE_STEPS = 4
+# Max relative logits error against transformers on the same (dequantized) weights: the kernels
+# accumulate in fp32, so f16 presets differ only by rounding fp16 (bf16) activations.
+BOUND = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
+CASES = [(f, q) for f in FAMILIES for q in ("q4f32", "q4f16", "q8f16")] + [
+    ("llama3", "q4f16_fe"),  # the tied embedding kept in fp16
+    ("llama", "q0bf16"),
+]
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def prompt(seed: int, vocab: int = 320) -> list[int]:
+    return [1, *np.random.default_rng(seed).integers(3, vocab, PROMPT_LEN - 1).tolist()]
+
+
+def artifact_weights(path: Path) -> dict[str, np.ndarray]:
+    """The artifact's weights as the float32 parameters of the unquantized model."""
+    manifest = read_manifest(path)
+    family = MODELS[manifest.data["model"]["family"]]
+    config = family.config_class.from_json(manifest.config)
+    preset = QUANTIZATIONS[manifest.data["quantization"]["name"]]
+    layout = preset.quantize_model(family.model_class(config, preset.model_dtype))
+    stored: dict[str, np.ndarray] = {}
+    for rel in sorted({p["file"] for p in manifest.params}):
+        stored.update(load_safetensors(path / rel))
+    weights = {}
+    for name, shape in layout.sources.items():
+        scheme = layout.schemes.get(name)
+        if scheme is None:
+            weights[name] = stored[name].astype(np.float32)
+        else:
+            prefix = name.removesuffix(".weight")
+            parts = {k: stored[f"{prefix}.{k}"] for k in scheme.storage(*shape)}
+            weights[name] = scheme.dequantize(parts, shape[1]).astype(np.float32)
+    return weights
+
+
+def dequantized_checkpoint(ckpt: Path, path: Path, out: Path) -> Path:
+    """A Hugging Face checkpoint of the weights artifact `path` holds (the weight map inverted:
+    fused q/k/v and gate/up rows split back into the checkpoint's tensors)."""
+    manifest = read_manifest(path)
+    family = MODELS[manifest.data["model"]["family"]]
+    config = family.config_class.from_json(manifest.config)
+    weights = artifact_weights(path)
+    tensors = {}
+    for name, source in family.weight_map(config).items():
+        value = weights[name]
+        if source.combine is None:
+            tensors[source.names[0]] = value
+            continue
+        rows = [shape[0] for shape in source.shapes]
+        assert sum(rows) == value.shape[0], "the test inverts row concatenation only"
+        for hf_name, part in zip(source.names, np.split(value, np.cumsum(rows)[:-1]), strict=True):
+            tensors[hf_name] = np.ascontiguousarray(part)
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text((ckpt / "config.json").read_text())
+    return out
+
+
+@pytest.mark.parametrize("name,preset", CASES)
+def test_logits_match_transformers_on_dequantized_weights(
+    name, preset, checkpoint, artifact, reference, tmp_path
+):
+    path = artifact(name, preset)
+    ref = reference(dequantized_checkpoint(checkpoint(name), path, tmp_path / "dequantized"))
+    model = kiln.load(path)
+    bound = BOUND[QUANTIZATIONS[preset].model_dtype]
+    ids = prompt(0)
+
+    ours = model.prefill_logits(ids)  # (len, vocab)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0].numpy()
+    assert rel_err(ours, theirs) <= bound
+
+    seq = 1000
+    model.kv.add(seq)
+    try:
+        logits = model._run_prefill(seq, ids, all_logits=False)
+        tokens = list(ids)
+        for _ in range(DECODE_STEPS):
+            tokens.append(int(np.argmax(logits)))
+            logits = model._run_decode([seq], [tokens[-1]])[0]
+            with torch.no_grad():
+                expect = ref(torch.tensor([tokens])).logits[0, -1].numpy()
+            assert rel_err(logits, expect) <= bound
+    finally:
+        model.kv.remove(seq)
+
+
+def test_quantization_error_against_fp32(checkpoint, artifact, reference, capsys):
+    """Logits error and top-1 agreement of each preset against the fp32 model, printed. The
+    tiny models have random Gaussian weights, a hard case for 4 bits (no outliers to spare, and
+    near-flat logits); the bounds only catch a broken quantizer, which scores top-1 near 0."""
+    rows = []
+    for name in FAMILIES:
+        ids = prompt(6)
+        with torch.no_grad():
+            theirs = reference(checkpoint(name))(torch.tensor([ids])).logits[0].numpy()
+        for preset in [q for f, q in [("llama", "q0f16"), *CASES] if f == name]:
+            ours = kiln.load(artifact(name, preset)).prefill_logits(ids)
+            rms = float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+            top1 = float((ours.argmax(-1) == theirs.argmax(-1)).mean())
+            rows.append((name, preset, rel_err(ours, theirs), rms, top1))
+    with capsys.disabled():
+        print(f"\nquantization error vs fp32, {PROMPT_LEN}-token prompt: max rel, rms rel, top-1")
+        for name, preset, err, rms, top1 in rows:
+            print(f"  {name:13s} {preset:9s} {err:.4f} {rms:.4f} {top1:.3f}")
+    for name, preset, _, rms, top1 in rows:
+        q4 = preset.startswith("q4")
+        assert rms <= (0.6 if q4 else 0.1), (name, preset)
+        assert top1 >= (0.3 if q4 else 0.8), (name, preset)
+
+
+def test_conversion_is_deterministic(checkpoint, artifact, tmp_path):
+    """Compiling twice gives byte-identical weight files."""
+    first = artifact("llama3", "q4f16")
+    second = kiln.compile(
+        str(checkpoint("llama3")), target="cpu", quantization="q4f16", output=tmp_path / "again"
+    )
+    files = [p.relative_to(first) for p in sorted((first / "params").iterdir())]
+    assert files == [p.relative_to(second) for p in sorted((second / "params").iterdir())]
+    for rel in files:
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["quantization"] == QUANTIZATIONS["q4f16"].to_json()
