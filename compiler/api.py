@@ -17,7 +17,7 @@ from kiln.compiler import artifact
 from kiln.compiler.config import read_hf_config, resolve_model
 from kiln.compiler.export import ENTRY_POINTS, export
 from kiln.compiler.pipeline import relax_pipeline
-from kiln.compiler.quantization import get_quantization
+from kiln.compiler.quantization import QUANTIZATIONS, get_quantization
 from kiln.compiler.weights import Checkpoint, convert, plan
 from kiln.models import family_of
 from kiln.runtime.artifact import MANIFEST
@@ -66,9 +66,14 @@ def compile(
     """
     say = progress or (lambda _msg: None)
     spec = get_target(target)
+    target = spec.name  # "auto" resolves to this machine's best target
     preset = get_quantization(quantization)
     if preset.model_dtype not in spec.dtypes:
-        raise KilnError(f"quantization {quantization} is not supported on target {target}")
+        runs = [q.name for q in QUANTIZATIONS.values() if q.model_dtype in spec.dtypes]
+        raise KilnError(
+            f"quantization {quantization} computes in {preset.model_dtype}, which target "
+            f"{target} does not run: choose one of {', '.join(runs)}"
+        )
     model_dir = resolve_model(model)
     hf_config = read_hf_config(model_dir)
     family = family_of(hf_config)
@@ -76,10 +81,16 @@ def compile(
     ckpt = Checkpoint(model_dir)
     out = Path(output or f"{model_dir.name}-{target}-{quantization}").expanduser().resolve()
 
-    tvm_target = spec.target(arch)
+    # One library per build: a target whose code runs on one arch only (ROCm) builds each apart.
+    builds = spec.split_arch(arch) if spec.split_arch else [arch]
+    tvm_target = spec.target(builds[0])
     model_nn = family.model_class(config, preset.model_dtype)
+    # The preset swaps in its quantized layers; the weight map builds the float parameters
+    # (layout.sources) and layout.transform turns each into the model parameters it becomes.
+    layout = preset.quantize_model(model_nn)
     exported = export(model_nn, config.attention_spec(), preset.model_dtype, tvm_target)
-    param_shapes = {name: shape for name, shape, _ in exported.params}
+    layout.check(exported.params)
+    param_shapes = layout.sources
     weight_map = family.weight_map(config)
     # Check the checkpoint against the model before spending time on codegen.
     plan(ckpt, param_shapes, weight_map, family.ignore)
@@ -87,19 +98,35 @@ def compile(
     staging = _prepare_output(out)
     try:
         start = time.time()
-        say(f"compiling {family.name} for {target} ({tvm_target.kind.name})")
-        pipeline = relax_pipeline(spec, tvm_target, Path(dump_ir) if dump_ir else None)
-        executable = tvm.compile(exported.mod, tvm_target, relax_pipeline=pipeline)
-        library = f"model-{target}{spec.library_suffix}"
-        device_code = spec.export(executable, str(staging / library), arch)
+        libraries: dict[str | None, str] = {}
+        device_code: dict[str | None, dict[str, Any]] = {}
+        for build in builds:
+            if build != builds[0]:
+                tvm_target = spec.target(build)
+                exported = export(model_nn, config.attention_spec(), preset.model_dtype, tvm_target)
+            name = f"{target}-{build}" if spec.split_arch else target
+            say(f"compiling {family.name} for {name} ({tvm_target.kind.name})")
+            dump = Path(dump_ir) if dump_ir else None
+            if dump and spec.split_arch:
+                dump = dump / build
+            pipeline = relax_pipeline(spec, tvm_target, dump)
+            executable = tvm.compile(exported.mod, tvm_target, relax_pipeline=pipeline)
+            libraries[build] = f"model-{name}{spec.library_suffix}"
+            device_code[build] = spec.export(executable, str(staging / libraries[build]), build)
+            device_code[build]["tvm_target"] = str(tvm_target)
         compile_seconds = time.time() - start
+        if spec.split_arch:
+            target_info = {"arch": ",".join(builds), "device_code": device_code}
+        else:
+            mcpu = tvm_target.attrs.get("mcpu")
+            target_info = {"arch": mcpu or arch or spec.default_arch, **device_code[arch]}
 
         say(f"converting weights to {preset.name}")
         param_files = convert(
             ckpt,
             param_shapes,
             weight_map,
-            preset.transform,
+            layout.transform,
             staging / "params",
             family.ignore,
         )
@@ -120,15 +147,11 @@ def compile(
                     "source": str(model),
                     "config": config.to_json(),
                 },
-                "quantization": {"name": preset.name, "model_dtype": preset.model_dtype},
-                "target": {
-                    "name": spec.name,
-                    "device": spec.device,
-                    "arch": tvm_target.attrs.get("mcpu") or arch or spec.default_arch,
-                    "tvm_target": str(tvm_target),
-                    **device_code,
-                },
-                "library": library,
+                "quantization": preset.to_json(),
+                "target": {"name": spec.name, "device": spec.device, **target_info},
+                "library": libraries[builds[0]],
+                # arch -> library, for targets that build one library per arch
+                **({"libraries": libraries} if spec.split_arch else {}),
                 "entry_points": list(ENTRY_POINTS),
                 "params": [
                     {

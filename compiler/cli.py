@@ -52,10 +52,19 @@ def main() -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--target", default="cpu", show_default=True, help="cpu (see `kiln targets`)")
+@click.option(
+    "--target",
+    default="cpu",
+    show_default=True,
+    help="cpu, cuda, rocm, metal, or auto: the best this machine has (see `kiln targets`)",
+)
 @click.option("--quantization", default="q0f32", show_default=True, help="preset name")
 @click.option("--output", "-o", default=None, help="artifact directory to write")
-@click.option("--arch", default=None, help="target architecture (e.g. an LLVM -mcpu name)")
+@click.option(
+    "--arch",
+    default=None,
+    help="architecture(s): an LLVM CPU, sm_90,..., gfx942,... (defaults: `kiln targets`)",
+)
 @click.option("--dump-ir", default=None, help="write the IR after each pipeline phase here")
 @_friendly
 def compile(
@@ -130,12 +139,15 @@ def run(
 
 @main.command()
 def targets() -> None:
-    """List compilation targets."""
-    from kiln.targets import TARGETS
+    """List compilation targets, their default architectures and what building for them needs."""
+    from kiln.targets import TARGETS, detect_target
 
     for spec in TARGETS.values():
-        arch = spec.default_arch or "host ISA, generic"
-        click.echo(f"{spec.name:6} {spec.description} (default arch: {arch})")
+        click.echo(f"{spec.name:6} {spec.description}")
+        click.echo(f"{'':6} default arch: {spec.default_arch or 'host ISA, generic'}")
+        if spec.toolchain is not None:
+            click.echo(f"{'':6} needs: {spec.toolchain()}")
+    click.echo(f"{'auto':6} the best target on the machine it runs on (here: {detect_target()})")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Layout (written by kiln.compiler.artifact):
     manifest.json            format version, model, quantization, target, entry points,
                              KV-cache geometry, versions, and sha256 + size of every file
-    model-<target>.so        the compiled library (Relax VM executable + kernels)
+    model-<target>.so        the compiled library (Relax VM executable + kernels); targets whose
+                             code runs on one arch only build one per arch (model-rocm-gfx942.so),
+                             listed under "libraries" (arch -> file)
     params/                  weights as safetensors shards + params-index.json
     tokenizer.json ...       the checkpoint's tokenizer files, when it had them
 """
@@ -59,6 +61,18 @@ class Manifest:
     @property
     def library(self) -> Path:
         return self.root / self.data["library"]
+
+    def library_for(self, arch: str | None) -> Path:
+        """The library to load on a device of `arch` (its gfx name on ROCm, else None)."""
+        libraries = self.data.get("libraries")
+        if not libraries:
+            return self.library
+        if arch not in libraries:
+            raise KilnError(
+                f"{self.root} has code for {', '.join(libraries)}, not for this {arch} device: "
+                f"compile it again with --arch {arch}"
+            )
+        return self.root / libraries[arch]
 
     @property
     def params(self) -> list[dict[str, Any]]:

@@ -22,12 +22,19 @@ def parse_device(device: str) -> tuple[str, int]:
     return kind, int(index or 0)
 
 
+# The device-module loader each vendor runtime registers (ROCm's is named after its format).
+_LOADER = {"cuda": "cuda", "rocm": "hsaco", "metal": "metal"}
+
+
 def _ensure_vendor_runtime(kind: str) -> None:
     """The vendor part of the TVM runtime is a separate library that runtime-only installs do
     not load by themselves (and it needs the vendor driver to load at all)."""
-    if kind == "cpu" or tvm_ffi.get_global_func(f"ffi.Module.load_from_bytes.{kind}", True):
+    if kind == "cpu" or tvm_ffi.get_global_func(
+        f"ffi.Module.load_from_bytes.{_LOADER[kind]}", True
+    ):
         return
-    lib = Path(tvm.__file__).parent / "lib" / f"libtvm_runtime_{kind}.so"
+    suffix = ".dylib" if kind == "metal" else ".so"
+    lib = Path(tvm.__file__).parent / "lib" / f"libtvm_runtime_{kind}{suffix}"
     if not lib.is_file():
         raise KilnError(f"this TVM installation has no {kind} runtime ({lib.name} is missing)")
     try:
@@ -45,3 +52,11 @@ def open_device(device: str) -> Any:
     if kind != "cpu" and not dev.exist:
         raise KilnError(f"no {kind} device {index} on this machine")
     return dev
+
+
+def device_arch(dev: Any) -> str | None:
+    """The architecture an artifact may have one library per: the gfx name of a ROCm GPU."""
+    if dev.dlpack_device_type() != 10:  # kDLROCM
+        return None
+    # device attribute 10 (kGcnArch): hipDeviceProp_t.gcnArchName, "gfx90a:sramecc+:xnack-"
+    return str(dev._GetDeviceAttr(10, dev.index, 10)).split(":")[0]

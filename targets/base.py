@@ -42,6 +42,11 @@ class TargetSpec:
     export: Callable[[Any, str, str | None], dict[str, Any]] = _export_host_library
     library_suffix: str = ".so"
     dtypes: tuple[str, ...] = ("float32", "float16")  # activation dtypes it runs
+    # Targets whose machine code runs on one architecture only (a ROCm code object) build one
+    # library per --arch entry: this splits --arch into those builds. None: one library.
+    split_arch: Callable[[str | None], list[str]] | None = None
+    # What building for it needs besides TVM, and where that was found (`kiln targets`).
+    toolchain: Callable[[], str] | None = None
 
     def target(self, arch: str | None = None) -> Target:
         return self.make_target(arch or self.default_arch)

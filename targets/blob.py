@@ -131,3 +131,23 @@ def write_blob_asm(blob: bytes, workspace: Path, symbol: str = "__tvm_ffi__libra
         '\t.section .note.GNU-stack,"",@progbits\n'
     )
     return asm
+
+
+def split_metal_payload(payload: bytes) -> tuple[str, bytes, dict[str, str]]:
+    """A Metal module's bytes: (format, function-table bytes, kernel name -> its MSL source).
+    The layout of `split_device_payload`, with one source per kernel where the data is."""
+    r = _Reader(payload)
+    fmt = r.bytes_().decode()
+    start = r.pos
+    for _ in range(r.u64()):  # the function table, as in split_device_payload
+        r.bytes_()
+        r.bytes_()
+        r.raw(4 * r.u64())
+        for _ in range(r.u64()):
+            r.bytes_()
+        r.raw(4 * r.u64())
+    fmap = payload[start : r.pos]
+    sources = {r.bytes_().decode(): r.bytes_().decode() for _ in range(r.u64())}
+    if r.pos != len(payload):
+        raise ValueError("Metal module bytes do not end after their sources")
+    return fmt, fmap, sources

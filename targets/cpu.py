@@ -36,4 +36,5 @@ CPU = TargetSpec(
     legalize=cpu_pipeline.legalize_passes,
     dataflow_lower=cpu_pipeline.dataflow_lower_passes,
     finalize=cpu_pipeline.finalize_passes,
+    dtypes=("float32", "float16", "bfloat16"),
 )

@@ -18,7 +18,11 @@ from conftest import CHECKPOINTS, make_checkpoint
 import kiln
 
 # (family, preset) pairs the GPU tests run
-BUILDS = [(name, "q0f16") for name in CHECKPOINTS] + [("llama", "q0f32"), ("tiny-llama", "q0f16")]
+BUILDS = (
+    [(name, "q0f16") for name in CHECKPOINTS]
+    + [(name, "q4f16") for name in CHECKPOINTS]
+    + [("llama", "q0f32"), ("tiny-llama", "q0f16")]
+)
 
 
 def main() -> None:
@@ -38,6 +42,13 @@ def main() -> None:
         if not (art / "manifest.json").exists():
             print(f"compiling {name} {preset}", flush=True)
             kiln.compile(str(ckpt), target="cuda", quantization=preset, output=art, arch=args.arch)
+        if preset.startswith("q4"):
+            # transformers' reference for a quantized artifact: the weights it holds, dequantized
+            from models.test_quantized import dequantized_checkpoint
+
+            deq = args.out / f"ckpt-{name}-{preset}-dequantized"
+            if not deq.exists():
+                dequantized_checkpoint(ckpt, art, deq)
     # The same model through NVRTC (no CUDA toolkit), for the runtime to load and compare.
     art = args.out / "tiny-llama-q0f16-nvrtc"
     if not (art / "manifest.json").exists():
