@@ -1,8 +1,9 @@
 """Kiln: an ahead-of-time compiler for Llama-family LLMs on CUDA, ROCm, Metal and the CPU.
 
 `kiln.compile(...)` turns a Hugging Face checkpoint into an artifact directory; `kiln.load(...)`
-loads one with only the TVM runtime. Both are imported lazily so that `import kiln` stays cheap
-and works on devices that have no compiler.
+loads one with only the TVM runtime, and `kiln.Engine(...)` serves many requests from one with
+continuous batching. All are imported lazily so that `import kiln` stays cheap and works on
+devices that have no compiler.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["KilnError", "__version__", "compile", "load"]
+__all__ = ["Engine", "KilnError", "SamplingParams", "__version__", "compile", "load"]
 
 from kiln.runtime.errors import KilnError
 
@@ -27,3 +28,16 @@ def load(path: str, device: str = "cpu", **kwargs: Any) -> Any:
     from kiln.runtime.model import load as _load
 
     return _load(path, device=device, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    # kiln.Engine and kiln.SamplingParams, imported on first use.
+    if name == "Engine":
+        from kiln.runtime.engine import Engine
+
+        return Engine
+    if name == "SamplingParams":
+        from kiln.runtime.sampler import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")

@@ -7,7 +7,11 @@ Entry points (all take the packed parameters last, as the Relax VM calls them):
   every position for scoring.
 - `decode(input_ids (b, 1) int32, kv)`: one new token for each of b sequences -> (b, 1, vocab).
 - `create_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size)`: builds
-  the paged KV cache. Sliding-window models need prefill chunks no longer than the window.
+  the KV cache. Sliding-window models need each sequence's prefill chunks no longer than the
+  window.
+
+Attention and the cache are the models' abstract ops (kiln.models.attention); the compiler's
+pipeline rewrites them into a cache implementation (kiln.passes.lower_paged_kv_cache).
 """
 
 from __future__ import annotations
@@ -16,44 +20,36 @@ from dataclasses import dataclass
 
 import tvm
 from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.target import Target
 
-from kiln.compiler.kv_cache import PagedCausalKV, create_paged_kv_cache
-from kiln.models.attention import AttentionSpec
+from kiln.models.attention import AbstractCausalKV, AttentionSpec, KVCache
 from kiln.models.ops import take
 
 ENTRY_POINTS = ("prefill", "decode", "create_kv_cache")
 
 
 class _Exported(nn.Module):
-    def __init__(self, model: nn.Module, spec: AttentionSpec, dtype: str, target: Target):
+    def __init__(self, model: nn.Module, spec: AttentionSpec, dtype: str):
         self.model = model
         self._spec = spec
         self._dtype = dtype
-        self._target = target
 
-    def prefill(self, input_ids: nn.Tensor, logit_positions: nn.Tensor, cache: PagedKVCache):
-        hidden = self.model.hidden_states(input_ids, PagedCausalKV(cache, self._spec))
+    def prefill(self, input_ids: nn.Tensor, logit_positions: nn.Tensor, cache: KVCache):
+        hidden = self.model.hidden_states(input_ids, AbstractCausalKV(cache, self._spec))
         hidden = take(hidden, logit_positions, 1, "logit_rows")  # (1, k, hidden)
         return self.model.logits(hidden), cache
 
-    def decode(self, input_ids: nn.Tensor, cache: PagedKVCache):
-        hidden = self.model.hidden_states(input_ids, PagedCausalKV(cache, self._spec))
+    def decode(self, input_ids: nn.Tensor, cache: KVCache):
+        hidden = self.model.hidden_states(input_ids, AbstractCausalKV(cache, self._spec))
         return self.model.logits(hidden), cache  # (b, 1, vocab)
 
     def create_kv_cache(
         self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size
-    ) -> PagedKVCache:
-        return create_paged_kv_cache(
-            self._spec,
-            self._dtype,
-            self._target,
-            max_batch_size,
-            max_total_seq_len,
-            prefill_chunk_size,
+    ) -> KVCache:
+        return KVCache.create(
+            self._spec, self._dtype, max_batch_size, max_total_seq_len, prefill_chunk_size,
             page_size,
-        )
+        )  # fmt: skip
 
 
 @dataclass
@@ -63,8 +59,11 @@ class Exported:
 
 
 def export(model: nn.Module, spec: AttentionSpec, dtype: str, target: Target) -> Exported:
-    wrapper = _Exported(model, spec, dtype, target)
-    kv = nn.spec.Object(object_type=PagedKVCache)
+    """`target` is unused here (the cache's kernels are chosen by the pipeline's rewrite); it
+    stays in the signature so callers need not change."""
+    del target
+    wrapper = _Exported(model, spec, dtype)
+    kv = nn.spec.Object(object_type=KVCache)
     packed = {"$": {"param_mode": "packed", "effect_mode": "none"}}
     mod, named_params = wrapper.export_tvm(
         spec={

@@ -5,7 +5,7 @@ _attention_prefill_cpu`. Upstream, a key hidden by the mask still updated the on
 state with a stale or uninitialised running max, which gives NaN as soon as the mask hides the
 *first* keys of a row (sliding-window attention over cached pages), and it scaled the output by
 `scale_O[d_idx]` of a one-element buffer. Here masked keys are skipped entirely. The rest is
-unchanged, so it stays a drop-in replacement (see kiln.compiler.kv_cache).
+unchanged, so it stays a drop-in replacement (see kiln.passes.lower_paged_kv_cache).
 """
 
 # ruff: noqa: E501

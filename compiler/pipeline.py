@@ -2,8 +2,10 @@
 
     graph -> library_dispatch -> legalize -> schedule -> dataflow_lower -> finalize
 
-`graph` holds Kiln's own target-independent rewrites (passes/); the other phases come from the
-target's `TargetSpec`. With `dump_dir`, the IR after each phase is written as TVMScript.
+`graph` holds Kiln's own rewrites (passes/): first the models' abstract attention and KV-cache
+ops become TVM's paged KV cache (with the target's attention kernels), then target-independent
+graph rewrites. The other phases come from the target's `TargetSpec`. With `dump_dir`, the IR
+after each phase is written as TVMScript.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
+from kiln.passes.lower_paged_kv_cache import LowerPagedKVCache
 from kiln.targets.base import TargetSpec
 
 PHASES = ("graph", "library_dispatch", "legalize", "schedule", "dataflow_lower", "finalize")
 
 
-def graph_passes(_target: Target) -> list[tvm.transform.Pass]:
+def graph_passes(target: Target) -> list[tvm.transform.Pass]:
     return [
+        LowerPagedKVCache(target),
         # nn.Linear is matmul(x, permute_dims(W)): fold the transpose into the matmul so no
         # weight is transposed at run time.
         relax.transform.FuseTransposeMatmul(),

@@ -1,4 +1,14 @@
-"""Bookkeeping for TVM's paged KV cache object (sequence ids, forward begin/end)."""
+"""Bookkeeping for TVM's paged KV cache object (sequence ids, forks, forward begin/end, pages).
+
+The cache keeps each sequence's K/V in pages of `page_size` tokens, in a tree of blocks: a
+forked child shares its parent's pages up to the fork position. Appending n tokens to a
+sequence of length L takes `new_pages(L, n)` fresh pages, because a sequence's last block
+always starts on a page boundary (TVM keeps every shared block a whole number of pages).
+
+TVM allocates those pages inside `kv_state_begin_forward` and has no way back when it runs
+out: the check fails after the sequence lengths were already bumped, which leaves the cache
+inconsistent. So every caller checks `free_pages()` against `new_pages` *before* `begin`.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +22,36 @@ def _builtin(name: str) -> Any:
     return tvm_ffi.get_global_func(f"vm.builtin.{name}")
 
 
-class PagedKV:
-    """One paged KV cache: sequences are added, extended by forward passes, and removed."""
+def new_pages(length: int, append: int, page_size: int) -> int:
+    """Fresh pages a sequence of `length` tokens takes to append `append` more."""
+    return -(-(length + append) // page_size) - -(-length // page_size)
 
-    def __init__(self, cache: Any):
+
+class PagedKV:
+    """One paged KV cache: sequences are added or forked, extended by forward passes, and
+    removed."""
+
+    def __init__(self, cache: Any, page_size: int = 16):
         self.cache = cache
+        self.page_size = page_size
         self._add = _builtin("kv_state_add_sequence")
         self._remove = _builtin("kv_state_remove_sequence")
+        self._fork = _builtin("kv_state_fork_sequence")
         self._begin = _builtin("kv_state_begin_forward")
         self._end = _builtin("kv_state_end_forward")
         self._free_pages = _builtin("attention_kv_cache_get_num_available_pages")
+        self.total_pages = self.free_pages()
 
     def add(self, seq_id: int) -> None:
         self._add(self.cache, seq_id)
 
     def remove(self, seq_id: int) -> None:
         self._remove(self.cache, seq_id)
+
+    def fork(self, parent: int, child: int, length: int) -> None:
+        """New sequence `child` sharing the first `length` tokens of `parent`. At a page
+        boundary this shares whole pages and allocates none."""
+        self._fork(self.cache, parent, child, length)
 
     def begin(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         self._begin(self.cache, tvm_ffi.Shape(list(seq_ids)), tvm_ffi.Shape(list(lengths)))
@@ -37,3 +61,6 @@ class PagedKV:
 
     def free_pages(self) -> int:
         return int(self._free_pages(self.cache))
+
+    def new_pages(self, length: int, append: int) -> int:
+        return new_pages(length, append, self.page_size)

@@ -1,0 +1,180 @@
+"""LowerPagedKVCache: the models' abstract attention ops -> TVM's paged KV cache.
+
+Rewrites the two ops of `kiln.models.attention`:
+
+- `kiln.kv_cache.create(sizes, spec_json, dtype)`: the function that makes it becomes one that
+  builds a `TIRPagedKVCache` for the spec (page size, max batch, max total tokens and prefill
+  chunk size stay runtime arguments), adding its attention kernels for the target to the module;
+- `kiln.attention.causal(kv, layer_id, sm_scale, qkv)` becomes the paged cache's
+  `vm.builtin.attention_kv_cache_attention_with_fused_qkv`, which applies RoPE to q/k as they
+  enter the cache, keeps each sequence's K/V history in pages and runs causal (optionally
+  sliding-window) attention with grouped-query heads.
+
+A module without the abstract ops comes back unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv_cache
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from kiln.compiler.kv_kernels import _attention_prefill_cpu
+from kiln.models.attention import ATTENTION_OP, CREATE_OP, AttentionSpec
+
+PAGED_ATTENTION = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerPagedKVCache")
+class LowerPagedKVCache:
+    def __init__(self, target: Target):
+        self.target = target
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        creators = {}
+        rest = {}
+        for gvar, func in mod.functions_items():
+            call = _create_call(func) if isinstance(func, relax.Function) else None
+            if call is not None:
+                creators[gvar] = (func, call)
+            elif isinstance(func, relax.Function) and _uses(func, ATTENTION_OP):
+                rest[gvar] = _AttentionToPaged().visit_expr(func)
+            else:
+                rest[gvar] = func
+        if not creators and all(rest[g].same_as(f) for g, f in mod.functions_items()):
+            return mod
+
+        out = tvm.IRModule(rest, attrs=mod.attrs)
+        bb = relax.BlockBuilder(out)
+        for gvar, (func, call) in creators.items():
+            sizes, spec_json, dtype = call.args[1:]
+            spec = AttentionSpec.from_json(spec_json.value)
+            with bb.function(gvar.name_hint, list(func.params), attrs=dict(func.attrs or {})):
+                cache = create_paged_kv_cache(spec, dtype.value, self.target, *sizes.values)
+                bb.emit_func_output(cache._expr)
+        return bb.finalize()
+
+
+def _create_call(func: relax.Function) -> relax.Call | None:
+    """The abstract creation call a function returns, if it is a creation function."""
+    calls = [
+        b.value
+        for block in getattr(func.body, "blocks", [])
+        for b in block.bindings
+        if _is_extern_call(b.value, CREATE_OP)
+    ]
+    if not calls:
+        return None
+    if len(calls) > 1:
+        raise ValueError(f"a function creates {len(calls)} KV caches; Kiln expects one")
+    return calls[0]
+
+
+def _is_extern_call(expr: relax.Expr, name: str) -> bool:
+    return (
+        isinstance(expr, relax.Call)
+        and len(expr.args) > 0
+        and isinstance(expr.args[0], relax.ExternFunc)
+        and expr.args[0].global_symbol == name
+    )
+
+
+def _uses(func: relax.Function, name: str) -> bool:
+    found = []
+    relax.analysis.post_order_visit(
+        func, lambda e: found.append(e) if isinstance(e, relax.ExternFunc) else None
+    )
+    return any(e.global_symbol == name for e in found)
+
+
+@mutator
+class _AttentionToPaged(PyExprMutator):
+    def visit_extern_func_(self, op: relax.ExternFunc) -> relax.Expr:
+        if op.global_symbol == ATTENTION_OP:
+            return relax.ExternFunc(PAGED_ATTENTION)
+        return op
+
+
+def _rope_args(spec: AttentionSpec) -> tuple[float, dict]:
+    """TVM multiplies positions by `rope_scale`; transformers' linear scaling divides by factor."""
+    scaling = spec.rope.scaling or {}
+    if scaling.get("rope_type") == "linear":
+        return 1.0 / scaling["factor"], {}
+    return 1.0, dict(scaling)
+
+
+def _attn_kinds(spec: AttentionSpec) -> list[str]:
+    """Per-layer attention kinds.
+
+    Sliding-window layers take TVM's per-layer "mha_sliding" path: the cache keeps every token and
+    the kernels mask all but the last `window` keys, which matches transformers exactly as long
+    as no sequence's prefill chunk is longer than the window (the runtime chunks accordingly).
+    TVM's global sliding-window mode (a rolling buffer) instead lets a token see window + 1 keys.
+    TVM 0.27 allocates its q/k/v staging buffers only when some entry is "mha"; with every layer
+    "mha_sliding" the first prefill crashes. One unused "mha" entry past the layer partition's
+    end allocates them without pages for an extra layer.
+    """
+    if not spec.sliding_window:
+        return ["mha"] * spec.num_layers
+    return ["mha_sliding"] * spec.num_layers + ["mha"]
+
+
+@contextmanager
+def _fixed_cpu_prefill_kernel() -> Iterator[None]:
+    """TIRPagedKVCache looks its CPU prefill kernel up in its module when constructed; use
+    Kiln's fixed copy (kiln.compiler.kv_kernels) for the duration."""
+    stock = tvm_kv_cache._attention_prefill_cpu
+    tvm_kv_cache._attention_prefill_cpu = _attention_prefill_cpu
+    try:
+        yield
+    finally:
+        tvm_kv_cache._attention_prefill_cpu = stock
+
+
+def create_paged_kv_cache(
+    spec: AttentionSpec,
+    dtype: str,
+    target: Target,
+    max_batch_size: tirx.Var,
+    max_total_seq_len: tirx.Var,
+    prefill_chunk_size: tirx.Var,
+    page_size: tirx.Var,
+) -> PagedKVCache:
+    """Emit a TIRPagedKVCache for `spec` into the current BlockBuilder function."""
+    rope_scale, rope_scaling = _rope_args(spec)
+    with _fixed_cpu_prefill_kernel():
+        return TIRPagedKVCache(
+            attn_kind=_attn_kinds(spec),
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            # TVM's global rolling-buffer mode; off, see _attn_kinds. (On, it also switches RoPE
+            # to an inline mode that assumes theta 10000 for sliding layers.)
+            support_sliding_window=0,
+            layer_partition=relax.ShapeExpr([0, spec.num_layers]),
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_q_heads,
+            num_key_value_heads=spec.num_kv_heads,
+            qk_head_dim=spec.head_dim,
+            v_head_dim=spec.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=rope_scale,
+            rope_theta=spec.rope.theta,
+            rope_scaling=rope_scaling,
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=spec.head_dim,
+            enable_disaggregation=False,
+            dtype=dtype,
+            target=target,
+            # The sliding-window kernels bake the window in.
+            layer_sliding_window_size=spec.sliding_window or 1024,
+        )

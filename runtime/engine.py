@@ -1,0 +1,487 @@
+"""`kiln.Engine`: continuous batching over one compiled artifact.
+
+Each `step()` does, under one lock:
+
+1. take in new requests and cancellations (submit/cancel only queue them, from any thread);
+2. schedule: every running request whose prompt is in the KV cache decodes one token; if the
+   pages for that run short, prefix-cache entries are evicted, then the newest request is
+   preempted (its sequence removed; later it recomputes prompt + generated tokens). The left
+   over token budget (`prefill_chunk`) goes to prefill chunks, oldest request first, so a long
+   prompt is spread over several steps and never stalls the others for its whole length;
+3. one ragged prefill pass for the chunks, one batched decode pass for the rest;
+4. sample each finished row with the request's own sampler, stream text, finish requests.
+
+Run it from a background thread (`start()`, needed by asyncio callers) or let readers of a
+`RequestHandle` drive `step()` themselves. Pages are checked before every pass: TVM's cache
+cannot undo a pass that runs out of pages (see kiln.runtime.kv).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.runtime.errors import KilnError
+from kiln.runtime.prefix_cache import PrefixCache
+from kiln.runtime.request import (
+    FINISHED,
+    RUNNING,
+    WAITING,
+    Delta,
+    Request,
+    RequestHandle,
+    RequestOutput,
+)
+from kiln.runtime.runner import Runner
+from kiln.runtime.sampler import SamplingParams, TokenSampler
+
+# The engine's KV sequence ids start here, clear of small ids a caller may use on the same
+# cache through `Runner` (the tests do).
+SEQ_ID_BASE = 1 << 20
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters since the engine started. Host overhead is a step's wall time minus the time
+    spent in the compiled entry points: scheduling, KV bookkeeping, sampling, detokenizing."""
+
+    steps: int
+    prefill_tokens: int
+    decode_tokens: int
+    preemptions: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    running: int
+    waiting: int
+    free_pages: int
+    total_pages: int
+    prefix_entries: int
+    step_ms: float  # mean wall time of a step that ran a forward pass
+    host_ms: float  # mean host overhead of such a step
+    last_host_ms: float
+    max_host_ms: float
+
+
+class Engine:
+    """Serve many requests from one artifact with continuous batching.
+
+    `max_batch_size`: requests running at once (holding KV sequences). `kv_memory` (bytes) or
+    `kv_tokens` sizes the paged KV cache (default: max_batch_size full contexts, at most 1 GiB
+    on the CPU, 80% of free memory on a GPU). `prefill_chunk`: prompt tokens per step, all
+    requests together. `prefix_cache`: share the KV pages of common prompt prefixes (off for
+    sliding-window models, whose per-layer window kernels are not exact across a fork).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        *,
+        max_batch_size: int = 8,
+        kv_memory: int | None = None,
+        kv_tokens: int | None = None,
+        context_length: int | None = None,
+        prefill_chunk: int | None = None,
+        prefix_cache: bool = True,
+        verify: bool = True,
+    ):
+        self.runner = Runner(
+            path,
+            device,
+            context_length=context_length,
+            max_batch_size=max_batch_size,
+            kv_tokens=kv_tokens,
+            kv_memory=kv_memory,
+            prefill_chunk=prefill_chunk,
+            verify=verify,
+        )
+        self.kv = self.runner.kv
+        self.tokenizer = self.runner.tokenizer
+        self.max_batch_size = max_batch_size
+        self._seq_ids = itertools.count(SEQ_ID_BASE)
+        self._request_ids = itertools.count()
+        self.prefix_cache = (
+            PrefixCache(self.kv, self.new_seq_id)
+            if prefix_cache and not self.runner.sliding_window
+            else None
+        )
+        self._waiting: list[Request] = []  # oldest first
+        self._running: list[Request] = []  # oldest first; the last is preempted first
+        self._requests: dict[int, Request] = {}
+        self._inbox: deque[Request] = deque()
+        self._cancels: deque[int] = deque()
+        self._lock = threading.RLock()
+        self._reserved = 0  # pages promised to this step's passes
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wakeup = threading.Event()
+        self._counters = dict.fromkeys(
+            ("steps", "busy_steps", "prefill_tokens", "decode_tokens", "preemptions",
+             "cached_tokens"), 0
+        )  # fmt: skip
+        self._step_seconds = self._host_seconds = self._last_host = self._max_host = 0.0
+
+    @property
+    def context_length(self) -> int:
+        return self.runner.context_length
+
+    def new_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def submit(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, **sampling: Any
+    ) -> RequestHandle:
+        """Queue a request (text, or token ids) and return its handle at once."""
+        if params is None:
+            params = SamplingParams(**sampling)
+        elif sampling:
+            raise KilnError("give SamplingParams or keyword sampling options, not both")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise KilnError(
+                    f"{self.runner.manifest.root} has no tokenizer: submit token ids, or "
+                    "recompile from a checkpoint that has tokenizer.json"
+                )
+            prompt = self.tokenizer.encode(prompt)
+        ids = self.runner.check_ids(prompt)
+        if params.stop and self.tokenizer is None:
+            raise KilnError("stop strings need a tokenizer: use stop_token_ids instead")
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops |= set(self.runner.eos_token_ids)
+        request_id = next(self._request_ids)
+        handle = RequestHandle(self, request_id, has_text=self.tokenizer is not None)
+        text = self.tokenizer.text_stream(params.stop) if self.tokenizer is not None else None
+        sampler = TokenSampler(params, ids, self.runner.vocab_size)
+        request = Request(request_id, ids, params, sampler, frozenset(stops), text, handle)
+        self._inbox.append(request)
+        self._wakeup.set()
+        return handle
+
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], **sampling: Any
+    ) -> list[RequestOutput]:
+        """Run several requests together; their outputs in order."""
+        handles = [self.submit(p, **sampling) for p in prompts]
+        return [h.result() for h in handles]
+
+    async def generate_async(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, **sampling: Any
+    ) -> RequestOutput:
+        return await self.submit(prompt, params, **sampling).result_async()
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        self._cancels.append(handle.request_id)
+        self._wakeup.set()
+        if not self.running_in_background:
+            with self._lock:
+                self._take_inbox()
+
+    # -- the background thread ---------------------------------------------------------------
+
+    @property
+    def running_in_background(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Run steps on a background thread whenever there is work (idempotent)."""
+        with self._lock:
+            if self.running_in_background:
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread after its current step; requests stay queued."""
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def close(self) -> None:
+        """Stop the thread, cancel every request and drop the prefix cache."""
+        self.stop()
+        with self._lock:
+            self._take_inbox()
+            for request in list(self._requests.values()):
+                self._finish(request, "cancelled")
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self._cancels or self._running or self._waiting)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wakeup.clear()
+            if not self._has_work():
+                self._wakeup.wait(timeout=0.5)
+                continue
+            try:
+                self.step()
+            except Exception as e:  # never let the thread die with requests waiting on it
+                with self._lock:
+                    for request in list(self._requests.values()):
+                        self._finish(request, "error", f"{type(e).__name__}: {e}")
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Run one engine step; returns whether requests remain."""
+        with self._lock:
+            start = time.perf_counter()
+            model_before = self.runner.model_seconds
+            self._take_inbox()
+            decode, prefill = self._schedule()
+            if prefill:
+                self._run_prefill(prefill)
+            if decode:
+                self._run_decode(decode)
+            self._counters["steps"] += 1
+            if decode or prefill:
+                elapsed = time.perf_counter() - start
+                host = elapsed - (self.runner.model_seconds - model_before)
+                self._counters["busy_steps"] += 1
+                self._step_seconds += elapsed
+                self._host_seconds += host
+                self._last_host = host
+                self._max_host = max(self._max_host, host)
+            return self._has_work()
+
+    def run_until_idle(self) -> None:
+        while self.step():
+            pass
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            request = self._inbox.popleft()
+            self._requests[request.id] = request
+            self._waiting.append(request)
+        while self._cancels:
+            request = self._requests.get(self._cancels.popleft())
+            if request is not None:
+                self._finish(request, "cancelled")
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def _schedule(self) -> tuple[list[Request], list[tuple[Request, int]]]:
+        """This step's decode requests and prefill (request, chunk length) pairs, with the
+        pages for both reserved."""
+        self._reserved = 0
+        decode = [r for r in self._running if r.decoding]
+        while not self._reserve(sum(self.kv.new_pages(r.computed, 1) for r in decode)):
+            victim = self._running[-1]
+            self._preempt(victim)
+            if victim in decode:
+                decode.remove(victim)
+
+        chunks: list[tuple[Request, int]] = []
+        budget = self.runner.prefill_chunk
+        prefilling = [r for r in self._running if not r.decoding]
+        for request in prefilling + list(self._waiting):
+            if budget == 0 or len(chunks) == self.max_batch_size:
+                break
+            n = self._plan_chunk(request, budget)
+            if n == 0:
+                break
+            chunks.append((request, n))
+            budget -= n
+
+        if not decode and not chunks and self._running:
+            # Nothing can run: free the newest request's pages so the older ones go on.
+            self._preempt(self._running[-1])
+            return self._schedule()
+        return decode, chunks
+
+    def _plan_chunk(self, request: Request, budget: int) -> int:
+        """Tokens of `request` to prefill this step (0: none), admitting it if it waits."""
+        limit = min(budget, self.runner.sequence_chunk)
+        if request.state == RUNNING:
+            return self._fit(request.computed, min(request.pending, limit))
+        if len(self._running) >= self.max_batch_size:
+            return 0
+        match = self.prefix_cache.match(request.tokens) if self.prefix_cache else None
+        start = match[1] if match else 0
+        # Admit a request only when its whole prompt fits next to the others, or when nothing
+        # else runs: admitting more than fits would only get it (or others) preempted.
+        pages = self.kv.new_pages(start, len(request.tokens) - start + 1)
+        if self._running and not self._reserve(pages, hold=False):
+            return 0
+        if match is not None and self.prefix_cache is not None:
+            match = self.prefix_cache.match(request.tokens)  # the check may have evicted it
+        # Forking costs no pages; from here on the entry may go, the fork keeps its pages.
+        self._admit(request, match)
+        return self._fit(request.computed, min(request.pending, limit))
+
+    def _fit(self, length: int, n: int) -> int:
+        """The longest chunk <= n that free pages hold for a sequence of `length` tokens;
+        its pages are reserved."""
+        if n > 0 and not self._reserve(self.kv.new_pages(length, n)):
+            free = self.kv.free_pages() - self._reserved
+            page = self.kv.page_size
+            n = min(n, (-(-length // page) + free) * page - length)
+            if n > 0:
+                self._reserve(self.kv.new_pages(length, n))
+        return max(n, 0)
+
+    def _reserve(self, pages: int, hold: bool = True) -> bool:
+        """Promise `pages` to this step, evicting prefix-cache entries while short."""
+        while self.kv.free_pages() - self._reserved < pages:
+            if self.prefix_cache is None or not self.prefix_cache.evict_one():
+                return False
+        if hold:
+            self._reserved += pages
+        return True
+
+    def _admit(self, request: Request, match: tuple[int, int] | None) -> None:
+        request.seq_id = self.new_seq_id()
+        if match is not None:
+            parent, length = match
+            self.kv.fork(parent, request.seq_id, length)
+            request.computed = length
+            cached = min(length, len(request.prompt))
+            if not request.cached_tokens:
+                request.cached_tokens = cached
+                self._counters["cached_tokens"] += cached
+        else:
+            self.kv.add(request.seq_id)
+        request.state = RUNNING
+        self._waiting.remove(request)
+        bisect.insort(self._running, request, key=lambda r: r.id)
+
+    def _preempt(self, request: Request) -> None:
+        """Free the request's sequence; it waits to recompute its tokens."""
+        self._release(request)
+        request.computed = 0
+        request.state = WAITING
+        self._running.remove(request)
+        bisect.insort(self._waiting, request, key=lambda r: r.id)
+        self._counters["preemptions"] += 1
+
+    def _release(self, request: Request) -> None:
+        if request.seq_id is not None:
+            self.kv.remove(request.seq_id)
+            request.seq_id = None
+
+    # -- forward passes and sampling ---------------------------------------------------------
+
+    def _run_prefill(self, chunks: list[tuple[Request, int]]) -> None:
+        requests = [r for r, _ in chunks]
+        pieces = [r.tokens[r.computed : r.computed + n] for r, n in chunks]
+        try:
+            logits = self.runner.prefill([r.seq_id for r in requests], pieces)  # (k, vocab)
+        except Exception as e:
+            self._fail(requests, e)
+            return
+        self._counters["prefill_tokens"] += sum(n for _, n in chunks)
+        for (request, n), row in zip(chunks, logits, strict=True):
+            request.computed += n
+            if (
+                self.prefix_cache is not None
+                and not request.cached_prefix
+                and request.computed >= len(request.prompt)
+            ):
+                request.cached_prefix = True
+                self.prefix_cache.insert(request.seq_id, request.prompt)
+            if request.pending == 0:
+                self._accept(request, *request.sampler(row))
+
+    def _run_decode(self, requests: list[Request]) -> None:
+        try:
+            logits = self.runner.decode(
+                [r.seq_id for r in requests], [r.tokens[-1] for r in requests]
+            )  # (b, vocab)
+        except Exception as e:
+            self._fail(requests, e)
+            return
+        self._counters["decode_tokens"] += len(requests)
+        for request in requests:
+            request.computed += 1
+        if all(r.params.plain_greedy for r in requests):
+            for request, token in zip(requests, np.argmax(logits, axis=-1).tolist(), strict=True):
+                self._accept(request, token, None)
+            return
+        for request, row in zip(requests, logits, strict=True):
+            self._accept(request, *request.sampler(row))
+
+    def _accept(self, request: Request, token: int, logprob: Any) -> None:
+        """Append a sampled token; stream it; finish the request if it is done."""
+        request.tokens.append(token)
+        if request.first_token is None:
+            request.first_token = time.perf_counter()
+        if logprob is not None:
+            request.logprobs.append(logprob)
+        reason = None
+        piece = ""
+        if token in request.stops:
+            reason = "stop"  # the stop token is returned as an id, never as text
+        elif request.text is not None:
+            piece = request.text.put(token)
+            if request.text.stopped:
+                reason = "stop"
+        if reason is None and (
+            len(request.tokens) - len(request.prompt) >= request.params.max_tokens
+            or len(request.tokens) >= self.context_length
+        ):
+            reason = "length"
+        request.handle._push(Delta(token, piece, logprob))
+        if reason is not None:
+            self._finish(request, reason)
+
+    def _fail(self, requests: list[Request], error: Exception) -> None:
+        for request in requests:
+            self._finish(request, "error", f"{type(error).__name__}: {error}")
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        self._release(request)
+        if request.state == RUNNING:
+            self._running.remove(request)
+        elif request.state == WAITING:
+            self._waiting.remove(request)
+        request.state = FINISHED
+        self._requests.pop(request.id, None)
+        rest = request.text.finish() if request.text is not None else ""
+        if rest:
+            request.handle._push(Delta(None, rest))
+        request.handle._push(output=request.output(reason, error))
+
+    # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def stats(self) -> EngineStats:
+        c = self._counters
+        busy = max(c["busy_steps"], 1)
+        return EngineStats(
+            steps=c["steps"],
+            prefill_tokens=c["prefill_tokens"],
+            decode_tokens=c["decode_tokens"],
+            preemptions=c["preemptions"],
+            cached_tokens=c["cached_tokens"],
+            running=len(self._running),
+            waiting=len(self._waiting) + len(self._inbox),
+            free_pages=self.kv.free_pages(),
+            total_pages=self.kv.total_pages,
+            prefix_entries=len(self.prefix_cache) if self.prefix_cache else 0,
+            step_ms=1e3 * self._step_seconds / busy,
+            host_ms=1e3 * self._host_seconds / busy,
+            last_host_ms=1e3 * self._last_host,
+            max_host_ms=1e3 * self._max_host,
+        )

@@ -1,0 +1,265 @@
+"""kiln.Engine: continuous batching, chunked prefill, prefix caching, preemption, cancel,
+the background thread and asyncio, against requests run alone and against transformers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.runtime.errors import KilnError
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def random_prompt(rng: np.random.Generator, n: int, vocab: int = 320) -> list[int]:
+    return [1, *rng.integers(3, vocab, n - 1).tolist()]
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama(artifact):
+    return artifact("llama")
+
+
+@pytest.fixture(scope="module")
+def alone(llama):
+    """Greedy ids of a request run on its own (kiln.load, one request at a time)."""
+    model = kiln.load(llama)
+    return lambda ids, n: model.generate_ids(ids, max_tokens=n, **GREEDY)
+
+
+def run_staggered(engine, schedule: list[tuple[int, list[int], int]]) -> dict:
+    """Submit (step, prompt, max_tokens) requests when the engine reaches `step`; run to the
+    end. Returns {index: RequestOutput}."""
+    handles, step = {}, 0
+    while len(handles) < len(schedule) or engine.step():
+        for i, (at, ids, n) in enumerate(schedule):
+            if at == step:
+                handles[i] = engine.submit(ids, max_tokens=n, **GREEDY)
+        if len(handles) < len(schedule):
+            engine.step()
+        step += 1
+        assert step < 2000, "the engine stopped making progress"
+    return {i: h.result() for i, h in handles.items()}
+
+
+def test_24_staggered_requests_equal_alone_and_transformers(llama, alone, checkpoint, reference):
+    rng = np.random.default_rng(0)
+    schedule = [
+        (int(rng.integers(0, 12)), random_prompt(rng, int(rng.integers(1, 80))), int(n))
+        for n in rng.integers(1, 24, 24)
+    ]
+    engine = kiln.Engine(llama, max_batch_size=8, prefill_chunk=48)
+    outputs = run_staggered(engine, schedule)
+    ref = reference(checkpoint("llama"))
+    for i, (_, ids, n) in enumerate(schedule):
+        out = outputs[i]
+        assert out.finish_reason == "length"
+        assert out.usage.completion_tokens == n
+        assert out.token_ids == alone(ids, n), f"request {i}"
+        assert out.token_ids == hf_greedy(ref, ids, n), f"request {i}"
+    stats = engine.stats
+    assert stats.running == stats.waiting == 0
+    assert stats.decode_tokens > stats.steps / 2  # requests really shared decode passes
+
+
+def test_sliding_window_batches_match_transformers(artifact, checkpoint, reference):
+    """Mistral (window 16): prompts longer than the window, prefilled together in one pass
+    (each sequence's chunk stays within the window), decoded past it."""
+    rng = np.random.default_rng(1)
+    requests = [(random_prompt(rng, int(rng.integers(5, 50))), 12) for _ in range(5)]
+    engine = kiln.Engine(artifact("mistral"), max_batch_size=8)
+    assert engine.runner.sequence_chunk == 16
+    assert engine.prefix_cache is None  # forks are not exact with per-layer windows
+    outputs = engine.generate([ids for ids, _ in requests], max_tokens=12, **GREEDY)
+    ref = reference(checkpoint("mistral"))
+    for (ids, n), out in zip(requests, outputs, strict=True):
+        assert out.token_ids == hf_greedy(ref, ids, n)
+
+
+def test_chunked_prefill_keeps_others_decoding(llama):
+    engine = kiln.Engine(llama, max_batch_size=4, prefill_chunk=16)
+    rng = np.random.default_rng(2)
+    short = engine.submit(random_prompt(rng, 5), max_tokens=40, **GREEDY)
+    engine.step()
+    engine.step()
+    long = engine.submit(random_prompt(rng, 120), max_tokens=4, **GREEDY)
+    counts = []
+    while not long._deltas:
+        engine.step()
+        counts.append(len(short._deltas))
+    # The 120-token prompt took several steps, and each of them decoded the short request.
+    assert len(counts) >= 120 // 16
+    assert np.all(np.diff(counts) == 1)
+    engine.run_until_idle()
+    assert long.result().finish_reason == short.result().finish_reason == "length"
+
+
+def test_shared_prefix_uses_fewer_pages_and_same_outputs(llama, alone):
+    rng = np.random.default_rng(3)
+    shared = random_prompt(rng, 48)  # three 16-token pages
+    a = shared + rng.integers(3, 320, 5).tolist()
+    b = shared + rng.integers(3, 320, 7).tolist()
+
+    def run(prefix_cache: bool):
+        engine = kiln.Engine(llama, max_batch_size=4, prefix_cache=prefix_cache)
+        ha = engine.submit(a, max_tokens=10, **GREEDY)
+        engine.step()  # a's prompt is in the cache (and, with caching on, its prefix too)
+        hb = engine.submit(b, max_tokens=10, **GREEDY)
+        lowest = engine.stats.free_pages
+        while engine.step():
+            lowest = min(lowest, engine.stats.free_pages)
+        return engine.stats.total_pages - lowest, ha.result(), hb.result()
+
+    used_with, a_with, b_with = run(True)
+    used_without, a_without, b_without = run(False)
+    assert used_with == used_without - 3
+    assert b_with.usage.cached_tokens == 48 and b_without.usage.cached_tokens == 0
+    assert a_with.token_ids == a_without.token_ids == alone(a, 10)
+    assert b_with.token_ids == b_without.token_ids == alone(b, 10)
+
+
+def test_prefix_cache_evicts_least_recently_used_when_pages_run_out(llama, alone):
+    rng = np.random.default_rng(4)
+    engine = kiln.Engine(llama, max_batch_size=2, kv_tokens=160)  # 10 pages
+    prompts = [random_prompt(rng, 40) for _ in range(6)]  # 2 cacheable pages each
+    for ids in prompts:
+        assert engine.submit(ids, max_tokens=6, **GREEDY).result().token_ids == alone(ids, 6)
+    cache = engine.prefix_cache
+    assert 0 < len(cache) < len(prompts)
+    # The newest prompts survive: their prefixes are hits, the oldest is a miss.
+    assert cache.match(prompts[-1]) is not None
+    assert cache.match(prompts[0]) is None
+
+
+def test_pool_too_small_preempts_and_every_request_completes(llama, alone):
+    rng = np.random.default_rng(5)
+    requests = [(random_prompt(rng, int(rng.integers(10, 60))), int(rng.integers(10, 40)))
+                for _ in range(10)]  # fmt: skip
+    engine = kiln.Engine(llama, max_batch_size=8, kv_tokens=128, prefill_chunk=32)
+    assert engine.stats.total_pages < sum(len(ids) + n for ids, n in requests) // 16
+    handles = [engine.submit(ids, max_tokens=n, **GREEDY) for ids, n in requests]
+    outputs = [h.result() for h in handles]
+    assert engine.stats.preemptions > 0
+    for (ids, n), out in zip(requests, outputs, strict=True):
+        assert out.finish_reason == "length"
+        assert out.token_ids == alone(ids, n)
+    engine.prefix_cache.clear()
+    assert engine.stats.free_pages == engine.stats.total_pages
+
+
+def test_cancel_mid_stream_frees_pages(llama):
+    engine = kiln.Engine(llama, max_batch_size=4, prefix_cache=False)
+    free = engine.stats.free_pages
+    rng = np.random.default_rng(6)
+    other = engine.submit(random_prompt(rng, 30), max_tokens=30, **GREEDY)
+    handle = engine.submit(random_prompt(rng, 70), max_tokens=100, **GREEDY)
+    tokens = handle.tokens()
+    first = [next(tokens) for _ in range(3)]
+    held = free - engine.stats.free_pages
+    handle.cancel()
+    out = handle.result()
+    assert out.finish_reason == "cancelled" and out.token_ids[:3] == first
+    assert free - engine.stats.free_pages < held - 4  # the 70-token sequence's pages came back
+    assert other.result().finish_reason == "length"  # the other request went on
+    assert engine.stats.free_pages == free
+
+
+def test_background_thread_and_asyncio(llama, alone):
+    rng = np.random.default_rng(7)
+    prompts = [random_prompt(rng, int(n)) for n in rng.integers(3, 40, 6)]
+
+    async def serve(engine):
+        outputs = await asyncio.gather(
+            *(engine.generate_async(ids, max_tokens=8, **GREEDY) for ids in prompts)
+        )
+        handle = engine.submit(prompts[0], max_tokens=8, **GREEDY)
+        streamed = [d.token async for d in handle.adeltas()]
+        return outputs, streamed
+
+    with kiln.Engine(llama, max_batch_size=4) as engine:
+        outputs, streamed = asyncio.run(serve(engine))
+        assert engine.running_in_background
+        # Synchronous readers wait on the thread instead of stepping themselves.
+        again = engine.submit(prompts[1], max_tokens=8, **GREEDY).result()
+        assert again.token_ids == outputs[1].token_ids
+    assert not engine.running_in_background
+    for ids, out in zip(prompts, outputs, strict=True):
+        assert out.token_ids == alone(ids, 8)
+    assert streamed == outputs[0].token_ids
+
+
+def test_text_stream_and_output_fields(artifact):
+    engine = kiln.Engine(artifact("tiny-llama"), max_batch_size=2)
+    model = kiln.load(artifact("tiny-llama"))
+    prompt = "def fibonacci(n):"
+    full = model.generate(prompt, max_tokens=30, temperature=0)
+    handle = engine.submit(prompt, max_tokens=30, temperature=0)
+    pieces = list(handle)
+    out = handle.result()
+    assert "".join(pieces) == out.text == full
+    assert out.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
+    assert out.time_to_first_token is not None and out.latency >= out.time_to_first_token
+    stop = full[8:12]
+    cut = engine.submit(prompt, max_tokens=30, temperature=0, stop=stop).result()
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+    token = out.token_ids[4]
+    eos = engine.submit(prompt, max_tokens=30, temperature=0, stop_token_ids=[token]).result()
+    assert eos.token_ids == out.token_ids[: out.token_ids.index(token) + 1]
+    assert eos.finish_reason == "stop"
+
+    async def stream() -> list[str]:
+        return [piece async for piece in engine.submit(prompt, max_tokens=30, temperature=0)]
+
+    assert "".join(asyncio.run(stream())) == full
+    engine.close()
+
+
+def test_a_failing_pass_fails_its_requests_not_the_engine(llama, alone, monkeypatch):
+    engine = kiln.Engine(llama, max_batch_size=4, prefix_cache=False)
+    rng = np.random.default_rng(8)
+    ids = random_prompt(rng, 20)
+    real = engine.runner.decode
+
+    def broken(*args):
+        monkeypatch.setattr(engine.runner, "decode", real)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "decode", broken)
+    failed = engine.submit(ids, max_tokens=5, **GREEDY)
+    assert failed.result().finish_reason == "error"
+    assert "device lost" in failed.result().error
+    with pytest.raises(KilnError, match="device lost"):
+        list(failed.tokens())
+    assert engine.stats.free_pages == engine.stats.total_pages
+    assert engine.submit(ids, max_tokens=5, **GREEDY).result().token_ids == alone(ids, 5)
+
+
+def test_bad_submissions(llama):
+    engine = kiln.Engine(llama, max_batch_size=2, kv_tokens=64)
+    assert engine.context_length == 64  # a request never outgrows the cache
+    with pytest.raises(KilnError, match="context"):
+        engine.submit([1] * 65)
+    with pytest.raises(KilnError, match="no tokenizer"):
+        engine.submit("text needs a tokenizer")
+    with pytest.raises(KilnError, match="stop strings"):
+        engine.submit([1, 2], stop=["x"])
+    with pytest.raises(KilnError, match="max_batch_size"):
+        kiln.Engine(llama, max_batch_size=0)
+    with pytest.raises(KilnError, match="kv_tokens or kv_memory"):
+        kiln.Engine(llama, kv_tokens=64, kv_memory=1 << 20)
