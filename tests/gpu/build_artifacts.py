@@ -49,6 +49,10 @@ def main() -> None:
             deq = args.out / f"ckpt-{name}-{preset}-dequantized"
             if not deq.exists():
                 dequantized_checkpoint(ckpt, art, deq)
+    # A CPU build of the same weights: the engine's greedy outputs must agree across devices.
+    art = args.out / "llama-q0f32-cpu"
+    if not (art / "manifest.json").exists():
+        kiln.compile(str(args.out / "ckpt-llama"), target="cpu", quantization="q0f32", output=art)
     # The same model through NVRTC (no CUDA toolkit), for the runtime to load and compare.
     art = args.out / "tiny-llama-q0f16-nvrtc"
     if not (art / "manifest.json").exists():

@@ -162,3 +162,25 @@ def test_nvrtc_built_artifact_runs_like_the_nvcc_one(gpu_build):
     a = kiln.load(nvcc_art, device="cuda").generate_ids(ids, max_tokens=16, temperature=0)
     b = kiln.load(nvrtc_art, device="cuda").generate_ids(ids, max_tokens=16, temperature=0)
     assert a == b
+
+
+def test_engine_on_gpu_equals_engine_on_cpu(gpu_build):
+    """Continuous batching on the GPU gives the CPU's greedy tokens (fp32 on both): twelve
+    requests of different lengths, submitted while others run."""
+    _, cuda_art = gpu_build("llama", "q0f32")
+    cpu_art = cuda_art.parent / "llama-q0f32-cpu"
+    if not os.environ.get("KILN_GPU_ARTIFACTS"):
+        pytest.skip("the CPU artifact is built by tests/gpu/build_artifacts.py")
+    rng = np.random.default_rng(7)
+    prompts = [[1, *rng.integers(3, 320, int(n)).tolist()] for n in rng.integers(5, 60, 12)]
+    outputs = {}
+    for device, art in (("cuda", cuda_art), ("cpu", cpu_art)):
+        with kiln.Engine(art, device=device, max_batch_size=4) as engine:
+            handles = []
+            for i, ids in enumerate(prompts):
+                handles.append(engine.submit(ids, max_tokens=8 + i, temperature=0, ignore_eos=True))
+                if i % 3 == 2:
+                    engine.step()  # later requests join a running batch
+            engine.run_until_idle()
+            outputs[device] = [h.result().token_ids for h in handles]
+    assert outputs["cuda"] == outputs["cpu"]
