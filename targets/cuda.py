@@ -208,6 +208,15 @@ def export_library(executable: Any, path: str, arch: str | None) -> dict[str, An
     }
 
 
+def describe_compiler() -> str:
+    nvcc = _find_nvcc()
+    if nvcc:
+        return f"nvcc ({nvcc})"
+    if nvrtc.available():
+        return f"{nvrtc.version()} from pip (no nvcc on PATH)"
+    return "nvcc on PATH, or NVRTC: pip install 'kiln[cuda]' (neither found)"
+
+
 CUDA = TargetSpec(
     name="cuda",
     device="cuda",
@@ -221,4 +230,5 @@ CUDA = TargetSpec(
     dataflow_lower=cuda_pipeline.dataflow_lower_passes,
     finalize=cuda_pipeline.finalize_passes,
     export=export_library,
+    toolchain=describe_compiler,
 )
