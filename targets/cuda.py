@@ -59,8 +59,9 @@ def _make_target(arch: str | None) -> Target:
 
 
 def _find_nvcc() -> str | None:
-    if shutil.which("nvcc"):
-        return shutil.which("nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
     return "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
 
 
