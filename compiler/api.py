@@ -83,12 +83,11 @@ def compile(
 
     # One library per build: a target whose code runs on one arch only (ROCm) builds each apart.
     builds = spec.split_arch(arch) if spec.split_arch else [arch]
-    tvm_target = spec.target(builds[0])
     model_nn = family.model_class(config, preset.model_dtype)
     # The preset swaps in its quantized layers; the weight map builds the float parameters
     # (layout.sources) and layout.transform turns each into the model parameters it becomes.
     layout = preset.quantize_model(model_nn)
-    exported = export(model_nn, config.attention_spec(), preset.model_dtype, tvm_target)
+    exported = export(model_nn, config.attention_spec(), preset.model_dtype, config.vocab_size)
     layout.check(exported.params)
     param_shapes = layout.sources
     weight_map = family.weight_map(config)
@@ -101,9 +100,7 @@ def compile(
         libraries: dict[str | None, str] = {}
         device_code: dict[str | None, dict[str, Any]] = {}
         for build in builds:
-            if build != builds[0]:
-                tvm_target = spec.target(build)
-                exported = export(model_nn, config.attention_spec(), preset.model_dtype, tvm_target)
+            tvm_target = spec.target(build)
             name = f"{target}-{build}" if spec.split_arch else target
             say(f"compiling {family.name} for {name} ({tvm_target.kind.name})")
             dump = Path(dump_ir) if dump_ir else None

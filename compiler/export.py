@@ -6,6 +6,10 @@ Entry points (all take the packed parameters last, as the Relax VM calls them):
   (1, k, vocab) at the given flat positions: the last token of each sequence for generation, or
   every position for scoring.
 - `decode(input_ids (b, 1) int32, kv)`: one new token for each of b sequences -> (b, 1, vocab).
+- `decode_1`: `decode` specialized to one sequence, for latency: with every shape static the
+  schedulers pick matrix-vector kernels instead of tiling for an unknown batch.
+- `sample_greedy(logits (n, vocab))`, `sample(logits, temperature, top_p, top_k, uniform)`:
+  token ids from logits left on the device (kiln.compiler.sampling).
 - `create_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size)`: builds
   the KV cache. Sliding-window models need each sequence's prefill chunks no longer than the
   window.
@@ -20,12 +24,12 @@ from dataclasses import dataclass
 
 import tvm
 from tvm.relax.frontend import nn
-from tvm.target import Target
 
+from kiln.compiler import sampling
 from kiln.models.attention import AbstractCausalKV, AttentionSpec, KVCache
 from kiln.models.ops import take
 
-ENTRY_POINTS = ("prefill", "decode", "create_kv_cache")
+ENTRY_POINTS = ("prefill", "decode", "decode_1", "sample_greedy", "sample", "create_kv_cache")
 
 
 class _Exported(nn.Module):
@@ -43,6 +47,15 @@ class _Exported(nn.Module):
         hidden = self.model.hidden_states(input_ids, AbstractCausalKV(cache, self._spec))
         return self.model.logits(hidden), cache  # (b, 1, vocab)
 
+    def decode_1(self, input_ids: nn.Tensor, cache: KVCache):
+        return self.decode(input_ids, cache)
+
+    def sample_greedy(self, logits: nn.Tensor):
+        return sampling.greedy(logits)
+
+    def sample(self, logits, temperature, top_p, top_k, uniform):
+        return sampling.sample(logits, temperature, top_p, top_k, uniform)
+
     def create_kv_cache(
         self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size
     ) -> KVCache:
@@ -58,13 +71,13 @@ class Exported:
     params: list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in VM argument order
 
 
-def export(model: nn.Module, spec: AttentionSpec, dtype: str, target: Target) -> Exported:
-    """`target` is unused here (the cache's kernels are chosen by the pipeline's rewrite); it
-    stays in the signature so callers need not change."""
-    del target
+def export(model: nn.Module, spec: AttentionSpec, dtype: str, vocab_size: int) -> Exported:
+    """The cache's kernels are chosen later, per target, by the pipeline's rewrite."""
     wrapper = _Exported(model, spec, dtype)
     kv = nn.spec.Object(object_type=KVCache)
     packed = {"$": {"param_mode": "packed", "effect_mode": "none"}}
+    unpacked = {"$": {"param_mode": "none", "effect_mode": "none"}}
+    logits = nn.spec.Tensor(["n", vocab_size], "float32")
     mod, named_params = wrapper.export_tvm(
         spec={
             "prefill": {
@@ -78,12 +91,26 @@ def export(model: nn.Module, spec: AttentionSpec, dtype: str, target: Target) ->
                 "cache": kv,
                 **packed,
             },
+            "decode_1": {
+                "input_ids": nn.spec.Tensor([1, 1], "int32"),
+                "cache": kv,
+                **packed,
+            },
+            "sample_greedy": {"logits": logits, **unpacked},
+            "sample": {
+                "logits": logits,
+                "temperature": nn.spec.Tensor(["n"], "float32"),
+                "top_p": nn.spec.Tensor(["n"], "float32"),
+                "top_k": nn.spec.Tensor(["n"], "int32"),
+                "uniform": nn.spec.Tensor(["n"], "float32"),
+                **unpacked,
+            },
             "create_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
                 "prefill_chunk_size": int,
                 "page_size": int,
-                "$": {"param_mode": "none", "effect_mode": "none"},
+                **unpacked,
             },
         }
     )

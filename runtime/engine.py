@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from kiln.runtime.errors import KilnError
 from kiln.runtime.prefix_cache import PrefixCache
 from kiln.runtime.request import (
@@ -41,7 +39,7 @@ from kiln.runtime.request import (
     RequestHandle,
     RequestOutput,
 )
-from kiln.runtime.runner import Runner
+from kiln.runtime.runner import Logits, Runner
 from kiln.runtime.sampler import SamplingParams, TokenSampler
 
 # The engine's KV sequence ids start here, clear of small ids a caller may use on the same
@@ -387,12 +385,13 @@ class Engine:
         requests = [r for r, _ in chunks]
         pieces = [r.tokens[r.computed : r.computed + n] for r, n in chunks]
         try:
-            logits = self.runner.prefill([r.seq_id for r in requests], pieces)  # (k, vocab)
+            logits = self.runner.prefill([r.seq_id for r in requests], pieces, on_device=True)
         except Exception as e:
             self._fail(requests, e)
             return
         self._counters["prefill_tokens"] += sum(n for _, n in chunks)
-        for (request, n), row in zip(chunks, logits, strict=True):
+        rows = []
+        for row, (request, n) in enumerate(chunks):
             request.computed += n
             if (
                 self.prefix_cache is not None
@@ -402,25 +401,57 @@ class Engine:
                 request.cached_prefix = True
                 self.prefix_cache.insert(request.seq_id, request.prompt)
             if request.pending == 0:
-                self._accept(request, *request.sampler(row))
+                rows.append((request, row))
+        self._sample(rows, logits)
 
     def _run_decode(self, requests: list[Request]) -> None:
         try:
             logits = self.runner.decode(
-                [r.seq_id for r in requests], [r.tokens[-1] for r in requests]
-            )  # (b, vocab)
+                [r.seq_id for r in requests], [r.tokens[-1] for r in requests], on_device=True
+            )
         except Exception as e:
             self._fail(requests, e)
             return
         self._counters["decode_tokens"] += len(requests)
         for request in requests:
             request.computed += 1
-        if all(r.params.plain_greedy for r in requests):
-            for request, token in zip(requests, np.argmax(logits, axis=-1).tolist(), strict=True):
-                self._accept(request, token, None)
+        self._sample(list(zip(requests, range(len(requests)), strict=True)), logits)
+
+    def _sample(self, rows: list[tuple[Request, int]], logits: Logits) -> None:
+        """Choose the next token of each request from its row of `logits`, and accept it.
+
+        Plain greedy rows take the artifact's argmax, and on a GPU rows that need nothing but
+        the draw take its sampling kernel (the request's own generator draws the uniform), so
+        only token ids cross to the host; penalties and logprobs run on the host."""
+        if not rows:
             return
-        for request, row in zip(requests, logits, strict=True):
-            self._accept(request, *request.sampler(row))
+        greedy = [r.params.plain_greedy for r, _ in rows]
+        drawn = [
+            self.runner.samples_on_device and not g and r.sampler.on_device
+            for (r, _), g in zip(rows, greedy, strict=True)
+        ]
+        argmax = logits.greedy() if any(greedy) else None
+        sampled = self._sample_on_device(rows, drawn, logits) if any(drawn) else None
+        for i, (request, row) in enumerate(rows):
+            if argmax is not None and greedy[i]:
+                self._accept(request, argmax[row], None)
+            elif sampled is not None and drawn[i]:
+                self._accept(request, sampled[row], None)
+            else:
+                self._accept(request, *request.sampler(logits.numpy()[row]))
+
+    @staticmethod
+    def _sample_on_device(
+        rows: list[tuple[Request, int]], drawn: list[bool], logits: Logits
+    ) -> list[int]:
+        n = len(logits)
+        temperature, top_p, top_k, uniform = [1.0] * n, [1.0] * n, [0] * n, [0.0] * n
+        for (request, row), on in zip(rows, drawn, strict=True):
+            if on:
+                p = request.params
+                temperature[row], top_p[row], top_k[row] = p.temperature, p.top_p, p.top_k
+                uniform[row] = request.sampler.uniform()
+        return logits.sample(temperature, top_p, top_k, uniform)
 
     def _accept(self, request: Request, token: int, logprob: Any) -> None:
         """Append a sampled token; stream it; finish the request if it is done."""

@@ -1,8 +1,10 @@
-"""A loaded artifact and its three entry points: the forward passes the engine schedules.
+"""A loaded artifact and its entry points: the forward passes the engine schedules.
 
 `Runner` owns the VM, the weights, the tokenizer and one paged KV cache. It knows nothing of
 requests: it runs one ragged prefill (chunks of several sequences) or one batched decode
-(one token for each of several sequences) and returns float32 logits on the host.
+(one token for each of several sequences; one sequence alone takes the artifact's batch-1
+specialization) and returns float32 logits, on the host or as `Logits` left on the device,
+from which the artifact's sampling kernels take token ids without copying the vocabulary.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ class Runner:
         self.vm = tvm_vm.VirtualMachine(library, self.device)
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
+        self._decode_1 = self.vm["decode_1"]
+        self._greedy = self.vm["sample_greedy"]
+        self._sample = self.vm["sample"]
+        # On a GPU the sampling kernels save copying (batch, vocab) floats to the host every
+        # step; on the CPU the host's NumPy sampler is as fast and needs no sort.
+        self.samples_on_device = self.manifest.device != "cpu"
         self.params = self._load_params()
 
         limit = int(geometry["context_length"])
@@ -183,10 +191,15 @@ class Runner:
     # -- forward passes --------------------------------------------------------------------
 
     def prefill(
-        self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]], all_logits: bool = False
-    ) -> np.ndarray:
+        self,
+        seq_ids: Sequence[int],
+        chunks: Sequence[Sequence[int]],
+        all_logits: bool = False,
+        on_device: bool = False,
+    ) -> Any:
         """Append `chunks[i]` to sequence `seq_ids[i]`, all in one pass. Returns float32 logits
-        of each chunk's last token (len(chunks), vocab), or of every token (total, vocab)."""
+        of each chunk's last token (len(chunks), vocab), or of every token (total, vocab): a
+        NumPy array, or `Logits` on the device."""
         lengths = [len(c) for c in chunks]
         ids = np.fromiter((t for c in chunks for t in c), dtype="int32", count=sum(lengths))
         if all_logits:
@@ -201,21 +214,74 @@ class Runner:
             self.kv.cache,
             self.params,
         )
-        out = logits.numpy()[0]  # (k, vocab)
-        self.model_seconds += time.perf_counter() - start
-        self.kv.end()
-        return out
+        return self._finish_pass(logits, len(positions), start, on_device)
 
-    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        """One token for each sequence -> float32 logits (batch, vocab)."""
+    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int], on_device: bool = False) -> Any:
+        """One token for each sequence -> float32 logits (batch, vocab), NumPy or `Logits`."""
         self.kv.begin(seq_ids, [1] * len(seq_ids))
         start = time.perf_counter()
-        logits, self.kv.cache = self._decode(
+        entry = self._decode_1 if len(seq_ids) == 1 else self._decode
+        logits, self.kv.cache = entry(
             tvm.runtime.tensor(np.array(tokens, dtype="int32")[:, None], self.device),  # (b, 1)
             self.kv.cache,
             self.params,
         )
-        out = logits.numpy()[:, 0]  # (b, vocab)
+        return self._finish_pass(logits, len(seq_ids), start, on_device)
+
+    def _finish_pass(self, logits: Any, rows: int, start: float, on_device: bool) -> Any:
+        out = Logits(self, logits._create_view((rows, self.vocab_size), logits.dtype))
+        result = out if on_device else out.numpy()
         self.model_seconds += time.perf_counter() - start
         self.kv.end()
+        return result
+
+
+class Logits:
+    """One pass's float32 logits (rows, vocab), where the pass left them. Token ids come from
+    the artifact's sampling kernels (kiln.compiler.sampling); `numpy()` copies them over once."""
+
+    def __init__(self, runner: Runner, tensor: Any):
+        self._runner = runner
+        self.tensor = tensor
+        self._host: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.tensor.shape[0])
+
+    def numpy(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self._timed(self.tensor.numpy)
+        return self._host
+
+    def _timed(self, fn: Any, *args: Any) -> Any:
+        # Device work is asynchronous: it is done (and counted as model time) when its result
+        # reaches the host.
+        start = time.perf_counter()
+        out = fn(*args)
+        self._runner.model_seconds += time.perf_counter() - start
         return out
+
+    def greedy(self) -> list[int]:
+        """Argmax of every row (the lowest id among ties)."""
+        if not self._runner.samples_on_device:
+            return np.argmax(self.numpy(), axis=-1).tolist()
+        return self._timed(lambda: self._runner._greedy(self.tensor).numpy().tolist())
+
+    def sample(
+        self,
+        temperature: Sequence[float],
+        top_p: Sequence[float],
+        top_k: Sequence[int],
+        uniform: Sequence[float],
+    ) -> list[int]:
+        """One token per row by the rules of kiln.runtime.sampler, drawn with `uniform[i]`
+        in [0, 1); temperature must be > 0 (greedy rows use `greedy`)."""
+        dev = self._runner.device
+        args = [
+            tvm.runtime.tensor(np.asarray(values, dtype=dtype), dev)
+            for values, dtype in (
+                (temperature, "float32"), (top_p, "float32"), (top_k, "int32"),
+                (uniform, "float32"),
+            )
+        ]  # fmt: skip
+        return self._timed(lambda: self._runner._sample(self.tensor, *args).numpy().tolist())

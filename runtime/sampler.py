@@ -179,6 +179,16 @@ class TokenSampler:
             lp = token_logprob(logits, token, self.params.logprobs)
         return token, lp
 
+    @property
+    def on_device(self) -> bool:
+        """Nothing to compute but the draw: the artifact's sampling kernel can choose the
+        token, with `uniform()` as its draw."""
+        return not self.params.penalized and self.params.logprobs is None
+
+    def uniform(self) -> float:
+        """The draw for one token: the same single number `sample` takes from the generator."""
+        return float(self.rng.random())
+
     def accept(self, token: int) -> None:
         if self._seen is not None and self._counts is not None:
             self._seen[token] = True

@@ -71,6 +71,7 @@ def _make_target(arch: str | None) -> Target:
             "mcpu": archs[0],
             "max_num_threads": 256,
             "max_threads_per_block": 256,
+            "max_shared_memory_per_block": 49152,  # TVM's default, said out loud (see cuda.py)
             "thread_warp_size": wave_size(archs[0]),
         },
         host={"kind": "llvm"},

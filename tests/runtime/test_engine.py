@@ -236,7 +236,7 @@ def test_a_failing_pass_fails_its_requests_not_the_engine(llama, alone, monkeypa
     ids = random_prompt(rng, 20)
     real = engine.runner.decode
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         monkeypatch.setattr(engine.runner, "decode", real)
         raise RuntimeError("device lost")
 
