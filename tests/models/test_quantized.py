@@ -28,9 +28,10 @@ DECODE_STEPS = 4
 # Max relative logits error against transformers on the same (dequantized) weights: the kernels
 # accumulate in fp32, so f16 presets differ only by rounding fp16 (bf16) activations.
 BOUND = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
-CASES = [(f, q) for f in FAMILIES for q in ("q4f32", "q4f16", "q8f16")] + [
+CASES = [(f, q) for f in FAMILIES for q in ("q4f32", "q4f16", "q8f16", "fp8e4m3")] + [
     ("llama3", "q4f16_fe"),  # the tied embedding kept in fp16
     ("llama", "q0bf16"),
+    ("llama", "fp8e4m3_bf16"),
 ]
 
 
@@ -135,9 +136,11 @@ def test_quantization_error_against_fp32(checkpoint, artifact, reference, capsys
         print(f"\nquantization error vs fp32, {PROMPT_LEN}-token prompt: max rel, rms rel, top-1")
         for name, preset, err, rms, top1 in rows:
             print(f"  {name:13s} {preset:9s} {err:.4f} {rms:.4f} {top1:.3f}")
+    # fp8 e4m3 keeps 3 mantissa bits (each weight within 1/16 of itself): measured rms 0.06 to
+    # 0.11 here, about four times int8's per-channel error on these Gaussian weights.
     for name, preset, _, rms, top1 in rows:
-        q4 = preset.startswith("q4")
-        assert rms <= (0.6 if q4 else 0.1), (name, preset)
+        q4, fp8 = preset.startswith("q4"), preset.startswith("fp8")
+        assert rms <= (0.6 if q4 else 0.2 if fp8 else 0.1), (name, preset)
         assert top1 >= (0.3 if q4 else 0.8), (name, preset)
 
 

@@ -30,7 +30,7 @@ class Probe(nn.Module):
         return self.linear(x)
 
 
-@pytest.mark.parametrize("preset", ["q4f16", "q4f32", "q8f16"])
+@pytest.mark.parametrize("preset", ["q4f16", "q4f32", "q8f16", "fp8e4m3"])
 def test_kernels_match_numpy(preset):
     scheme = QUANTIZATIONS[preset]
     dtype = scheme.model_dtype

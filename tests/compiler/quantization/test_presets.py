@@ -13,7 +13,7 @@ from kiln.compiler.export import export
 from kiln.compiler.quantization import QUANTIZATIONS
 from kiln.models import MODELS
 from kiln.runtime.errors import KilnError
-from kiln.targets import TARGETS, get_target
+from kiln.targets import TARGETS
 
 HF = dict(
     vocab_size=96,
@@ -36,7 +36,8 @@ def build(family: str, preset: str, **overrides):
 
 def test_registry():
     assert list(QUANTIZATIONS) == [
-        "q0f32", "q0f16", "q0bf16", "q4f16", "q4f32", "q4f16_fe", "q8f16"
+        "q0f32", "q0f16", "q0bf16", "q4f16", "q4f32", "q4f16_fe", "q8f16", "fp8e4m3",
+        "fp8e4m3_bf16",
     ]  # fmt: skip
     for name, preset in QUANTIZATIONS.items():
         assert preset.name == name and preset.description
@@ -52,6 +53,7 @@ def test_registry():
         ("q4f16", {"embed_tokens", "lm_head", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
         ("q4f16_fe", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
         ("q8f16", {"embed_tokens", "lm_head", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+        ("fp8e4m3", {"embed_tokens", "lm_head", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
     ],
 )
 def test_layout_maps_float_params_onto_the_exported_ones(preset, quantized):
@@ -59,12 +61,13 @@ def test_layout_maps_float_params_onto_the_exported_ones(preset, quantized):
     float_model = MODELS["llama"].model_class(config, "float32")
     assert list(layout.sources) == [n for n, _ in float_model.named_parameters()]
     assert {n.split(".")[-2] for n in layout.schemes} == quantized
-    exported = export(model, config.attention_spec(), layout.dtype, get_target("cpu").target())
+    exported = export(model, config.attention_spec(), layout.dtype, config.vocab_size)
     layout.check(exported.params)  # every exported param has exactly one source
     if quantized:
         dtypes = {n.split(".", 2)[-1]: d for n, _, d in exported.params if "layers.0" in n}
-        assert dtypes["self_attn.o_proj.qweight"] == ("uint32" if "q4" in preset else "int8")
-        assert dtypes["self_attn.o_proj.scale"] == "float16"
+        qdtype = {"q4f16": "uint32", "q4f16_fe": "uint32", "q8f16": "int8", "fp8e4m3": "uint8"}
+        assert dtypes["self_attn.o_proj.qweight"] == qdtype[preset]
+        assert dtypes["self_attn.o_proj.scale"] == ("float32" if "fp8" in preset else "float16")
         w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
         out = layout.transform("layers.0.self_attn.o_proj.weight", w)
         assert sorted(out) == [f"layers.0.self_attn.o_proj.{k}" for k in ("qweight", "scale")]
