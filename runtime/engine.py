@@ -74,8 +74,8 @@ class Engine:
     `max_batch_size`: requests running at once (holding KV sequences). `kv_memory` (bytes) or
     `kv_tokens` sizes the paged KV cache (default: max_batch_size full contexts, at most 1 GiB
     on the CPU, 80% of free memory on a GPU). `prefill_chunk`: prompt tokens per step, all
-    requests together. `prefix_cache`: share the KV pages of common prompt prefixes (off for
-    sliding-window models, whose per-layer window kernels are not exact across a fork).
+    requests together. `prefix_cache`: share the KV pages of common prompt prefixes (with a
+    sliding window, among requests whose prompt + max_tokens fit the window).
     """
 
     def __init__(
@@ -106,11 +106,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self._seq_ids = itertools.count(SEQ_ID_BASE)
         self._request_ids = itertools.count()
-        self.prefix_cache = (
-            PrefixCache(self.kv, self.new_seq_id)
-            if prefix_cache and not self.runner.sliding_window
-            else None
-        )
+        self.prefix_cache = PrefixCache(self.kv, self.new_seq_id) if prefix_cache else None
         self._waiting: list[Request] = []  # oldest first
         self._running: list[Request] = []  # oldest first; the last is preempted first
         self._requests: dict[int, Request] = {}
@@ -316,7 +312,7 @@ class Engine:
             return self._fit(request.computed, min(request.pending, limit))
         if len(self._running) >= self.max_batch_size:
             return 0
-        match = self.prefix_cache.match(request.tokens) if self.prefix_cache else None
+        match = self.prefix_cache.match(request.tokens) if self._shares_prefix(request) else None
         start = match[1] if match else 0
         # Admit a request only when its whole prompt fits next to the others, or when nothing
         # else runs: admitting more than fits would only get it (or others) preempted.
@@ -328,6 +324,16 @@ class Engine:
         # Forking costs no pages; from here on the entry may go, the fork keeps its pages.
         self._admit(request, match)
         return self._fit(request.computed, min(request.pending, limit))
+
+    def _shares_prefix(self, request: Request) -> bool:
+        """Whether the request may fork from, or become, a prefix-cache entry. With a sliding
+        window only a request that never outgrows the window may: TVM's per-layer window
+        kernels apply the window to a fork's shared and own pages apart, which is exact only
+        while nothing falls out of the window."""
+        if self.prefix_cache is None:
+            return False
+        window = self.runner.sliding_window
+        return window is None or len(request.prompt) + request.params.max_tokens <= window
 
     def _fit(self, length: int, n: int) -> int:
         """The longest chunk <= n that free pages hold for a sequence of `length` tokens;
@@ -395,6 +401,7 @@ class Engine:
             request.computed += n
             if (
                 self.prefix_cache is not None
+                and self._shares_prefix(request)
                 and not request.cached_prefix
                 and request.computed >= len(request.prompt)
             ):

@@ -68,13 +68,14 @@ CHECKPOINTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def make_checkpoint(name: str, out: Path) -> Path:
-    """Save a tiny random model of family `name` to `out` (safetensors, fp32)."""
+def make_checkpoint(name: str, out: Path, **changes: Any) -> Path:
+    """Save a tiny random model of family `name` to `out` (safetensors, fp32); `changes`
+    override its config."""
     import torch
     import transformers
 
     config_cls, model_cls, overrides = CHECKPOINTS[name]
-    config = getattr(transformers, config_cls)(**{**TINY, **overrides})
+    config = getattr(transformers, config_cls)(**{**TINY, **overrides, **changes})
     torch.manual_seed(sum(map(ord, name)))
     model = getattr(transformers, model_cls)(config).eval()
     # transformers' init (std 0.02) makes near-uniform logits and constant greedy output;
@@ -124,6 +125,17 @@ def checkpoint(tmp_path_factory):
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def custom_checkpoint(tmp_path_factory):
+    """custom_checkpoint(name, **changes) -> a tiny checkpoint of family `name` with config
+    fields changed (made on every call)."""
+
+    def make(name: str, **changes: Any) -> Path:
+        return make_checkpoint(name, tmp_path_factory.mktemp(f"ckpt-{name}"), **changes)
+
+    return make
 
 
 @pytest.fixture(scope="session")
