@@ -1,4 +1,4 @@
-"""The `kiln` command line: compile, run, targets."""
+"""The `kiln` command line: compile, run, serve, targets."""
 
 from __future__ import annotations
 
@@ -135,6 +135,65 @@ def run(
     for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="KILN_API_KEY",
+    help="require 'Authorization: Bearer KEY' on /v1 (default: $KILN_API_KEY, else none)",
+)
+@click.option(
+    "--max-queue",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="generations that may wait beyond --max-batch-size; more get 429",
+)
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--context-length", default=None, type=int, help="default: the model's")
+@click.option("--model-name", default=None, help="the name clients use (default: the folder's)")
+@click.option(
+    "--shutdown-grace",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="seconds running requests get to finish on Ctrl-C/SIGTERM before they are cancelled",
+)
+@click.option("--device", default="cpu", show_default=True)
+@_friendly
+def serve(
+    artifact: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_queue: int,
+    max_batch_size: int,
+    context_length: int | None,
+    model_name: str | None,
+    shutdown_grace: float,
+    device: str,
+) -> None:
+    """Serve a compiled ARTIFACT over an OpenAI-compatible HTTP API, with a chat page at /."""
+    from kiln.runtime.server import serve as serve_artifact
+
+    serve_artifact(
+        artifact,
+        host=host,
+        port=port,
+        device=device,
+        api_key=api_key,
+        max_queue=max_queue,
+        max_batch_size=max_batch_size,
+        context_length=context_length,
+        model_name=model_name,
+        shutdown_grace=shutdown_grace,
+        echo=lambda msg: click.echo(msg, err=True),
+    )
 
 
 @main.command()

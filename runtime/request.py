@@ -227,7 +227,10 @@ class RequestHandle:
         await future
 
     async def adeltas(self, raise_error: bool = True) -> AsyncIterator[Delta]:
-        self._engine.start()  # asyncio callers need the background thread
+        if not self._engine.running_in_background:
+            # asyncio callers need the background thread; start() takes the engine's lock,
+            # which a running step holds, so it is not called (on the event loop) needlessly
+            self._engine.start()
         seen = 0
         while True:
             await self._wait_async(seen)
