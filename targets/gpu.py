@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 
 import tvm
@@ -27,15 +28,27 @@ def dlight_schedule(_target: Target) -> list[tvm.transform.Pass]:
 
     _teach_inspect_frozen_modules()
 
-    return [
-        dl.ApplyDefaultSchedule(
-            dl.gpu.Matmul(),
-            dl.gpu.GEMV(),
-            dl.gpu.Reduction(),
-            dl.gpu.GeneralReduction(),
-            dl.gpu.Fallback(),
-        )
-    ]
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+    return [dl.ApplyDefaultSchedule(*map(_declining, rules), dl.gpu.Fallback())]
+
+
+def _declining(rule):
+    """`rule`, declining a kernel its analysis trips over instead of failing the build; the
+    next rule schedules it. dlight's GEMV asserts on a reduction whose spatial loops are all
+    of extent 1, such as Mixtral's expert weights from the router in the batch-1 decode."""
+    from tvm.s_tir.dlight import ScheduleRule
+
+    class Declining(ScheduleRule):
+        def apply(self, func, target, tunable):
+            try:
+                return rule.apply(func, target, tunable)
+            except AssertionError as e:
+                if os.environ.get("KILN_DEBUG"):
+                    print(f"kiln: {type(rule).__name__} declined a kernel ({e!r}):\n"
+                          f"{func.script()}", file=sys.stderr)  # fmt: skip
+                return None
+
+    return Declining()
 
 
 def _teach_inspect_frozen_modules() -> None:

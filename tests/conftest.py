@@ -172,3 +172,25 @@ def reference():
         return cache[path]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gpu_build(checkpoint, tmp_path_factory):
+    """gpu_build(name, preset) -> (checkpoint, CUDA artifact for sm_90). With KILN_GPU_ARTIFACTS
+    set, both come from that folder (tests/gpu/build_artifacts.py made it, so the GPU machine
+    needs only the TVM runtime); otherwise they are compiled here."""
+    import kiln
+
+    prebuilt = os.environ.get("KILN_GPU_ARTIFACTS")
+
+    def get(name: str, preset: str) -> tuple[Path, Path]:
+        if prebuilt:
+            root = Path(prebuilt)
+            ckpt = root / f"ckpt-{name}" if name != "tiny-llama" else checkpoint(name)
+            return ckpt, root / f"{name}-{preset}"
+        out = tmp_path_factory.mktemp(f"cuda-{name}-{preset}") / "artifact"
+        ckpt = checkpoint(name)
+        kiln.compile(str(ckpt), target="cuda", quantization=preset, output=out, arch="sm_90")
+        return ckpt, out
+
+    return get

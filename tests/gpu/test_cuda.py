@@ -27,23 +27,6 @@ FP16_BOUND = 2e-2
 PROMPT_LEN = 45
 
 
-@pytest.fixture(scope="module")
-def gpu_build(checkpoint, tmp_path_factory):
-    prebuilt = os.environ.get("KILN_GPU_ARTIFACTS")
-
-    def get(name: str, preset: str) -> tuple[Path, Path]:
-        if prebuilt:
-            root = Path(prebuilt)
-            ckpt = root / f"ckpt-{name}" if name != "tiny-llama" else checkpoint(name)
-            return ckpt, root / f"{name}-{preset}"
-        out = tmp_path_factory.mktemp(f"cuda-{name}-{preset}") / "artifact"
-        ckpt = checkpoint(name)
-        kiln.compile(str(ckpt), target="cuda", quantization=preset, output=out, arch="sm_90")
-        return ckpt, out
-
-    return get
-
-
 def reference(ckpt: Path):
     import transformers
 

@@ -1,7 +1,10 @@
-"""The artifact's sampling kernels (kiln.compiler.sampling), run on the CPU, against a NumPy
-reference of the rules they implement; and the engine driving them as it does on a GPU."""
+"""The artifact's batch-1 decode and sampling entry points (kiln.compiler.export, .sampling), on
+the CPU and (marked gpu) on CUDA: decode_1 against decode, the sampling kernels against a NumPy
+reference of the rules they implement, and the engine driving them as it does on a GPU."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,11 +32,37 @@ def reference(logits, temperature, top_p, top_k, u, eps: float = 0.0) -> set[int
     return picks
 
 
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def built(request, artifact, gpu_build) -> tuple[Path, str]:
+    """(fp32 llama artifact, device) for each device the kernels run on."""
+    if request.param == "cpu":
+        return artifact("llama"), "cpu"
+    return gpu_build("llama", "q0f32")[1], "cuda"
+
+
 @pytest.fixture(scope="module")
-def runner(artifact):
-    r = Runner(artifact("llama"), max_batch_size=4, kv_tokens=64)
-    r.samples_on_device = True  # what a GPU does: the kernels, not the host, pick tokens
+def runner(built):
+    r = Runner(built[0], built[1], max_batch_size=4, kv_tokens=256)
+    r.samples_on_device = True  # on the CPU too: the kernels, not the host, pick tokens
     return r
+
+
+def test_batch_1_decode_equals_batched_decode(runner):
+    """decode_1 (static shapes, its own kernels) gives the logits decode gives the same
+    sequence in a batch."""
+    rng = np.random.default_rng(3)
+    prompt = [1, *rng.integers(3, runner.vocab_size, 20).tolist()]
+    for seq in (1, 2, 3):
+        runner.kv.add(seq)
+        runner.prefill([seq], [prompt if seq < 3 else prompt[::-1]])
+    alone = runner.decode([1], [7])  # decode_1
+    batched = runner.decode([3, 2], [9, 7])  # decode
+    for seq in (1, 2, 3):
+        runner.kv.remove(seq)
+    assert alone.shape == (1, runner.vocab_size)
+    err = np.abs(alone[0] - batched[1]).max() / np.abs(batched[1]).max()
+    assert err < 1e-5, err
+    assert np.abs(batched[0] - batched[1]).max() > 1e-2  # the rows are different sequences
 
 
 def test_sample_kernel_matches_reference(runner):
@@ -86,16 +115,16 @@ def test_greedy_kernel_is_argmax(runner):
     assert got == np.argmax(logits, axis=1).tolist()
 
 
-def test_engine_sampling_on_device(artifact, monkeypatch):
+def test_engine_sampling_on_device(built, monkeypatch):
     """With the kernels choosing tokens, greedy equals the host's greedy, and a seeded request
     gives the same tokens alone and in a batch, run after run."""
-    path = artifact("llama")
+    path, device = built
     rng = np.random.default_rng(2)
     prompts = [[1, *rng.integers(3, 320, int(rng.integers(4, 30))).tolist()] for _ in range(5)]
     seeded = {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 7, "max_tokens": 12}
 
     def run(on_device: bool, batch: list, **params):
-        engine = kiln.Engine(path, max_batch_size=8, prefix_cache=False)
+        engine = kiln.Engine(path, device, max_batch_size=8, prefix_cache=False)
         engine.runner.samples_on_device = on_device
         calls = []
         monkeypatch.setattr(Logits, "numpy", _counting(Logits.numpy, calls))
@@ -104,8 +133,8 @@ def test_engine_sampling_on_device(artifact, monkeypatch):
         return outs, len(calls)
 
     host, _ = run(False, prompts, temperature=0, max_tokens=12)
-    device, copies = run(True, prompts, temperature=0, max_tokens=12)
-    assert device == host and copies == 0  # no logits row reached the host
+    kernels, copies = run(True, prompts, temperature=0, max_tokens=12)
+    assert kernels == host and copies == 0  # no logits row reached the host
 
     alone, copies = run(True, prompts[:1], **seeded)
     batched, _ = run(True, prompts, **seeded)

@@ -1,0 +1,127 @@
+"""Model shapes the benchmarks use, and random checkpoints of them.
+
+No checkpoint can be downloaded where the benchmarks run, and all-zero weights would flatter
+every kernel (and give degenerate tokens), so `write_checkpoint` writes seeded random weights in
+the scale of a trained model's: N(0, 1/fan_in) matrices, unit norms. `layers` cuts the model to
+fewer layers of the same width: a per-layer figure needs only a couple of them.
+
+    python bench/shapes.py llama2-7b OUT [--layers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+SHAPES: dict[str, dict] = {
+    "llama2-7b": dict(
+        architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=11008,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+        max_position_embeddings=4096, rope_theta=10000.0,
+    ),
+    "llama3-8b": dict(
+        architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+    "mixtral-8x7b": dict(
+        architectures=["MixtralForCausalLM"], hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+        max_position_embeddings=32768, rope_theta=1e6, num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
+}  # fmt: skip
+
+COMMON = dict(
+    model_type="llama", rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, torch_dtype="float16",
+    tie_word_embeddings=False, hidden_act="silu",
+)  # fmt: skip
+
+
+def config_of(shape: str, layers: int | None = None) -> dict:
+    config = {**COMMON, **SHAPES[shape]}
+    if "Mixtral" in config["architectures"][0]:
+        config["model_type"] = "mixtral"
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    return config
+
+
+def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor names and shapes of a Llama or Mixtral checkpoint."""
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    d = h // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * d
+    out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for n in range(config["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        out |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+        }
+        experts = config.get("num_local_experts")
+        if experts:
+            out[p + "block_sparse_moe.gate.weight"] = (experts, h)
+            for e in range(experts):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                out |= {q + "w1.weight": (i, h), q + "w3.weight": (i, h), q + "w2.weight": (h, i)}
+        else:
+            out |= {
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+    return out
+
+
+def random_tensor(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    if len(shape) == 1:
+        return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float16)
+    scale = np.float32(shape[-1] ** -0.5)
+    return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float16)
+
+
+def write_checkpoint(
+    shape: str, out: Path, layers: int | None = None, shard_bytes: int = 2 << 30, seed: int = 0
+) -> Path:
+    """A random fp16 safetensors checkpoint of `shape`, sharded, with an index."""
+    from safetensors.numpy import save_file
+
+    config = config_of(shape, layers)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    rng = np.random.default_rng(seed)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, dims in tensor_shapes(config).items():
+        nbytes = 2 * int(np.prod(dims))
+        if size and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = random_tensor(rng, dims)
+        size += nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, fname)
+        shard.clear()
+    index = {"metadata": {}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--layers", type=int)
+    args = parser.parse_args()
+    print(write_checkpoint(args.shape, args.out, args.layers))
