@@ -59,8 +59,8 @@ class SamplingParams:
             _bad("top_k", self.top_k, "an integer >= 0 (0 turns it off)")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             _bad("max_tokens", self.max_tokens, "an integer >= 1")
-        if self.seed is not None and not _is_int(self.seed):
-            _bad("seed", self.seed, "an integer or None")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            _bad("seed", self.seed, "an integer >= 0 or None")
         if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
             _bad("repetition_penalty", self.repetition_penalty, "a number > 0 (1 turns it off)")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -116,6 +116,7 @@ def test_masked_logits_are_never_drawn():
         ({"top_k": -1}, "top_k"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": [""]}, "stop"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_invalid_params_raise_kiln_error(kwargs, field):
