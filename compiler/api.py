@@ -17,7 +17,7 @@ from kiln.compiler import artifact
 from kiln.compiler.config import read_hf_config, resolve_model
 from kiln.compiler.export import ENTRY_POINTS, export
 from kiln.compiler.pipeline import relax_pipeline
-from kiln.compiler.quantization import QUANTIZATIONS, get_quantization
+from kiln.compiler.quantization import QUANTIZATIONS, for_checkpoint, get_quantization
 from kiln.compiler.weights import Checkpoint, convert, plan
 from kiln.models import family_of
 from kiln.runtime.artifact import MANIFEST
@@ -76,6 +76,8 @@ def compile(
         )
     model_dir = resolve_model(model)
     hf_config = read_hf_config(model_dir)
+    # A pre-quantized checkpoint fixes the preset (and its group size): check the pairing.
+    preset, hf_config = for_checkpoint(preset, hf_config, model_dir)
     family = family_of(hf_config)
     config = family.config_class.from_hf(hf_config)
     ckpt = Checkpoint(model_dir)
@@ -89,8 +91,8 @@ def compile(
     layout = preset.quantize_model(model_nn)
     exported = export(model_nn, config.attention_spec(), preset.model_dtype, config.vocab_size)
     layout.check(exported.params)
-    param_shapes = layout.sources
-    weight_map = family.weight_map(config)
+    # What conversion fills: the float parameters, or a pre-quantized checkpoint's tensors.
+    param_shapes, weight_map = layout.conversion(family.weight_map(config))
     # Check the checkpoint against the model before spending time on codegen.
     plan(ckpt, param_shapes, weight_map, family.ignore)
 

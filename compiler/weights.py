@@ -58,6 +58,20 @@ _DTYPE_BYTES = {
     "F64": 8,
 }
 _READABLE = ("F32", "F16", "BF16")
+# NumPy dtypes of the tensors `Checkpoint.read_stored` returns as they are stored.
+_STORED = {
+    "U8": "u1",
+    "I8": "i1",
+    "I16": "<i2",
+    "U16": "<u2",
+    "F16": "<f2",
+    "I32": "<i4",
+    "U32": "<u4",
+    "F32": "<f4",
+    "I64": "<i8",
+    "U64": "<u8",
+    "F64": "<f8",
+}
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
 _SHARD_NAME = re.compile(r"params-\d{5}\.safetensors")
 # How many offending names an error message lists before summarising the rest.
@@ -279,8 +293,26 @@ class Checkpoint:
         info = self._info(name)
         if info.dtype not in _READABLE:
             raise KilnError(_dtype_message(name, info))
-        stored = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}[info.dtype]
-        buf = np.empty(info.nbytes // np.dtype(stored).itemsize, dtype=stored)
+        buf = self._read_bytes(name, info, "<u2" if info.dtype == "BF16" else _STORED[info.dtype])
+        if info.dtype == "BF16":
+            # bf16 is the top half of an f32, so widening the bits is exact.
+            out = (buf.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = buf.astype(np.float32, copy=False)
+        return out.reshape(info.shape)
+
+    def read_stored(self, name: str) -> np.ndarray:
+        """Reads one tensor in the dtype it is stored in (e.g. a pre-quantized checkpoint's
+        packed int32 words), without widening it to float32."""
+        info = self._info(name)
+        if info.dtype not in _STORED:
+            raise KilnError(
+                f"tensor {name} in {info.file} has dtype {info.dtype}, which Kiln cannot read"
+            )
+        return self._read_bytes(name, info, _STORED[info.dtype]).reshape(info.shape)
+
+    def _read_bytes(self, name: str, info: _TensorInfo, dtype: str) -> np.ndarray:
+        buf = np.empty(info.nbytes // np.dtype(dtype).itemsize, dtype=dtype)
         fh = self._handle(info.file)
         try:
             fh.seek(info.start)
@@ -292,12 +324,7 @@ class Checkpoint:
                 f"file {info.file} is truncated or corrupt (tensor {name} ends past the end of "
                 "the file; did it change while Kiln was reading?): re-download it"
             )
-        if info.dtype == "BF16":
-            # bf16 is the top half of an f32, so widening the bits is exact.
-            out = (buf.astype(np.uint32) << 16).view(np.float32)
-        else:
-            out = buf.astype(np.float32, copy=False)
-        return out.reshape(info.shape)
+        return buf
 
     def _handle(self, path: Path) -> IO[bytes]:
         if self._fh is None or self._fh_path != path:
@@ -350,11 +377,15 @@ class Source:
     ``shapes`` gives each named tensor's expected shape when ``combine`` is set, so that a
     checkpoint that does not fit is refused before any compile work (a q/k split that still
     adds up to the right total would otherwise pass).
+    ``dtypes``, when set, gives each named tensor's required safetensors dtype; such tensors
+    are read as stored, not widened to float32. Pre-quantized checkpoints need this: their
+    packed integer words are data to repack, not numbers to convert.
     """
 
     names: tuple[str, ...]
     combine: Callable[[list[np.ndarray]], np.ndarray] | None = None
     shapes: tuple[tuple[int, ...], ...] | None = None
+    dtypes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.names, str):
@@ -366,6 +397,14 @@ class Source:
             raise ValueError(f"Source{self.names} has several tensors but no combine function")
         if self.shapes is not None and len(self.shapes) != len(self.names):
             raise ValueError(f"Source{self.names} needs one expected shape per tensor")
+        if self.dtypes is not None and len(self.dtypes) != len(self.names):
+            raise ValueError(f"Source{self.names} needs one dtype per tensor")
+
+    def read(self, ckpt: Checkpoint) -> list[np.ndarray]:
+        """The named tensors: as float32, or as stored when `dtypes` is set."""
+        if self.dtypes is None:
+            return [ckpt.read(t) for t in self.names]
+        return [ckpt.read_stored(t) for t in self.names]
 
 
 def plan(
@@ -432,10 +471,15 @@ def plan(
             "config.json belongs to these weights)"
         )
 
-    bad_dtype = [t for t in user if ckpt.dtype(t) not in _READABLE]
-    if bad_dtype:
-        t = bad_dtype[0]
-        raise KilnError(_dtype_message(t, ckpt._info(t)))
+    for p, src in weight_map.items():
+        for i, t in enumerate(src.names):
+            if src.dtypes is None and ckpt.dtype(t) not in _READABLE:
+                raise KilnError(_dtype_message(t, ckpt._info(t)))
+            if src.dtypes is not None and ckpt.dtype(t) != src.dtypes[i]:
+                raise KilnError(
+                    f"tensor {t} in {ckpt.file_of(t)} has dtype {ckpt.dtype(t)} but parameter "
+                    f"{p} needs {src.dtypes[i]}: the checkpoint does not match its config.json"
+                )
 
     patterns = [re.compile(pat) for pat in ([ignore] if isinstance(ignore, str) else ignore)]
     unexpected = [
@@ -504,7 +548,7 @@ def convert(
     try:
         for done, p in enumerate(order, start=1):
             src = weight_map[p]
-            arrays = [ckpt.read(t) for t in src.names]
+            arrays = src.read(ckpt)
             value = arrays[0] if src.combine is None else np.asarray(src.combine(arrays))
             del arrays
             if tuple(value.shape) != tuple(params[p]):

@@ -11,12 +11,17 @@ A preset acts on a model in two places (mlc-llm's design):
   `layout.transform(name, array)` turns one of them into the model parameters it becomes (e.g.
   `x.qkv_proj.qweight` and `x.qkv_proj.scale`). `layout.check` proves, before any compile work,
   that this covers the exported model's parameters exactly, with their shapes and dtypes.
+
+A preset that imports a pre-quantized checkpoint (AWQ) has nothing to quantize: its schemes
+also provide `import_sources`, and `ParamLayout.conversion` gives each stored tensor its own
+`Source` of checkpoint tensors in place of the float parameter's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +29,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 
 from kiln.compiler.quantization.layers import QuantizedEmbedding, QuantizedLinear
+from kiln.compiler.weights import Source
 from kiln.models.ops import Embedding
 from kiln.runtime.errors import KilnError
 
@@ -67,6 +73,15 @@ class WeightScheme(Protocol):
         ...
 
 
+class ImportScheme(WeightScheme, Protocol):
+    """A scheme whose stored tensors a pre-quantized checkpoint already holds."""
+
+    def import_sources(self, source: Source, shapes: tuple[Shape, ...]) -> dict[str, Source]:
+        """suffix -> where that stored tensor comes from, given the float weight's `source`
+        in a full-precision checkpoint and the (rows, cols) shape of each tensor it names."""
+        ...
+
+
 class Quantization(Protocol):
     """A named preset (a frozen dataclass in this package, registered in QUANTIZATIONS)."""
 
@@ -98,8 +113,55 @@ class ParamLayout:
         rows, cols = self.sources[name]
         return {_stored_name(name, k): v for k, v in scheme.storage(rows, cols).items()}
 
+    @cached_property
+    def imported(self) -> dict[str, tuple[Shape, str]]:
+        """Model parameter -> (shape, dtype), for the stored tensors read from a pre-quantized
+        checkpoint as they are."""
+        return {
+            k: v
+            for name, scheme in self.schemes.items()
+            if hasattr(scheme, "import_sources")
+            for k, v in self.outputs(name).items()
+        }
+
+    def conversion(
+        self, weight_map: dict[str, Source]
+    ) -> tuple[dict[str, Shape], dict[str, Source]]:
+        """The (parameters, weight map) that `weights.plan` and `weights.convert` work on.
+
+        `weight_map` is the family's map of float parameters. A float parameter whose scheme
+        imports stored tensors becomes those tensors, each with its own source.
+        """
+        params: dict[str, Shape] = {}
+        sources = {k: v for k, v in weight_map.items() if k not in self.sources}
+        for name, shape in self.sources.items():
+            scheme, source = self.schemes.get(name), weight_map.get(name)
+            if source is None or not hasattr(scheme, "import_sources"):
+                params[name] = shape
+                if source is not None:
+                    sources[name] = source
+                continue
+            shapes = source.shapes if source.combine is not None else (shape,)
+            if shapes is None:
+                raise KilnError(f"bug in Kiln's weight map: {name} lacks shapes (please report)")
+            for suffix, stored in scheme.import_sources(source, shapes).items():
+                key = _stored_name(name, suffix)
+                params[key] = self.imported[key][0]
+                sources[key] = stored
+        return params, sources
+
     def transform(self, name: str, array: np.ndarray) -> dict[str, np.ndarray]:
-        """float32 parameter -> {model parameter: array} (what `weights.convert` writes)."""
+        """float32 parameter -> {model parameter: array} (what `weights.convert` writes).
+
+        An imported stored tensor arrives ready and passes through unchanged."""
+        if name in self.imported:
+            got = (tuple(array.shape), str(array.dtype))
+            if got != self.imported[name]:
+                raise KilnError(
+                    f"bug in Kiln's quantization: imported {name} is {got}, the model expects "
+                    f"{self.imported[name]} (please report this)"
+                )
+            return {name: array}
         scheme = self.schemes.get(name)
         if scheme is None:
             out = {name: array.astype(np_dtype(self.dtype))}

@@ -38,6 +38,28 @@ OFFSET = 8
 PER_WORD = 32 // BITS
 
 
+def pack_nibbles(nibbles: np.ndarray) -> np.ndarray:
+    """(rows, 8 * words) values in 0..15 -> (rows, words) uint32, feature j of a row in bits
+    4(j % 8)..4(j % 8)+3 of word j // 8."""
+    rows = nibbles.shape[0]
+    shifts = np.arange(PER_WORD, dtype=np.uint32) * BITS
+    words = nibbles.astype(np.uint32).reshape(rows, -1, PER_WORD) << shifts
+    return np.bitwise_or.reduce(words, axis=-1).astype(np.uint32, copy=False)
+
+
+def unpack_nibbles(words: np.ndarray, cols: int) -> np.ndarray:
+    """The inverse of `pack_nibbles`: (rows, words) uint32 -> (rows, cols) uint32 in 0..15."""
+    shifts = np.arange(PER_WORD, dtype=np.uint32) * BITS
+    nibbles = (words[..., None] >> shifts) & np.uint32(0xF)  # (rows, words, 8)
+    return nibbles.reshape(words.shape[0], -1)[:, :cols]
+
+
+def nibble_te(words: te.Tensor, row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Nibble `col` of row `row` of `pack_nibbles` words, as uint32."""
+    shift = ((col % PER_WORD) * BITS).astype("uint32")
+    return (words[row, col // PER_WORD] >> shift) & tirx.const(0xF, "uint32")
+
+
 @dataclass(frozen=True)
 class Int4Group:
     name: str
@@ -98,16 +120,12 @@ class Int4Group:
         np.divide(w, s, out=q, where=s != 0)
         del w
         np.clip(np.rint(q, out=q), -MAX_Q, MAX_Q, out=q)
-        nibbles = (q.astype(np.int32) + OFFSET).astype(np.uint32).reshape(rows, -1, PER_WORD)
-        shifts = np.arange(PER_WORD, dtype=np.uint32) * BITS
-        qweight = np.bitwise_or.reduce(nibbles << shifts, axis=-1)  # (rows, words)
-        return {"qweight": qweight.astype(np.uint32, copy=False), "scale": scale}
+        qweight = pack_nibbles((q.astype(np.int32) + OFFSET).reshape(rows, -1))
+        return {"qweight": qweight, "scale": scale}
 
     def dequantize(self, stored: dict[str, np.ndarray], cols: int) -> np.ndarray:
         qweight, scale = stored["qweight"], stored["scale"]
-        shifts = np.arange(PER_WORD, dtype=np.uint32) * BITS
-        nibbles = (qweight[..., None] >> shifts) & np.uint32(0xF)  # (rows, words, 8)
-        q = nibbles.reshape(qweight.shape[0], -1)[:, :cols].astype(np.int32) - OFFSET
+        q = unpack_nibbles(qweight, cols).astype(np.int32) - OFFSET
         dtype = np_dtype(self.model_dtype)
         group_scale = np.repeat(scale, self.group_size, axis=1)[:, :cols]
         return q.astype(dtype) * group_scale.astype(dtype)
@@ -115,8 +133,6 @@ class Int4Group:
     def weight_te(
         self, stored: dict[str, te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr
     ) -> tirx.PrimExpr:
-        word = stored["qweight"][row, col // PER_WORD]
-        shift = ((col % PER_WORD) * BITS).astype("uint32")
-        nibble = (word >> shift) & tirx.const(0xF, "uint32")
+        nibble = nibble_te(stored["qweight"], row, col)
         q = (nibble.astype("int32") - OFFSET).astype(self.model_dtype)
         return q * stored["scale"][row, col // self.group_size]

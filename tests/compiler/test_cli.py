@@ -233,6 +233,39 @@ def test_compile_bad_paths_and_options(checkpoint, tmp_path):
     assert not (tmp_path / ".occupied.partial").exists()
 
 
+AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 16, "zero_point": True}
+
+
+def test_awq_preset_and_checkpoint_must_pair(checkpoint, tmp_path):
+    """q4f16_awq needs an AutoAWQ checkpoint; an AutoAWQ checkpoint needs q4f16_awq."""
+    model = checkpoint("llama")
+    out = tmp_path / "out"
+    one_error(
+        *invoke("compile", model, "--quantization", "q4f16_awq", "-o", out),
+        "--quantization q4f16_awq imports checkpoints quantized by AutoAWQ",
+        f"{model} is not one",
+        "e.g. q4f16",
+    )
+    awq = shutil.copytree(model, tmp_path / "awq")
+    edit_config(lambda c: c.update(quantization_config=AWQ_CONFIG))(awq)
+    for preset in ("q4f16", "q0f32"):
+        one_error(
+            *invoke("compile", awq, "--quantization", preset, "-o", out),
+            f"{awq} holds AWQ-quantized weights",
+            "compile it with --quantization q4f16_awq",
+            f"quantize it with {preset}",
+        )
+    # The pairing is right, the tensors are not: the float weights are not AutoAWQ's.
+    one_error(
+        *invoke("compile", awq, "--quantization", "q4f16_awq", "-o", out),
+        "model.layers.0.self_attn.q_proj.qweight",
+        "not found",
+    )
+    edit_config(lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4}))(awq)
+    one_error(*invoke("compile", awq, "-o", out), "quant_method 'gptq'", "cannot import")
+    no_leftovers(out)
+
+
 def test_compile_errors_on_the_console(checkpoint, tmp_path):
     """The real process: exit status, stderr and the Python API's message agree."""
     missing = tmp_path / "nope"

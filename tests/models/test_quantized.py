@@ -8,6 +8,7 @@ measured against the original fp32 model and printed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -48,7 +49,10 @@ def artifact_weights(path: Path) -> dict[str, np.ndarray]:
     manifest = read_manifest(path)
     family = MODELS[manifest.data["model"]["family"]]
     config = family.config_class.from_json(manifest.config)
-    preset = QUANTIZATIONS[manifest.data["quantization"]["name"]]
+    entry = manifest.data["quantization"]
+    preset = QUANTIZATIONS[entry["name"]]
+    if "group_size" in entry:  # an imported checkpoint's own group size
+        preset = dataclasses.replace(preset, group_size=entry["group_size"])
     layout = preset.quantize_model(family.model_class(config, preset.model_dtype))
     stored: dict[str, np.ndarray] = {}
     for rel in sorted({p["file"] for p in manifest.params}):
@@ -94,8 +98,11 @@ def test_logits_match_transformers_on_dequantized_weights(
 ):
     path = artifact(name, preset)
     ref = reference(dequantized_checkpoint(checkpoint(name), path, tmp_path / "dequantized"))
-    model = kiln.load(path)
-    bound = BOUND[QUANTIZATIONS[preset].model_dtype]
+    assert_logits_match(kiln.load(path), ref, BOUND[QUANTIZATIONS[preset].model_dtype])
+
+
+def assert_logits_match(model, ref, bound: float) -> None:
+    """Prefill logits of a prompt, then greedy decode steps, within `bound` of `ref`."""
     ids = prompt(0)
 
     ours = model.prefill_logits(ids)  # (len, vocab)
@@ -116,6 +123,82 @@ def test_logits_match_transformers_on_dequantized_weights(
             assert rel_err(logits, expect) <= bound
     finally:
         model.kv.remove(seq)
+
+
+# -- AutoAWQ checkpoints (q4f16_awq) ----------------------------------------------------------
+
+# AutoAWQ's order_map (WQLinear_GEMM.from_linear): nibble i of word w holds feature 8w + ORDER[i].
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+AWQ_GROUP = 16  # divides the tiny models' widths (64, 112)
+
+
+def awq_pack(values: np.ndarray) -> np.ndarray:
+    """(n, m) ints in 0..15 -> (n, m / 8) int32, AutoAWQ's packing loop transcribed."""
+    n, m = values.shape
+    packed = np.zeros((n, m // 8), np.uint32)
+    for col in range(m // 8):
+        for i in range(8):
+            packed[:, col] |= values[:, col * 8 + AWQ_ORDER[i]].astype(np.uint32) << (4 * i)
+    return packed.view(np.int32)
+
+
+def awq_checkpoints(ckpt: Path, out: Path) -> tuple[Path, Path]:
+    """An AutoAWQ-style checkpoint with the architecture of `ckpt` (every linear layer of the
+    decoder as random qweight/qzeros/scales; embedding, LM head, norms and router in fp16),
+    and a plain fp32 checkpoint of the weights it means, w = (q - z) * s in fp16."""
+    rng = np.random.default_rng(7)
+    awq, plain = {}, {}
+    for name, value in safetensors.numpy.load_file(ckpt / "model.safetensors").items():
+        router = name.endswith("block_sparse_moe.gate.weight")  # AutoAWQ keeps it in fp16
+        if not name.startswith("model.layers.") or value.ndim != 2 or router:
+            awq[name] = value.astype(np.float16)
+            plain[name] = awq[name].astype(np.float32)
+            continue
+        out_f, in_f = value.shape
+        groups = in_f // AWQ_GROUP
+        q = rng.integers(0, 16, (in_f, out_f))
+        z = rng.integers(0, 16, (groups, out_f))
+        s = (rng.uniform(0.5, 1.5, (groups, out_f)) * in_f**-0.5 / 5).astype(np.float16)
+        w = (q - np.repeat(z, AWQ_GROUP, axis=0)).astype(np.float16)
+        w = w * np.repeat(s, AWQ_GROUP, axis=0)  # fp16 product, as AutoAWQ's dequantize_gemm
+        stem = name.removesuffix(".weight")
+        awq.update({f"{stem}.qweight": awq_pack(q), f"{stem}.qzeros": awq_pack(z)})
+        awq[f"{stem}.scales"] = s
+        plain[name] = np.ascontiguousarray(w.T.astype(np.float32))
+    config = json.loads((ckpt / "config.json").read_text())
+    dirs = out / "awq", out / "plain"
+    for d, tensors in zip(dirs, (awq, plain), strict=True):
+        d.mkdir(parents=True)
+        safetensors.numpy.save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(config))
+    config["quantization_config"] = {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": AWQ_GROUP,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": ["gate"] if config.get("num_local_experts") else None,
+    }
+    (dirs[0] / "config.json").write_text(json.dumps(config))
+    return dirs
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_awq_checkpoint_matches_transformers_on_its_weights(name, checkpoint, reference, tmp_path):
+    """The artifact holds exactly the AWQ weights (dequantized, bit for bit what transformers
+    runs) and its logits match transformers on them."""
+    awq, plain = awq_checkpoints(checkpoint(name), tmp_path)
+    path = kiln.compile(str(awq), target="cpu", quantization="q4f16_awq", output=tmp_path / "art")
+    manifest = read_manifest(path)
+    assert manifest.data["quantization"]["group_size"] == AWQ_GROUP
+    assert "layers.0.self_attn.qkv_proj.zero" in {p["name"] for p in manifest.params}
+    expected = safetensors.numpy.load_file(plain / "model.safetensors")
+    family = MODELS[manifest.data["model"]["family"]]
+    wmap = family.weight_map(family.config_class.from_json(manifest.config))
+    for kiln_name, value in artifact_weights(path).items():
+        parts = [expected[t] for t in wmap[kiln_name].names]
+        np.testing.assert_array_equal(value, np.concatenate(parts), err_msg=kiln_name)
+    assert_logits_match(kiln.load(path), reference(plain), BOUND["float16"])
 
 
 def test_quantization_error_against_fp32(checkpoint, artifact, reference, capsys):

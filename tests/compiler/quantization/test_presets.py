@@ -37,7 +37,7 @@ def build(family: str, preset: str, **overrides):
 def test_registry():
     assert list(QUANTIZATIONS) == [
         "q0f32", "q0f16", "q0bf16", "q4f16", "q4f32", "q4f16_fe", "q8f16", "fp8e4m3",
-        "fp8e4m3_bf16",
+        "fp8e4m3_bf16", "q4f16_awq",
     ]  # fmt: skip
     for name, preset in QUANTIZATIONS.items():
         assert preset.name == name and preset.description
