@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from kiln.compiler.config import read_hf_config, resolve_model
 from kiln.compiler.export import ENTRY_POINTS, export
 from kiln.compiler.pipeline import relax_pipeline
 from kiln.compiler.quantization import QUANTIZATIONS, for_checkpoint, get_quantization
-from kiln.compiler.weights import Checkpoint, convert, plan
+from kiln.compiler.weights import Checkpoint, ProgressLine, convert, plan
 from kiln.models import family_of
 from kiln.runtime.artifact import MANIFEST
 from kiln.runtime.errors import KilnError
@@ -58,11 +59,14 @@ def compile(
     arch: str | None = None,
     dump_ir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    show_progress: bool | None = None,
 ) -> Path:
     """Compile `model` (checkpoint directory or hub id) for `target`; returns the artifact path.
 
     `output` defaults to `<model name>-<target>-<quantization>` in the current directory.
     `dump_ir` writes the IR after every pipeline phase into that directory.
+    `show_progress` draws the weight conversion's progress (tensors, bytes, ETA) on stderr;
+    None, the default, draws it when stderr is a terminal.
     """
     say = progress or (lambda _msg: None)
     spec = get_target(target)
@@ -121,6 +125,8 @@ def compile(
             target_info = {"arch": mcpu or arch or spec.default_arch, **device_code[arch]}
 
         say(f"converting weights to {preset.name}")
+        if show_progress is None:
+            show_progress = sys.stderr is not None and sys.stderr.isatty()
         param_files = convert(
             ckpt,
             param_shapes,
@@ -128,6 +134,7 @@ def compile(
             layout.transform,
             staging / "params",
             family.ignore,
+            progress=ProgressLine(sys.stderr) if show_progress else None,
         )
         tokenizer_files = artifact.copy_tokenizer(model_dir, staging)
         if "tokenizer.json" not in tokenizer_files:

@@ -66,6 +66,11 @@ def main() -> None:
     help="architecture(s): an LLVM CPU, sm_90,..., gfx942,... (defaults: `kiln targets`)",
 )
 @click.option("--dump-ir", default=None, help="write the IR after each pipeline phase here")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="show the weight conversion's progress on stderr (default: when it is a terminal)",
+)
 @_friendly
 def compile(
     model: str,
@@ -74,6 +79,7 @@ def compile(
     output: str | None,
     arch: str | None,
     dump_ir: str | None,
+    progress: bool | None,
 ) -> None:
     """Compile MODEL (a checkpoint directory or hub id) into an artifact directory."""
     from kiln.compiler.api import compile as compile_model
@@ -86,6 +92,7 @@ def compile(
         arch=arch,
         dump_ir=dump_ir,
         progress=lambda msg: click.echo(msg, err=True),
+        show_progress=progress,
     )
 
 

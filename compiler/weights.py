@@ -16,17 +16,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TextIO
 
 import numpy as np
 import safetensors.numpy
 
 from ..runtime.errors import KilnError
 
-__all__ = ["Checkpoint", "Source", "convert", "plan"]
+__all__ = ["Checkpoint", "Progress", "ProgressLine", "Source", "convert", "plan"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -279,6 +280,10 @@ class Checkpoint:
         """The safetensors dtype string, e.g. ``"BF16"``."""
         return self._info(name).dtype
 
+    def nbytes(self, name: str) -> int:
+        """Bytes of the tensor's data in its file."""
+        return self._info(name).nbytes
+
     def file_of(self, name: str) -> Path:
         return self._info(name).file
 
@@ -501,6 +506,74 @@ def plan(
     )
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far a conversion has come: checkpoint tensors and their bytes read so far."""
+
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+    elapsed: float  # seconds since the conversion started
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far (by bytes), or None before there is a rate."""
+        if self.bytes_done <= 0 or self.elapsed <= 0:
+            return None
+        return self.elapsed * (self.bytes_total - self.bytes_done) / self.bytes_done
+
+
+def _size(n: int) -> str:
+    if n < 1000:
+        return f"{n} B"
+    value, unit = n / 1000, "kB"
+    for bigger in ("MB", "GB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    return f"{value:.2f} {unit}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressLine:
+    """Draws `Progress` as one line redrawn in place (carriage return), e.g.
+    ``converting weights: 120/291 tensors, 5.43 GB/13.48 GB, ETA 1:07``.
+
+    Redraws at most every `interval` seconds, and always the first and the last state (which
+    ends the line), so a fast conversion costs a few writes, not one per tensor.
+    """
+
+    def __init__(
+        self, stream: TextIO, label: str = "converting weights", interval: float = 0.2
+    ) -> None:
+        self.stream, self.label, self.interval = stream, label, interval
+        self._last_draw: float | None = None
+        self._width = 0
+
+    def __call__(self, p: Progress) -> None:
+        now = time.monotonic()
+        final = p.tensors_done == p.tensors_total
+        if not final and self._last_draw is not None and now - self._last_draw < self.interval:
+            return
+        self._last_draw = now
+        text = (
+            f"{self.label}: {p.tensors_done}/{p.tensors_total} tensors, "
+            f"{_size(p.bytes_done)}/{_size(p.bytes_total)}, "
+            + (f"done in {_duration(p.elapsed)}" if final else f"ETA {_duration(p.eta)}")
+        )
+        self.stream.write("\r" + text.ljust(self._width) + ("\n" if final else ""))
+        self.stream.flush()
+        self._width = len(text)
+
+
 def convert(
     ckpt: Checkpoint,
     params: dict[str, tuple[int, ...]],
@@ -509,7 +582,7 @@ def convert(
     out_dir: Path,
     ignore: Sequence[str] = (),
     shard_bytes: int = 1 << 30,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[Progress], None] | None = None,
 ) -> dict[str, str]:
     """Streams the checkpoint into ``params-NNNNN.safetensors`` shards in ``out_dir``.
 
@@ -519,8 +592,19 @@ def convert(
     ``shard_bytes``. Output is deterministic: the same inputs give byte-identical files.
     Returns ``{output name: shard file name}``, also written to ``params-index.json``.
     Stale ``params-*.safetensors`` from an earlier run in ``out_dir`` are removed.
+    ``progress`` is called before the first parameter, after each one, and (for the last)
+    once its shard is written.
     """
     order = plan(ckpt, params, weight_map, ignore)
+    sizes = [sum(ckpt.nbytes(t) for t in dict.fromkeys(weight_map[p].names)) for p in order]
+    counts = [len(dict.fromkeys(weight_map[p].names)) for p in order]
+    start, tensors_done, bytes_done = time.monotonic(), 0, 0
+
+    def report() -> None:
+        if progress is not None:
+            elapsed = time.monotonic() - start
+            progress(Progress(tensors_done, sum(counts), bytes_done, sum(sizes), elapsed))
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -546,7 +630,9 @@ def convert(
         pending, pending_bytes = {}, 0
 
     try:
-        for done, p in enumerate(order, start=1):
+        if order:
+            report()
+        for i, p in enumerate(order):
             src = weight_map[p]
             arrays = src.read(ckpt)
             value = arrays[0] if src.combine is None else np.asarray(src.combine(arrays))
@@ -578,9 +664,11 @@ def convert(
                 pending[key] = arr
                 pending_bytes += arr.nbytes
             del outputs
-            if progress is not None:
-                progress(done, len(order))
+            tensors_done, bytes_done = tensors_done + counts[i], bytes_done + sizes[i]
+            if i + 1 < len(order):
+                report()
         flush()
+        report()  # the last state, once the last shard is written
     finally:
         ckpt.close()
 

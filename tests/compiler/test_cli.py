@@ -266,6 +266,28 @@ def test_awq_preset_and_checkpoint_must_pair(checkpoint, tmp_path):
     no_leftovers(out)
 
 
+def test_compile_shows_conversion_progress_on_request(checkpoint, tmp_path):
+    """--progress draws the conversion's progress: every checkpoint tensor and byte, on one
+    line redrawn in place; without it, and stderr not a terminal, there is none."""
+    model = checkpoint("llama")
+    tensors = safetensors.numpy.load_file(model / "model.safetensors")
+    count, total = len(tensors), sum(a.nbytes for a in tensors.values())
+    assert 1e3 < total < 1e6  # reported in kB
+    code, _, err = invoke("compile", model, "--progress", "-o", tmp_path / "a")
+    assert code == 0, err
+    states = err.split("converting weights to q0f32\n", 1)[1].split("\n")[0].split("\r")[1:]
+    assert (
+        states[0].strip()
+        == f"converting weights: 0/{count} tensors, 0 B/{total / 1e3:.2f} kB, ETA --:--"
+    )
+    assert states[-1].startswith(
+        f"converting weights: {count}/{count} tensors, {total / 1e3:.2f} kB/{total / 1e3:.2f} kB, "
+        "done in 0:0"
+    )
+    code, _, err = invoke("compile", model, "-o", tmp_path / "b")
+    assert code == 0 and "converting weights:" not in err and "\r" not in err, err
+
+
 def test_compile_errors_on_the_console(checkpoint, tmp_path):
     """The real process: exit status, stderr and the Python API's message agree."""
     missing = tmp_path / "nope"

@@ -1,5 +1,7 @@
 """Tests for kiln.compiler.weights: lazy checkpoint reading, weight-map checks, conversion."""
 
+import io
+import itertools
 import json
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from kiln.compiler.weights import Checkpoint, Source, convert, plan
+from kiln.compiler.weights import Checkpoint, Progress, ProgressLine, Source, convert, plan
 from kiln.runtime.errors import KilnError
 
 
@@ -301,6 +303,19 @@ def test_plan_unreadable_dtype(tmp_path: Path) -> None:
         plan(Checkpoint(tmp_path), {"w": (4,)}, {"w": Source(("w",))})
 
 
+def test_read_stored_keeps_the_dtype(tmp_path: Path) -> None:
+    """Pre-quantized data (packed int32 words, fp16 scales) is read as stored, bit for bit."""
+    words = np.array([[-1, 0x12345678], [-(2**31), 7]], np.int32)
+    half = np.array([1.0, -65504.0, 6e-8], np.float16)
+    _save(tmp_path / "model.safetensors", {"w": words, "h": half})
+    ck = Checkpoint(tmp_path)
+    got = ck.read_stored("w")
+    assert got.dtype == np.int32 and got.shape == (2, 2)
+    np.testing.assert_array_equal(got, words)
+    assert ck.read_stored("h").tobytes() == half.tobytes()
+    assert ck.nbytes("w") == 16
+
+
 def test_source_validation() -> None:
     with pytest.raises(ValueError, match="combine"):
         Source(("a", "b"))
@@ -308,6 +323,8 @@ def test_source_validation() -> None:
         Source(())
     with pytest.raises(TypeError):
         Source("abc")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one dtype per tensor"):
+        Source(("a", "b"), np.concatenate, dtypes=("I32",))
 
 
 # -- convert ----------------------------------------------------------------------------------
@@ -318,18 +335,17 @@ def _identity(name: str, arr: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def test_convert_round_trip_and_deterministic(tiny: Path, tmp_path: Path) -> None:
-    seen: list[tuple[int, int]] = []
+    seen: list[Progress] = []
     out1, out2 = tmp_path / "out1", tmp_path / "out2"
-    index = convert(
-        Checkpoint(tiny),
-        TINY_PARAMS,
-        TINY_MAP,
-        _identity,
-        out1,
-        progress=lambda d, t: seen.append((d, t)),
-    )
+    index = convert(Checkpoint(tiny), TINY_PARAMS, TINY_MAP, _identity, out1, progress=seen.append)
     convert(Checkpoint(tiny), TINY_PARAMS, TINY_MAP, _identity, out2)
-    assert seen == [(i, 4) for i in range(1, 5)]
+    # Progress: before the first tensor, then after each; bytes are the tensors' data.
+    total = sum(a.nbytes for a in TINY.values())
+    assert [(p.tensors_done, p.tensors_total, p.bytes_total) for p in seen] == [
+        (i, 4, total) for i in range(5)
+    ]
+    assert [p.bytes_done for p in seen][::4] == [0, total]
+    assert all(a.bytes_done < b.bytes_done for a, b in itertools.pairwise(seen))
     assert index == dict.fromkeys(sorted(TINY_PARAMS), "params-00001.safetensors")
     assert json.loads((out1 / "params-index.json").read_text()) == index
     names1 = sorted(p.name for p in out1.iterdir())
@@ -388,9 +404,40 @@ def test_convert_combine_stacks(tmp_path: Path) -> None:
     _save(ck_dir / "model.safetensors", {"q.weight": q, "k.weight": k, "v.weight": v})
     params = {"qkv.weight": (8, 4)}
     wmap = {"qkv.weight": Source(("q.weight", "k.weight", "v.weight"), np.concatenate)}
-    index = convert(Checkpoint(ck_dir), params, wmap, _identity, tmp_path / "out")
+    seen: list[Progress] = []
+    index = convert(
+        Checkpoint(ck_dir), params, wmap, _identity, tmp_path / "out", progress=seen.append
+    )
     out = safetensors.numpy.load_file(tmp_path / "out" / index["qkv.weight"])
     np.testing.assert_array_equal(out["qkv.weight"], np.concatenate([q, k, v]))
+    # One parameter, three checkpoint tensors: progress counts the tensors.
+    assert [(p.tensors_done, p.tensors_total, p.bytes_done) for p in seen] == [
+        (0, 3, 0),
+        (3, 3, 128),
+    ]
+
+
+def test_progress_line() -> None:
+    """One line redrawn in place: tensors, bytes, ETA at the rate so far; the last state ends
+    the line; states within the redraw interval are skipped, but never the last."""
+    assert Progress(1, 4, 250, 1000, 10.0).eta == 30.0
+    assert Progress(0, 4, 0, 1000, 0.0).eta is None
+    out = io.StringIO()
+    line = ProgressLine(out, interval=0)
+    line(Progress(0, 291, 0, 13_480_000_000, 0.0))
+    line(Progress(120, 291, 5_432_000_000, 13_480_000_000, 45.0))
+    line(Progress(291, 291, 13_480_000_000, 13_480_000_000, 3725.0))
+    first = "converting weights: 0/291 tensors, 0 B/13.48 GB, ETA --:--"
+    second = "converting weights: 120/291 tensors, 5.43 GB/13.48 GB, ETA 1:07"
+    last = "converting weights: 291/291 tensors, 13.48 GB/13.48 GB, done in 1:02:05"
+    assert out.getvalue() == f"\r{first}\r{second.ljust(len(first))}\r{last}\n"
+    out = io.StringIO()
+    line = ProgressLine(out, label="w", interval=3600)
+    for done in range(4):
+        line(Progress(done, 3, done * 1500, 4500, 1.0))
+    assert out.getvalue() == "\rw: 0/3 tensors, 0 B/4.50 kB, ETA --:--\r" + (
+        "w: 3/3 tensors, 4.50 kB/4.50 kB, done in 0:01\n"
+    )
 
 
 def test_convert_combine_wrong_shape(tmp_path: Path) -> None:
