@@ -1,8 +1,8 @@
 """Per-step costs of the runtime on one artifact: decode latency at batch 1 through the
 batch-1 entry point and through the general one, what choosing tokens costs on the host versus
 in the artifact's sampling kernels, and the engine's host overhead per step. Each decode figure
-is printed next to its roofline: the weight bytes a step must read / the measured copy
-bandwidth of the device.
+is printed next to its roofline: the weight bytes a step must read (the embedding table
+excepted) / the measured copy bandwidth of the device.
 
     python bench/engine_step.py ARTIFACT --device cuda [--json OUT.json]
 """
@@ -109,11 +109,11 @@ def main() -> None:
     runner = Runner(args.artifact, args.device, max_batch_size=32, kv_tokens=4096)
     dev = runner.device
     bw = bandwidth(dev)
-    weight_bytes = sum(_nbytes(p) for p in runner.params)
+    weight_bytes = decode_bytes(runner)
     roofline = weight_bytes / bw
     result = {
         "device": str(dev),
-        "weight_bytes": weight_bytes,
+        "decode_weight_bytes": weight_bytes,
         "copy_bandwidth_GBps": bw / 1e9,
         "decode_roofline_ms": roofline * 1e3,
     }
@@ -134,8 +134,16 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=2))
 
 
-def _nbytes(t) -> int:
-    return int(np.prod(t.shape)) * tvm.runtime.DataType(str(t.dtype)).bits // 8
+def decode_bytes(runner: Runner) -> int:
+    """Weight bytes one decode step reads: all of them but the embedding table, of which a
+    step reads one row per sequence (unless the LM head shares it)."""
+    names = [p["name"] for p in runner.manifest.params]
+    tied = not any(n.startswith("lm_head.") for n in names)
+    return sum(
+        int(np.prod(t.shape)) * tvm.runtime.DataType(str(t.dtype)).bits // 8
+        for name, t in zip(names, runner.params, strict=True)
+        if tied or not name.startswith("embed_tokens.")
+    )
 
 
 if __name__ == "__main__":
