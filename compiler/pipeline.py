@@ -16,6 +16,7 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
+from kiln.passes.fuse_add_rms_norm import FuseAddRMSNorm
 from kiln.passes.lower_paged_kv_cache import LowerPagedKVCache
 from kiln.targets.base import TargetSpec
 
@@ -28,6 +29,8 @@ def graph_passes(target: Target) -> list[tvm.transform.Pass]:
         # nn.Linear is matmul(x, permute_dims(W)): fold the transpose into the matmul so no
         # weight is transposed at run time.
         relax.transform.FuseTransposeMatmul(),
+        # s = x + r; y = rms_norm(s, w) -> one kernel writing s and y.
+        FuseAddRMSNorm(),
         relax.transform.DeadCodeElimination(),
     ]
 
