@@ -98,21 +98,32 @@ def write_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     rng = np.random.default_rng(seed)
-    shards: list[dict[str, np.ndarray]] = [{}]
+    # Shards are written as they fill, so memory holds one shard, not the model; they are
+    # renamed to the usual -of-N names once N is known.
+    names = tensor_shapes(config)
+    weight_map: dict[str, str] = {}
+    files: list[str] = []
+    shard: dict[str, np.ndarray] = {}
     size = 0
-    for name, dims in tensor_shapes(config).items():
+
+    def flush() -> None:
+        files.append(f"shard-{len(files) + 1:05d}.safetensors")
+        save_file(shard, str(out / files[-1]), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, files[-1]))
+        shard.clear()
+
+    for name, dims in names.items():
         nbytes = 2 * int(np.prod(dims))
         if size and size + nbytes > shard_bytes:
-            shards.append({})
+            flush()
             size = 0
-        shards[-1][name] = random_tensor(rng, dims)
+        shard[name] = random_tensor(rng, dims)
         size += nbytes
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, fname)
-        shard.clear()
+    flush()
+    final = {f: f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k, f in enumerate(files)}
+    for old, new in final.items():
+        (out / old).rename(out / new)
+    weight_map = {name: final[f] for name, f in weight_map.items()}
     index = {"metadata": {}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out

@@ -1,4 +1,4 @@
-"""The `kiln` command line: compile, run, serve, targets."""
+"""The `kiln` command line: compile, run, serve, bench, targets."""
 
 from __future__ import annotations
 
@@ -67,6 +67,12 @@ def main() -> None:
 )
 @click.option("--dump-ir", default=None, help="write the IR after each pipeline phase here")
 @click.option(
+    "--platform",
+    default=None,
+    help="where the library runs: linux-x86_64, linux-aarch64 or macos-arm64 "
+    "(default: this machine; others are cross-compiled)",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     help="show the weight conversion's progress on stderr (default: when it is a terminal)",
@@ -79,6 +85,7 @@ def compile(
     output: str | None,
     arch: str | None,
     dump_ir: str | None,
+    platform: str | None,
     progress: bool | None,
 ) -> None:
     """Compile MODEL (a checkpoint directory or hub id) into an artifact directory."""
@@ -93,6 +100,7 @@ def compile(
         dump_ir=dump_ir,
         progress=lambda msg: click.echo(msg, err=True),
         show_progress=progress,
+        platform=platform,
     )
 
 
@@ -120,8 +128,9 @@ def run(
     stop: tuple[str, ...],
     device: str,
 ) -> None:
-    """Generate text from a compiled ARTIFACT, streaming it to stdout."""
-    from kiln.runtime.model import load
+    """Generate text from a compiled ARTIFACT (a directory or a .kiln package), streaming it to
+    stdout."""
+    from kiln import load
     from kiln.runtime.sampler import SamplingParams
 
     sampling = dict(
@@ -201,6 +210,47 @@ def serve(
         shutdown_grace=shutdown_grace,
         echo=lambda msg: click.echo(msg, err=True),
     )
+
+
+@main.command()
+@click.argument("artifact")
+@click.option("--device", default="cuda", show_default=True)
+@click.option(
+    "--batches", default="8,32,64,128", show_default=True, help="batched decode sizes, e.g. 8,32"
+)
+@click.option(
+    "--gemm-tflops",
+    default=None,
+    type=float,
+    help="the device's dense GEMM peak, for prefill rooflines (bench/llm.py measures it)",
+)
+@_friendly
+def bench(artifact: str, device: str, batches: str, gemm_tflops: float | None) -> None:
+    """Measure ARTIFACT on DEVICE: load time, decode at batch 1 and batched, prefill and time
+    to first token, each next to its roofline."""
+    from kiln.runtime.benchmark import run as run_bench
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(",") if b.strip())
+    except ValueError:
+        raise KilnError(f"--batches {batches!r}: give batch sizes such as 8,32,64") from None
+    run_bench(
+        artifact, device, batches=sizes, gemm_flops=gemm_tflops and gemm_tflops * 1e12,
+        say=click.echo,
+    )  # fmt: skip
+
+
+@main.command()
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--output", "-o", required=True, help="the package file to write, e.g. model.kiln")
+@_friendly
+def package(artifacts: tuple[str, ...], output: str) -> None:
+    """Bundle ARTIFACTS of one model (any targets and platforms) into one .kiln file with one
+    copy of the weights and the TVM runtime of each platform; load it with
+    `kiln run model.kiln --device auto` or kiln.load("model.kiln", device="auto")."""
+    from kiln.compiler.package import build_package
+
+    build_package(artifacts, output, progress=lambda msg: click.echo(msg, err=True))
 
 
 @main.command()

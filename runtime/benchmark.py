@@ -1,0 +1,207 @@
+"""`kiln bench`: what an artifact does on this device, each figure next to its roofline.
+
+Figures (the H100 performance issue's list), all through `kiln.Engine`, the path users run:
+- load: seconds to open the artifact (checksums, weights to the device, KV cache);
+- decode at batch 1: tokens/s of one greedy request after a 128-token prompt (256 new tokens);
+- prefill: tokens/s of one 512- and one 2048-token prompt in a single pass, and the time to
+  first token;
+- batched decode: tokens/s of B requests of 512-token prompts decoding together (128 new
+  tokens each), counted over the steps in which every request decodes and none prefills.
+
+Rooflines: a decode step must read every weight once (the embedding table excepted: a step
+reads one row of it per sequence) plus each sequence's K/V history, so its time is at least
+bytes / bandwidth, with the bandwidth measured here as a device-to-device copy. Prefill is
+bounded by FLOPs / dense-GEMM peak; the runtime has no GEMM library to measure that peak
+with, so callers pass it (`bench/llm.py` measures it with torch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+
+from kiln.runtime.engine import Engine
+from kiln.runtime.runner import Runner
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    roofline: float | None = None  # the same unit: the best the hardware allows
+
+    @property
+    def percent(self) -> float | None:
+        return None if not self.roofline else 100 * self.value / self.roofline
+
+    def line(self) -> str:
+        text = f"{self.name:34s} {self.value:12.4g} {self.unit}"
+        if self.roofline:
+            text += f"   roofline {self.roofline:.4g} ({self.percent:.1f}%)"
+        return text
+
+
+@dataclass
+class Report:
+    device: str
+    bandwidth: float  # bytes/s, read + written
+    gemm_flops: float | None
+    figures: list[Figure] = field(default_factory=list)
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        self.figures.append(Figure(*args, **kwargs))
+
+    def text(self) -> str:
+        head = [f"device: {self.device}", f"copy bandwidth: {self.bandwidth / 1e9:.0f} GB/s"]
+        if self.gemm_flops:
+            head.append(f"dense GEMM peak: {self.gemm_flops / 1e12:.0f} TFLOP/s")
+        return "\n".join(head + [f.line() for f in self.figures])
+
+
+def copy_bandwidth(device: Any, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    a = tvm.runtime.empty((nbytes // 4,), "float32", device)
+    b = tvm.runtime.empty((nbytes // 4,), "float32", device)
+    a.copyto(b)
+    device.sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a.copyto(b)
+    device.sync()
+    return 2 * nbytes * reps / (time.perf_counter() - start)
+
+
+def decode_weight_bytes(runner: Runner) -> int:
+    """Weight bytes one decode step reads: all but the embedding table (unless the LM head
+    shares it)."""
+    names = [p["name"] for p in runner.manifest.params]
+    tied = not any(n.startswith("lm_head.") for n in names)
+    return sum(
+        int(np.prod(t.shape)) * tvm.runtime.DataType(str(t.dtype)).bits // 8
+        for name, t in zip(names, runner.params, strict=True)
+        if tied or not name.startswith("embed_tokens.")
+    )
+
+
+def matmul_flops_per_token(config: dict[str, Any]) -> float:
+    """2 x the multiply-adds of every projection a token goes through (MoE: the active
+    experts), LM head included; attention scores are added per prompt length."""
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    d = h // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * d
+    experts = config.get("num_experts_per_tok") or 1
+    per_layer = h * (h + 2 * kv) + h * h + experts * 3 * h * i
+    if config.get("num_local_experts"):
+        per_layer += h * config["num_local_experts"]  # the router
+    return 2.0 * (config["num_hidden_layers"] * per_layer + h * v)
+
+
+def prefill_flops(config: dict[str, Any], n: int) -> float:
+    """FLOPs of a causal prefill of n tokens: projections plus QK^T and PV over the causal
+    half of the n x n scores."""
+    layers, h = config["num_hidden_layers"], config["hidden_size"]
+    return matmul_flops_per_token(config) * n + layers * 2 * 2 * h * n * n / 2
+
+
+def run(
+    path: str | Path,
+    device: str,
+    *,
+    gemm_flops: float | None = None,
+    batches: tuple[int, ...] = (8, 32, 64, 128),
+    prefills: tuple[int, ...] = (512, 2048),
+    say: Any = print,
+) -> Report:
+    start = time.perf_counter()
+    biggest = max((*batches, 1))
+    context = 512 + 128
+    engine = Engine(
+        path, device, max_batch_size=biggest, kv_tokens=biggest * context + 4096,
+        prefill_chunk=max(prefills), prefix_cache=False,
+    )  # fmt: skip
+    load = time.perf_counter() - start
+    runner = engine.runner
+    report = Report(str(runner.device), copy_bandwidth(runner.device), gemm_flops)
+    report.add("load", load, "s")
+    say(report.text())
+    config = runner.config
+    weights = decode_weight_bytes(runner)
+    kv_per_token = runner.kv_bytes_per_token
+    rng = np.random.default_rng(0)
+
+    def prompt(n: int) -> list[int]:
+        return [1, *rng.integers(3, runner.vocab_size, n - 1).tolist()]
+
+    def figure(*args: Any, **kwargs: Any) -> None:
+        report.add(*args, **kwargs)
+        say(report.figures[-1].line())
+
+    # Warm up every entry point once (first calls load kernels).
+    engine.generate([prompt(16), prompt(16)], max_tokens=4, **GREEDY)
+
+    # Decode, batch 1: 128-token prompt, 256 new tokens.
+    handle = engine.submit(prompt(128), max_tokens=256, **GREEDY)
+    t0 = time.perf_counter()
+    first = None
+    for _ in handle.deltas():
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    step_bytes = weights + (128 + 128) * kv_per_token
+    figure("decode tokens/s, batch 1", 255 / (end - first), "tok/s",
+           report.bandwidth / step_bytes)  # fmt: skip
+    figure("time to first token, 128 tokens", 1e3 * (first - t0), "ms")
+    stats = engine.stats
+    figure("host share of a step, batch 1", 100 * stats.host_ms / stats.step_ms, "%")
+
+    for n in prefills:
+        if n >= engine.context_length:
+            say(f"prefill of {n} tokens: skipped, the context holds {engine.context_length}")
+            continue
+        t0 = time.perf_counter()
+        engine.submit(prompt(n), max_tokens=1, **GREEDY).result()
+        seconds = time.perf_counter() - t0
+        roof = (
+            report.gemm_flops / (prefill_flops(config, n) / n) if report.gemm_flops else None
+        )
+        figure(f"prefill tokens/s, {n} tokens", n / seconds, "tok/s", roof)
+        figure(f"time to first token, {n} tokens", 1e3 * seconds, "ms")
+
+    # 512-token prompts and 128 new tokens (shorter prompts where the context is shorter)
+    length = min(512, engine.context_length - 128)
+    for batch in batches:
+        rate = batched_decode(engine, [prompt(length) for _ in range(batch)], 128)
+        # K/V read per step: each sequence's history, `length` to `length` + 128 tokens.
+        step_bytes = weights + batch * (length + 64) * kv_per_token
+        figure(f"decode tokens/s, batch {batch} ({length}+128)", rate, "tok/s",
+               batch * report.bandwidth / step_bytes)  # fmt: skip
+    engine.close()
+    return report
+
+
+def batched_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s over the steps in which every request decodes (none prefills)."""
+    handles = [engine.submit(p, max_tokens=new_tokens, **GREEDY) for p in prompts]
+    seconds = tokens = 0.0
+    more = True
+    while more:
+        before = engine.stats
+        t0 = time.perf_counter()
+        more = engine.step()
+        dt = time.perf_counter() - t0
+        after = engine.stats
+        decoded = after.decode_tokens - before.decode_tokens
+        if after.prefill_tokens == before.prefill_tokens and decoded == len(prompts):
+            seconds += dt
+            tokens += decoded
+    for h in handles:
+        h.result()
+    return tokens / seconds

@@ -1,0 +1,57 @@
+"""`kiln bench` (kiln.runtime.benchmark): the roofline inputs against independent counts, and
+the command end to end on a tiny CPU artifact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kiln.compiler.cli import main
+from kiln.runtime.benchmark import decode_weight_bytes, matmul_flops_per_token
+from kiln.runtime.runner import Runner
+from kiln.runtime.safetensors import load_safetensors
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3", "mixtral"])
+def test_flops_per_token_count_every_projection(name, checkpoint, artifact, reference):
+    """2 x every weight matrix element of transformers' model that a token multiplies: all but
+    the embedding (which is the LM head when tied), Mixtral's experts at top-k of N."""
+    model = reference(checkpoint(name))
+    config = Runner(artifact(name), kv_tokens=64).config
+    tied = config["tie_word_embeddings"]
+    total = 0.0
+    for pname, p in model.named_parameters():  # a tied LM head is listed once, as the embedding
+        if p.dim() < 2 or ("embed_tokens" in pname and not tied):
+            continue
+        share = 1.0
+        if ".experts." in pname:
+            share = config["num_experts_per_tok"] / config["num_local_experts"]
+        total += 2 * p.numel() * share
+    assert matmul_flops_per_token(config) == pytest.approx(total, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3"])  # untied and tied embeddings
+def test_decode_bytes_leave_out_only_an_untied_embedding(name, artifact):
+    runner = Runner(artifact(name), kv_tokens=64)
+    tensors = {}
+    for f in {p["file"] for p in runner.manifest.params}:
+        tensors |= load_safetensors(runner.manifest.root / f)
+    total = sum(a.nbytes for a in tensors.values())
+    embed = sum(a.nbytes for n, a in tensors.items() if n.startswith("embed_tokens."))
+    tied = runner.config["tie_word_embeddings"]
+    assert decode_weight_bytes(runner) == (total if tied else total - embed)
+
+
+def test_kiln_bench_on_the_cpu(artifact):
+    result = CliRunner().invoke(
+        main, ["bench", str(artifact("llama")), "--device", "cpu", "--batches", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = {line.split("  ")[0].strip(): line for line in result.output.splitlines()}
+    for figure in ("load", "decode tokens/s, batch 1", "time to first token, 128 tokens"):
+        assert figure in lines, result.output
+    rate = float(lines["decode tokens/s, batch 1"].split()[4])
+    assert rate > 0 and "roofline" in lines["decode tokens/s, batch 1"]
+    assert any(k.startswith("decode tokens/s, batch 2") for k in lines), result.output
+    assert np.isfinite(rate)
