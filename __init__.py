@@ -24,7 +24,15 @@ def compile(model: str, **kwargs: Any) -> Any:
 
 
 def load(path: str, device: str = "cpu", **kwargs: Any) -> Any:
-    """Load a compiled artifact; see `kiln.runtime.model.load`."""
+    """Load a compiled artifact directory or a `.kiln` package; see `kiln.runtime.model.load`.
+
+    A package is checked and extracted first and its TVM runtime put in place before TVM is
+    imported (kiln.runtime.package); `device="auto"` picks its library for this machine.
+    """
+    from kiln.runtime import package
+
+    if package.is_package(path):
+        path, device = package.open_package(path, device, verify=kwargs.get("verify", True))
     from kiln.runtime.model import load as _load
 
     return _load(path, device=device, **kwargs)

@@ -23,7 +23,9 @@ from kiln.compiler.weights import Checkpoint, ProgressLine, convert, plan
 from kiln.models import family_of
 from kiln.runtime.artifact import MANIFEST
 from kiln.runtime.errors import KilnError
+from kiln.runtime.host import host_platform
 from kiln.targets import get_target
+from kiln.targets.platform import build_target, check_platform, linker
 
 PAGE_SIZE = 16
 PREFILL_CHUNK = 1024
@@ -60,6 +62,7 @@ def compile(
     dump_ir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     show_progress: bool | None = None,
+    platform: str | None = None,
 ) -> Path:
     """Compile `model` (checkpoint directory or hub id) for `target`; returns the artifact path.
 
@@ -67,10 +70,14 @@ def compile(
     `dump_ir` writes the IR after every pipeline phase into that directory.
     `show_progress` draws the weight conversion's progress (tensors, bytes, ETA) on stderr;
     None, the default, draws it when stderr is a terminal.
+    `platform` ("linux-x86_64", "linux-aarch64", "macos-arm64") is where the host code runs;
+    None is this machine (kiln.targets.platform cross-compiles for the others).
     """
     say = progress or (lambda _msg: None)
     spec = get_target(target)
     target = spec.name  # "auto" resolves to this machine's best target
+    platform = check_platform(platform, spec.platforms, target)
+    link = {"fcompile": linker(platform)} if platform != host_platform() else {}
     preset = get_quantization(quantization)
     if preset.model_dtype not in spec.dtypes:
         runs = [q.name for q in QUANTIZATIONS.values() if q.model_dtype in spec.dtypes]
@@ -106,7 +113,7 @@ def compile(
         libraries: dict[str | None, str] = {}
         device_code: dict[str | None, dict[str, Any]] = {}
         for build in builds:
-            tvm_target = spec.target(build)
+            tvm_target = build_target(spec, build, platform)
             name = f"{target}-{build}" if spec.split_arch else target
             say(f"compiling {family.name} for {name} ({tvm_target.kind.name})")
             dump = Path(dump_ir) if dump_ir else None
@@ -115,7 +122,9 @@ def compile(
             pipeline = relax_pipeline(spec, tvm_target, dump)
             executable = tvm.compile(exported.mod, tvm_target, relax_pipeline=pipeline)
             libraries[build] = f"model-{name}{spec.library_suffix}"
-            device_code[build] = spec.export(executable, str(staging / libraries[build]), build)
+            device_code[build] = spec.export(
+                executable, str(staging / libraries[build]), build, **link
+            )
             device_code[build]["tvm_target"] = str(tvm_target)
         compile_seconds = time.time() - start
         if spec.split_arch:
@@ -154,7 +163,12 @@ def compile(
                     "config": config.to_json(),
                 },
                 "quantization": preset.to_json(),
-                "target": {"name": spec.name, "device": spec.device, **target_info},
+                "target": {
+                    "name": spec.name,
+                    "device": spec.device,
+                    "platform": platform,
+                    **target_info,
+                },
                 "library": libraries[builds[0]],
                 # arch -> library, for targets that build one library per arch
                 **({"libraries": libraries} if spec.split_arch else {}),

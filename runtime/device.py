@@ -18,7 +18,9 @@ KINDS = ("cpu", "cuda", "rocm", "metal")
 def parse_device(device: str) -> tuple[str, int]:
     kind, _, index = device.partition(":")
     if kind not in KINDS or (index and not index.isdigit()):
-        raise KilnError(f"unknown device {device!r}: use cpu, cuda, cuda:N, rocm, rocm:N or metal")
+        raise KilnError(
+            f"unknown device {device!r}: use auto, cpu, cuda, cuda:N, rocm, rocm:N or metal"
+        )
     return kind, int(index or 0)
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from kiln.runtime.artifact import read_manifest
+from kiln.runtime import package
+from kiln.runtime.artifact import Manifest, read_manifest
 from kiln.runtime.engine import Engine
 from kiln.runtime.errors import KilnError
 from kiln.runtime.sampler import SamplingParams
@@ -31,12 +32,18 @@ class Model:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Manifest,
         device: str = "cpu",
         context_length: int | None = None,
         verify: bool = True,
     ):
-        limit = int(read_manifest(path, verify=False).kv_cache["context_length"])
+        if isinstance(path, Manifest):
+            geometry = path.kv_cache
+        elif package.is_package(path):
+            geometry = package.peek(path)["kv_cache"]
+        else:
+            geometry = read_manifest(path, verify=False).kv_cache
+        limit = int(geometry["context_length"])
         context = min(context_length or min(limit, DEFAULT_CONTEXT), limit)
         # One context's worth of KV, and no prefix cache: a finished generation leaves no pages
         # behind.

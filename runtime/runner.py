@@ -23,6 +23,7 @@ from kiln.runtime.artifact import Manifest, read_manifest
 from kiln.runtime.device import device_arch, open_device, parse_device
 from kiln.runtime.errors import KilnError
 from kiln.runtime.kv import PagedKV
+from kiln.runtime.package import is_package, open_package
 from kiln.runtime.safetensors import load_safetensors
 from kiln.runtime.tokenizer import Tokenizer
 
@@ -34,7 +35,10 @@ DEFAULT_GPU_KV_FRACTION = 0.8
 
 
 class Runner:
-    """An artifact loaded for inference with a KV cache of the given geometry.
+    """An artifact (a directory, a .kiln package, or a package's checked `Manifest`) loaded
+    for inference with a KV cache of the given geometry.
+
+    `device`: "cpu", "cuda:1", ..., or "auto" (a package: the best device it serves here).
 
     `context_length`: the longest sequence (prompt + generated) served, at most the model's.
     `max_batch_size`: the most sequences in one forward pass.
@@ -44,7 +48,7 @@ class Runner:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Manifest,
         device: str = "cpu",
         *,
         context_length: int | None = None,
@@ -54,7 +58,14 @@ class Runner:
         prefill_chunk: int | None = None,
         verify: bool = True,
     ):
-        self.manifest: Manifest = read_manifest(path, verify=verify)
+        if isinstance(path, Manifest):  # a package's library, already checked (kiln.load)
+            self.manifest = path
+        elif is_package(path):
+            self.manifest, device = open_package(path, device, verify=verify)
+        else:
+            self.manifest = read_manifest(path, verify=verify)
+        if device == "auto":
+            device = self.manifest.device
         kind, _ = parse_device(device)
         if kind != self.manifest.device:
             raise KilnError(

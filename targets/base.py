@@ -16,8 +16,10 @@ def _none(_target: Target) -> list[tvm.transform.Pass]:
     return []
 
 
-def _export_host_library(executable: Any, path: str, _arch: str | None) -> dict[str, Any]:
-    executable.export_library(path)
+def _export_host_library(
+    executable: Any, path: str, _arch: str | None, fcompile: Any = None
+) -> dict[str, Any]:
+    executable.export_library(path, **({"fcompile": fcompile} if fcompile else {}))
     return {}
 
 
@@ -38,8 +40,9 @@ class TargetSpec:
     schedule: PassList = _none  # kernel scheduling (dlight rules on GPUs)
     dataflow_lower: PassList = _none
     finalize: PassList = _none
-    # Writes the compiled library; returns what the manifest records about its device code.
-    export: Callable[[Any, str, str | None], dict[str, Any]] = _export_host_library
+    # Writes the compiled library (with `fcompile`, TVM's link hook, when cross-compiling);
+    # returns what the manifest records about its device code.
+    export: Callable[..., dict[str, Any]] = _export_host_library
     library_suffix: str = ".so"
     dtypes: tuple[str, ...] = ("float32", "float16")  # activation dtypes it runs
     # Targets whose machine code runs on one architecture only (a ROCm code object) build one
@@ -47,6 +50,8 @@ class TargetSpec:
     split_arch: Callable[[str | None], list[str]] | None = None
     # What building for it needs besides TVM, and where that was found (`kiln targets`).
     toolchain: Callable[[], str] | None = None
+    # Platforms whose host code it builds (`kiln compile --platform`, kiln.targets.platform).
+    platforms: tuple[str, ...] = ("linux-x86_64", "linux-aarch64")
 
     def target(self, arch: str | None = None) -> Target:
         return self.make_target(arch or self.default_arch)

@@ -37,4 +37,5 @@ CPU = TargetSpec(
     dataflow_lower=cpu_pipeline.dataflow_lower_passes,
     finalize=cpu_pipeline.finalize_passes,
     dtypes=("float32", "float16", "bfloat16"),
+    platforms=("linux-x86_64", "linux-aarch64", "macos-arm64"),
 )

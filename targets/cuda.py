@@ -182,7 +182,9 @@ def write_fatbin(images: Sequence[tuple[str, int, bytes]]) -> bytes:
     return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
 
 
-def export_library(executable: Any, path: str, arch: str | None) -> dict[str, Any]:
+def export_library(
+    executable: Any, path: str, arch: str | None, fcompile: Any = None
+) -> dict[str, Any]:
     """Write the host library with the kernels as one fatbin; returns what the manifest
     records about the device code."""
     archs = parse_archs(arch)
@@ -206,7 +208,8 @@ def export_library(executable: Any, path: str, arch: str | None) -> dict[str, An
     def pack(_mod: Any, _is_system_lib: bool, _prefix: str, workspace: str) -> str:
         return str(write_blob_asm(packed, Path(workspace)))
 
-    executable.mod.export_library(path, fpack_imports=pack)
+    link = {"fcompile": fcompile} if fcompile else {}
+    executable.mod.export_library(path, fpack_imports=pack, **link)
     images = [f"{kind}:sm_{sm}" for f in fatbins for kind, sm, _ in fatbin_images(f)]
     return {
         "archs": archs,

@@ -88,7 +88,9 @@ def link_dylib(output: str, objects: list[str], **_options: Any) -> None:
 link_dylib.get_target_triple = lambda: HOST_TRIPLE  # type: ignore[attr-defined]
 
 
-def export_library(executable: Any, path: str, _arch: str | None) -> dict[str, Any]:
+def export_library(
+    executable: Any, path: str, _arch: str | None, fcompile: Any = None
+) -> dict[str, Any]:
     """Check that every kernel the host calls has its MSL source, and link the dylib; returns
     what the manifest records about the device code."""
     raw = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(executable.mod)
@@ -125,4 +127,5 @@ METAL = TargetSpec(
     # Metal has no float64, and bfloat16 only from Apple7 GPUs with macOS 14.
     dtypes=("float32", "float16"),
     toolchain=describe_linker,
+    platforms=("macos-arm64",),  # its host code is always built for the Mac, on any OS
 )

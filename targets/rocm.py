@@ -210,7 +210,9 @@ def check_code_object(co: CodeObject, arch: str, kernels: list[str]) -> None:
         raise KilnError(f"the ROCm code object for {arch} is wrong ({detail}): a Kiln bug")
 
 
-def export_library(executable: Any, path: str, arch: str | None) -> dict[str, Any]:
+def export_library(
+    executable: Any, path: str, arch: str | None, fcompile: Any = None
+) -> dict[str, Any]:
     """Check the code object the build linked and write the host library around it; returns
     what the manifest records about it."""
     (gfx,) = parse_archs(arch)
@@ -227,7 +229,7 @@ def export_library(executable: Any, path: str, arch: str | None) -> dict[str, An
         co = read_code_object(data)
         check_code_object(co, gfx, kernel_names(fmap))
         kernels += kernel_names(fmap)
-    executable.export_library(path)
+    executable.export_library(path, **({"fcompile": fcompile} if fcompile else {}))
     return {
         "format": "hsaco",
         "isa": co.target,
@@ -248,6 +250,7 @@ ROCM = TargetSpec(
     dataflow_lower=rocm_pipeline.dataflow_lower_passes,
     finalize=rocm_pipeline.finalize_passes,
     export=export_library,
+    platforms=("linux-x86_64",),
     split_arch=parse_archs,
     toolchain=describe_lld,
 )
