@@ -17,6 +17,7 @@ from tvm import relax
 from tvm.target import Target
 
 from kiln.passes.fuse_add_rms_norm import FuseAddRMSNorm
+from kiln.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from kiln.passes.lower_paged_kv_cache import LowerPagedKVCache
 from kiln.targets.base import TargetSpec
 
@@ -40,7 +41,9 @@ def phases(spec: TargetSpec, target: Target) -> list[tuple[str, list[tvm.transfo
         ("graph", graph_passes(target)),
         ("library_dispatch", spec.library_dispatch(target)),
         ("legalize", spec.legalize(target)),
-        ("schedule", spec.schedule(target)),
+        # Kernels the target's schedule leaves alone (all of them on the CPU) still must not
+        # write a dequantized copy of a weight.
+        ("schedule", [*spec.schedule(target), FuseDequantizeMatmul()]),
         ("dataflow_lower", spec.dataflow_lower(target)),
         ("finalize", spec.finalize(target)),
     ]
