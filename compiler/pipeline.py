@@ -16,6 +16,7 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
+from kiln.passes.fold_weight_transpose import FoldWeightTranspose
 from kiln.passes.fuse_add_rms_norm import FuseAddRMSNorm
 from kiln.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from kiln.passes.lower_paged_kv_cache import LowerPagedKVCache
@@ -29,7 +30,7 @@ def graph_passes(target: Target) -> list[tvm.transform.Pass]:
         LowerPagedKVCache(target),
         # nn.Linear is matmul(x, permute_dims(W)): fold the transpose into the matmul so no
         # weight is transposed at run time.
-        relax.transform.FuseTransposeMatmul(),
+        FoldWeightTranspose(),
         # s = x + r; y = rms_norm(s, w) -> one kernel writing s and y.
         FuseAddRMSNorm(),
         relax.transform.DeadCodeElimination(),
