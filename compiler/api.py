@@ -144,6 +144,7 @@ def compile(
             staging / "params",
             family.ignore,
             progress=ProgressLine(sys.stderr) if show_progress else None,
+            outputs=layout.produces,
         )
         tokenizer_files = artifact.copy_tokenizer(model_dir, staging)
         if "tokenizer.json" not in tokenizer_files:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import IO, TextIO
 
 import numpy as np
-import safetensors.numpy
 
 from ..runtime.errors import KilnError
 
@@ -300,8 +299,12 @@ class Checkpoint:
             raise KilnError(_dtype_message(name, info))
         buf = self._read_bytes(name, info, "<u2" if info.dtype == "BF16" else _STORED[info.dtype])
         if info.dtype == "BF16":
-            # bf16 is the top half of an f32, so widening the bits is exact.
-            out = (buf.astype(np.uint32) << 16).view(np.float32)
+            # bf16 is the top half of an f32, so widening the bits is exact (shifted in place:
+            # an embedding can be 2 GB as float32).
+            wide = buf.astype(np.uint32)
+            del buf
+            wide <<= 16
+            out = wide.view(np.float32)
         else:
             out = buf.astype(np.float32, copy=False)
         return out.reshape(info.shape)
@@ -574,6 +577,121 @@ class ProgressLine:
         self._width = len(text)
 
 
+# safetensors dtype of each dtype name, in the order safetensors' writer lays tensors out in a
+# file (its Dtype enum, largest first; then by name). Kiln's shards use the same layout, so they
+# are byte for byte what safetensors.numpy.save_file would write.
+_ST_DTYPES = {
+    "uint64": "U64",
+    "int64": "I64",
+    "float64": "F64",
+    "float32": "F32",
+    "uint32": "U32",
+    "int32": "I32",
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "uint16": "U16",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+_ST_RANK = {name: rank for rank, name in enumerate(_ST_DTYPES)}
+
+Spec = dict[str, tuple[tuple[int, ...], str]]  # output name -> (shape, dtype name)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def _header(entries: Spec) -> tuple[bytes, dict[str, int]]:
+    """A safetensors file's header (length prefix included) for `entries`, and where each
+    tensor's data starts in the file."""
+    order = sorted(entries, key=lambda k: (_ST_RANK[entries[k][1]], k))
+    header, begin = {}, 0
+    for key in order:
+        shape, dtype = entries[key]
+        end = begin + _nbytes(shape, dtype)
+        header[key] = {
+            "dtype": _ST_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [begin, end],
+        }
+        begin = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    data = 8 + len(text)
+    offsets = {k: data + v["data_offsets"][0] for k, v in header.items()}
+    return len(text).to_bytes(8, "little") + text, offsets
+
+
+class _ShardWriter:
+    """Output shards written tensor by tensor: each file's header is fixed from the spec before
+    its first tensor arrives, and each tensor goes straight to its offset. Memory holds one
+    converted parameter, never a shard. A file is written under a temporary name and renamed
+    once its last tensor is in, so an interrupted run never leaves a plausible-looking shard.
+    """
+
+    def __init__(self, out_dir: Path, shards: dict[str, Spec]) -> None:
+        self.out_dir, self.shards = out_dir, shards
+        self.missing = {name: set(spec) for name, spec in shards.items()}
+        self.offsets: dict[str, int] = {}
+        self.open: dict[str, IO[bytes]] = {}
+
+    def write(self, shard: str, key: str, array: np.ndarray) -> None:
+        fh = self.open.get(shard)
+        if fh is None:
+            header, offsets = _header(self.shards[shard])
+            self.offsets.update(offsets)
+            fh = self.open[shard] = open(self.out_dir / (shard + ".tmp"), "wb")
+            fh.write(header)
+        fh.seek(self.offsets[key])
+        # The raw bytes, in C order (a transposed view would otherwise be scrambled).
+        fh.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        self.missing[shard].discard(key)
+        if not self.missing[shard]:
+            fh.close()
+            del self.open[shard]
+            os.replace(self.out_dir / (shard + ".tmp"), self.out_dir / shard)
+            # An artifact is meant to be shared and copied: not owner-only.
+            os.chmod(self.out_dir / shard, 0o644)
+
+    def abandon(self) -> None:
+        for shard, fh in self.open.items():
+            fh.close()
+            (self.out_dir / (shard + ".tmp")).unlink(missing_ok=True)
+        self.open.clear()
+
+
+def _assign_shards(
+    order: list[str], specs: dict[str, Spec], shard_bytes: int
+) -> tuple[dict[str, str], dict[str, Spec]]:
+    """Output name -> shard file, in conversion order; a new shard starts where the next tensor
+    would push the current one past `shard_bytes`."""
+    index: dict[str, str] = {}
+    shards: dict[str, Spec] = {}
+    current: Spec | None = None
+    size = 0
+    for p in order:
+        for key, (shape, dtype) in specs[p].items():
+            if key in index:
+                raise KilnError(
+                    f"bug in Kiln: output {key} (from parameter {p}) is produced twice "
+                    "(please report this)"
+                )
+            if dtype not in _ST_DTYPES:
+                raise KilnError(f"bug in Kiln: output {key} has dtype {dtype} (please report)")
+            n = _nbytes(shape, dtype)
+            if current is None or (current and size + n > shard_bytes):
+                current, size = {}, 0
+                shards[f"params-{len(shards) + 1:05d}.safetensors"] = current
+            current[key] = (tuple(shape), dtype)
+            size += n
+            index[key] = next(reversed(shards))
+    return index, shards
+
+
 def convert(
     ckpt: Checkpoint,
     params: dict[str, tuple[int, ...]],
@@ -583,19 +701,30 @@ def convert(
     ignore: Sequence[str] = (),
     shard_bytes: int = 1 << 30,
     progress: Callable[[Progress], None] | None = None,
+    outputs: Callable[[str], Spec] | None = None,
 ) -> dict[str, str]:
     """Streams the checkpoint into ``params-NNNNN.safetensors`` shards in ``out_dir``.
 
     Each parameter is read, combined, checked against ``params``, passed through
-    ``transform`` (which may emit several outputs, e.g. quantized data and scales) and appended
-    to the current output shard; a shard is written once the next array would push it past
-    ``shard_bytes``. Output is deterministic: the same inputs give byte-identical files.
+    ``transform`` (which may emit several outputs, e.g. quantized data and scales) and written
+    to its place in an output shard before the next parameter is read, so memory holds one
+    parameter at a time. ``outputs(p)`` says what ``transform`` makes of parameter ``p``
+    (output name -> (shape, dtype name)), which fixes every shard's layout up front; by
+    default each parameter becomes itself, as float32. A shard holds what fits in
+    ``shard_bytes`` (or one larger tensor). Output is deterministic: the same inputs give
+    byte-identical files, laid out as safetensors' own writer lays them out.
     Returns ``{output name: shard file name}``, also written to ``params-index.json``.
     Stale ``params-*.safetensors`` from an earlier run in ``out_dir`` are removed.
-    ``progress`` is called before the first parameter, after each one, and (for the last)
-    once its shard is written.
+    ``progress`` is called before the first parameter and after each one.
     """
     order = plan(ckpt, params, weight_map, ignore)
+    if outputs is None:
+
+        def outputs(p: str) -> Spec:
+            return {p: (tuple(params[p]), "float32")}
+
+    specs = {p: {k: (tuple(s), d) for k, (s, d) in outputs(p).items()} for p in order}
+    index, shards = _assign_shards(order, specs, shard_bytes)
     sizes = [sum(ckpt.nbytes(t) for t in dict.fromkeys(weight_map[p].names)) for p in order]
     counts = [len(dict.fromkeys(weight_map[p].names)) for p in order]
     start, tensors_done, bytes_done = time.monotonic(), 0, 0
@@ -607,27 +736,7 @@ def convert(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    index: dict[str, str] = {}
-    written: list[str] = []
-    pending: dict[str, np.ndarray] = {}
-    pending_bytes = 0
-
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        if not pending:
-            return
-        name = f"params-{len(written) + 1:05d}.safetensors"
-        # Write then rename, so an interrupted run never leaves a plausible-looking shard.
-        tmp = out_dir / (name + ".tmp")
-        safetensors.numpy.save_file(pending, tmp)
-        os.replace(tmp, out_dir / name)
-        # safetensors creates files owner-only; an artifact is meant to be shared and copied.
-        os.chmod(out_dir / name, 0o644)
-        for key in pending:
-            index[key] = name
-        written.append(name)
-        pending, pending_bytes = {}, 0
+    writer = _ShardWriter(out_dir, shards)
 
     try:
         if order:
@@ -643,37 +752,27 @@ def convert(
                     f"{list(value.shape)} but the model needs {list(params[p])}: the checkpoint "
                     "does not match config.json"
                 )
-            outputs = transform(p, value)
+            made = transform(p, value)
             del value
-            if not isinstance(outputs, dict) or not outputs:
+            got = {k: (tuple(a.shape), str(a.dtype)) for k, a in made.items()}
+            if got != specs[p]:
                 raise KilnError(
-                    f"bug in Kiln: transform for parameter {p} returned no outputs "
+                    f"bug in Kiln: parameter {p} converted to {got}, expected {specs[p]} "
                     "(please report this)"
                 )
-            for key, arr in outputs.items():
-                if key in index or key in pending:
-                    raise KilnError(
-                        f"bug in Kiln: output {key} (from parameter {p}) is produced twice "
-                        "(please report this)"
-                    )
-                # save_file reads raw memory from the data pointer, so the array must be
-                # contiguous or the shard would hold scrambled values.
-                arr = np.ascontiguousarray(arr)
-                if pending and pending_bytes + arr.nbytes > shard_bytes:
-                    flush()
-                pending[key] = arr
-                pending_bytes += arr.nbytes
-            del outputs
+            for key, arr in made.items():
+                writer.write(index[key], key, arr)
+            del made
             tensors_done, bytes_done = tensors_done + counts[i], bytes_done + sizes[i]
-            if i + 1 < len(order):
-                report()
-        flush()
-        report()  # the last state, once the last shard is written
+            report()
+    except BaseException:
+        writer.abandon()
+        raise
     finally:
         ckpt.close()
 
     for stale in out_dir.glob("params-*.safetensors"):
-        if _SHARD_NAME.fullmatch(stale.name) and stale.name not in written:
+        if _SHARD_NAME.fullmatch(stale.name) and stale.name not in shards:
             stale.unlink()
     result = dict(sorted(index.items()))
     (out_dir / OUTPUT_INDEX).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

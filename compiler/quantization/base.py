@@ -150,6 +150,13 @@ class ParamLayout:
                 sources[key] = stored
         return params, sources
 
+    def produces(self, name: str) -> dict[str, tuple[Shape, str]]:
+        """What `transform(name, ...)` returns: model parameter -> (shape, dtype), for a
+        parameter of `conversion` (`weights.convert` lays its shards out from this)."""
+        if name in self.imported:
+            return {name: self.imported[name]}
+        return self.outputs(name)
+
     def transform(self, name: str, array: np.ndarray) -> dict[str, np.ndarray]:
         """float32 parameter -> {model parameter: array} (what `weights.convert` writes).
 

@@ -389,12 +389,72 @@ def test_convert_transform_emits_several_outputs(tiny: Path, tmp_path: Path) -> 
         q = np.round(arr / scale).astype(np.int8)
         return {f"{name}.q": q, f"{name}.scale": scale.astype(np.float16)}
 
-    index = convert(Checkpoint(tiny), TINY_PARAMS, TINY_MAP, quantize, tmp_path / "out")
+    def outputs(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        shape = TINY_PARAMS[name]
+        if len(shape) != 2:
+            return {name: (shape, "float32")}
+        return {f"{name}.q": (shape, "int8"), f"{name}.scale": ((shape[0], 1), "float16")}
+
+    out = tmp_path / "out"
+    index = convert(Checkpoint(tiny), TINY_PARAMS, TINY_MAP, quantize, out, outputs=outputs)
     assert "layers.0.mlp.weight.q" in index
     assert "layers.0.mlp.weight.scale" in index
     assert "norm.weight" in index
-    loaded = safetensors.numpy.load_file(tmp_path / "out" / index["layers.0.mlp.weight.q"])
+    loaded = safetensors.numpy.load_file(out / index["layers.0.mlp.weight.q"])
     assert loaded["layers.0.mlp.weight.q"].dtype == np.int8
+    # A transform that does not produce what `outputs` announced is a bug, caught at once.
+    with pytest.raises(KilnError, match=r"bug in Kiln: parameter .* converted to"):
+        convert(Checkpoint(tiny), TINY_PARAMS, TINY_MAP, _identity, out, outputs=outputs)
+    assert not list(out.glob("*.tmp"))  # the half-written shard is gone
+
+
+def test_shards_are_what_safetensors_writes(tmp_path: Path) -> None:
+    """Kiln writes shards itself, tensor by tensor; the bytes equal safetensors' own writer's
+    on the same tensors (every dtype Kiln emits, several shards)."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    made = {
+        "a.w": rng.standard_normal((5, 3)).astype(np.float32),
+        "b.q": rng.integers(0, 2**32, (4, 2), dtype=np.uint32),
+        "b.s": rng.standard_normal(4).astype(np.float16),
+        "c.z": rng.integers(0, 255, (3, 3), dtype=np.uint8),
+        "c.i": rng.integers(-128, 127, (7,), dtype=np.int8),
+        "d.h": rng.standard_normal((2, 2)).astype(ml_dtypes.bfloat16),
+        "e.i": rng.integers(-(2**31), 2**31, (3,), dtype=np.int32),
+    }
+    params = {"a": (5, 3), "b": (4, 2), "c": (3, 3), "d": (2, 2), "e": (3,)}
+    _save(tmp_path / "model.safetensors", {k: np.zeros(v, np.float32) for k, v in params.items()})
+    wmap = {k: Source((k,)) for k in params}
+    parts = {p: {k: v for k, v in made.items() if k.startswith(p + ".")} for p in params}
+    outputs = {p: {k: (v.shape, str(v.dtype)) for k, v in parts[p].items()} for p in params}
+    index = convert(
+        Checkpoint(tmp_path),
+        params,
+        wmap,
+        lambda p, _: parts[p],
+        tmp_path / "out",
+        shard_bytes=100,
+        outputs=outputs.__getitem__,
+    )
+    shards = sorted(set(index.values()))
+    assert len(shards) >= 2
+    for shard in shards:
+        mine = {k: made[k] for k, v in index.items() if v == shard}
+        expected = safetensors.numpy.save(mine)
+        assert (tmp_path / "out" / shard).read_bytes() == expected, shard
+
+
+def test_convert_streams_parameter_by_parameter(tiny: Path, tmp_path: Path) -> None:
+    """Each shard is complete on disk before the next parameter is read: nothing accumulates
+    in memory (one tensor per shard here)."""
+    ck, out = Checkpoint(tiny), tmp_path / "out"
+    real_read, on_disk = ck.read, []
+    ck.read = lambda name: on_disk.append(sorted(p.name for p in out.glob("*"))) or real_read(name)  # type: ignore[method-assign]
+    convert(ck, TINY_PARAMS, TINY_MAP, _identity, out, shard_bytes=1)
+    assert on_disk == [
+        [f"params-{i:05d}.safetensors" for i in range(1, n + 1)] for n in range(len(TINY))
+    ]
 
 
 def test_convert_combine_stacks(tmp_path: Path) -> None:
@@ -470,12 +530,24 @@ def test_convert_validates_before_reading(tiny: Path, tmp_path: Path) -> None:
 
 def test_convert_duplicate_output_name(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(KilnError, match="produced twice"):
-        convert(Checkpoint(tiny), TINY_PARAMS, TINY_MAP, lambda n, a: {"x": a}, tmp_path / "o")
+        convert(
+            Checkpoint(tiny),
+            TINY_PARAMS,
+            TINY_MAP,
+            lambda n, a: {"x": a},
+            tmp_path / "o",
+            outputs=lambda n: {"x": (TINY_PARAMS[n], "float32")},
+        )
 
 
 def test_convert_non_contiguous_output(tiny: Path, tmp_path: Path) -> None:
     index = convert(
-        Checkpoint(tiny), TINY_PARAMS, TINY_MAP, lambda n, a: {n: a.T}, tmp_path / "out"
+        Checkpoint(tiny),
+        TINY_PARAMS,
+        TINY_MAP,
+        lambda n, a: {n: a.T},
+        tmp_path / "out",
+        outputs=lambda n: {n: (TINY_PARAMS[n][::-1], "float32")},
     )
     loaded = safetensors.numpy.load_file(tmp_path / "out" / index["embed_tokens.weight"])
     np.testing.assert_array_equal(

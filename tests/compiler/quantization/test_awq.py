@@ -80,8 +80,11 @@ def test_import_stacks_projections_losslessly(tmp_path: Path):
     params, wmap = layout.conversion({"qkv.weight": float_source})
     assert params == {"qkv.qweight": (64, 6), "qkv.zero": (64, 3), "qkv.scale": (64, 3)}
     assert wmap["qkv.zero"].names == ("q_proj.qzeros", "k_proj.qzeros", "v_proj.qzeros")
-    index = convert(Checkpoint(tmp_path), params, wmap, layout.transform, tmp_path / "out")
-    stored = safetensors.numpy.load_file(tmp_path / "out" / index["qkv.qweight"])
+    out = tmp_path / "out"
+    index = convert(
+        Checkpoint(tmp_path), params, wmap, layout.transform, out, outputs=layout.produces
+    )
+    stored = safetensors.numpy.load_file(out / index["qkv.qweight"])
     assert {k: (v.dtype.name, v.shape) for k, v in stored.items()} == {
         "qkv.qweight": ("uint32", (64, 6)),
         "qkv.zero": ("uint8", (64, 3)),
