@@ -25,7 +25,7 @@ from kiln.runtime.artifact import MANIFEST
 from kiln.runtime.errors import KilnError
 from kiln.runtime.host import host_platform
 from kiln.targets import get_target
-from kiln.targets.platform import build_target, check_platform, linker
+from kiln.targets.cross import build_target, check_platform, linker
 
 PAGE_SIZE = 16
 PREFILL_CHUNK = 1024
@@ -71,7 +71,7 @@ def compile(
     `show_progress` draws the weight conversion's progress (tensors, bytes, ETA) on stderr;
     None, the default, draws it when stderr is a terminal.
     `platform` ("linux-x86_64", "linux-aarch64", "macos-arm64") is where the host code runs;
-    None is this machine (kiln.targets.platform cross-compiles for the others).
+    None is this machine (kiln.targets.cross cross-compiles for the others).
     """
     say = progress or (lambda _msg: None)
     spec = get_target(target)

@@ -263,6 +263,7 @@ def targets() -> None:
         click.echo(f"{'':6} default arch: {spec.default_arch or 'host ISA, generic'}")
         if spec.toolchain is not None:
             click.echo(f"{'':6} needs: {spec.toolchain()}")
+        click.echo(f"{'':6} --platform: {', '.join(spec.platforms)}")
     click.echo(f"{'auto':6} the best target on the machine it runs on (here: {detect_target()})")
 
 

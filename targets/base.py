@@ -50,7 +50,7 @@ class TargetSpec:
     split_arch: Callable[[str | None], list[str]] | None = None
     # What building for it needs besides TVM, and where that was found (`kiln targets`).
     toolchain: Callable[[], str] | None = None
-    # Platforms whose host code it builds (`kiln compile --platform`, kiln.targets.platform).
+    # Platforms whose host code it builds (`kiln compile --platform`, kiln.targets.cross).
     platforms: tuple[str, ...] = ("linux-x86_64", "linux-aarch64")
 
     def target(self, arch: str | None = None) -> Target:

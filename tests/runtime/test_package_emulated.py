@@ -74,8 +74,11 @@ def site(arm64_root, tmp_path_factory) -> Path:
     run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work / "wheels"),
          str(src / "runtime-dist")])  # fmt: skip
     (runtime_wheel,) = (work / "wheels").glob("kiln_runtime-*.whl")
-    run([*pip, "download", "-q", "--only-binary=:all:", "--platform", "manylinux_2_28_aarch64",
-         "--python-version", version, "-d", str(work / "wheels"), str(runtime_wheel)])  # fmt: skip
+    # pip matches --platform literally: name the older manylinux tags wheels are published for
+    older = ("manylinux_2_28", "manylinux_2_17", "manylinux2014")
+    tags = [f"--platform={t}_aarch64" for t in older]
+    run([*pip, "download", "-q", "--only-binary=:all:", *tags, "--python-version", version,
+         "-d", str(work / "wheels"), str(runtime_wheel)])  # fmt: skip
     out = work / "site"
     for wheel in (work / "wheels").glob("*.whl"):
         with zipfile.ZipFile(wheel) as zf:

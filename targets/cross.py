@@ -115,7 +115,3 @@ def linker(platform: str) -> Any:
     link.get_target_triple = lambda: triple  # type: ignore[attr-defined]
     return link
 
-
-def describe() -> str:
-    """What `kiln targets` says about cross-compiling."""
-    return f"--platform {' | '.join(PLATFORMS)} (linked with the ziglang wheel)"
