@@ -313,3 +313,59 @@ def one_error(code: int, out: str, err: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
     return lines[0]
+
+
+# -- choosing among vendors (the manifest of a CUDA + ROCm + Metal + CPU package) --------------
+
+
+def vendor_manifest() -> dict:
+    def lib(platform: str, device: str, arch: str | None = None) -> dict:
+        name = f"lib/{platform}/{device}/model-{device}{'-' + arch if arch else ''}.so"
+        return {"platform": platform, "device": device, "arch": arch, "file": name,
+                "target": {"device": device}}  # fmt: skip
+
+    libraries = [
+        lib("linux-x86_64", "cuda"), lib("linux-aarch64", "cuda"),
+        lib("linux-x86_64", "rocm", "gfx942"), lib("linux-x86_64", "rocm", "gfx90a"),
+        lib("macos-arm64", "metal"), lib("linux-x86_64", "cpu"), lib("linux-aarch64", "cpu"),
+    ]  # fmt: skip
+    files = {x["file"]: {"sha256": "0", "size": 1} for x in libraries}
+    files["params/a.safetensors"] = {"sha256": "0", "size": 1}
+    runtimes = {p: {"path": f"runtime/{p}", "tvm": "x"} for p in ("linux-x86_64", "linux-aarch64")}
+    return {"artifact": {"kv_cache": {}}, "libraries": libraries, "files": files,
+            "shared_files": ["params/a.safetensors"], "runtimes": runtimes}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "platform, found, device, picked",
+    [
+        ("linux-x86_64", ["cuda", "rocm", "cpu"], "auto", ("cuda", [None])),
+        ("linux-x86_64", ["rocm", "cpu"], "auto", ("rocm", ["gfx942", "gfx90a"])),
+        ("linux-x86_64", ["cpu"], "auto", ("cpu", [None])),
+        ("linux-aarch64", ["cuda", "cpu"], "auto", ("cuda", [None])),
+        ("linux-aarch64", ["cuda", "cpu"], "cpu", ("cpu", [None])),
+        ("macos-arm64", ["metal", "cpu"], "auto", ("metal", [None])),
+        ("macos-arm64", ["metal", "cpu"], "cpu", None),  # no macOS CPU library in it
+        ("linux-aarch64", ["cpu"], "rocm", None),
+    ],
+)
+def test_the_library_for_this_machine(platform, found, device, picked, monkeypatch):
+    from kiln.runtime import host
+    from kiln.runtime import package as pkg
+
+    monkeypatch.setattr(host, "host_platform", lambda: platform)
+    monkeypatch.setattr(host, "devices", lambda: found)
+    data = vendor_manifest()
+    if picked is None:
+        with pytest.raises(KilnError) as caught:
+            pkg.choose(Path("m.kiln"), data, device)
+        assert f"this {platform} machine" in str(caught.value)
+        assert "linux-x86_64 rocm (gfx942)" in str(caught.value)
+        return
+    libs, chosen = pkg.choose(Path("m.kiln"), data, device)
+    assert {x["platform"] for x in libs} == {platform}
+    assert (chosen.split(":")[0], [x["arch"] for x in libs]) == picked
+    view = pkg._view(Path("/x"), data, libs)
+    assert view.device == picked[0] and "params/a.safetensors" in view.data["files"]
+    if picked[0] == "rocm":  # one library per gfx arch; the runner takes the GPU's
+        assert view.library_for("gfx90a").name == "model-rocm-gfx90a.so"
