@@ -38,7 +38,12 @@ def _ensure_vendor_runtime(kind: str) -> None:
     suffix = ".dylib" if kind == "metal" else ".so"
     lib = Path(tvm.__file__).parent / "lib" / f"libtvm_runtime_{kind}{suffix}"
     if not lib.is_file():
-        raise KilnError(f"this TVM installation has no {kind} runtime ({lib.name} is missing)")
+        hint = ""
+        if kind == "rocm":  # what a package cannot bring: see kiln.compiler.tvm_runtime
+            hint = " (the apache-tvm wheels have none): use a TVM built with ROCm"
+        raise KilnError(
+            f"this TVM installation has no {kind} runtime ({lib.name} is missing){hint}"
+        )
     try:
         ctypes.CDLL(str(lib), mode=os.RTLD_GLOBAL)
     except OSError as e:
