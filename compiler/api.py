@@ -136,16 +136,21 @@ def compile(
         say(f"converting weights to {preset.name}")
         if show_progress is None:
             show_progress = sys.stderr is not None and sys.stderr.isatty()
-        param_files = convert(
-            ckpt,
-            param_shapes,
-            weight_map,
-            layout.transform,
-            staging / "params",
-            family.ignore,
-            progress=ProgressLine(sys.stderr) if show_progress else None,
-            outputs=layout.produces,
-        )
+        line = ProgressLine(sys.stderr) if show_progress else None
+        try:
+            param_files = convert(
+                ckpt,
+                param_shapes,
+                weight_map,
+                layout.transform,
+                staging / "params",
+                family.ignore,
+                progress=line,
+                outputs=layout.produces,
+            )
+        finally:
+            if line is not None:
+                line.end()
         tokenizer_files = artifact.copy_tokenizer(model_dir, staging)
         if "tokenizer.json" not in tokenizer_files:
             warnings.warn(

@@ -560,6 +560,7 @@ class ProgressLine:
         self.stream, self.label, self.interval = stream, label, interval
         self._last_draw: float | None = None
         self._width = 0
+        self._open = False  # a line is drawn and not yet ended
 
     def __call__(self, p: Progress) -> None:
         now = time.monotonic()
@@ -574,7 +575,15 @@ class ProgressLine:
         )
         self.stream.write("\r" + text.ljust(self._width) + ("\n" if final else ""))
         self.stream.flush()
-        self._width = len(text)
+        self._width, self._open = len(text), not final
+
+    def end(self) -> None:
+        """Ends a line left unfinished (the conversion failed), so what is printed next, such
+        as the error, starts on a line of its own."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
 
 
 # safetensors dtype of each dtype name, in the order safetensors' writer lays tensors out in a

@@ -491,6 +491,13 @@ def test_progress_line() -> None:
     second = "converting weights: 120/291 tensors, 5.43 GB/13.48 GB, ETA 1:07"
     last = "converting weights: 291/291 tensors, 13.48 GB/13.48 GB, done in 1:02:05"
     assert out.getvalue() == f"\r{first}\r{second.ljust(len(first))}\r{last}\n"
+    line.end()  # the line is complete: nothing to end
+    assert out.getvalue().endswith("1:02:05\n")
+    out = io.StringIO()
+    line = ProgressLine(out, interval=0)
+    line(Progress(1, 2, 10, 20, 1.0))
+    line.end()  # a failed conversion: the error must start on a line of its own
+    assert out.getvalue() == "\rconverting weights: 1/2 tensors, 10 B/20 B, ETA 0:01\n"
     out = io.StringIO()
     line = ProgressLine(out, label="w", interval=3600)
     for done in range(4):
