@@ -4,6 +4,7 @@ as safetensors) and their compiled CPU artifacts, built once per test session.""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,13 @@ def _has_cuda_gpu() -> bool:
     return (
         cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
     )
+
+
+@pytest.fixture(autouse=True)
+def _clean_cli_state(monkeypatch):
+    # The CLI installs its own warnings.showwarning; put the original back after each test.
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.delenv("KILN_DEBUG", raising=False)
 
 
 def pytest_collection_modifyitems(config, items):

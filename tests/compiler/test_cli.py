@@ -10,17 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.numpy
-from click.testing import CliRunner
+from cli_contract import invoke, one_error
 
 import kiln
-from kiln.compiler.cli import main
 from kiln.compiler.quantization import QUANTIZATIONS
 from kiln.runtime.artifact import MANIFEST, read_manifest
 from kiln.runtime.errors import KilnError
@@ -44,36 +42,6 @@ def kiln_cli(*args: object, cwd: Path) -> tuple[int, str, str]:
         timeout=600,
     )
     return proc.returncode, proc.stdout, proc.stderr
-
-
-def invoke(*args: object) -> tuple[int, str, str]:
-    """The CLI in this process (no import cost). Any exception other than the CLI's own
-    sys.exit would have been a traceback on the console."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"{type(result.exception).__name__} escaped the CLI: {result.exception}"
-    )
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_error(code: int, out: str, err: str, *needles: str) -> str:
-    """Asserts the one-line-error contract and returns the line."""
-    assert code != 0, (out, err)
-    assert "Traceback" not in out + err, err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    line = lines[0]
-    assert line.startswith("error: ") and line[len("error: ") :].strip(), line
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
-
-
-@pytest.fixture(autouse=True)
-def _clean_cli_state(monkeypatch):
-    # The CLI installs its own warnings.showwarning; put the original back after each test.
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
-    monkeypatch.delenv("KILN_DEBUG", raising=False)
 
 
 def no_leftovers(out: Path) -> None:

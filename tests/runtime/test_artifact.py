@@ -8,46 +8,15 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_contract import invoke, one_error
 
 import kiln
-from kiln.compiler.cli import main
 from kiln.runtime.artifact import MANIFEST, read_manifest
 from kiln.runtime.errors import KilnError
-
-
-def invoke(*args: object) -> tuple[int, str, str]:
-    """The CLI in this process; any exception but its own sys.exit would be a traceback."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"{type(result.exception).__name__} escaped the CLI: {result.exception}"
-    )
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_error(code: int, out: str, err: str, *needles: str) -> str:
-    """Asserts the one-line-error contract (nothing on stdout either) and returns the line."""
-    assert code != 0, (out, err)
-    assert "Traceback" not in out + err, err
-    assert out == "", out
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    line = lines[0]
-    assert line.startswith("error: ") and line[len("error: ") :].strip(), line
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
-
-
-@pytest.fixture(autouse=True)
-def _clean_cli_state(monkeypatch):
-    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
-    monkeypatch.delenv("KILN_DEBUG", raising=False)
 
 
 def params_file(art: Path) -> Path:

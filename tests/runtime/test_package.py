@@ -23,11 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_contract import invoke, one_error
 
 import kiln
 from kiln.compiler.artifact import write_manifest
-from kiln.compiler.cli import main
 from kiln.compiler.package import build_package
 from kiln.runtime.artifact import MANIFEST
 from kiln.runtime.errors import KilnError
@@ -295,24 +294,6 @@ def test_modified_extraction_is_caught(package, tmp_path):
 
 
 # -- the CLI -----------------------------------------------------------------------------------
-
-
-def invoke(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"{type(result.exception).__name__} escaped the CLI: {result.exception}"
-    )
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_error(code: int, out: str, err: str, *needles: str) -> str:
-    assert code != 0, (out, err)
-    assert "Traceback" not in out + err and out == "", (out, err)
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 # -- choosing among vendors (the manifest of a CUDA + ROCm + Metal + CPU package) --------------
