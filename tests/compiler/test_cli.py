@@ -303,8 +303,8 @@ def test_failed_compile_keeps_existing_artifact(checkpoint, artifact, tmp_path, 
         (out_dir / "params-00001.safetensors").write_bytes(b"half")
         raise KilnError(f"no space left on the device writing {out_dir}: free some space")
 
+    out = shutil.copytree(artifact("llama"), tmp_path / "art")  # built before the patch
     monkeypatch.setattr(api, "convert", failing_convert)
-    out = shutil.copytree(artifact("llama"), tmp_path / "art")
     before = (out / MANIFEST).read_bytes()
     code, stdout, err = invoke("compile", checkpoint("llama"), "-o", out)
     # Progress lines came first (the compile was under way); the error is still one line, last.
