@@ -56,8 +56,9 @@ def check_unsupported(cfg: dict[str, Any]) -> None:
     """Refuse config fields that would change the math in ways this family does not implement."""
     if cfg.get("quantization_config"):
         raise KilnError(
-            "config.json: pre-quantized checkpoints (quantization_config) are not supported; "
-            "point Kiln at the full-precision checkpoint and choose --quantization instead"
+            "config.json: the checkpoint is pre-quantized (quantization_config): compile it "
+            "with kiln.compile / kiln compile and the preset that reads its format (q4f16_awq "
+            "for AutoAWQ), or use the full-precision checkpoint with any --quantization"
         )
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
