@@ -21,8 +21,11 @@ import kiln
 BUILDS = (
     [(name, "q0f16") for name in CHECKPOINTS]
     + [(name, "q4f16") for name in CHECKPOINTS]
+    + [(name, "fp8e4m3") for name in CHECKPOINTS]
     + [("llama", "q0f32"), ("tiny-llama", "q0f16")]
 )
+# AutoAWQ-style checkpoints made from these (their plain twin is the reference)
+AWQ = ("llama", "mixtral")
 
 
 def main() -> None:
@@ -42,13 +45,24 @@ def main() -> None:
         if not (art / "manifest.json").exists():
             print(f"compiling {name} {preset}", flush=True)
             kiln.compile(str(ckpt), target="cuda", quantization=preset, output=art, arch=args.arch)
-        if preset.startswith("q4"):
+        if preset.startswith(("q4", "fp8")):
             # transformers' reference for a quantized artifact: the weights it holds, dequantized
             from models.test_quantized import dequantized_checkpoint
 
             deq = args.out / f"ckpt-{name}-{preset}-dequantized"
             if not deq.exists():
                 dequantized_checkpoint(ckpt, art, deq)
+    for name in AWQ:
+        from models.test_quantized import awq_checkpoints
+
+        made = args.out / f"ckpt-{name}-awq"
+        if not made.exists():
+            awq_checkpoints(args.out / f"ckpt-{name}", made)
+        art = args.out / f"{name}-q4f16_awq"
+        if not (art / "manifest.json").exists():
+            print(f"compiling {name} q4f16_awq", flush=True)
+            kiln.compile(str(made / "awq"), target="cuda", quantization="q4f16_awq", output=art,
+                         arch=args.arch)  # fmt: skip
     # A CPU build of the same weights: the engine's greedy outputs must agree across devices.
     art = args.out / "llama-q0f32-cpu"
     if not (art / "manifest.json").exists():

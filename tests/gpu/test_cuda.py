@@ -70,22 +70,34 @@ def test_cuda_fp16_matches_transformers(name, gpu_build):
     print(f"{name} q0f16 cuda: greedy tokens equal to the reference's argmax: {agree}/16")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_cuda_q4f16_matches_transformers_on_dequantized_weights(name, gpu_build):
-    """4-bit weights read packed by the kernels: the logits equal transformers running the
-    artifact's own weights, dequantized, within fp16 rounding."""
+QUANTIZED = (
+    [(name, "q4f16") for name in FAMILIES]
+    + [(name, "fp8e4m3") for name in FAMILIES]
+    + [("llama", "q4f16_awq"), ("mixtral", "q4f16_awq")]
+)
+
+
+@pytest.mark.parametrize("name,preset", QUANTIZED)
+def test_cuda_quantized_matches_transformers_on_dequantized_weights(name, preset, gpu_build):
+    """Packed weights (int4, fp8, AutoAWQ's int4 with zero points) read by the kernels: the
+    logits equal transformers running the artifact's own weights, dequantized, within fp16
+    rounding."""
     import torch
 
-    _, art = gpu_build(name, "q4f16")
-    if not os.environ.get("KILN_GPU_ARTIFACTS"):
+    _, art = gpu_build(name, preset)
+    root = os.environ.get("KILN_GPU_ARTIFACTS")
+    if not root:
         pytest.skip("the dequantized reference is built by tests/gpu/build_artifacts.py")
-    ref = reference(Path(os.environ["KILN_GPU_ARTIFACTS"]) / f"ckpt-{name}-q4f16-dequantized")
+    if preset == "q4f16_awq":
+        ref = reference(Path(root) / f"ckpt-{name}-awq" / "plain")
+    else:
+        ref = reference(Path(root) / f"ckpt-{name}-{preset}-dequantized")
     ids = prompt(2)
     ours = kiln.load(art, device="cuda").prefill_logits(ids)
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits[0].numpy()
     err = rel_err(ours, theirs)
-    print(f"\n{name} q4f16 cuda: logits max rel err vs dequantized transformers {err:.2e}")
+    print(f"\n{name} {preset} cuda: logits max rel err vs dequantized transformers {err:.2e}")
     assert err <= FP16_BOUND
 
 
