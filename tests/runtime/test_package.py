@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -288,7 +289,11 @@ def test_modified_extraction_is_caught(package, tmp_path):
     (lib,) = (tmp_path / "cache" / "packages").glob("*/lib/linux-x86_64/cpu/model-cpu.so")
     data = bytearray(lib.read_bytes())
     data[len(data) // 2] ^= 1
-    lib.write_bytes(bytes(data))
+    # A new file in its place: this process still has the old one mapped (rewriting a loaded
+    # library in place would change code under the running process).
+    changed = lib.with_name(lib.name + ".new")
+    changed.write_bytes(bytes(data))
+    os.replace(changed, lib)
     with pytest.raises(KilnError, match="sha256"):
         kiln.load(package)
 
