@@ -70,6 +70,9 @@ def copy_bandwidth(device: Any, nbytes: int = 1 << 30, reps: int = 20) -> float:
     """Device-to-device copy, bytes read + written per second."""
     a = tvm.runtime.empty((nbytes // 4,), "float32", device)
     b = tvm.runtime.empty((nbytes // 4,), "float32", device)
+    # Written first: on the CPU an untouched allocation reads as the shared zero page, which
+    # would measure the cache, not memory.
+    a.copyfrom(np.ones(nbytes // 4, dtype=np.float32))
     a.copyto(b)
     device.sync()
     start = time.perf_counter()
