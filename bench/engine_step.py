@@ -18,22 +18,9 @@ import numpy as np
 import tvm
 
 import kiln
+from kiln.runtime.benchmark import copy_bandwidth, decode_weight_bytes
 from kiln.runtime.runner import Logits, Runner
 from kiln.runtime.sampler import SamplingParams, TokenSampler
-
-
-def bandwidth(device, nbytes: int = 1 << 30, reps: int = 20) -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second."""
-    a = tvm.runtime.empty((nbytes // 4,), "float32", device)
-    b = tvm.runtime.empty((nbytes // 4,), "float32", device)
-    a.copyfrom(np.random.default_rng(0).random(nbytes // 4, dtype=np.float32))
-    a.copyto(b)
-    device.sync()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a.copyto(b)
-    device.sync()
-    return 2 * nbytes * reps / (time.perf_counter() - start)
 
 
 def timed(device, fn, reps: int) -> float:
@@ -108,8 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     runner = Runner(args.artifact, args.device, max_batch_size=32, kv_tokens=4096)
     dev = runner.device
-    bw = bandwidth(dev)
-    weight_bytes = decode_bytes(runner)
+    bw = copy_bandwidth(dev)
+    weight_bytes = decode_weight_bytes(runner)
     roofline = weight_bytes / bw
     result = {
         "device": str(dev),
@@ -132,18 +119,6 @@ def main() -> None:
         print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-
-
-def decode_bytes(runner: Runner) -> int:
-    """Weight bytes one decode step reads: all of them but the embedding table, of which a
-    step reads one row per sequence (unless the LM head shares it)."""
-    names = [p["name"] for p in runner.manifest.params]
-    tied = not any(n.startswith("lm_head.") for n in names)
-    return sum(
-        int(np.prod(t.shape)) * tvm.runtime.DataType(str(t.dtype)).bits // 8
-        for name, t in zip(names, runner.params, strict=True)
-        if tied or not name.startswith("embed_tokens.")
-    )
 
 
 if __name__ == "__main__":
