@@ -14,10 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_contract import invoke, one_error
 
 import kiln
-from kiln.compiler.cli import main
 from kiln.runtime.host import host_platform, library_platform
 
 EM_AARCH64, ET_DYN = 0xB7, 3
@@ -71,12 +70,11 @@ def test_cuda_library_for_a_jetson(checkpoint, tmp_path, monkeypatch):
     assert elf_header(art / data["library"]) == (ET_DYN, EM_AARCH64)
 
 
-def one_error(*args: object) -> str:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 1 and result.stdout == "", (result.stdout, result.stderr)
-    (line,) = result.stderr.splitlines()
-    assert line.startswith("error: ")
-    return line
+def cli_error(*args: object) -> str:
+    """The one error line of a kiln command that must fail as a user mistake (exit 1)."""
+    code, out, err = invoke(*args)
+    assert code == 1, (out, err)
+    return one_error(code, out, err)
 
 
 @pytest.mark.parametrize(
@@ -89,7 +87,7 @@ def one_error(*args: object) -> str:
     ],
 )
 def test_platform_mistakes_are_one_line(args, needles, checkpoint, tmp_path):
-    line = one_error("compile", checkpoint("tiny-llama"), *args, "-o", tmp_path / "out")
+    line = cli_error("compile", checkpoint("tiny-llama"), *args, "-o", tmp_path / "out")
     for needle in needles:
         assert needle in line, line
     assert not (tmp_path / "out").exists()
