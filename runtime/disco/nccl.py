@@ -188,6 +188,7 @@ def build(force: bool = False) -> Path:
             f"building Kiln's NCCL backend failed ({cmd[0]} exited {proc.returncode}):\n"
             f"{proc.stderr.strip()[-4000:]}"
         )
+    os.chmod(tmp.name, 0o755)  # the temporary file was made private
     os.replace(tmp.name, out)  # atomic: concurrent builders each write their own temp file
     return out
 
