@@ -120,7 +120,8 @@ def compile(
             if dump and spec.split_arch:
                 dump = dump / build
             pipeline = relax_pipeline(spec, tvm_target, dump)
-            executable = tvm.compile(exported.mod, tvm_target, relax_pipeline=pipeline)
+            with tvm.transform.PassContext(config=dict(spec.pass_config)):
+                executable = tvm.compile(exported.mod, tvm_target, relax_pipeline=pipeline)
             libraries[build] = f"model-{name}{spec.library_suffix}"
             device_code[build] = spec.export(
                 executable, str(staging / libraries[build]), build, **link

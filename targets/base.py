@@ -52,6 +52,8 @@ class TargetSpec:
     toolchain: Callable[[], str] | None = None
     # Platforms whose host code it builds (`kiln compile --platform`, kiln.targets.cross).
     platforms: tuple[str, ...] = ("linux-x86_64", "linux-aarch64")
+    # TVM PassContext options the build runs under, as (key, value) pairs.
+    pass_config: tuple[tuple[str, Any], ...] = ()
 
     def target(self, arch: str | None = None) -> Target:
         return self.make_target(arch or self.default_arch)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import tvm
 import tvm_ffi
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.target import Target
@@ -34,10 +35,16 @@ from kiln.targets.blob import (
     split_device_payload,
     write_blob_asm,
 )
+from kiln.targets.gemv import DecodeGEMV
 from kiln.targets.gpu import dlight_schedule, gpu_legalize
 
 DEFAULT_ARCHS = "sm_80,sm_86,sm_89,sm_90"
 _ARCH = re.compile(r"^sm_(\d+)(a?)$")
+
+
+def cuda_schedule(target: Target) -> list[tvm.transform.Pass]:
+    # Kiln's batch-1 GEMV of float weights (16-byte loads) ahead of dlight's rules.
+    return dlight_schedule(target, first=(DecodeGEMV(),))
 
 
 def parse_archs(arch: str | None) -> list[str]:
@@ -235,9 +242,13 @@ CUDA = TargetSpec(
     make_target=_make_target,
     library_dispatch=cuda_pipeline.library_dispatch_passes,
     legalize=gpu_legalize,
-    schedule=dlight_schedule,
+    schedule=cuda_schedule,
     dataflow_lower=cuda_pipeline.dataflow_lower_passes,
     finalize=cuda_pipeline.finalize_passes,
     export=export_library,
     toolchain=describe_compiler,
+    # The finalize phase's RewriteCUDAGraph lifts each run of static-shape kernel launches
+    # (in the batch-1 decode: everything between two KV-cache calls) into a CUDA graph that is
+    # captured on the first call and replayed after: one launch instead of dozens.
+    pass_config=(("relax.backend.use_cuda_graph", True),),
 )

@@ -21,14 +21,21 @@ def gpu_legalize(_target: Target) -> list[tvm.transform.Pass]:
     ]
 
 
-def dlight_schedule(_target: Target) -> list[tvm.transform.Pass]:
-    """Give every unscheduled kernel a GPU schedule (matmul, GEMV, reductions, elementwise).
-    Kernels that come scheduled (the KV cache's attention) are left as they are."""
+def dlight_schedule(_target: Target, first: tuple = ()) -> list[tvm.transform.Pass]:
+    """Give every unscheduled kernel a GPU schedule (matmul, GEMV, reductions, elementwise),
+    trying a target's own rules (`first`) before dlight's. Kernels that come scheduled (the KV
+    cache's attention) are left as they are."""
     from tvm.s_tir import dlight as dl
 
     _teach_inspect_frozen_modules()
 
-    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+    rules = [
+        *first,
+        dl.gpu.Matmul(),
+        dl.gpu.GEMV(),
+        dl.gpu.Reduction(),
+        dl.gpu.GeneralReduction(),
+    ]
     return [dl.ApplyDefaultSchedule(*map(_declining, rules), dl.gpu.Fallback())]
 
 

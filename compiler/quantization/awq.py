@@ -46,7 +46,13 @@ from kiln.compiler.quantization.base import (
     preset_json,
     quantize_weights,
 )
-from kiln.compiler.quantization.int4_group import PER_WORD, nibble_te, pack_nibbles, unpack_nibbles
+from kiln.compiler.quantization.int4_group import (
+    PER_WORD,
+    nibble_te,
+    nibble_value_te,
+    pack_nibbles,
+    unpack_nibbles,
+)
 from kiln.compiler.weights import Source
 from kiln.runtime.errors import KilnError
 
@@ -196,9 +202,14 @@ class AWQInt4:
         return (q - z).astype(np_dtype(self.model_dtype)) * s
 
     def weight_te(
-        self, stored: dict[str, te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr
+        self,
+        stored: dict[str, te.Tensor],
+        row: tirx.PrimExpr,
+        col: tirx.PrimExpr,
+        dtype: str | None = None,
     ) -> tirx.PrimExpr:
-        q = nibble_te(stored["qweight"], row, col).astype("int32")
+        dtype = dtype or self.model_dtype
         group = col // self.group_size
-        z = stored["zero"][row, group].astype("int32")
-        return (q - z).astype(self.model_dtype) * stored["scale"][row, group]
+        nibble = nibble_te(stored["qweight"], row, col)
+        q = nibble_value_te(nibble, stored["zero"][row, group], dtype)
+        return q * stored["scale"][row, group].astype(dtype)

@@ -67,9 +67,16 @@ class WeightScheme(Protocol):
         ...
 
     def weight_te(
-        self, stored: dict[str, te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr
+        self,
+        stored: dict[str, te.Tensor],
+        row: tirx.PrimExpr,
+        col: tirx.PrimExpr,
+        dtype: str | None = None,
     ) -> tirx.PrimExpr:
-        """Element (row, col) of the dequantized weight in `model_dtype`, read from `stored`."""
+        """Element (row, col) of the dequantized weight, read from `stored`: in `model_dtype`
+        (dtype None), bit for bit what `dequantize` gives; or the same value computed in
+        `dtype` without the rounding to `model_dtype` (the matmuls accumulate in float32 and
+        take their weights so, which spares a conversion per weight)."""
         ...
 
 

@@ -133,7 +133,11 @@ class FP8E4M3:
         return w.astype(np_dtype(self.model_dtype))
 
     def weight_te(
-        self, stored: dict[str, te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr
+        self,
+        stored: dict[str, te.Tensor],
+        row: tirx.PrimExpr,
+        col: tirx.PrimExpr,
+        dtype: str | None = None,
     ) -> tirx.PrimExpr:
         w = decode_e4m3_te(stored["qweight"][row, col]) * stored["scale"][row]
-        return w.astype(self.model_dtype)
+        return w.astype(dtype or self.model_dtype)

@@ -60,6 +60,27 @@ def nibble_te(words: te.Tensor, row: tirx.PrimExpr, col: tirx.PrimExpr) -> tirx.
     return (words[row, col // PER_WORD] >> shift) & tirx.const(0xF, "uint32")
 
 
+def nibble_value_te(nibble: tirx.PrimExpr, zero: tirx.PrimExpr | int, dtype: str) -> tirx.PrimExpr:
+    """nibble - zero, exactly, in `dtype` (nibble: uint32 in 0..15; zero: an integer 0..15).
+
+    In float32 the integer goes into the mantissa of 2^23 (0x4B000000 | n is 2^23 + n) and
+    2^23 is subtracted: an OR and a float add where a conversion would cost a slower
+    integer-to-float instruction per weight."""
+    if dtype != "float32":
+        return (nibble.astype("int32") - zero).astype(dtype)
+
+    def biased(n: tirx.PrimExpr) -> tirx.PrimExpr:
+        return tirx.reinterpret("float32", n.astype("uint32") | tirx.const(0x4B000000, "uint32"))
+
+    if isinstance(zero, int):
+        return biased(nibble) - tirx.const(float(2**23 + zero), "float32")
+    return biased(nibble) - biased(zero)
+
+
+def _cast(x: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 @dataclass(frozen=True)
 class Int4Group:
     name: str
@@ -131,8 +152,12 @@ class Int4Group:
         return q.astype(dtype) * group_scale.astype(dtype)
 
     def weight_te(
-        self, stored: dict[str, te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr
+        self,
+        stored: dict[str, te.Tensor],
+        row: tirx.PrimExpr,
+        col: tirx.PrimExpr,
+        dtype: str | None = None,
     ) -> tirx.PrimExpr:
-        nibble = nibble_te(stored["qweight"], row, col)
-        q = (nibble.astype("int32") - OFFSET).astype(self.model_dtype)
-        return q * stored["scale"][row, col // self.group_size]
+        dtype = dtype or self.model_dtype
+        q = nibble_value_te(nibble_te(stored["qweight"], row, col), OFFSET, dtype)
+        return q * _cast(stored["scale"][row, col // self.group_size], dtype)

@@ -84,6 +84,11 @@ class Int8Channel:
         return stored["qweight"].astype(dtype) * stored["scale"].astype(dtype)[:, None]
 
     def weight_te(
-        self, stored: dict[str, te.Tensor], row: tirx.PrimExpr, col: tirx.PrimExpr
+        self,
+        stored: dict[str, te.Tensor],
+        row: tirx.PrimExpr,
+        col: tirx.PrimExpr,
+        dtype: str | None = None,
     ) -> tirx.PrimExpr:
-        return stored["qweight"][row, col].astype(self.model_dtype) * stored["scale"][row]
+        dtype = dtype or self.model_dtype
+        return stored["qweight"][row, col].astype(dtype) * stored["scale"][row].astype(dtype)

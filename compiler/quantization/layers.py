@@ -39,9 +39,15 @@ class _Stored(nn.Module):
 
         def compute(x: te.Tensor, *stored: te.Tensor) -> te.Tensor:
             tensors = dict(zip(suffixes, stored, strict=True))
+            # A GEMV (a few static rows of x: the batch-1 decode) takes its weights in float32:
+            # int4 values then reach float32 by an OR and a subtraction instead of a slow
+            # integer-to-float16 conversion and a float16-to-float32 one (on an H100, dlight's
+            # q4f16 GEMVs went from 34-55% to 40-65% of the memory bandwidth: bench/gemv.py).
+            # A GEMM keeps them in the model dtype, which tensor cores take.
+            gemv = all(isinstance(d, tirx.IntImm) for d in x.shape[:-1]) and _numel(x) <= 8 * cols
             w = te.compute(  # (rows, cols)
                 (rows, cols),
-                lambda i, j: scheme.weight_te(tensors, i, j),
+                lambda i, j: scheme.weight_te(tensors, i, j, ACCUMULATE if gemv else None),
                 name="dequantize",
             )
             k = te.reduce_axis((0, cols), name="k")
@@ -95,6 +101,13 @@ class QuantizedEmbedding(_Stored):
     def project(self, x: nn.Tensor) -> nn.Tensor:
         """Tied LM head: x (..., dim) -> (..., num)."""
         return self._matmul(x, "dequantize_matmul")
+
+
+def _numel(x: te.Tensor) -> int:
+    n = 1
+    for d in x.shape:
+        n *= int(d)
+    return n
 
 
 def _cast(x: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
