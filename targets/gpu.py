@@ -55,7 +55,9 @@ def _declining(rule):
                           f"{func.script()}", file=sys.stderr)  # fmt: skip
                 return None
 
-    return Declining()
+    declining = Declining()
+    declining.rule = rule
+    return declining
 
 
 def _teach_inspect_frozen_modules() -> None:
