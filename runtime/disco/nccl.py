@@ -14,15 +14,8 @@ with).
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import importlib
-import importlib.util
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +25,7 @@ import tvm
 import tvm_ffi
 from tvm import libinfo
 
+from kiln.runtime import native
 from kiln.runtime.device import open_device
 from kiln.runtime.errors import KilnError
 from kiln.runtime.package import cache_root
@@ -40,32 +34,15 @@ _HERE = Path(__file__).resolve().parent
 SOURCE = _HERE / "nccl.cc"
 # Headers the wheel's tvm/runtime/tensor.h includes but the wheel does not ship.
 SHIM_INCLUDE = _HERE / "include"
-FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-Wl,--no-undefined"]
+WHAT = "Kiln's NCCL backend"
 INSTALL_NCCL = "pip install 'kiln[tp]' (or nvidia-nccl-cu13), or set KILN_NCCL_HOME"
-
-
-def _tvm_lib_dir() -> Path:
-    # Where `import tvm` found libtvm_runtime (TVM_LIBRARY_PATH may point elsewhere).
-    loaded = getattr(tvm.base, "_LOADED_LIBS", {}).get("tvm_runtime")
-    if loaded is not None:
-        return Path(loaded._name).resolve().parent
-    return Path(tvm.__file__).resolve().parent / "lib"
 
 
 def _nccl_homes() -> list[Path]:
     """Directories with include/nccl.h and/or lib/libnccl.so.2, most specific first."""
     homes = [Path(os.environ[v]) for v in ("KILN_NCCL_HOME", "NCCL_HOME") if os.environ.get(v)]
-    homes += [p / "nccl" for p in _nvidia_dirs()]  # pip's NCCL, cu12 and cu13: nvidia/nccl/
+    homes += [p / "nccl" for p in native.nvidia_dirs()]  # pip's NCCL, cu12 and cu13: nvidia/nccl/
     return [*homes, Path("/usr/local"), Path("/usr")]  # a system install (libnccl-dev)
-
-
-def _nvidia_dirs() -> list[Path]:
-    """The `nvidia` package directories where pip puts NVIDIA's libraries (torch's NCCL too)."""
-    spec = importlib.util.find_spec("nvidia")
-    found = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    # Not only the namespace package's: an `nvidia/__init__.py` somewhere would hide the rest.
-    found += [Path(p) / "nvidia" for p in sys.path if p and (Path(p) / "nvidia").is_dir()]
-    return list(dict.fromkeys(found))
 
 
 def nccl_library() -> Path:
@@ -85,21 +62,7 @@ def nccl_include() -> Path:
 
 def cuda_include() -> Path:
     """CUDA runtime headers (nccl.h includes cuda_runtime.h): the toolkit, else pip's."""
-    roots = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        roots.append(Path(nvcc).resolve().parent.parent)
-    roots.append(Path("/usr/local/cuda"))
-    for p in _nvidia_dirs():  # nvidia-cuda-runtime: cu13/ (CUDA 13), cuda_runtime/ (CUDA 12)
-        roots += [p / "cu13", p / "cuda_runtime"]
-    for root in roots:
-        for inc in (root / "include", root / "targets" / "x86_64-linux" / "include"):
-            if (inc / "cuda_runtime.h").is_file():
-                return inc
-    raise KilnError(
-        "building Kiln's NCCL backend needs the CUDA runtime headers (cuda_runtime.h), found "
-        "none: install the CUDA toolkit (or set CUDA_HOME), or pip install 'kiln[cuda]'"
-    )
+    return native.cuda_include(WHAT)
 
 
 def tvm_include() -> Path:
@@ -119,21 +82,11 @@ def tvm_include() -> Path:
 
 def cudart_library() -> Path:
     """The CUDA runtime TVM's CUDA runtime links (libtvm_runtime_cuda.so needs libcudart.so.13)."""
-    include = cuda_include()
-    for lib in ("lib64", "lib"):
-        if (include.parent / lib / "libcudart.so.13").is_file():
-            return (include.parent / lib / "libcudart.so.13").resolve()
-    raise KilnError(
-        f"building Kiln's NCCL backend needs libcudart.so.13 next to {include}: install the CUDA "
-        "13 toolkit (or set CUDA_HOME), or pip install 'kiln[cuda]'"
-    )
+    return native.cudart_library(WHAT)
 
 
 def _compiler() -> str:
-    for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if cxx and shutil.which(cxx):
-            return cxx
-    raise KilnError("building Kiln's NCCL backend needs a C++ compiler: install g++ (or set CXX)")
+    return native.compiler(WHAT)
 
 
 def library_key() -> str:
@@ -141,13 +94,7 @@ def library_key() -> str:
 
     Not the NCCL version: its C API is stable, and the library binds to whichever libnccl.so.2
     is loaded first."""
-    h = hashlib.sha256()
-    for path in (SOURCE, *sorted(SHIM_INCLUDE.rglob("*.h"))):
-        h.update(path.read_bytes())
-    # Module versions, not distribution metadata: a runtime-only copy of tvm has none.
-    h.update(f"tvm {tvm.__version__} tvm_ffi {tvm_ffi.__version__}".encode())
-    h.update(" ".join(FLAGS).encode())
-    return h.hexdigest()[:16]
+    return native.source_key([SOURCE, *sorted(SHIM_INCLUDE.rglob("*.h"))])
 
 
 def library_path() -> Path:
@@ -159,10 +106,10 @@ def build(force: bool = False) -> Path:
     out = library_path()
     if out.is_file() and not force:
         return out
-    lib_dir, nccl, cudart = _tvm_lib_dir(), nccl_library(), cudart_library()
+    lib_dir, nccl, cudart = native.tvm_lib_dir(), nccl_library(), cudart_library()
     cmd = [
         _compiler(),
-        *FLAGS,
+        *native.FLAGS,
         str(SOURCE),
         f"-I{SHIM_INCLUDE}",
         f"-I{tvm_ffi.libinfo.find_include_path()}",
@@ -178,26 +125,7 @@ def build(force: bool = False) -> Path:
         str(cudart),
         f"-Wl,-rpath,{lib_dir}:{nccl.parent}:{cudart.parent}",
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
-        pass
-    proc = subprocess.run([*cmd, "-o", tmp.name], capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp.name)
-        raise KilnError(
-            f"building Kiln's NCCL backend failed ({cmd[0]} exited {proc.returncode}):\n"
-            f"{proc.stderr.strip()[-4000:]}"
-        )
-    os.chmod(tmp.name, 0o755)  # the temporary file was made private
-    os.replace(tmp.name, out)  # atomic: concurrent builders each write their own temp file
-    return out
-
-
-def _load_library(path: Path, what: str) -> None:
-    try:
-        ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
-    except OSError as e:
-        raise KilnError(f"cannot load {what} ({e})") from None
+    return native.compile_library(out, cmd, WHAT)
 
 
 def disco_module() -> ModuleType:
@@ -207,13 +135,13 @@ def disco_module() -> ModuleType:
     fails then and is left as None; a runtime-only `import tvm` never loads the library, and its
     `tvm.runtime.disco` has none of the C++ functions and no registered classes."""
     if tvm_ffi.get_global_func("runtime.disco.SessionThreaded", allow_missing=True) is None:
-        extra = _tvm_lib_dir() / "libtvm_runtime_extra.so"
+        extra = native.tvm_lib_dir() / "libtvm_runtime_extra.so"
         if not extra.is_file():
             raise KilnError(
                 f"this TVM installation has no Disco runtime ({extra.name} is missing): "
                 "install the apache-tvm wheel Kiln pins"
             )
-        _load_library(extra, "TVM's Disco runtime")
+        native.load_library(extra, "TVM's Disco runtime")
     disco = importlib.import_module("tvm.runtime.disco")
     ffi_api = importlib.import_module("tvm.runtime.disco._ffi_api")
     if not hasattr(ffi_api, "SessionThreaded"):  # imported before the library was loaded
@@ -231,8 +159,8 @@ def load_nccl() -> ModuleType:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # keep NVLink multicast off on shared hosts
     disco = disco_module()
     if tvm_ffi.get_global_func("runtime.disco.nccl.init_ccl", allow_missing=True) is None:
-        _load_library(nccl_library(), "NCCL")  # first, so that the backend binds to this one
-        _load_library(build(), "Kiln's NCCL backend")
+        native.load_library(nccl_library(), "NCCL")  # first, so that the backend binds to this one
+        native.load_library(build(), "Kiln's NCCL backend")
     return disco
 
 
