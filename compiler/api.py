@@ -112,6 +112,7 @@ def compile(
         start = time.time()
         libraries: dict[str | None, str] = {}
         device_code: dict[str | None, dict[str, Any]] = {}
+        externs: set[str] = set()  # Kiln's functions the code calls (the runtime loads them)
         for build in builds:
             tvm_target = build_target(spec, build, platform)
             name = f"{target}-{build}" if spec.split_arch else target
@@ -127,6 +128,7 @@ def compile(
                 executable, str(staging / libraries[build]), build, **link
             )
             device_code[build]["tvm_target"] = str(tvm_target)
+            externs.update(artifact.kiln_externs(executable))
         compile_seconds = time.time() - start
         if spec.split_arch:
             target_info = {"arch": ",".join(builds), "device_code": device_code}
@@ -175,6 +177,7 @@ def compile(
                     "device": spec.device,
                     "platform": platform,
                     **target_info,
+                    **({"externs": sorted(externs)} if externs else {}),
                 },
                 "library": libraries[builds[0]],
                 # arch -> library, for targets that build one library per arch

@@ -29,6 +29,19 @@ def copy_tokenizer(model_dir: Path, out: Path) -> list[str]:
     return copied
 
 
+def kiln_externs(executable: Any) -> list[str]:
+    """Kiln's own functions (named kiln.*, e.g. kiln.cublas.matmul) that the compiled VM code
+    calls: the manifest lists them under target.externs, and the runtime registers them before
+    it runs the library (kiln.runtime.runner)."""
+    # The VM's function table, one `@NAME packed_func;` line per function it calls by name.
+    names = (
+        line[1:].split()[0]
+        for line in executable.as_text().splitlines()
+        if line.startswith("@") and line.rstrip().endswith(" packed_func;")
+    )
+    return sorted({name for name in names if name.startswith("kiln.")})
+
+
 def write_manifest(out: Path, data: dict[str, Any]) -> dict[str, Any]:
     """Record every file under `out` with its sha256, then write manifest.json last, so a
     half-written artifact has no manifest and is never loaded."""

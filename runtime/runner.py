@@ -19,6 +19,7 @@ import tvm
 import tvm_ffi
 from tvm.runtime import vm as tvm_vm
 
+from kiln.runtime import cublas
 from kiln.runtime.artifact import Manifest, read_manifest
 from kiln.runtime.device import device_arch, open_device, parse_device
 from kiln.runtime.errors import KilnError
@@ -76,6 +77,7 @@ class Runner:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise KilnError(f"max_batch_size is {max_batch_size!r}; it must be an integer >= 1")
         self.device = open_device(device)
+        load_externs(self.manifest)
         self.config = self.manifest.config
         self.vocab_size = int(self.config["vocab_size"])
         geometry = self.manifest.kv_cache
@@ -245,6 +247,22 @@ class Runner:
         self.model_seconds += time.perf_counter() - start
         self.kv.end()
         return result
+
+
+def load_externs(manifest: Manifest) -> None:
+    """Register the functions outside TVM that the artifact's code calls (its manifest lists
+    them), before its VM starts: TVM's device runtime first (open_device), then these."""
+    for name in manifest.data["target"].get("externs", []):
+        if name == cublas.MATMUL:
+            try:
+                cublas.load_cublas()
+            except KilnError as e:
+                raise KilnError(f"{manifest.root} cannot run here: {e}") from None
+        else:
+            raise KilnError(
+                f"{manifest.root} calls {name}, which this version of Kiln does not provide: "
+                "run it with the Kiln that compiled it, or compile it again"
+            )
 
 
 class Logits:

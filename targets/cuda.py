@@ -25,6 +25,8 @@ import tvm_ffi
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.target import Target
 
+from kiln.passes.dispatch_matmul import DispatchMatmul
+from kiln.runtime.cublas import MATMUL as CUBLAS_MATMUL
 from kiln.runtime.errors import KilnError
 from kiln.targets import nvrtc
 from kiln.targets.base import TargetSpec
@@ -45,6 +47,13 @@ _ARCH = re.compile(r"^sm_(\d+)(a?)$")
 def cuda_schedule(target: Target) -> list[tvm.transform.Pass]:
     # Kiln's batch-1 GEMV of float weights (16-byte loads) ahead of dlight's rules.
     return dlight_schedule(target, first=(DecodeGEMV(),))
+
+
+def cuda_library_dispatch(target: Target) -> list[tvm.transform.Pass]:
+    # TVM's sampling and sort/scan dispatch, then the fp16/bf16 GEMMs of prefill and batched
+    # decode (symbolic rows) to cuBLAS (kiln.runtime.cublas); dlight schedules what is left,
+    # the batch-1 decode's GEMVs among it.
+    return [*cuda_pipeline.library_dispatch_passes(target), DispatchMatmul(CUBLAS_MATMUL)]
 
 
 def parse_archs(arch: str | None) -> list[str]:
@@ -240,7 +249,7 @@ CUDA = TargetSpec(
     "(needs nvcc, or NVRTC: pip install 'kiln[cuda]')",
     default_arch=DEFAULT_ARCHS,
     make_target=_make_target,
-    library_dispatch=cuda_pipeline.library_dispatch_passes,
+    library_dispatch=cuda_library_dispatch,
     legalize=gpu_legalize,
     schedule=cuda_schedule,
     dataflow_lower=cuda_pipeline.dataflow_lower_passes,
