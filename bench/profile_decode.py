@@ -1,13 +1,15 @@
-"""Where a batch-1 decode step's GPU time goes: every kernel of `steps` decode steps, summed by
-name, from torch's profiler (CUPTI sees the kernels of every library in the process, TVM's too,
-inside CUDA graphs as well). Fills the artifact's weights first when it has none.
+"""Where a batch-1 decode step's GPU time goes (or, with --prefill N, an N-token prefill's):
+every kernel of `steps` passes, summed by name, from torch's profiler (CUPTI sees the kernels of
+every library in the process, TVM's too, inside CUDA graphs as well), and the GPU's idle time
+between kernels. Fills the artifact's weights first when it has none.
 
-    python bench/profile_decode.py ARTIFACT [--context 128] [--steps 20] [--json OUT]
+    python bench/profile_decode.py ARTIFACT [--context 128] [--steps 20] [--prefill N] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ def main() -> None:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prefill", type=int, help="profile prefills of this many tokens")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -34,31 +37,55 @@ def main() -> None:
         from random_weights import fill
 
         fill(args.artifact)
-    runner = Runner(args.artifact, "cuda", max_batch_size=1, kv_tokens=4096)
+    runner = Runner(args.artifact, "cuda", max_batch_size=1, kv_tokens=8192)
     rng = np.random.default_rng(0)
+
+    def prefill() -> None:
+        tokens = rng.integers(3, runner.vocab_size, args.prefill).tolist()
+        runner.kv.add(1)
+        for at in range(0, len(tokens), runner.prefill_chunk):  # as the engine chunks it
+            runner.prefill([1], [tokens[at : at + runner.prefill_chunk]])
+        runner.kv.remove(1)
+
+    def decode() -> None:
+        runner.decode([0], [5], on_device=True).greedy()
+
+    step = prefill if args.prefill else decode
     runner.kv.add(0)
     runner.prefill([0], [rng.integers(3, runner.vocab_size, args.context).tolist()])
     for _ in range(3):  # warm up (and capture the CUDA graphs)
-        runner.decode([0], [5], on_device=True).greedy()
+        step()
     runner.device.sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
-            runner.decode([0], [5], on_device=True).greedy()
+            step()
         runner.device.sync()
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
-            kernels.setdefault(event.name, []).append(event.device_time_total)
+    events = sorted(
+        (e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start
+    )
+    gaps: dict[tuple[str, str], float] = {}  # GPU idle time between two kernels, by the pair
+    for event, after in itertools.pairwise(events):
+        idle = after.time_range.start - event.time_range.end
+        if idle > 0:
+            key = (event.name[:40], after.name[:40])
+            gaps[key] = gaps.get(key, 0.0) + idle / args.steps
+    for event in events:
+        kernels.setdefault(event.name, []).append(event.device_time_total)
     rows = sorted(
         ((name, sum(t) / args.steps, len(t) / args.steps) for name, t in kernels.items()),
         key=lambda r: -r[1],
     )
     total = sum(r[1] for r in rows)
-    print(f"GPU time per decode step: {total / 1000:.3f} ms in {sum(r[2] for r in rows):.0f} "
-          f"kernels (context {args.context})")  # fmt: skip
+    what = f"{args.prefill}-token prefill" if args.prefill else "decode step"
+    print(f"GPU time per {what}: {total / 1000:.3f} ms in {sum(r[2] for r in rows):.0f} kernels")
     for name, us, calls in rows[:40]:
         print(f"{us:9.1f} us {100 * us / total:5.1f}%  x{calls:<4.0f} {name[:90]}")
+    span = (events[-1].time_range.end - events[0].time_range.start) / args.steps
+    print(f"GPU busy {total:.0f} us of each step's {span:.0f} us span; idle between kernels:")
+    for (before, after), us in sorted(gaps.items(), key=lambda g: -g[1])[:12]:
+        print(f"{us:9.1f} us idle  {before} -> {after}")
     if args.json:
         args.json.write_text(json.dumps([dict(name=n, us=u, calls=c) for n, u, c in rows]))
 
