@@ -21,6 +21,7 @@ from kiln.compiler.pipeline import relax_pipeline
 from kiln.compiler.quantization import QUANTIZATIONS, for_checkpoint, get_quantization
 from kiln.compiler.weights import Checkpoint, ProgressLine, convert, plan
 from kiln.models import family_of
+from kiln.runtime import cublas
 from kiln.runtime.artifact import MANIFEST
 from kiln.runtime.errors import KilnError
 from kiln.runtime.host import host_platform
@@ -129,6 +130,10 @@ def compile(
             )
             device_code[build]["tvm_target"] = str(tvm_target)
             externs.update(artifact.kiln_externs(executable))
+        if cublas.MATMUL in externs and not link:
+            # The extern goes into the artifact, built here, so the machine that runs it needs
+            # cuBLAS but no compiler. (A cross-compiled artifact's is built where it first runs.)
+            shutil.copyfile(cublas.build(), staging / cublas.ARTIFACT_FILE)
         compile_seconds = time.time() - start
         if spec.split_arch:
             target_info = {"arch": ",".join(builds), "device_code": device_code}

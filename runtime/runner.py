@@ -254,8 +254,9 @@ def load_externs(manifest: Manifest) -> None:
     them), before its VM starts: TVM's device runtime first (open_device), then these."""
     for name in manifest.data["target"].get("externs", []):
         if name == cublas.MATMUL:
+            built = manifest.root / cublas.ARTIFACT_FILE
             try:
-                cublas.load_cublas()
+                cublas.load_cublas(built if built.is_file() else None)
             except KilnError as e:
                 raise KilnError(f"{manifest.root} cannot run here: {e}") from None
         else:

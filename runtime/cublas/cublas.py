@@ -1,17 +1,18 @@
-"""Kiln's cuBLAS extern for CUDA artifacts: built from cublas.cc on first use, cached, loaded.
+"""Kiln's cuBLAS extern for CUDA artifacts: built from cublas.cc, cached, loaded.
 
 The apache-tvm wheel has no cuBLAS contrib. CUDA artifacts call `kiln.cublas.matmul(x, w, out)`
 (out = x @ w^T) for their fp16/bf16 GEMMs (kiln.passes.dispatch_matmul) and record that in
-their manifest (`target.externs`); the runner calls `load_cublas()` before the VM starts, which
-compiles cublas.cc against tvm-ffi's headers and cuBLASLt's (kiln.runtime.native), caches the
-library under $KILN_CACHE/cublas (default ~/.cache/kiln/cublas) by a hash of what went into it,
-loads it, and points it at the cuBLASLt found here: $KILN_CUBLAS (the library or its folder),
-CUDA 13's from pip (`nvidia-cublas`, the `cublas` extra), the CUDA toolkit's, or CUDA 12's from
-pip (`nvidia-cublas-cu12`, which torch brings). cuBLASLt is opened with dlopen, so one build
-serves either. A machine without TVM's compiler copies the cache directory from one that has it
+their manifest (`target.externs`). `kiln compile` puts the built library into the artifact
+(ARTIFACT_FILE) when it compiles for its own platform, and the runner loads that copy before the
+VM starts. Otherwise `load_cublas()` compiles cublas.cc against tvm-ffi's headers and cuBLASLt's
+(kiln.runtime.native), caches the library under $KILN_CACHE/cublas (default
+~/.cache/kiln/cublas) by a hash of what went into it, and loads it. Either way the library is
+pointed at the cuBLASLt found here: $KILN_CUBLAS (the library or its folder), CUDA 13's from pip
+(`nvidia-cublas`, the `cublas` extra), the CUDA toolkit's, or CUDA 12's from pip
+(`nvidia-cublas-cu12`, which torch brings). cuBLASLt is opened with dlopen, so one build serves
+either. A machine without a compiler can also copy the cache directory from one that has it
 (`python -m kiln.runtime.cublas` prints the library's path).
 """
-
 from __future__ import annotations
 
 import os
@@ -27,6 +28,7 @@ _HERE = Path(__file__).resolve().parent
 SOURCE = _HERE / "cublas.cc"
 WHAT = "Kiln's cuBLAS extern"
 MATMUL = "kiln.cublas.matmul"  # out = x @ w^T, the function CUDA artifacts call
+ARTIFACT_FILE = "kiln-cublas.so"  # the built extern, inside an artifact compiled on its platform
 # Newest first; the C API Kiln uses is the same in both.
 SONAMES = ("libcublasLt.so.13", "libcublasLt.so.12")
 INSTALL_CUBLAS = (
@@ -108,18 +110,20 @@ def build(force: bool = False) -> Path:
     return native.compile_library(out, cmd, WHAT)
 
 
-def load_cublas() -> int:
+def load_cublas(library: Path | None = None) -> int:
     """Register `kiln.cublas.*` in this process (once) with this machine's cuBLASLt; returns
-    cuBLASLt's version (e.g. 130100 for 13.1.0)."""
+    cuBLASLt's version (e.g. 130100 for 13.1.0). `library`: the extern built already (an
+    artifact's copy); otherwise it is built here, or taken from the cache."""
     lt = cublas_library()  # first: a machine without cuBLAS should hear that, not about builds
     if tvm_ffi.get_global_func("kiln.cublas.load", allow_missing=True) is None:
-        try:
-            library = build()
-        except KilnError as e:
-            raise KilnError(
-                f"{e}\nOr build it on a machine that can (python -m kiln.runtime.cublas) and copy "
-                f"{library_path().parent} here (or point KILN_CACHE at a copy)"
-            ) from None
+        if library is None:
+            try:
+                library = build()
+            except KilnError as e:
+                raise KilnError(
+                    f"{e}\nOr build it on a machine that can (python -m kiln.runtime.cublas) and "
+                    f"copy {library_path().parent} here (or point KILN_CACHE at a copy)"
+                ) from None
         native.load_library(library, WHAT)
     try:
         return int(tvm_ffi.get_global_func("kiln.cublas.load")(str(lt)))

@@ -28,6 +28,7 @@ from tvm.script import tirx as T
 import kiln
 from kiln.passes.dispatch_matmul import DispatchMatmul
 from kiln.passes.fold_weight_transpose import FoldWeightTranspose
+from kiln.runtime import cublas
 from kiln.targets import get_target
 
 EXTERN = "kiln.cublas.matmul"
@@ -237,6 +238,10 @@ def test_cuda_artifact_calls_cublas_in_prefill_and_decode_not_in_decode_1(
     )  # fmt: skip
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["target"]["externs"] == [EXTERN]
+    # The extern, built here, travels in the artifact (checked like its other files).
+    own = art / cublas.ARTIFACT_FILE
+    assert own.read_bytes() == cublas.build().read_bytes()
+    assert manifest["files"][cublas.ARTIFACT_FILE]["size"] == own.stat().st_size
     layers = manifest["model"]["config"]["num_hidden_layers"]
     calls = _extern_calls((tmp_path / "ir" / "5-finalize.py").read_text())
     # qkv, o, gate_up and down per layer, and the LM head; none in the batch-1 decode (GEMVs,

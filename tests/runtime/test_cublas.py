@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from kiln.runtime.artifact import Manifest
-from kiln.runtime.cublas import cublas
+from kiln.runtime.cublas import MATMUL, cublas
 from kiln.runtime.errors import KilnError
 from kiln.runtime.runner import load_externs
 
@@ -109,6 +109,33 @@ def test_cublas_override(monkeypatch, tmp_path):
     (tmp_path / "libcublasLt.so.12").write_bytes(b"")
     monkeypatch.setenv("KILN_CUBLAS", str(tmp_path))
     assert cublas.cublas_library() == tmp_path / "libcublasLt.so.12"
+
+
+@needs_build
+def test_an_artifacts_own_copy_loads_with_no_cache_and_no_compiler(tmp_path, monkeypatch):
+    """kiln compile puts the built extern into a CUDA artifact: the runner loads that copy, on
+    a machine whose cache is empty and which has no compiler."""
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "build-cache"))
+    art = tmp_path / "artifact"
+    art.mkdir()
+    (art / cublas.ARTIFACT_FILE).write_bytes(cublas.build().read_bytes())
+    code = f"""
+import tvm_ffi
+from kiln.runtime.artifact import Manifest
+from kiln.runtime.runner import load_externs
+from pathlib import Path
+load_externs(Manifest(Path({str(art)!r}), {{"target": {{"externs": [{MATMUL!r}]}}}}))
+print(tvm_ffi.get_global_func({MATMUL!r}, allow_missing=True) is not None)
+"""
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "KILN_CACHE": str(tmp_path / "empty")}
+    env["PATH"] = str(tmp_path / "no-bin")
+    env["CXX"] = "/nonexistent"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]
+    assert not (tmp_path / "empty").exists()  # nothing was built
 
 
 def _manifest(tmp_path, externs: list[str]) -> Manifest:
