@@ -13,6 +13,7 @@ pointed at the cuBLASLt found here: $KILN_CUBLAS (the library or its folder), CU
 either. A machine without a compiler can also copy the cache directory from one that has it
 (`python -m kiln.runtime.cublas` prints the library's path).
 """
+
 from __future__ import annotations
 
 import os
