@@ -5,48 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_checks import FAMILIES, assert_logits_match, prompt, rel_err
 
 import kiln
 
-FAMILIES = ["llama", "llama3", "llama_linear", "mistral", "mixtral"]
-PROMPT_LEN = 45  # longer than mistral's 16-token window and than two 16-token KV pages
 DECODE_STEPS = 8
-
-
-def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-def prompt(seed: int, vocab: int = 320) -> list[int]:
-    return [1, *np.random.default_rng(seed).integers(3, vocab, PROMPT_LEN - 1).tolist()]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_logits_match_transformers(name, checkpoint, artifact, reference):
     ref = reference(checkpoint(name))
-    model = kiln.load(artifact(name))
-    ids = prompt(0)
-
-    ours = model.prefill_logits(ids)  # (len, vocab)
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids])).logits[0].numpy()
-    assert ours.shape == theirs.shape
-    assert rel_err(ours, theirs) <= 1e-4
-
-    # Decode steps through the KV cache, fed with greedy tokens, against full recomputation.
-    seq = 1000
-    model.kv.add(seq)
-    try:
-        logits = model._run_prefill(seq, ids, all_logits=False)
-        tokens = list(ids)
-        for _ in range(DECODE_STEPS):
-            tokens.append(int(np.argmax(logits)))
-            logits = model._run_decode([seq], [tokens[-1]])[0]
-            with torch.no_grad():
-                expect = ref(torch.tensor([tokens])).logits[0, -1].numpy()
-            assert rel_err(logits, expect) <= 1e-4
-    finally:
-        model.kv.remove(seq)
+    assert_logits_match(kiln.load(artifact(name)), ref, 1e-4, DECODE_STEPS)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from model_checks import FAMILIES, PROMPT_LEN, assert_logits_match, prompt, rel_err
 
 import kiln
 from kiln.compiler.quantization import QUANTIZATIONS
@@ -23,8 +24,6 @@ from kiln.models import MODELS
 from kiln.runtime.artifact import read_manifest
 from kiln.runtime.safetensors import load_safetensors
 
-FAMILIES = ["llama", "llama3", "llama_linear", "mistral", "mixtral"]
-PROMPT_LEN = 45
 DECODE_STEPS = 4
 # Max relative logits error against transformers on the same (dequantized) weights: the kernels
 # accumulate in fp32, so f16 presets differ only by rounding fp16 (bf16) activations.
@@ -34,14 +33,6 @@ CASES = [(f, q) for f in FAMILIES for q in ("q4f32", "q4f16", "q8f16", "fp8e4m3"
     ("llama", "q0bf16"),
     ("llama", "fp8e4m3_bf16"),
 ]
-
-
-def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-def prompt(seed: int, vocab: int = 320) -> list[int]:
-    return [1, *np.random.default_rng(seed).integers(3, vocab, PROMPT_LEN - 1).tolist()]
 
 
 def artifact_weights(path: Path) -> dict[str, np.ndarray]:
@@ -98,31 +89,8 @@ def test_logits_match_transformers_on_dequantized_weights(
 ):
     path = artifact(name, preset)
     ref = reference(dequantized_checkpoint(checkpoint(name), path, tmp_path / "dequantized"))
-    assert_logits_match(kiln.load(path), ref, BOUND[QUANTIZATIONS[preset].model_dtype])
-
-
-def assert_logits_match(model, ref, bound: float) -> None:
-    """Prefill logits of a prompt, then greedy decode steps, within `bound` of `ref`."""
-    ids = prompt(0)
-
-    ours = model.prefill_logits(ids)  # (len, vocab)
-    with torch.no_grad():
-        theirs = ref(torch.tensor([ids])).logits[0].numpy()
-    assert rel_err(ours, theirs) <= bound
-
-    seq = 1000
-    model.kv.add(seq)
-    try:
-        logits = model._run_prefill(seq, ids, all_logits=False)
-        tokens = list(ids)
-        for _ in range(DECODE_STEPS):
-            tokens.append(int(np.argmax(logits)))
-            logits = model._run_decode([seq], [tokens[-1]])[0]
-            with torch.no_grad():
-                expect = ref(torch.tensor([tokens])).logits[0, -1].numpy()
-            assert rel_err(logits, expect) <= bound
-    finally:
-        model.kv.remove(seq)
+    bound = BOUND[QUANTIZATIONS[preset].model_dtype]
+    assert_logits_match(kiln.load(path), ref, bound, DECODE_STEPS)
 
 
 # -- AutoAWQ checkpoints (q4f16_awq) ----------------------------------------------------------
@@ -198,7 +166,7 @@ def test_awq_checkpoint_matches_transformers_on_its_weights(name, checkpoint, re
     for kiln_name, value in artifact_weights(path).items():
         parts = [expected[t] for t in wmap[kiln_name].names]
         np.testing.assert_array_equal(value, np.concatenate(parts), err_msg=kiln_name)
-    assert_logits_match(kiln.load(path), reference(plain), BOUND["float16"])
+    assert_logits_match(kiln.load(path), reference(plain), BOUND["float16"], DECODE_STEPS)
 
 
 def test_quantization_error_against_fp32(checkpoint, artifact, reference, capsys):
