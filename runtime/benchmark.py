@@ -9,7 +9,8 @@ Figures (the H100 performance issue's list), all through `kiln.Engine`, the path
   tokens each), counted over the steps in which every request decodes and none prefills.
 
 Rooflines: a decode step must read every weight once (the embedding table excepted: a step
-reads one row of it per sequence) plus each sequence's K/V history, so its time is at least
+reads one row of it per sequence; of a mixture of experts, the experts its tokens route to) plus
+each sequence's K/V history, so its time is at least
 bytes / bandwidth, with the bandwidth measured here as a device-to-device copy. Prefill is
 bounded by FLOPs / dense-GEMM peak; the runtime has no GEMM library to measure that peak
 with, so callers pass it (`bench/llm.py` measures it with torch).
@@ -82,16 +83,23 @@ def copy_bandwidth(device: Any, nbytes: int = 1 << 30, reps: int = 20) -> float:
     return 2 * nbytes * reps / (time.perf_counter() - start)
 
 
-def decode_weight_bytes(runner: Runner) -> int:
-    """Weight bytes one decode step reads: all but the embedding table (unless the LM head
-    shares it)."""
+def decode_weight_bytes(runner: Runner, batch: int = 1) -> int:
+    """Weight bytes a decode step of `batch` sequences must read: all but the embedding table
+    (unless the LM head shares it), and of a mixture of experts only the experts the step routes
+    to: k of N for one token; for `batch` tokens routed independently and evenly, the expected
+    share of experts at least one of them chose, 1 - (1 - k/N)^batch."""
     names = [p["name"] for p in runner.manifest.params]
     tied = not any(n.startswith("lm_head.") for n in names)
-    return sum(
-        int(np.prod(t.shape)) * tvm.runtime.DataType(str(t.dtype)).bits // 8
-        for name, t in zip(names, runner.params, strict=True)
-        if tied or not name.startswith("embed_tokens.")
-    )
+    experts = runner.config.get("num_local_experts") or 0
+    active = 1.0
+    if experts:
+        active = 1 - (1 - runner.config["num_experts_per_tok"] / experts) ** batch
+    total = 0.0
+    for name, t in zip(names, runner.params, strict=True):
+        if tied or not name.startswith("embed_tokens."):
+            nbytes = int(np.prod(t.shape)) * tvm.runtime.DataType(str(t.dtype)).bits // 8
+            total += nbytes * (active if ".experts." in name else 1.0)
+    return int(total)
 
 
 def matmul_flops_per_token(config: dict[str, Any]) -> float:
@@ -183,7 +191,7 @@ def run(
     for batch in batches:
         rate = batched_decode(engine, [prompt(length) for _ in range(batch)], 128)
         # K/V read per step: each sequence's history, `length` to `length` + 128 tokens.
-        step_bytes = weights + batch * (length + 64) * kv_per_token
+        step_bytes = decode_weight_bytes(runner, batch) + batch * (length + 64) * kv_per_token
         figure(f"decode tokens/s, batch {batch} ({length}+128)", rate, "tok/s",
                batch * report.bandwidth / step_bytes)  # fmt: skip
     engine.close()

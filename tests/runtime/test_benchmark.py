@@ -43,6 +43,21 @@ def test_decode_bytes_leave_out_only_an_untied_embedding(name, artifact):
     assert decode_weight_bytes(runner) == (total if tied else total - embed)
 
 
+def test_decode_bytes_of_a_mixture_count_the_routed_experts(artifact):
+    runner = Runner(artifact("mixtral"), kv_tokens=64)
+    tensors = {}
+    for f in {p["file"] for p in runner.manifest.params}:
+        tensors |= load_safetensors(runner.manifest.root / f)
+    experts = sum(a.nbytes for n, a in tensors.items() if ".experts." in n)
+    rest = sum(
+        a.nbytes for n, a in tensors.items() if ".experts." not in n and "embed_tokens" not in n
+    )
+    n, k = runner.config["num_local_experts"], runner.config["num_experts_per_tok"]
+    assert decode_weight_bytes(runner) == pytest.approx(rest + experts * k / n, abs=1)
+    # Many tokens route to nearly every expert.
+    assert decode_weight_bytes(runner, 64) == pytest.approx(rest + experts, rel=1e-6)
+
+
 def test_kiln_bench_on_the_cpu(artifact):
     result = CliRunner().invoke(
         main, ["bench", str(artifact("llama")), "--device", "cpu", "--batches", "2"]
