@@ -64,7 +64,7 @@ def nibble_value_te(nibble: tirx.PrimExpr, zero: tirx.PrimExpr | int, dtype: str
     """nibble - zero, exactly, in `dtype` (nibble: uint32 in 0..15; zero: an integer 0..15).
 
     In float32 the integer goes into the mantissa of 2^23 (0x4B000000 | n is 2^23 + n) and
-    2^23 is subtracted: an OR and a float add where a conversion would cost a slower
+    2^23 + zero is subtracted: an OR and a float add where a conversion would cost a slower
     integer-to-float instruction per weight."""
     if dtype != "float32":
         return (nibble.astype("int32") - zero).astype(dtype)
@@ -75,10 +75,6 @@ def nibble_value_te(nibble: tirx.PrimExpr, zero: tirx.PrimExpr | int, dtype: str
     if isinstance(zero, int):
         return biased(nibble) - tirx.const(float(2**23 + zero), "float32")
     return biased(nibble) - biased(zero)
-
-
-def _cast(x: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
-    return x if x.dtype == dtype else x.astype(dtype)
 
 
 @dataclass(frozen=True)
@@ -160,4 +156,4 @@ class Int4Group:
     ) -> tirx.PrimExpr:
         dtype = dtype or self.model_dtype
         q = nibble_value_te(nibble_te(stored["qweight"], row, col), OFFSET, dtype)
-        return q * _cast(stored["scale"][row, col // self.group_size], dtype)
+        return q * stored["scale"][row, col // self.group_size].astype(dtype)
