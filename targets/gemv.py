@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from math import prod
 
 import tvm
 from tvm import s_tir, tirx
@@ -67,14 +68,7 @@ def _weight_read(sch: s_tir.Schedule, block, vectors) -> tirx.Buffer | None:
     """The largest read that is not the vector: the (stored) weight."""
     reads = [r.source for r in sch.get(block).reads]
     others = [b for b in reads if not any(b.same_as(v) for v in vectors)]
-    return max(others, key=_numel) if others else None
-
-
-def _numel(buffer: tirx.Buffer) -> int:
-    n = 1
-    for dim in buffer.shape:
-        n *= int(dim)
-    return n
+    return max(others, key=lambda b: prod(map(int, b.shape))) if others else None
 
 
 def _schedule(sch, block, epilogue, cached, tile, lanes, rows_per_block) -> s_tir.Schedule:

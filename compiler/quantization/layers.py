@@ -8,6 +8,7 @@ decode, Matmul for prefill) inline a dequantize stage found in the same PrimFunc
 
 from __future__ import annotations
 
+from math import prod
 from typing import TYPE_CHECKING
 
 from tvm import te, tirx
@@ -44,7 +45,8 @@ class _Stored(nn.Module):
             # integer-to-float16 conversion and a float16-to-float32 one (on an H100, dlight's
             # q4f16 GEMVs went from 34-55% to 40-65% of the memory bandwidth: bench/gemv.py).
             # A GEMM keeps them in the model dtype, which tensor cores take.
-            gemv = all(isinstance(d, tirx.IntImm) for d in x.shape[:-1]) and _numel(x) <= 8 * cols
+            lead = x.shape[:-1]
+            gemv = all(isinstance(d, tirx.IntImm) for d in lead) and prod(map(int, lead)) <= 8
             w = te.compute(  # (rows, cols)
                 (rows, cols),
                 lambda i, j: scheme.weight_te(tensors, i, j, ACCUMULATE if gemv else None),
@@ -101,13 +103,6 @@ class QuantizedEmbedding(_Stored):
     def project(self, x: nn.Tensor) -> nn.Tensor:
         """Tied LM head: x (..., dim) -> (..., num)."""
         return self._matmul(x, "dequantize_matmul")
-
-
-def _numel(x: te.Tensor) -> int:
-    n = 1
-    for d in x.shape:
-        n *= int(d)
-    return n
 
 
 def _cast(x: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:

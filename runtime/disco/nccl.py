@@ -60,11 +60,6 @@ def nccl_include() -> Path:
     raise KilnError(f"building Kiln's NCCL backend needs nccl.h, found none: {INSTALL_NCCL}")
 
 
-def cuda_include() -> Path:
-    """CUDA runtime headers (nccl.h includes cuda_runtime.h): the toolkit, else pip's."""
-    return native.cuda_include(WHAT)
-
-
 def tvm_include() -> Path:
     try:
         include = Path(libinfo.find_include_path())
@@ -78,15 +73,6 @@ def tvm_include() -> Path:
             f"{library_path().parent} here (or point KILN_CACHE at a copy)"
         )
     return include
-
-
-def cudart_library() -> Path:
-    """The CUDA runtime TVM's CUDA runtime links (libtvm_runtime_cuda.so needs libcudart.so.13)."""
-    return native.cudart_library(WHAT)
-
-
-def _compiler() -> str:
-    return native.compiler(WHAT)
 
 
 def library_key() -> str:
@@ -106,16 +92,16 @@ def build(force: bool = False) -> Path:
     out = library_path()
     if out.is_file() and not force:
         return out
-    lib_dir, nccl, cudart = native.tvm_lib_dir(), nccl_library(), cudart_library()
+    lib_dir, nccl, cudart = native.tvm_lib_dir(), nccl_library(), native.cudart_library(WHAT)
     cmd = [
-        _compiler(),
+        native.compiler(WHAT),
         *native.FLAGS,
         str(SOURCE),
         f"-I{SHIM_INCLUDE}",
         f"-I{tvm_ffi.libinfo.find_include_path()}",
         f"-I{tvm_include()}",
         f"-I{nccl_include()}",
-        f"-I{cuda_include()}",
+        f"-I{native.cuda_include(WHAT)}",  # nccl.h includes cuda_runtime.h
         f"-L{lib_dir}",
         f"-L{Path(tvm_ffi.libinfo.find_libtvm_ffi()).parent}",
         "-ltvm_runtime_extra",

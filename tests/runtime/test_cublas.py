@@ -6,11 +6,9 @@ clear message where cuBLAS is missing. On a GPU it agrees with NumPy (tests/gpu/
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from native_checks import run_without_compiler
 
 from kiln.runtime.artifact import Manifest
 from kiln.runtime.cublas import MATMUL, cublas
@@ -69,18 +67,8 @@ print(json.dumps({
     "compiler_lib": "libtvm_compiler" in open("/proc/self/maps").read(),
 }))
 """
-    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "KILN_CACHE": str(tmp_path)}
-    made = subprocess.run(
-        [sys.executable, "-m", "kiln.runtime.cublas"], env=env, capture_output=True, text=True
-    )
-    assert made.returncode == 0, made.stderr
-    env["PATH"] = str(tmp_path / "no-bin")
-    env["CXX"] = "/nonexistent"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_without_compiler(code, tmp_path, build_module="kiln.runtime.cublas")
+    result = json.loads(out.strip().splitlines()[-1])
     assert set(result["names"]) >= FUNCTIONS
     header = (cublas.cublas_include() / "cublas_api.h").read_text()
     major, minor, patch = (
@@ -127,14 +115,7 @@ from pathlib import Path
 load_externs(Manifest(Path({str(art)!r}), {{"target": {{"externs": [{MATMUL!r}]}}}}))
 print(tvm_ffi.get_global_func({MATMUL!r}, allow_missing=True) is not None)
 """
-    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "KILN_CACHE": str(tmp_path / "empty")}
-    env["PATH"] = str(tmp_path / "no-bin")
-    env["CXX"] = "/nonexistent"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True"]
+    assert run_without_compiler(code, tmp_path / "empty").split() == ["True"]
     assert not (tmp_path / "empty").exists()  # nothing was built
 
 

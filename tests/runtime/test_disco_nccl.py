@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from native_checks import run_without_compiler
 
 from kiln.runtime.disco import nccl
 from kiln.runtime.errors import KilnError
@@ -30,7 +28,7 @@ def _build_prerequisites() -> str | None:
     """Why the backend cannot be built here, or None."""
     try:
         nccl.tvm_include()
-        nccl.cuda_include()
+        nccl.native.cuda_include(nccl.WHAT)
         nccl.nccl_include()
         nccl.nccl_library()
     except KilnError as e:
@@ -88,20 +86,11 @@ print(json.dumps({
     "compiler_lib": "libtvm_compiler" in open("/proc/self/maps").read(),
 }))
 """
-    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "KILN_CACHE": str(tmp_path)}
-    env.pop("NCCL_NVLS_ENABLE", None)
-    nccl_build = subprocess.run(
-        [sys.executable, "-m", "kiln.runtime.disco"], env=env, capture_output=True, text=True
-    )
-    assert nccl_build.returncode == 0, nccl_build.stderr
     # Loading needs no compiler: the library comes from the cache.
-    env["PATH"] = str(tmp_path / "no-bin")
-    env["CXX"] = "/nonexistent"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    out = run_without_compiler(
+        code, tmp_path, build_module="kiln.runtime.disco", unset=("NCCL_NVLS_ENABLE",)
     )
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.strip().splitlines()[-1])
     assert set(result["names"]) == FUNCTIONS
     header = (nccl.nccl_include() / "nccl.h").read_text()
     major, minor, patch = (
