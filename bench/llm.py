@@ -26,23 +26,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from gemm import torch_gemm  # noqa: E402
 from random_weights import fill  # noqa: E402
 from shapes import SHAPES, config_of  # noqa: E402
-
-
-def gemm_peak(n: int = 8192, reps: int = 50) -> float:
-    import torch
-
-    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -57,7 +43,9 @@ def main() -> None:
 
     from kiln.runtime.benchmark import run
 
-    peak = gemm_peak()
+    peak, _ = torch_gemm()
+    if peak is None:
+        raise SystemExit("bench/llm.py measures the GEMM peak with torch: it needs torch with CUDA")
     print(f"dense fp16 GEMM (torch, 8192^3): {peak / 1e12:.0f} TFLOP/s", flush=True)
     results = {"gemm_flops": peak, "artifacts": {}}
     for art in args.artifacts:
