@@ -145,8 +145,8 @@ def run(out: Path, json_out: Path | None) -> None:
         error = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-6))
         hot = min(library.time_evaluator(k["kernel"], device, number=100, repeat=5)(
             *args, result).results)  # fmt: skip
-        cold = _cold_seconds(fn, args, result, device)
-        nbytes = sum(a.numpy().nbytes for a in args) + k["rows"] * 2
+        cold = _cold_seconds(fn, args, stored, result, device)
+        nbytes = x.nbytes + sum(s.nbytes for s in stored) + k["rows"] * 2
         row = dict(k, hot_us=hot * 1e6, cold_us=cold * 1e6, gbps=nbytes / cold / 1e9,
                    roofline=nbytes / bandwidth / cold, error=error)  # fmt: skip
         row.pop("params")
@@ -158,7 +158,7 @@ def run(out: Path, json_out: Path | None) -> None:
         json_out.write_text(json.dumps({"bandwidth": bandwidth, "kernels": results}, indent=1))
 
 
-def _cold_seconds(fn, args, result, device, reps: int = 300) -> float:
+def _cold_seconds(fn, args, stored, result, device, reps: int = 300) -> float:
     """Seconds per call with the weights not in the GPU's L2 cache (as in a decode step, which
     reads every layer's weights once): calls rotate over copies of the weights that together
     exceed the cache. Launches are asynchronous, so for kernels longer than a launch this is
@@ -167,9 +167,9 @@ def _cold_seconds(fn, args, result, device, reps: int = 300) -> float:
 
     import tvm
 
-    per_copy = sum(a.numpy().nbytes for a in args[1:])
+    per_copy = sum(s.nbytes for s in stored)  # the weights (args[1:]), as on the host
     copies = [args] + [
-        [args[0], *(tvm.runtime.tensor(a.numpy(), device) for a in args[1:])]
+        [args[0], *(tvm.runtime.tensor(s, device) for s in stored)]
         for _ in range(-(-(256 << 20) // per_copy) - 1)
     ]
     for c in copies:
