@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import time
@@ -18,9 +19,16 @@ from kiln.compiler import artifact
 from kiln.compiler.config import read_hf_config, resolve_model
 from kiln.compiler.export import ENTRY_POINTS, export
 from kiln.compiler.pipeline import relax_pipeline
-from kiln.compiler.quantization import QUANTIZATIONS, for_checkpoint, get_quantization
+from kiln.compiler.quantization import (
+    QUANTIZATIONS,
+    for_checkpoint,
+    get_quantization,
+    imports_checkpoint,
+)
+from kiln.compiler.quantization.base import float_layout
 from kiln.compiler.weights import Checkpoint, ProgressLine, convert, plan
 from kiln.models import family_of
+from kiln.models.sharding import shard_weight_map
 from kiln.runtime import cublas
 from kiln.runtime.artifact import MANIFEST
 from kiln.runtime.errors import KilnError
@@ -64,6 +72,7 @@ def compile(
     progress: Callable[[str], None] | None = None,
     show_progress: bool | None = None,
     platform: str | None = None,
+    tensor_parallel: int = 1,
 ) -> Path:
     """Compile `model` (checkpoint directory or hub id) for `target`; returns the artifact path.
 
@@ -73,6 +82,9 @@ def compile(
     None, the default, draws it when stderr is a terminal.
     `platform` ("linux-x86_64", "linux-aarch64", "macos-arm64") is where the host code runs;
     None is this machine (kiln.targets.cross cross-compiles for the others).
+    `tensor_parallel` N > 1 shards the model over N GPUs (kiln.models.sharding): one program
+    that every GPU runs on its own shard, with NCCL all-reduces, and each GPU's weights
+    (params/rank-R/); kiln.load(..., devices=[...]) runs it over a Disco session.
     """
     say = progress or (lambda _msg: None)
     spec = get_target(target)
@@ -86,12 +98,14 @@ def compile(
             f"quantization {quantization} computes in {preset.model_dtype}, which target "
             f"{target} does not run: choose one of {', '.join(runs)}"
         )
+    if tensor_parallel != 1:
+        _check_tensor_parallel(tensor_parallel, spec.device, preset)
     model_dir = resolve_model(model)
     hf_config = read_hf_config(model_dir)
     # A pre-quantized checkpoint fixes the preset (and its group size): check the pairing.
     preset, hf_config = for_checkpoint(preset, hf_config, model_dir)
     family = family_of(hf_config)
-    config = family.config_class.from_hf(hf_config)
+    config = family.config_class.from_hf(hf_config, tensor_parallel=tensor_parallel)
     ckpt = Checkpoint(model_dir)
     out = Path(output or f"{model_dir.name}-{target}-{quantization}").expanduser().resolve()
 
@@ -103,10 +117,12 @@ def compile(
     layout = preset.quantize_model(model_nn)
     exported = export(model_nn, config.attention_spec(), preset.model_dtype, config.vocab_size)
     layout.check(exported.params)
-    # What conversion fills: the float parameters, or a pre-quantized checkpoint's tensors.
+    # What conversion fills, for each GPU: the float parameters, or a pre-quantized
+    # checkpoint's tensors.
     param_shapes, weight_map = layout.conversion(family.weight_map(config))
+    rank_maps = _rank_weight_maps(family, config, weight_map)
     # Check the checkpoint against the model before spending time on codegen.
-    plan(ckpt, param_shapes, weight_map, family.ignore)
+    plan(ckpt, param_shapes, rank_maps[0], family.ignore)
 
     staging = _prepare_output(out)
     try:
@@ -145,17 +161,23 @@ def compile(
         if show_progress is None:
             show_progress = sys.stderr is not None and sys.stderr.isatty()
         line = ProgressLine(sys.stderr) if show_progress else None
+        rank_dirs = ["params"] if tensor_parallel == 1 else [
+            f"params/rank-{r}" for r in range(tensor_parallel)
+        ]  # fmt: skip
         try:
-            param_files = convert(
-                ckpt,
-                param_shapes,
-                weight_map,
-                layout.transform,
-                staging / "params",
-                family.ignore,
-                progress=line,
-                outputs=layout.produces,
-            )
+            param_files = [
+                convert(
+                    ckpt,
+                    param_shapes,
+                    rank_map,
+                    layout.transform,
+                    staging / rank_dir,
+                    family.ignore,
+                    progress=line,
+                    outputs=layout.produces,
+                )
+                for rank_map, rank_dir in zip(rank_maps, rank_dirs, strict=True)
+            ]
         finally:
             if line is not None:
                 line.end()
@@ -188,12 +210,23 @@ def compile(
                 # arch -> library, for targets that build one library per arch
                 **({"libraries": libraries} if spec.split_arch else {}),
                 "entry_points": list(ENTRY_POINTS),
+                **({"tensor_parallel": tensor_parallel} if tensor_parallel > 1 else {}),
+                # Shapes are one GPU's; a sharded artifact lists each GPU's file of a tensor.
                 "params": [
                     {
                         "name": name,
                         "shape": list(shape),
                         "dtype": dtype,
-                        "file": f"params/{param_files[name]}",
+                        **(
+                            {"file": f"params/{param_files[0][name]}"}
+                            if tensor_parallel == 1
+                            else {
+                                "files": [
+                                    f"{d}/{files[name]}"
+                                    for d, files in zip(rank_dirs, param_files, strict=True)
+                                ]
+                            }
+                        ),
                     }
                     for name, shape, dtype in exported.params
                 ],
@@ -202,7 +235,7 @@ def compile(
                     "page_size": PAGE_SIZE,
                     "prefill_chunk_size": PREFILL_CHUNK,
                     "num_layers": config.num_hidden_layers,
-                    "num_kv_heads": config.num_key_value_heads,
+                    "num_kv_heads": config.num_key_value_heads // tensor_parallel,  # per GPU
                     "head_dim": config.head_dim,
                     "dtype": preset.model_dtype,
                     "context_length": config.context_length,
@@ -221,6 +254,36 @@ def compile(
         raise
     say(f"wrote {out}")
     return out
+
+
+def _check_tensor_parallel(ranks: Any, device: str, preset: Any) -> None:
+    if not isinstance(ranks, int) or ranks < 1:
+        raise KilnError(f"tensor_parallel is {ranks!r}; it must be an integer >= 1")
+    # The sharded program's all-reduces run on NCCL through Disco. CPU builds run only over a
+    # Disco session that the caller provides (Kiln's tests do, with a collective of their own).
+    if device not in ("cuda", "cpu"):
+        raise KilnError(
+            f"--tensor-parallel runs on NVIDIA GPUs (NCCL), not on {device}: compile for "
+            "--target cuda, or leave --tensor-parallel out"
+        )
+    if imports_checkpoint(preset):
+        raise KilnError(
+            f"--tensor-parallel cannot split {preset.name}'s weights, which are imported as "
+            "published: compile the full-precision checkpoint with q4f16 (or another preset) "
+            "to shard it, or leave --tensor-parallel out"
+        )
+
+
+def _rank_weight_maps(family: Any, config: Any, weight_map: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each GPU's weight map (one, the family's own, without tensor parallelism)."""
+    ranks = config.tensor_parallel
+    if ranks == 1:
+        return [weight_map]
+    full = float_layout(
+        family.model_class(dataclasses.replace(config, tensor_parallel=1), "float32"), "float32"
+    ).sources
+    splits = family.weight_splits(config, list(full))
+    return [shard_weight_map(weight_map, splits, full, r, ranks) for r in range(ranks)]
 
 
 def _versions() -> dict[str, Any]:

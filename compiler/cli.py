@@ -77,6 +77,13 @@ def main() -> None:
     default=None,
     help="show the weight conversion's progress on stderr (default: when it is a terminal)",
 )
+@click.option(
+    "--tensor-parallel",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="shard the model over this many GPUs (NCCL), each holding 1/N of the weights",
+)
 @_friendly
 def compile(
     model: str,
@@ -87,6 +94,7 @@ def compile(
     dump_ir: str | None,
     platform: str | None,
     progress: bool | None,
+    tensor_parallel: int,
 ) -> None:
     """Compile MODEL (a checkpoint directory or hub id) into an artifact directory."""
     from kiln.compiler.api import compile as compile_model
@@ -101,6 +109,7 @@ def compile(
         progress=lambda msg: click.echo(msg, err=True),
         show_progress=progress,
         platform=platform,
+        tensor_parallel=tensor_parallel,
     )
 
 

@@ -10,6 +10,7 @@ from tvm.relax.frontend import nn
 
 from kiln.compiler.weights import Source
 from kiln.models import llama, mistral, mixtral
+from kiln.models.sharding import Split
 from kiln.runtime.errors import KilnError
 
 
@@ -21,6 +22,8 @@ class ModelFamily:
     weight_map: Callable[[llama.LlamaConfig], dict[str, Source]]
     # Checkpoint tensors that may be present and carry nothing the model needs (regexes).
     ignore: tuple[str, ...] = llama.HARMLESS_TENSORS
+    # How the float parameters split over GPUs (kiln.models.sharding).
+    weight_splits: Callable[[llama.LlamaConfig, list[str]], dict[str, Split]] = llama.weight_splits
 
 
 MODELS: dict[str, ModelFamily] = {

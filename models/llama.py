@@ -17,6 +17,7 @@ from tvm.relax.frontend.nn import op
 from kiln.compiler.weights import Source
 from kiln.models.attention import AttentionSpec, CausalKV, RoPE
 from kiln.models.ops import Embedding
+from kiln.models.sharding import Split, all_reduce
 from kiln.runtime.errors import KilnError
 
 # Checkpoint tensors that carry no weights (older exports saved RoPE tables).
@@ -84,6 +85,7 @@ class LlamaConfig:
     sliding_window: int | None = None
     num_local_experts: int = 0  # Mixtral
     num_experts_per_tok: int = 0  # Mixtral
+    tensor_parallel: int = 1  # GPUs the model is sharded over (kiln.models.sharding)
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
 
@@ -133,6 +135,18 @@ class LlamaConfig:
                 raise KilnError(f"config.json: {name} must be positive")
         if self.context_length <= 0:
             raise KilnError("config.json: max_position_embeddings must be positive")
+        tp = self.tensor_parallel
+        if not isinstance(tp, int) or tp < 1:
+            raise KilnError(f"tensor_parallel is {tp!r}; it must be an integer >= 1")
+        # Each GPU takes whole attention heads (and whole KV heads) and an equal part of the MLP.
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            if getattr(self, name) % tp:
+                raise KilnError(
+                    f"--tensor-parallel {tp} does not divide this model's {name} "
+                    f"({getattr(self, name)}): choose a number of GPUs that divides "
+                    f"{self.num_attention_heads} attention heads, {self.num_key_value_heads} KV "
+                    f"heads and intermediate_size {self.intermediate_size}"
+                )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,10 +159,11 @@ class LlamaConfig:
         return cls(**data)
 
     def attention_spec(self) -> AttentionSpec:
+        """Attention as one GPU runs it: its share of the heads."""
         return AttentionSpec(
             num_layers=self.num_hidden_layers,
-            num_q_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads,
+            num_q_heads=self.num_attention_heads // self.tensor_parallel,
+            num_kv_heads=self.num_key_value_heads // self.tensor_parallel,
             head_dim=self.head_dim,
             rope=self.rope,
             context_length=self.context_length,
@@ -157,10 +172,13 @@ class LlamaConfig:
 
 
 class LlamaAttention(nn.Module):
+    """One GPU's heads (all of them without tensor parallelism); o_proj's output is then that
+    GPU's partial sum."""
+
     def __init__(self, config: LlamaConfig, layer_id: int, dtype: str):
         self.layer_id = layer_id
-        self.q_heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
+        self.q_heads = config.num_attention_heads // config.tensor_parallel
+        self.kv_heads = config.num_key_value_heads // config.tensor_parallel
         self.head_dim = config.head_dim
         qkv_heads = self.q_heads + 2 * self.kv_heads
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_heads * self.head_dim, False, dtype)
@@ -174,6 +192,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """SwiGLU over `inter` features (one GPU's share under tensor parallelism)."""
+
     def __init__(self, hidden: int, inter: int, dtype: str):
         self.inter = inter
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, False, dtype)
@@ -187,17 +207,20 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_id: int, dtype: str):
         eps = config.rms_norm_eps
+        self.ranks = config.tensor_parallel
         self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, False, dtype)
         self.self_attn = LlamaAttention(config, layer_id, dtype)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, False, dtype)
         self.mlp = self.make_mlp(config, dtype)
 
     def make_mlp(self, config: LlamaConfig, dtype: str) -> nn.Module:
-        return LlamaMLP(config.hidden_size, config.intermediate_size, dtype)
+        return LlamaMLP(
+            config.hidden_size, config.intermediate_size // config.tensor_parallel, dtype
+        )
 
     def forward(self, x: nn.Tensor, kv: CausalKV) -> nn.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + all_reduce(self.self_attn(self.input_layernorm(x), kv), self.ranks)
+        return x + all_reduce(self.mlp(self.post_attention_layernorm(x)), self.ranks)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -283,4 +306,25 @@ def mlp_weight_map(config: LlamaConfig, i: int) -> dict[str, Source]:
             config, f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"
         ),
         f"layers.{i}.mlp.down_proj.weight": Source((f"{mlp}.down_proj.weight",)),
+    }
+
+
+def weight_splits(config: LlamaConfig, names: list[str]) -> dict[str, Split]:
+    """How the float parameters `names` split under tensor parallelism (kiln.models.sharding):
+    q/k/v and gate/up by output rows, o_proj and down_proj by input columns (Mixtral's experts
+    each as an MLP); the rest is replicated."""
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    inter = config.intermediate_size
+    by_suffix = {
+        "self_attn.qkv_proj.weight": Split(0, (q_rows, kv_rows, kv_rows)),
+        "self_attn.o_proj.weight": Split(1),
+        "gate_up_proj.weight": Split(0, (inter, inter)),
+        "down_proj.weight": Split(1),
+    }
+    return {
+        name: split
+        for name in names
+        for suffix, split in by_suffix.items()
+        if name.endswith(f".{suffix}")
     }

@@ -52,7 +52,9 @@ class MixtralMoE(nn.Module):
         self.gate = nn.Linear(config.hidden_size, self.num_experts, False, dtype)
         self.experts = nn.ModuleList(
             [
-                LlamaMLP(config.hidden_size, config.intermediate_size, dtype)
+                LlamaMLP(
+                    config.hidden_size, config.intermediate_size // config.tensor_parallel, dtype
+                )
                 for _ in range(self.num_experts)
             ]
         )
