@@ -28,7 +28,9 @@ def fill(artifact: Path, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     by_file: dict[str, list[dict]] = {}
     for p in manifest["params"]:
-        by_file.setdefault(p["file"], []).append(p)
+        # one file, or (tensor parallel) one per GPU, each holding that GPU's part
+        for rel in p.get("files") or [p["file"]]:
+            by_file.setdefault(rel, []).append(p)
     for rel, params in by_file.items():
         tensors = {p["name"]: _random(rng, p["name"], tuple(p["shape"]), p["dtype"])
                    for p in params}  # fmt: skip

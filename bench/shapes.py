@@ -22,6 +22,11 @@ SHAPES: dict[str, dict] = {
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
         max_position_embeddings=4096, rope_theta=10000.0,
     ),
+    "llama2-70b": dict(
+        architectures=["LlamaForCausalLM"], hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+        max_position_embeddings=4096, rope_theta=10000.0,
+    ),
     "llama3-8b": dict(
         architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,

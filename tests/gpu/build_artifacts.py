@@ -1,7 +1,7 @@
 """Build what the GPU tests load, on a machine with the compiler (the GPU machine may have only
 the TVM runtime): tiny checkpoints and their CUDA artifacts.
 
-    python tests/gpu/build_artifacts.py OUT_DIR [--arch sm_90]
+    python tests/gpu/build_artifacts.py OUT_DIR [--arch sm_90] [--tensor-parallel-only]
     KILN_GPU_ARTIFACTS=OUT_DIR pytest -m gpu tests/gpu      # on the GPU machine
 """
 
@@ -26,52 +26,82 @@ BUILDS = (
 )
 # AutoAWQ-style checkpoints made from these (their plain twin is the reference)
 AWQ = ("llama", "mixtral")
+# Tensor-parallel builds, "NAME-PRESET-tpN", next to their unsharded twin "NAME-PRESET":
+# (checkpoint name, family, config changes, preset, N). "llama-wide" has 4 KV heads of head_dim
+# 64, so that 4 GPUs each take one.
+WIDE = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
+TENSOR_PARALLEL = [
+    ("llama-wide", "llama", WIDE, "q0f16", n) for n in (1, 2, 4)
+] + [
+    ("llama-wide", "llama", WIDE, "q4f16", n) for n in (1, 2)
+] + [("mixtral", "mixtral", {}, "q0f16", n) for n in (1, 2)]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--arch", default="sm_90")
+    parser.add_argument(
+        "--tensor-parallel-only", action="store_true", help="only what a multi-GPU host tests"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    build_tensor_parallel(args.out, args.arch)
+    if not args.tensor_parallel_only:
+        build_single_gpu(args.out, args.arch)
+
+
+def build_tensor_parallel(out: Path, arch: str) -> None:
+    for name, family, changes, preset, n in TENSOR_PARALLEL:
+        ckpt = out / f"ckpt-{name}"
+        if not ckpt.exists():
+            make_checkpoint(family, ckpt, **changes)
+        art = out / (f"{name}-{preset}" + (f"-tp{n}" if n > 1 else ""))
+        if not (art / "manifest.json").exists():
+            print(f"compiling {art.name}", flush=True)
+            kiln.compile(str(ckpt), target="cuda", quantization=preset, output=art, arch=arch,
+                         tensor_parallel=n)  # fmt: skip
+
+
+def build_single_gpu(out: Path, arch: str) -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
     for name, preset in BUILDS:
-        ckpt = args.out / f"ckpt-{name}"
+        ckpt = out / f"ckpt-{name}"
         if name == "tiny-llama":
             ckpt = example
         elif not ckpt.exists():
             make_checkpoint(name, ckpt)
-        art = args.out / f"{name}-{preset}"
+        art = out / f"{name}-{preset}"
         if not (art / "manifest.json").exists():
             print(f"compiling {name} {preset}", flush=True)
-            kiln.compile(str(ckpt), target="cuda", quantization=preset, output=art, arch=args.arch)
+            kiln.compile(str(ckpt), target="cuda", quantization=preset, output=art, arch=arch)
         if preset.startswith(("q4", "fp8")):
             # transformers' reference for a quantized artifact: the weights it holds, dequantized
             from models.test_quantized import dequantized_checkpoint
 
-            deq = args.out / f"ckpt-{name}-{preset}-dequantized"
+            deq = out / f"ckpt-{name}-{preset}-dequantized"
             if not deq.exists():
                 dequantized_checkpoint(ckpt, art, deq)
     for name in AWQ:
         from models.test_quantized import awq_checkpoints
 
-        made = args.out / f"ckpt-{name}-awq"
+        made = out / f"ckpt-{name}-awq"
         if not made.exists():
-            awq_checkpoints(args.out / f"ckpt-{name}", made)
-        art = args.out / f"{name}-q4f16_awq"
+            awq_checkpoints(out / f"ckpt-{name}", made)
+        art = out / f"{name}-q4f16_awq"
         if not (art / "manifest.json").exists():
             print(f"compiling {name} q4f16_awq", flush=True)
             kiln.compile(str(made / "awq"), target="cuda", quantization="q4f16_awq", output=art,
-                         arch=args.arch)  # fmt: skip
+                         arch=arch)  # fmt: skip
     # A CPU build of the same weights: the engine's greedy outputs must agree across devices.
-    art = args.out / "llama-q0f32-cpu"
+    art = out / "llama-q0f32-cpu"
     if not (art / "manifest.json").exists():
-        kiln.compile(str(args.out / "ckpt-llama"), target="cpu", quantization="q0f32", output=art)
+        kiln.compile(str(out / "ckpt-llama"), target="cpu", quantization="q0f32", output=art)
     # The same model through NVRTC (no CUDA toolkit), for the runtime to load and compare.
-    art = args.out / "tiny-llama-q0f16-nvrtc"
+    art = out / "tiny-llama-q0f16-nvrtc"
     if not (art / "manifest.json").exists():
         os.environ["KILN_CUDA_COMPILER"] = "nvrtc"
-        kiln.compile(str(example), target="cuda", quantization="q0f16", output=art, arch=args.arch)
+        kiln.compile(str(example), target="cuda", quantization="q0f16", output=art, arch=arch)
 
 
 if __name__ == "__main__":
