@@ -29,9 +29,9 @@ from kiln.compiler.quantization.base import float_layout
 from kiln.compiler.weights import Checkpoint, ProgressLine, convert, plan
 from kiln.models import family_of
 from kiln.models.sharding import shard_weight_map
-from kiln.runtime import cublas
 from kiln.runtime.artifact import MANIFEST
 from kiln.runtime.errors import KilnError
+from kiln.runtime.externs import EXTERNS
 from kiln.runtime.host import host_platform
 from kiln.targets import get_target
 from kiln.targets.cross import build_target, check_platform, linker
@@ -146,10 +146,13 @@ def compile(
             )
             device_code[build]["tvm_target"] = str(tvm_target)
             externs.update(artifact.kiln_externs(executable))
-        if cublas.MATMUL in externs and not link:
-            # The extern goes into the artifact, built here, so the machine that runs it needs
-            # cuBLAS but no compiler. (A cross-compiled artifact's is built where it first runs.)
-            shutil.copyfile(cublas.build(), staging / cublas.ARTIFACT_FILE)
+        # Externs go into the artifact, built here (for its archs), so the machine that runs it
+        # needs their libraries (cuBLAS) but no compiler. (A cross-compiled artifact's are built
+        # where it first runs.)
+        for name in sorted(externs) if not link else ():
+            extern = EXTERNS[name]
+            archs = device_code[builds[0]].get("archs")
+            shutil.copyfile(extern.build(archs), staging / extern.artifact_file)
         compile_seconds = time.time() - start
         if spec.split_arch:
             target_info = {"arch": ",".join(builds), "device_code": device_code}

@@ -19,10 +19,10 @@ import tvm
 import tvm_ffi
 from tvm.runtime import vm as tvm_vm
 
-from kiln.runtime import cublas
 from kiln.runtime.artifact import Manifest, read_manifest
 from kiln.runtime.device import device_arch, open_device, parse_device
 from kiln.runtime.errors import KilnError
+from kiln.runtime.externs import load_externs
 from kiln.runtime.kv import PagedKV
 from kiln.runtime.package import is_package, open_package
 from kiln.runtime.safetensors import load_safetensors
@@ -247,23 +247,6 @@ class Runner:
         self.model_seconds += time.perf_counter() - start
         self.kv.end()
         return result
-
-
-def load_externs(manifest: Manifest) -> None:
-    """Register the functions outside TVM that the artifact's code calls (its manifest lists
-    them), before its VM starts: TVM's device runtime first (open_device), then these."""
-    for name in manifest.data["target"].get("externs", []):
-        if name == cublas.MATMUL:
-            built = manifest.root / cublas.ARTIFACT_FILE
-            try:
-                cublas.load_cublas(built if built.is_file() else None)
-            except KilnError as e:
-                raise KilnError(f"{manifest.root} cannot run here: {e}") from None
-        else:
-            raise KilnError(
-                f"{manifest.root} calls {name}, which this version of Kiln does not provide: "
-                "run it with the Kiln that compiled it, or compile it again"
-            )
 
 
 class Logits:

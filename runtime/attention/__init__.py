@@ -1,0 +1,25 @@
+"""Kiln's prefill attention extern for CUDA artifacts (kiln.runtime.attention.attention)."""
+
+from kiln.runtime.attention.attention import (
+    ARTIFACT_FILE,
+    DTYPES,
+    HEAD_DIMS,
+    INSTALL_NVCC,
+    PREFILL_RAGGED,
+    build,
+    find_nvcc,
+    load_attention,
+    supports,
+)
+
+__all__ = [
+    "ARTIFACT_FILE",
+    "DTYPES",
+    "HEAD_DIMS",
+    "INSTALL_NVCC",
+    "PREFILL_RAGGED",
+    "build",
+    "find_nvcc",
+    "load_attention",
+    "supports",
+]

@@ -1,0 +1,144 @@
+"""Kiln's prefill attention extern for CUDA artifacts: built from flash_prefill.cu, cached, loaded.
+
+TVM's paged KV cache runs a prefill chunk's attention to its own keys with the TIR kernel
+`batch_prefill_ragged_kv`, which uses CUDA cores (~6 TFLOP/s on an H100). CUDA artifacts whose
+cache is fp16 or bf16 with head_dim 64 or 128 get `kiln.attention.prefill_ragged` in its place
+(kiln.passes.lower_paged_kv_cache; the target decides, kiln.targets.cuda), a tensor-core kernel
+with the same arguments, and list it in their manifest (`target.externs`).
+
+The library is device code, so it is built with nvcc: $CUDA_HOME's, the one on PATH,
+/usr/local/cuda's, or pip's (`nvidia-cuda-nvcc`, in the `cuda` extra), for the artifact's archs
+(SASS for each, PTX for the newest), against tvm-ffi's headers. It is cached under
+$KILN_CACHE/attention (default ~/.cache/kiln/attention) by a hash of what went into it.
+`kiln compile` puts the built library into the artifact (ARTIFACT_FILE) when it compiles for its
+own platform, and the runner loads that copy, so the machine that runs the artifact needs no
+compiler; otherwise `load_attention()` builds it there (or takes it from the cache).
+`python -m kiln.runtime.attention --arch sm_90` builds it into the cache and prints its path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import tvm_ffi
+
+from kiln.runtime import native
+from kiln.runtime.errors import KilnError
+from kiln.runtime.package import cache_root
+
+_HERE = Path(__file__).resolve().parent
+SOURCE = _HERE / "flash_prefill.cu"
+WHAT = "Kiln's prefill attention kernel"
+PREFILL_RAGGED = "kiln.attention.prefill_ragged"  # TVM's batch_prefill_ragged_kv contract
+ARTIFACT_FILE = "kiln-attention.so"  # the built extern, inside an artifact compiled on its platform
+DTYPES = ("float16", "bfloat16")
+HEAD_DIMS = (64, 128)
+MIN_SM = 80  # mma.sync on bf16 and cp.async
+DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+INSTALL_NVCC = "install the CUDA toolkit (or set CUDA_HOME), or pip install 'kiln[cuda]'"
+_ARCH = re.compile(r"^sm_(\d+)(a?)$")
+
+
+def find_nvcc() -> Path | None:
+    """nvcc from $CUDA_HOME, PATH, /usr/local/cuda or pip's nvidia-cuda-nvcc, in that order."""
+    for root in native.cuda_roots():
+        if (root / "bin" / "nvcc").is_file():
+            return root / "bin" / "nvcc"
+    return None
+
+
+def supports(archs: Sequence[str]) -> bool:
+    """Whether the kernel runs on every one of `archs` ("sm_80", ...): sm_80 and newer."""
+    numbers = [_ARCH.match(a) for a in archs]
+    return bool(numbers) and all(m is not None and int(m[1]) >= MIN_SM for m in numbers)
+
+
+def _gencode(archs: Sequence[str]) -> list[str]:
+    """SASS for every arch and PTX for the newest, as kiln.targets.cuda builds the model's."""
+    ordered = sorted(set(archs), key=lambda a: (int(_ARCH.match(a)[1]), a))
+    flags = []
+    for i, arch in enumerate(ordered):
+        number = arch.removeprefix("sm_")
+        codes = f"sm_{number}" + (f",compute_{number}" if i == len(ordered) - 1 else "")
+        flags += ["-gencode", f"arch=compute_{number},code=[{codes}]"]
+    return flags
+
+
+def _flags(archs: Sequence[str]) -> list[str]:
+    return [
+        "-std=c++17", "-O3", "--threads", "0", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+        "-Xlinker", "--no-undefined", "-cudart", "none", *_gencode(archs),
+    ]  # fmt: skip
+
+
+def _checked_archs(archs: Sequence[str] | None) -> list[str]:
+    archs = list(archs or DEFAULT_ARCHS)
+    if not supports(archs):
+        raise KilnError(
+            f"{WHAT} runs on sm_{MIN_SM} and newer GPUs, not on {','.join(archs)}: its "
+            "artifacts use TVM's attention kernel there"
+        )
+    return sorted(set(archs))
+
+
+def library_key(archs: Sequence[str]) -> str:
+    """What the library depends on: its source, the archs and the tvm-ffi it links against;
+    never a path, nor the nvcc (a machine without one finds the library built elsewhere)."""
+    return native.source_key([SOURCE], _flags(archs))
+
+
+def library_path(archs: Sequence[str] | None = None) -> Path:
+    archs = _checked_archs(archs)
+    return cache_root() / "attention" / f"kiln_attention-{library_key(archs)}.so"
+
+
+def _need_nvcc() -> Path:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise KilnError(f"building {WHAT} needs nvcc, found none: {INSTALL_NVCC}")
+    return nvcc
+
+
+def build(archs: Sequence[str] | None = None, force: bool = False) -> Path:
+    """Compile flash_prefill.cu for `archs` (default: sm_80, 86, 89, 90) into the cache (once
+    per key) and return the library's path."""
+    archs = _checked_archs(archs)
+    out = library_path(archs)
+    if out.is_file() and not force:
+        return out
+    nvcc = _need_nvcc()
+    cudart = native.cudart_library(WHAT)
+    ffi_lib = Path(tvm_ffi.libinfo.find_libtvm_ffi()).parent
+    cmd = [
+        str(nvcc),
+        *_flags(archs),
+        str(SOURCE),
+        f"-I{tvm_ffi.libinfo.find_include_path()}",
+        f"-L{ffi_lib}",
+        "-ltvm_ffi",
+        # pip's CUDA runtime has no unversioned libcudart.so for -lcudart to find
+        "-Xlinker",
+        str(cudart),
+        "-Xlinker",
+        f"-rpath,{ffi_lib}:{cudart.parent}",
+    ]
+    return native.compile_library(out, cmd, WHAT)
+
+
+def load_attention(library: Path | None = None, archs: Sequence[str] | None = None) -> None:
+    """Register `kiln.attention.*` in this process (once). `library`: the extern built already
+    (an artifact's copy); otherwise it is built here for `archs`, or taken from the cache."""
+    if tvm_ffi.get_global_func(PREFILL_RAGGED, allow_missing=True) is not None:
+        return
+    if library is None:
+        try:
+            library = build(archs)
+        except KilnError as e:
+            raise KilnError(
+                f"{e}\nOr build it on a machine that can (python -m kiln.runtime.attention "
+                f"--arch {','.join(archs or DEFAULT_ARCHS)}) and copy {cache_root() / 'attention'}"
+                " here (or point KILN_CACHE at a copy)"
+            ) from None
+    native.load_library(library, WHAT)
