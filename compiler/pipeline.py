@@ -10,6 +10,8 @@ after each phase is written as TVMScript.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import tvm
@@ -25,9 +27,11 @@ from kiln.targets.base import TargetSpec
 PHASES = ("graph", "library_dispatch", "legalize", "schedule", "dataflow_lower", "finalize")
 
 
-def graph_passes(target: Target) -> list[tvm.transform.Pass]:
+def graph_passes(
+    target: Target, ragged_prefill: Callable[[str, int], str | None] | None = None
+) -> list[tvm.transform.Pass]:
     return [
-        LowerPagedKVCache(target),
+        LowerPagedKVCache(target, ragged_prefill),
         # nn.Linear is matmul(x, permute_dims(W)): fold the transpose into the matmul so no
         # weight is transposed at run time.
         FoldWeightTranspose(),
@@ -39,7 +43,7 @@ def graph_passes(target: Target) -> list[tvm.transform.Pass]:
 
 def phases(spec: TargetSpec, target: Target) -> list[tuple[str, list[tvm.transform.Pass]]]:
     return [
-        ("graph", graph_passes(target)),
+        ("graph", graph_passes(target, functools.partial(spec.ragged_prefill, target))),
         ("library_dispatch", spec.library_dispatch(target)),
         ("legalize", spec.legalize(target)),
         # Kernels the target's schedule leaves alone (all of them on the CPU) still must not

@@ -10,12 +10,18 @@ Rewrites the two ops of `kiln.models.attention`:
   enter the cache, keeps each sequence's K/V history in pages and runs causal (optionally
   sliding-window) attention with grouped-query heads.
 
+`ragged_prefill(dtype, head_dim)`, from the target (kiln.targets.base.TargetSpec), may name an
+extern function that takes the place of TVM's ragged prefill attention kernel (a prefill chunk
+attending to its own keys; TIR `batch_prefill_ragged_kv`, whose arguments the extern takes as
+they are): the cache is then created with that function, and TVM's kernel is left out of the
+module. None keeps TVM's kernel.
+
 A module without the abstract ops comes back unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import tvm
@@ -29,12 +35,18 @@ from kiln.compiler.kv_kernels import _attention_prefill_cpu
 from kiln.models.attention import ATTENTION_OP, CREATE_OP, AttentionSpec
 
 PAGED_ATTENTION = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
+# TVM's ragged prefill kernel (GPU targets) in the module TIRPagedKVCache adds it to; the cache
+# gets it as the tuple ("tirx", kernel).
+RAGGED_PREFILL_KERNEL = "batch_prefill_ragged_kv"
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerPagedKVCache")
 class LowerPagedKVCache:
-    def __init__(self, target: Target):
+    def __init__(
+        self, target: Target, ragged_prefill: Callable[[str, int], str | None] | None = None
+    ):
         self.target = target
+        self.ragged_prefill = ragged_prefill
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         creators = {}
@@ -52,13 +64,22 @@ class LowerPagedKVCache:
 
         out = tvm.IRModule(rest, attrs=mod.attrs)
         bb = relax.BlockBuilder(out)
+        externs = {}  # creation function -> the extern its cache runs ragged prefill with
         for gvar, (func, call) in creators.items():
             sizes, spec_json, dtype = call.args[1:]
             spec = AttentionSpec.from_json(spec_json.value)
             with bb.function(gvar.name_hint, list(func.params), attrs=dict(func.attrs or {})):
                 cache = create_paged_kv_cache(spec, dtype.value, self.target, *sizes.values)
                 bb.emit_func_output(cache._expr)
-        return bb.finalize()
+            extern = (
+                self.ragged_prefill(dtype.value, spec.head_dim) if self.ragged_prefill else None
+            )
+            if extern is not None:
+                externs[gvar.name_hint] = extern
+        lowered = bb.finalize()
+        for name, extern in externs.items():
+            lowered = _with_ragged_prefill(lowered, lowered.get_global_var(name), extern)
+        return lowered
 
 
 def _create_call(func: relax.Function) -> relax.Call | None:
@@ -99,6 +120,30 @@ class _AttentionToPaged(PyExprMutator):
         if op.global_symbol == ATTENTION_OP:
             return relax.ExternFunc(PAGED_ATTENTION)
         return op
+
+
+def _with_ragged_prefill(mod: tvm.IRModule, creator: relax.GlobalVar, extern: str) -> tvm.IRModule:
+    """`creator` makes its cache with the extern function `extern` as the ragged prefill kernel;
+    TVM's kernel, which nothing calls then, leaves the module (so it is not compiled)."""
+    kernels = [g for g in mod.get_global_vars() if g.name_hint == RAGGED_PREFILL_KERNEL]
+    if not kernels:
+        raise ValueError(
+            f"TVM's paged KV cache has no {RAGGED_PREFILL_KERNEL} kernel for {extern} to replace: "
+            "kiln.passes.lower_paged_kv_cache does not match this version of TVM"
+        )
+    mod[creator] = _ReplaceGlobal(kernels[0], relax.ExternFunc(extern)).visit_expr(mod[creator])
+    del mod[kernels[0]]
+    return mod
+
+
+@mutator
+class _ReplaceGlobal(PyExprMutator):
+    def __init__(self, old: relax.GlobalVar, new: relax.Expr):
+        super().__init__()
+        self.old, self.new = old, new
+
+    def visit_global_var_(self, op: relax.GlobalVar) -> relax.Expr:
+        return self.new if op.same_as(self.old) else op
 
 
 def _rope_args(spec: AttentionSpec) -> tuple[float, dict]:

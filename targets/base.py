@@ -16,6 +16,10 @@ def _none(_target: Target) -> list[tvm.transform.Pass]:
     return []
 
 
+def _no_extern(_target: Target, _dtype: str, _head_dim: int) -> str | None:
+    return None
+
+
 def _export_host_library(
     executable: Any, path: str, _arch: str | None, fcompile: Any = None
 ) -> dict[str, Any]:
@@ -54,6 +58,10 @@ class TargetSpec:
     platforms: tuple[str, ...] = ("linux-x86_64", "linux-aarch64")
     # TVM PassContext options the build runs under, as (key, value) pairs.
     pass_config: tuple[tuple[str, Any], ...] = ()
+    # The extern function that runs the paged KV cache's ragged prefill attention in place of
+    # TVM's kernel, for (target, cache dtype, head_dim); None keeps TVM's
+    # (kiln.passes.lower_paged_kv_cache).
+    ragged_prefill: Callable[[Target, str, int], str | None] = _no_extern
 
     def target(self, arch: str | None = None) -> Target:
         return self.make_target(arch or self.default_arch)

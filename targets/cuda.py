@@ -16,6 +16,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.target import Target
 
 from kiln.passes.dispatch_matmul import DispatchMatmul
+from kiln.runtime import attention
 from kiln.runtime.cublas import MATMUL as CUBLAS_MATMUL
 from kiln.runtime.errors import KilnError
 from kiln.targets import nvrtc
@@ -54,6 +56,24 @@ def cuda_library_dispatch(target: Target) -> list[tvm.transform.Pass]:
     # decode (symbolic rows) to cuBLAS (kiln.runtime.cublas); dlight schedules what is left,
     # the batch-1 decode's GEMVs among it.
     return [*cuda_pipeline.library_dispatch_passes(target), DispatchMatmul(CUBLAS_MATMUL)]
+
+
+def cuda_ragged_prefill(target: Target, dtype: str, head_dim: int) -> str | None:
+    """Kiln's tensor-core prefill attention (kiln.runtime.attention) in place of TVM's ragged
+    prefill kernel, for the caches it handles on sm_80 and newer (the target's arch is the
+    oldest built for), when there is an nvcc to build it with."""
+    if dtype not in attention.DTYPES or head_dim not in attention.HEAD_DIMS:
+        return None
+    if not attention.supports([str(target.attrs["arch"])]):
+        return None
+    if attention.find_nvcc() is None:
+        warnings.warn(
+            "prefill attention runs on TVM's kernel (CUDA cores, several times slower): Kiln's "
+            f"tensor-core kernel is built with nvcc, found none; {attention.INSTALL_NVCC}",
+            stacklevel=2,
+        )
+        return None
+    return attention.PREFILL_RAGGED
 
 
 def parse_archs(arch: str | None) -> list[str]:
@@ -260,4 +280,5 @@ CUDA = TargetSpec(
     # (in the batch-1 decode: everything between two KV-cache calls) into a CUDA graph that is
     # captured on the first call and replayed after: one launch instead of dozens.
     pass_config=(("relax.backend.use_cuda_graph", True),),
+    ragged_prefill=cuda_ragged_prefill,
 )

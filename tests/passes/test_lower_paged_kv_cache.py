@@ -1,10 +1,12 @@
 """LowerPagedKVCache: the models' abstract attention and KV-cache ops -> TVM's paged KV cache.
 
 Structure: the rewritten attention is exactly what TVM's own PagedKVCache API emits, and the
-creation function builds a TIRPagedKVCache for the spec. Numbers: a tiny Llama exported with the
-abstract ops and lowered by the pass gives the same logits as one written directly against the
-paged cache (the way the models were exported before the pass), for prompts longer than one
-page and for a sliding window.
+creation function builds a TIRPagedKVCache for the spec; where the target names an extern for
+the ragged prefill kernel (CUDA, kiln.runtime.attention), the cache gets that instead of TVM's
+kernel, which leaves the module. Numbers: a tiny Llama exported with the abstract ops and
+lowered by the pass gives the same logits as one written directly against the paged cache (the
+way the models were exported before the pass), for prompts longer than one page and for a
+sliding window.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.llm.kv_cache import AttnKind, PagedKVCache
 from tvm.runtime import vm as tvm_vm
+from tvm.target import Target
 
 from kiln.compiler.pipeline import relax_pipeline
 from kiln.models.attention import AbstractCausalKV, AttentionSpec, KVCache, RoPE
 from kiln.models.llama import LlamaConfig, LlamaForCausalLM
 from kiln.models.ops import take
-from kiln.passes.lower_paged_kv_cache import LowerPagedKVCache, create_paged_kv_cache
+from kiln.passes.lower_paged_kv_cache import (
+    RAGGED_PREFILL_KERNEL,
+    LowerPagedKVCache,
+    create_paged_kv_cache,
+)
 from kiln.runtime.kv import PagedKV
 from kiln.targets import get_target
 
@@ -55,8 +62,11 @@ class _Entry(nn.Module):
     """prefill / decode / create_kv_cache, written against the abstract ops or (reference)
     against TVM's paged cache."""
 
-    def __init__(self, model: nn.Module, spec: AttentionSpec, reference: bool):
+    def __init__(
+        self, model: nn.Module, spec: AttentionSpec, reference: bool, dtype: str, target: Target
+    ):
         self.model, self._spec, self._reference = model, spec, reference
+        self._dtype, self._target = dtype, target
 
     def _kv(self, cache):
         return (
@@ -73,11 +83,13 @@ class _Entry(nn.Module):
     def create_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size):
         sizes = (max_batch_size, max_total_seq_len, prefill_chunk_size, page_size)
         if self._reference:
-            return create_paged_kv_cache(self._spec, "float32", TARGET, *sizes)
-        return KVCache.create(self._spec, "float32", *sizes)
+            return create_paged_kv_cache(self._spec, self._dtype, self._target, *sizes)
+        return KVCache.create(self._spec, self._dtype, *sizes)
 
 
-def export(spec: AttentionSpec, reference: bool) -> tuple[tvm.IRModule, list]:
+def export(
+    spec: AttentionSpec, reference: bool, dtype: str = "float32", target: Target = TARGET
+) -> tuple[tvm.IRModule, list]:
     config = LlamaConfig(
         vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_q_heads, num_key_value_heads=spec.num_kv_heads,
@@ -86,7 +98,9 @@ def export(spec: AttentionSpec, reference: bool) -> tuple[tvm.IRModule, list]:
     )  # fmt: skip
     kv = nn.spec.Object(object_type=PagedKVCache if reference else KVCache)
     packed = {"$": {"param_mode": "packed", "effect_mode": "none"}}
-    mod, params = _Entry(LlamaForCausalLM(config), spec, reference).export_tvm(
+    mod, params = _Entry(
+        LlamaForCausalLM(config, dtype), spec, reference, dtype, target
+    ).export_tvm(
         spec={
             "prefill": {
                 "input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
@@ -167,6 +181,83 @@ def test_cache_creation_becomes_tir_paged_kv_cache(lowered, name):
 def test_module_without_abstract_ops_is_unchanged(lowered):
     _, _, expected = lowered["full"]
     assert LowerPagedKVCache(TARGET)(expected).same_as(expected)
+    assert LowerPagedKVCache(TARGET, lambda dtype, head_dim: EXTERN)(expected).same_as(expected)
+
+
+# A fp16 cache of head_dim 64 on CUDA: what Kiln's prefill attention extern takes.
+EXTERN = "kiln.attention.prefill_ragged"
+GPU_SPEC = AttentionSpec(
+    num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=64, rope=RoPE(1e4), context_length=256
+)
+
+
+@pytest.fixture(scope="module")
+def cuda_lowered():
+    """(lowered with the extern, lowered without, TVM's paged cache written directly) on CUDA."""
+    target = get_target("cuda").target("sm_90")
+    before, _ = export(GPU_SPEC, False, "float16", target)
+    expected, _ = export(GPU_SPEC, True, "float16", target)
+    with target:
+        asked = []
+
+        def choose(dtype: str, head_dim: int) -> str:
+            asked.append((dtype, head_dim))
+            return EXTERN
+
+        with_extern = LowerPagedKVCache(target, choose)(before)
+        without = LowerPagedKVCache(target)(before)
+    assert asked == [("float16", 64)]  # the target decides from the cache's dtype and head_dim
+    return with_extern, without, expected
+
+
+def _create_args(mod: tvm.IRModule) -> list:
+    (call,) = [
+        b.value
+        for block in mod["create_kv_cache"].body.blocks
+        for b in block.bindings
+        if isinstance(b.value, relax.Call) and isinstance(b.value.args[0], relax.ExternFunc)
+    ]
+    assert call.args[0].global_symbol == "vm.builtin.paged_attention_kv_cache_create"
+    return list(call.args[1:])
+
+
+def test_without_an_extern_the_cache_runs_tvms_ragged_prefill_kernel(cuda_lowered):
+    _, without, expected = cuda_lowered
+    assert _differing(_create_args(without), _create_args(expected)) == []
+    assert RAGGED_PREFILL_KERNEL in {g.name_hint for g in without.get_global_vars()}
+
+
+def _differing(got: list, want: list) -> list[int]:
+    """Positions of the arguments that differ (variables, bound in each function: by type)."""
+    assert len(got) == len(want)
+    return [
+        i
+        for i, (a, b) in enumerate(zip(got, want, strict=True))
+        if not (
+            tvm_ffi.structural_equal(a.ty, b.ty)
+            if isinstance(a, relax.Var) and isinstance(b, relax.Var)
+            else tvm_ffi.structural_equal(a, b, map_free_vars=True)
+        )
+    ]
+
+
+def test_the_extern_takes_the_place_of_tvms_ragged_prefill_kernel(cuda_lowered):
+    """Expected: TVM's own creation call with ("tirx", batch_prefill_ragged_kv) replaced by
+    ("tirx", ExternFunc(EXTERN)), every other argument as it is; the TIR kernel leaves the module
+    (nothing compiles it), every other kernel stays; prefill and decode are untouched."""
+    ours, _, expected = cuda_lowered
+    got, want = _create_args(ours), _create_args(expected)
+    differ = _differing(got, want)
+    assert len(differ) == 1
+    replaced, original = got[differ[0]], want[differ[0]]
+    assert [f.value for f in (replaced.fields[0], original.fields[0])] == ["tirx", "tirx"]
+    assert original.fields[1].name_hint == RAGGED_PREFILL_KERNEL
+    assert isinstance(replaced.fields[1], relax.ExternFunc)
+    assert replaced.fields[1].global_symbol == EXTERN
+    names = {g.name_hint for g in ours.get_global_vars()}
+    assert names == {g.name_hint for g in expected.get_global_vars()} - {RAGGED_PREFILL_KERNEL}
+    for entry in ("prefill", "decode"):
+        tvm.ir.assert_structural_equal(ours[entry], expected[entry])
 
 
 def run(mod: tvm.IRModule, params: list, ids: list[int], chunk: int, steps: int) -> np.ndarray:

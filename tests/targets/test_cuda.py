@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kiln
+from kiln.runtime import attention
 from kiln.runtime.errors import KilnError
 from kiln.targets import cuda, nvrtc
 from kiln.targets.blob import Blob, kernel_names, split_device_payload
@@ -154,3 +157,80 @@ def test_nvrtc_builds_sass_and_ptx(monkeypatch, tmp_path):
     assert [(k, sm) for k, sm, _ in images] == [("elf", 80), ("elf", 90), ("ptx", 90)]
     for kind, _, image in images:
         assert image.startswith(b"\x7fELF") if kind == "elf" else b".entry k" in image
+
+
+# Kiln's prefill attention extern (kiln.runtime.attention) in place of TVM's ragged prefill
+# kernel: which caches take it, and what a compiled artifact then carries.
+
+
+@pytest.fixture
+def nvcc_found(monkeypatch):
+    monkeypatch.setattr(attention, "find_nvcc", lambda: Path("/opt/cuda/bin/nvcc"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fp16_and_bf16_caches_of_head_dim_64_and_128_take_kilns_kernel(nvcc_found, dtype, head_dim):
+    target = cuda.CUDA.target("sm_80,sm_90")
+    assert cuda.CUDA.ragged_prefill(target, dtype, head_dim) == attention.PREFILL_RAGGED
+
+
+@pytest.mark.parametrize(
+    "arch,dtype,head_dim",
+    [
+        ("sm_90", "float32", 128),  # the kernel computes on fp16/bf16 tensor cores
+        ("sm_90", "float16", 32),  # other head sizes (the tiny test models'): TVM's kernel
+        ("sm_90", "float16", 16),
+        ("sm_90", "float16", 96),
+        ("sm_75,sm_90", "float16", 128),  # an arch before sm_80 among those built for
+    ],
+)
+def test_other_caches_keep_tvms_kernel(nvcc_found, arch, dtype, head_dim):
+    assert cuda.CUDA.ragged_prefill(cuda.CUDA.target(arch), dtype, head_dim) is None
+
+
+def test_other_targets_keep_tvms_kernel():
+    from kiln.targets import TARGETS
+
+    for name, spec in TARGETS.items():
+        if name != "cuda":
+            arch = spec.split_arch(None)[0] if spec.split_arch else None
+            assert spec.ragged_prefill(spec.target(arch), "float16", 128) is None, name
+
+
+def test_without_nvcc_tvms_kernel_stays_with_a_note(monkeypatch):
+    monkeypatch.setattr(attention, "find_nvcc", lambda: None)
+    with pytest.warns(UserWarning, match=r"TVM's kernel.*nvcc.*kiln\[cuda\]"):
+        assert cuda.CUDA.ragged_prefill(cuda.CUDA.target("sm_90"), "float16", 128) is None
+
+
+def test_a_head_dim_32_model_keeps_tvms_ragged_prefill_kernel(tiny_cuda):
+    manifest = json.loads((tiny_cuda / "manifest.json").read_text())
+    assert attention.PREFILL_RAGGED not in manifest["target"].get("externs", [])
+    assert "batch_prefill_ragged_kv_kernel" in manifest["target"]["device_code"]["kernels"]
+    assert not (tiny_cuda / attention.ARTIFACT_FILE).exists()
+
+
+@needs_nvcc
+def test_a_head_dim_64_model_carries_kilns_prefill_attention(
+    custom_checkpoint, tmp_path, monkeypatch_module
+):
+    """The manifest lists the extern, the artifact carries it built for its archs (SASS for
+    each, PTX for the newest), and TVM's ragged prefill kernel is not compiled."""
+    ckpt = custom_checkpoint(
+        "llama", hidden_size=256, intermediate_size=256, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    art = kiln.compile(
+        str(ckpt), target="cuda", quantization="q0f16", output=tmp_path / "a", arch="sm_80,sm_90"
+    )
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert attention.PREFILL_RAGGED in manifest["target"]["externs"]
+    assert manifest["files"][attention.ARTIFACT_FILE]
+    kernels = manifest["target"]["device_code"]["kernels"]
+    assert "batch_prefill_ragged_kv_kernel" not in kernels
+    assert "batch_prefill_paged_kv_kernel" in kernels  # the rest of the cache stays TVM's
+    data = (art / attention.ARTIFACT_FILE).read_bytes()
+    fatbin = data[data.index(struct.pack("<I", 0xBA55ED50)) :]
+    images = {(kind, sm) for kind, sm, _ in cuda.fatbin_images(fatbin)}
+    assert images == {("elf", 80), ("elf", 90), ("ptx", 90)}
