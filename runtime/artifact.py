@@ -6,7 +6,8 @@ Layout (written by kiln.compiler.artifact):
     model-<target>.so        the compiled library (Relax VM executable + kernels); targets whose
                              code runs on one arch only build one per arch (model-rocm-gfx942.so),
                              listed under "libraries" (arch -> file)
-    params/                  weights as safetensors shards + params-index.json
+    params/                  weights as safetensors shards + params-index.json; a
+                             tensor-parallel artifact has one folder per GPU (params/rank-R/)
     tokenizer.json ...       the checkpoint's tokenizer files, when it had them
 """
 
@@ -76,7 +77,23 @@ class Manifest:
 
     @property
     def params(self) -> list[dict[str, Any]]:
+        """Each parameter's name, shape and dtype (one GPU's, when tensor-parallel) and file."""
         return self.data["params"]
+
+    @property
+    def tensor_parallel(self) -> int:
+        """How many GPUs the model is sharded over (1: it is not)."""
+        return int(self.data.get("tensor_parallel", 1))
+
+    def param_files(self, entry: dict[str, Any]) -> list[str]:
+        """The files holding parameter `entry`, one per rank: rank r's copy is in the r-th."""
+        files = entry["files"] if "files" in entry else [entry["file"]]
+        if len(files) != self.tensor_parallel:
+            raise KilnError(
+                f"{self.root / MANIFEST} lists {len(files)} files for {entry['name']}, one per "
+                f"GPU of {self.tensor_parallel}: compile the artifact again"
+            )
+        return files
 
 
 def read_manifest(root: str | Path, verify: bool = True) -> Manifest:

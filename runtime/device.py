@@ -61,6 +61,18 @@ def open_device(device: str) -> Any:
     return dev
 
 
+def device_count(kind: str) -> int:
+    """How many devices of `kind` this machine has (0 when TVM cannot drive them here)."""
+    try:
+        _ensure_vendor_runtime(kind)
+    except KilnError:
+        return 0
+    count = 0
+    while tvm.runtime.device(kind, count).exist:
+        count += 1
+    return count
+
+
 def device_arch(dev: Any) -> str | None:
     """The architecture an artifact may have one library per: the gfx name of a ROCm GPU."""
     if dev.dlpack_device_type() != 10:  # kDLROCM

@@ -13,13 +13,12 @@ inconsistent. So every caller checks `free_pages()` against `new_pages` *before*
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tvm_ffi
 
-
-def _builtin(name: str) -> Any:
-    return tvm_ffi.get_global_func(f"vm.builtin.{name}")
+if TYPE_CHECKING:
+    from kiln.runtime.executor import Executor
 
 
 def new_pages(length: int, append: int, page_size: int) -> int:
@@ -29,17 +28,19 @@ def new_pages(length: int, append: int, page_size: int) -> int:
 
 class PagedKV:
     """One paged KV cache: sequences are added or forked, extended by forward passes, and
-    removed."""
+    removed. `executor`: where the cache lives (kiln.runtime.executor; default: here)."""
 
-    def __init__(self, cache: Any, page_size: int = 16):
+    def __init__(self, cache: Any, page_size: int = 16, executor: Executor | None = None):
         self.cache = cache
         self.page_size = page_size
-        self._add = _builtin("kv_state_add_sequence")
-        self._remove = _builtin("kv_state_remove_sequence")
-        self._fork = _builtin("kv_state_fork_sequence")
-        self._begin = _builtin("kv_state_begin_forward")
-        self._end = _builtin("kv_state_end_forward")
-        self._free_pages = _builtin("attention_kv_cache_get_num_available_pages")
+        get = executor.builtin if executor is not None else tvm_ffi.get_global_func
+        self._read = executor.read if executor is not None else int
+        self._add = get("vm.builtin.kv_state_add_sequence")
+        self._remove = get("vm.builtin.kv_state_remove_sequence")
+        self._fork = get("vm.builtin.kv_state_fork_sequence")
+        self._begin = get("vm.builtin.kv_state_begin_forward")
+        self._end = get("vm.builtin.kv_state_end_forward")
+        self._free_pages = get("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.total_pages = self.free_pages()
 
     def add(self, seq_id: int) -> None:
@@ -60,7 +61,13 @@ class PagedKV:
         self._end(self.cache)
 
     def free_pages(self) -> int:
-        return int(self._free_pages(self.cache))
+        return int(self._read(self._free_pages(self.cache)))
 
     def new_pages(self, length: int, append: int) -> int:
         return new_pages(length, append, self.page_size)
+
+    def close(self) -> None:
+        """Let go of the cache and its functions (handles into a Disco session)."""
+        self.cache = None
+        self._add = self._remove = self._fork = self._begin = self._end = None
+        self._free_pages = None

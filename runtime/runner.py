@@ -1,10 +1,12 @@
 """A loaded artifact and its entry points: the forward passes the engine schedules.
 
-`Runner` owns the VM, the weights, the tokenizer and one paged KV cache. It knows nothing of
-requests: it runs one ragged prefill (chunks of several sequences) or one batched decode
-(one token for each of several sequences; one sequence alone takes the artifact's batch-1
-specialization) and returns float32 logits, on the host or as `Logits` left on the device,
-from which the artifact's sampling kernels take token ids without copying the vocabulary.
+`Runner` owns where the code runs (kiln.runtime.executor: one VM here, or a Disco session over
+the GPUs of a tensor-parallel artifact), the weights, the tokenizer and one paged KV cache. It
+knows nothing of requests: it runs one ragged prefill (chunks of several sequences) or one
+batched decode (one token for each of several sequences; one sequence alone takes the
+artifact's batch-1 specialization) and returns float32 logits, on the host or as `Logits` left
+on the device, from which the artifact's sampling kernels take token ids without copying the
+vocabulary.
 """
 
 from __future__ import annotations
@@ -15,18 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tvm
 import tvm_ffi
-from tvm.runtime import vm as tvm_vm
 
 from kiln.runtime.artifact import Manifest, read_manifest
-from kiln.runtime.device import device_arch, open_device, parse_device
 from kiln.runtime.errors import KilnError
+from kiln.runtime.executor import LocalExecutor, open_executor
 from kiln.runtime.externs import load_externs
 from kiln.runtime.kv import PagedKV
 from kiln.runtime.package import is_package, open_package
-from kiln.runtime.safetensors import load_safetensors
 from kiln.runtime.tokenizer import Tokenizer
+
+__all__ = ["Logits", "Runner", "load_externs"]
 
 # Without kv_memory / kv_tokens the cache holds max_batch_size full contexts, but at most this
 # many bytes on the CPU (a 7B model's fp32 cache costs about 0.5 MB per token) and at most
@@ -40,10 +41,15 @@ class Runner:
     for inference with a KV cache of the given geometry.
 
     `device`: "cpu", "cuda:1", ..., or "auto" (a package: the best device it serves here).
+    `devices`: the GPUs of a tensor-parallel artifact, one per rank (["cuda:0", "cuda:1"]);
+    by default cuda:0..N-1 when `device` is "cuda", "cuda:0" or "auto". It then runs over a
+    TVM Disco session (kiln.runtime.disco.executor), whose workers `close()` stops.
+    `session`: for tests only, a Disco session to run in instead (the caller shuts it down).
 
     `context_length`: the longest sequence (prompt + generated) served, at most the model's.
     `max_batch_size`: the most sequences in one forward pass.
-    `kv_tokens` / `kv_memory`: the KV cache's size in tokens or bytes (one of them).
+    `kv_tokens` / `kv_memory`: the KV cache's size in tokens or bytes (one of them); with
+    tensor parallelism, bytes per GPU.
     `prefill_chunk`: the most tokens one prefill pass takes, all sequences together.
     """
 
@@ -52,6 +58,8 @@ class Runner:
         path: str | Path | Manifest,
         device: str = "cpu",
         *,
+        devices: Sequence[str] | None = None,
+        session: Any = None,
         context_length: int | None = None,
         max_batch_size: int = 8,
         kv_tokens: int | None = None,
@@ -65,19 +73,27 @@ class Runner:
             self.manifest, device = open_package(path, device, verify=verify)
         else:
             self.manifest = read_manifest(path, verify=verify)
-        if device == "auto":
-            device = self.manifest.device
-        kind, _ = parse_device(device)
-        if kind != self.manifest.device:
-            raise KilnError(
-                f"{self.manifest.root} was compiled for {self.manifest.device}, not {kind}: "
-                f"load it with device={self.manifest.device!r}, or compile it for a target that "
-                f"runs on {kind} (see `kiln targets`)"
-            )
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise KilnError(f"max_batch_size is {max_batch_size!r}; it must be an integer >= 1")
-        self.device = open_device(device)
-        load_externs(self.manifest)
+        self.executor = open_executor(self.manifest, device, devices, session)
+        try:
+            self._open(context_length, max_batch_size, kv_tokens, kv_memory, prefill_chunk)
+        except BaseException:
+            self.executor.close()
+            raise
+
+    def _open(
+        self,
+        context_length: int | None,
+        max_batch_size: int,
+        kv_tokens: int | None,
+        kv_memory: int | None,
+        prefill_chunk: int | None,
+    ) -> None:
+        ex = self.executor
+        self.device = ex.device  # worker 0's, with tensor parallelism
+        self.vm = ex.vm
+        self.tensor_parallel = self.manifest.tensor_parallel
         self.config = self.manifest.config
         self.vocab_size = int(self.config["vocab_size"])
         geometry = self.manifest.kv_cache
@@ -88,18 +104,16 @@ class Runner:
             Tokenizer.from_dir(self.manifest.root) if self.manifest.data.get("tokenizer") else None
         )
 
-        library_path = self.manifest.library_for(device_arch(self.device))
-        library = tvm.runtime.load_module(str(library_path))
-        self.vm = tvm_vm.VirtualMachine(library, self.device)
-        self._prefill = self.vm["prefill"]
-        self._decode = self.vm["decode"]
-        self._decode_1 = self.vm["decode_1"]
-        self._greedy = self.vm["sample_greedy"]
-        self._sample = self.vm["sample"]
+        self._prefill = ex.function("prefill")
+        self._decode = ex.function("decode")
+        self._decode_1 = ex.function("decode_1")
+        self._greedy = ex.function("sample_greedy")
+        self._sample = ex.function("sample")
+        self._upload = ex.upload
         # On a GPU the sampling kernels save copying (batch, vocab) floats to the host every
         # step; on the CPU the host's NumPy sampler is as fast and needs no sort.
         self.samples_on_device = self.manifest.device != "cpu"
-        self.params = self._load_params()
+        self.params = ex.load_params(self.manifest)
 
         limit = int(geometry["context_length"])
         capacity = self._kv_capacity(kv_tokens, kv_memory, context_length or limit)
@@ -111,7 +125,7 @@ class Runner:
         # Sliding-window attention is exact only while one sequence's prefill chunk is no longer
         # than the window (kiln.passes.lower_paged_kv_cache); other sequences share the pass.
         self.sequence_chunk = min(self.prefill_chunk, self.sliding_window or self.prefill_chunk)
-        cache = self.vm["create_kv_cache"](
+        cache = ex.function("create_kv_cache")(
             tvm_ffi.Shape([max_batch_size]),
             tvm_ffi.Shape([capacity]),
             # TVM sizes its staging buffers for this many tokens per pass: a decode of the
@@ -119,27 +133,26 @@ class Runner:
             tvm_ffi.Shape([max(self.prefill_chunk, max_batch_size)]),
             tvm_ffi.Shape([self.page_size]),
         )
-        self.kv = PagedKV(cache, self.page_size)
+        self.kv = PagedKV(cache, self.page_size, ex)
         self.model_seconds = 0.0  # time spent inside the compiled entry points
 
-    # -- loading ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the Disco workers of a tensor-parallel runner, which cannot run after; a local
+        runner has nothing to stop, and goes on working."""
+        if isinstance(self.executor, LocalExecutor):
+            return
+        # Every handle into the session goes, so that the session goes with the last one
+        # (kiln.runtime.disco.executor says why not sooner).
+        self.kv.close()
+        self.params = self.vm = None
+        self._prefill = self._decode = self._decode_1 = self._greedy = self._sample = None
+        self.executor.close()
 
-    def _load_params(self) -> list[Any]:
-        by_file: dict[str, list[dict[str, Any]]] = {}
-        for p in self.manifest.params:
-            by_file.setdefault(p["file"], []).append(p)
-        loaded: dict[str, Any] = {}
-        for rel, entries in by_file.items():
-            arrays = load_safetensors(self.manifest.root / rel)
-            for p in entries:
-                array = arrays[p["name"]]
-                if list(array.shape) != p["shape"] or str(array.dtype) != p["dtype"]:
-                    raise KilnError(
-                        f"{rel}: tensor {p['name']} is {array.dtype}{list(array.shape)}, the "
-                        f"manifest says {p['dtype']}{p['shape']}: compile the artifact again"
-                    )
-                loaded[p["name"]] = tvm.runtime.tensor(array, self.device)
-        return [loaded[p["name"]] for p in self.manifest.params]
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -173,6 +186,8 @@ class Runner:
     def _default_kv_bytes(self) -> int:
         if self.manifest.device == "cpu":
             return DEFAULT_CPU_KV_BYTES
+        # With tensor parallelism, worker 0's GPU (in this process) speaks for all: every rank
+        # holds as much, and asking another GPU from here would open a CUDA context on it.
         free = self.device.available_global_memory or self.device.total_global_memory or 0
         return int(free * DEFAULT_GPU_KV_FRACTION)
 
@@ -221,29 +236,31 @@ class Runner:
             positions = (np.cumsum(lengths) - 1).astype("int32")
         self.kv.begin(seq_ids, lengths)
         start = time.perf_counter()
-        logits, self.kv.cache = self._prefill(
-            tvm.runtime.tensor(ids[None], self.device),  # (1, total)
-            tvm.runtime.tensor(positions, self.device),  # (k,)
+        out = self._prefill(
+            self._upload(ids[None]),  # (1, total)
+            self._upload(positions),  # (k,)
             self.kv.cache,
             self.params,
-        )
-        return self._finish_pass(logits, len(positions), start, on_device)
+        )  # (logits (1, k, vocab), the cache: updated in place)
+        return self._finish_pass(out, len(positions), start, on_device)
 
     def decode(self, seq_ids: Sequence[int], tokens: Sequence[int], on_device: bool = False) -> Any:
         """One token for each sequence -> float32 logits (batch, vocab), NumPy or `Logits`."""
         self.kv.begin(seq_ids, [1] * len(seq_ids))
         start = time.perf_counter()
         entry = self._decode_1 if len(seq_ids) == 1 else self._decode
-        logits, self.kv.cache = entry(
-            tvm.runtime.tensor(np.array(tokens, dtype="int32")[:, None], self.device),  # (b, 1)
+        out = entry(
+            self._upload(np.array(tokens, dtype="int32")[:, None]),  # (b, 1)
             self.kv.cache,
             self.params,
-        )
-        return self._finish_pass(logits, len(seq_ids), start, on_device)
+        )  # (logits (b, 1, vocab), the cache: updated in place)
+        return self._finish_pass(out, len(seq_ids), start, on_device)
 
-    def _finish_pass(self, logits: Any, rows: int, start: float, on_device: bool) -> Any:
-        out = Logits(self, logits._create_view((rows, self.vocab_size), logits.dtype))
-        result = out if on_device else out.numpy()
+    def _finish_pass(self, out: Any, rows: int, start: float, on_device: bool) -> Any:
+        ex = self.executor
+        shape = (rows, self.vocab_size)
+        logits = Logits(self, ex.view(ex.item(out, 0), shape, "float32"), shape)
+        result = logits if on_device else logits.numpy()
         self.model_seconds += time.perf_counter() - start
         self.kv.end()
         return result
@@ -253,17 +270,19 @@ class Logits:
     """One pass's float32 logits (rows, vocab), where the pass left them. Token ids come from
     the artifact's sampling kernels (kiln.compiler.sampling); `numpy()` copies them over once."""
 
-    def __init__(self, runner: Runner, tensor: Any):
+    def __init__(self, runner: Runner, tensor: Any, shape: tuple[int, int] | None = None):
         self._runner = runner
-        self.tensor = tensor
+        self.tensor = tensor  # a tensor of the runner's executor
+        self.shape = shape or tuple(tensor.shape)
         self._host: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return int(self.tensor.shape[0])
+        return self.shape[0]
 
     def numpy(self) -> np.ndarray:
         if self._host is None:
-            self._host = self._timed(self.tensor.numpy)
+            ex = self._runner.executor
+            self._host = self._timed(ex.numpy, self.tensor, self.shape, "float32")
         return self._host
 
     def _timed(self, fn: Any, *args: Any) -> Any:
@@ -278,7 +297,14 @@ class Logits:
         """Argmax of every row (the lowest id among ties)."""
         if not self._runner.samples_on_device:
             return np.argmax(self.numpy(), axis=-1).tolist()
-        return self._timed(lambda: self._runner._greedy(self.tensor).numpy().tolist())
+        return self._ids(self._runner._greedy)
+
+    def _ids(self, kernel: Any, *args: Any) -> list[int]:
+        """The (rows,) int32 token ids a sampling kernel picks, on the host."""
+        ex = self._runner.executor
+        return self._timed(
+            lambda: ex.numpy(kernel(self.tensor, *args), self.shape[:1], "int32").tolist()
+        )
 
     def sample(
         self,
@@ -289,12 +315,12 @@ class Logits:
     ) -> list[int]:
         """One token per row by the rules of kiln.runtime.sampler, drawn with `uniform[i]`
         in [0, 1); temperature must be > 0 (greedy rows use `greedy`)."""
-        dev = self._runner.device
+        upload = self._runner.executor.upload
         args = [
-            tvm.runtime.tensor(np.asarray(values, dtype=dtype), dev)
+            upload(np.asarray(values, dtype=dtype))
             for values, dtype in (
                 (temperature, "float32"), (top_p, "float32"), (top_k, "int32"),
                 (uniform, "float32"),
             )
         ]  # fmt: skip
-        return self._timed(lambda: self._runner._sample(self.tensor, *args).numpy().tolist())
+        return self._ids(self._runner._sample, *args)
