@@ -14,10 +14,15 @@ each sequence's K/V history, so its time is at least
 bytes / bandwidth, with the bandwidth measured here as a device-to-device copy. Prefill is
 bounded by FLOPs / dense-GEMM peak; the runtime has no GEMM library to measure that peak
 with, so callers pass it (`bench/llm.py` measures it with torch).
+
+A tensor-parallel artifact runs over its GPUs (`devices`): every GPU reads its own shard at the
+same time, so the decode rooflines count one GPU's bytes (its weights and its share of the KV
+heads) over one GPU's bandwidth; the all-reduces between them are not counted.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +31,8 @@ from typing import Any
 import numpy as np
 import tvm
 
+from kiln.runtime.artifact import Manifest
 from kiln.runtime.engine import Engine
-from kiln.runtime.runner import Runner
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
@@ -53,15 +58,21 @@ class Figure:
 @dataclass
 class Report:
     device: str
-    bandwidth: float  # bytes/s, read + written
+    bandwidth: float  # bytes/s, read + written (of one GPU, with tensor parallelism)
     gemm_flops: float | None
     figures: list[Figure] = field(default_factory=list)
+    tensor_parallel: int = 1
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         self.figures.append(Figure(*args, **kwargs))
 
     def text(self) -> str:
         head = [f"device: {self.device}", f"copy bandwidth: {self.bandwidth / 1e9:.0f} GB/s"]
+        if self.tensor_parallel > 1:
+            head.append(
+                f"tensor parallel over {self.tensor_parallel} GPUs: bandwidth and decode "
+                "rooflines per GPU"
+            )
         if self.gemm_flops:
             head.append(f"dense GEMM peak: {self.gemm_flops / 1e12:.0f} TFLOP/s")
         return "\n".join(head + [f.line() for f in self.figures])
@@ -83,22 +94,24 @@ def copy_bandwidth(device: Any, nbytes: int = 1 << 30, reps: int = 20) -> float:
     return 2 * nbytes * reps / (time.perf_counter() - start)
 
 
-def decode_weight_bytes(runner: Runner, batch: int = 1) -> int:
-    """Weight bytes a decode step of `batch` sequences must read: all but the embedding table
-    (unless the LM head shares it), and of a mixture of experts only the experts the step routes
-    to: k of N for one token; for `batch` tokens routed independently and evenly, the expected
-    share of experts at least one of them chose, 1 - (1 - k/N)^batch."""
-    names = [p["name"] for p in runner.manifest.params]
-    tied = not any(n.startswith("lm_head.") for n in names)
-    experts = runner.config.get("num_local_experts") or 0
+def decode_weight_bytes(artifact: Any, batch: int = 1) -> int:
+    """Weight bytes a decode step of `batch` sequences must read (of one GPU's shard, with
+    tensor parallelism), from the manifest of `artifact` (a Runner or a Manifest): all but the
+    embedding table (unless the LM head shares it), and of a mixture of experts only the experts
+    the step routes to: k of N for one token; for `batch` tokens routed independently and
+    evenly, the expected share of experts at least one of them chose, 1 - (1 - k/N)^batch."""
+    manifest: Manifest = artifact if isinstance(artifact, Manifest) else artifact.manifest
+    params = manifest.params
+    tied = not any(p["name"].startswith("lm_head.") for p in params)
+    experts = manifest.config.get("num_local_experts") or 0
     active = 1.0
     if experts:
-        active = 1 - (1 - runner.config["num_experts_per_tok"] / experts) ** batch
+        active = 1 - (1 - manifest.config["num_experts_per_tok"] / experts) ** batch
     total = 0.0
-    for name, t in zip(names, runner.params, strict=True):
-        if tied or not name.startswith("embed_tokens."):
-            nbytes = int(np.prod(t.shape)) * tvm.runtime.DataType(str(t.dtype)).bits // 8
-            total += nbytes * (active if ".experts." in name else 1.0)
+    for p in params:
+        if tied or not p["name"].startswith("embed_tokens."):
+            nbytes = math.prod(p["shape"]) * tvm.runtime.DataType(p["dtype"]).bits // 8
+            total += nbytes * (active if ".experts." in p["name"] else 1.0)
     return int(total)
 
 
@@ -126,6 +139,7 @@ def run(
     path: str | Path,
     device: str,
     *,
+    devices: list[str] | None = None,
     gemm_flops: float | None = None,
     batches: tuple[int, ...] = (8, 32, 64, 128),
     prefills: tuple[int, ...] = (512, 2048),
@@ -135,12 +149,27 @@ def run(
     biggest = max((*batches, 1))
     context = 512 + 128
     engine = Engine(
-        path, device, max_batch_size=biggest, kv_tokens=biggest * context + 4096,
-        prefill_chunk=max(prefills), prefix_cache=False,
+        path, device, devices=devices, max_batch_size=biggest,
+        kv_tokens=biggest * context + 4096, prefill_chunk=max(prefills), prefix_cache=False,
     )  # fmt: skip
     load = time.perf_counter() - start
+    with engine:  # closing it stops a tensor-parallel run's workers, also on an error
+        return _measure(engine, load, gemm_flops, batches, prefills, say)
+
+
+def _measure(
+    engine: Engine,
+    load: float,
+    gemm_flops: float | None,
+    batches: tuple[int, ...],
+    prefills: tuple[int, ...],
+    say: Any,
+) -> Report:
     runner = engine.runner
-    report = Report(str(runner.device), copy_bandwidth(runner.device), gemm_flops)
+    names = ", ".join(str(d) for d in runner.executor.devices)
+    report = Report(
+        names, copy_bandwidth(runner.device), gemm_flops, tensor_parallel=runner.tensor_parallel
+    )
     report.add("load", load, "s")
     say(report.text())
     config = runner.config
@@ -194,7 +223,6 @@ def run(
         step_bytes = decode_weight_bytes(runner, batch) + batch * (length + 64) * kv_per_token
         figure(f"decode tokens/s, batch {batch} ({length}+128)", rate, "tok/s",
                batch * report.bandwidth / step_bytes)  # fmt: skip
-    engine.close()
     return report
 
 

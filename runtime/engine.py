@@ -76,6 +76,8 @@ class Engine:
     on the CPU, 80% of free memory on a GPU). `prefill_chunk`: prompt tokens per step, all
     requests together. `prefix_cache`: share the KV pages of common prompt prefixes (with a
     sliding window, among requests whose prompt + max_tokens fit the window).
+    `devices`: the GPUs of a tensor-parallel artifact (default cuda:0..N-1 for device "cuda");
+    `session`: a Disco session to run in, for tests (kiln.runtime.runner.Runner).
     """
 
     def __init__(
@@ -83,6 +85,8 @@ class Engine:
         path: str | Path,
         device: str = "cpu",
         *,
+        devices: Sequence[str] | None = None,
+        session: Any = None,
         max_batch_size: int = 8,
         kv_memory: int | None = None,
         kv_tokens: int | None = None,
@@ -94,6 +98,8 @@ class Engine:
         self.runner = Runner(
             path,
             device,
+            devices=devices,
+            session=session,
             context_length=context_length,
             max_batch_size=max_batch_size,
             kv_tokens=kv_tokens,
@@ -205,7 +211,8 @@ class Engine:
         self._thread = None
 
     def close(self) -> None:
-        """Stop the thread, cancel every request and drop the prefix cache."""
+        """Stop the thread, cancel every request, drop the prefix cache and close the runner
+        (a tensor-parallel one's Disco workers exit)."""
         self.stop()
         with self._lock:
             self._take_inbox()
@@ -213,6 +220,7 @@ class Engine:
                 self._finish(request, "cancelled")
             if self.prefix_cache is not None:
                 self.prefix_cache.clear()
+            self.runner.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -505,6 +513,8 @@ class Engine:
 
     @property
     def stats(self) -> EngineStats:
+        with self._lock:  # a Disco session takes calls from one thread at a time
+            free_pages = self.kv.free_pages()
         c = self._counters
         busy = max(c["busy_steps"], 1)
         return EngineStats(
@@ -515,7 +525,7 @@ class Engine:
             cached_tokens=c["cached_tokens"],
             running=len(self._running),
             waiting=len(self._waiting) + len(self._inbox),
-            free_pages=self.kv.free_pages(),
+            free_pages=free_pages,
             total_pages=self.kv.total_pages,
             prefix_entries=len(self.prefix_cache) if self.prefix_cache else 0,
             step_ms=1e3 * self._step_seconds / busy,

@@ -28,7 +28,11 @@ MAX_BATCH = 4
 
 
 class Model:
-    """A loaded artifact. Calls may come from several threads; they are then batched."""
+    """A loaded artifact. Calls may come from several threads; they are then batched.
+
+    `devices`: the GPUs of a tensor-parallel artifact (kiln.load(path, devices=["cuda:0",
+    "cuda:1"]); by default cuda:0..N-1 for device "cuda"); `session`: a Disco session to run
+    in, for tests. `close()` (or a `with` block) stops a tensor-parallel model's workers."""
 
     def __init__(
         self,
@@ -36,6 +40,9 @@ class Model:
         device: str = "cpu",
         context_length: int | None = None,
         verify: bool = True,
+        *,
+        devices: Sequence[str] | None = None,
+        session: Any = None,
     ):
         if isinstance(path, Manifest):
             geometry = path.kv_cache
@@ -50,6 +57,8 @@ class Model:
         self.engine = Engine(
             path,
             device,
+            devices=devices,
+            session=session,
             max_batch_size=MAX_BATCH,
             kv_tokens=context,
             context_length=context,
@@ -65,9 +74,27 @@ class Model:
         self.context_length = runner.context_length
         self.prefill_chunk = runner.sequence_chunk
         self.tokenizer: Tokenizer | None = runner.tokenizer
-        self.vm = runner.vm
-        self.params = runner.params
         self.kv = runner.kv
+
+    # The runner's, not copies: closing it must leave no handle into a Disco session behind.
+    @property
+    def vm(self) -> Any:
+        return self.runner.vm
+
+    @property
+    def params(self) -> Any:
+        return self.runner.params
+
+    def close(self) -> None:
+        """Cancel what still runs and release the devices (a tensor-parallel model's Disco
+        workers exit)."""
+        self.engine.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     # -- token ids -------------------------------------------------------------------------
 

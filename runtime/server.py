@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -573,6 +573,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     device: str = "cpu",
+    devices: Sequence[str] | None = None,
     api_key: str | None = None,
     max_queue: int = 256,
     max_batch_size: int = 8,
@@ -582,13 +583,23 @@ def serve(
     echo: Callable[[str], None] = print,
 ) -> None:
     """Load `artifact` and serve it until interrupted (Ctrl-C or SIGTERM stop it
-    gracefully)."""
+    gracefully). `devices`: the GPUs of a tensor-parallel artifact (default cuda:0..N-1 for
+    device "cuda"); the engine's close at shutdown stops their Disco workers."""
     if not isinstance(max_queue, int) or max_queue < 0:
         raise KilnError(f"max_queue is {max_queue!r}; it must be an integer >= 0")
-    engine = Engine(artifact, device, max_batch_size=max_batch_size, context_length=context_length)
-    name = model_name or Path(artifact).resolve().name
-    config = ServerConfig(name, api_key, max_queue, shutdown_grace)
-    server = make_server(create_app(engine, config), host, port)
-    echo(f"serving {name} ({engine.context_length}-token context) on http://{host}:{port}/")
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
-        server.run()
+    engine = Engine(
+        artifact,
+        device,
+        devices=devices,
+        max_batch_size=max_batch_size,
+        context_length=context_length,
+    )
+    # The app's shutdown closes the engine; this covers a server that never started (a port
+    # in use), so that no tensor-parallel worker outlives it.
+    with engine:
+        name = model_name or Path(artifact).resolve().name
+        config = ServerConfig(name, api_key, max_queue, shutdown_grace)
+        server = make_server(create_app(engine, config), host, port)
+        echo(f"serving {name} ({engine.context_length}-token context) on http://{host}:{port}/")
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+            server.run()
