@@ -113,6 +113,21 @@ def compile(
     )
 
 
+def _tensor_parallel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The --tensor-parallel option of the commands that load an artifact."""
+    return click.option(
+        "--tensor-parallel",
+        default=None,
+        type=click.IntRange(min=1),
+        help="run a tensor-parallel artifact on N GPUs, cuda:0..N-1 (replaces --device); N is "
+        "the artifact's own --tensor-parallel",
+    )(fn)
+
+
+def _gpus(tensor_parallel: int | None) -> list[str] | None:
+    return None if tensor_parallel is None else [f"cuda:{i}" for i in range(tensor_parallel)]
+
+
 @main.command()
 @click.argument("artifact")
 @click.option("--prompt", "-p", required=True, help="text to continue (or the user message)")
@@ -124,6 +139,7 @@ def compile(
 @click.option("--seed", default=None, type=int)
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--device", default="cpu", show_default=True)
+@_tensor_parallel
 @_friendly
 def run(
     artifact: str,
@@ -136,6 +152,7 @@ def run(
     seed: int | None,
     stop: tuple[str, ...],
     device: str,
+    tensor_parallel: int | None,
 ) -> None:
     """Generate text from a compiled ARTIFACT (a directory or a .kiln package), streaming it to
     stdout."""
@@ -151,15 +168,15 @@ def run(
         stop=stop,
     )
     SamplingParams(**sampling)  # a bad option fails before the (slow) load
-    model = load(artifact, device=device)
-    if chat:
-        click.echo(model.chat([{"role": "user", "content": prompt}], **sampling))
-        return
-    pieces = model.stream(prompt, **sampling)  # fails on a missing tokenizer before any output
-    click.echo(prompt, nl=False)
-    for piece in pieces:
-        click.echo(piece, nl=False)
-    click.echo()
+    with load(artifact, device=device, devices=_gpus(tensor_parallel)) as model:
+        if chat:
+            click.echo(model.chat([{"role": "user", "content": prompt}], **sampling))
+            return
+        pieces = model.stream(prompt, **sampling)  # a missing tokenizer fails before any output
+        click.echo(prompt, nl=False)
+        for piece in pieces:
+            click.echo(piece, nl=False)
+        click.echo()
 
 
 @main.command()
@@ -190,6 +207,7 @@ def run(
     help="seconds running requests get to finish on Ctrl-C/SIGTERM before they are cancelled",
 )
 @click.option("--device", default="cpu", show_default=True)
+@_tensor_parallel
 @_friendly
 def serve(
     artifact: str,
@@ -202,6 +220,7 @@ def serve(
     model_name: str | None,
     shutdown_grace: float,
     device: str,
+    tensor_parallel: int | None,
 ) -> None:
     """Serve a compiled ARTIFACT over an OpenAI-compatible HTTP API, with a chat page at /."""
     from kiln.runtime.server import serve as serve_artifact
@@ -211,6 +230,7 @@ def serve(
         host=host,
         port=port,
         device=device,
+        devices=_gpus(tensor_parallel),
         api_key=api_key,
         max_queue=max_queue,
         max_batch_size=max_batch_size,
@@ -233,8 +253,15 @@ def serve(
     type=float,
     help="the device's dense GEMM peak, for prefill rooflines (bench/llm.py measures it)",
 )
+@_tensor_parallel
 @_friendly
-def bench(artifact: str, device: str, batches: str, gemm_tflops: float | None) -> None:
+def bench(
+    artifact: str,
+    device: str,
+    batches: str,
+    gemm_tflops: float | None,
+    tensor_parallel: int | None,
+) -> None:
     """Measure ARTIFACT on DEVICE: load time, decode at batch 1 and batched, prefill and time
     to first token, each next to its roofline."""
     from kiln.runtime.benchmark import run as run_bench
@@ -244,8 +271,8 @@ def bench(artifact: str, device: str, batches: str, gemm_tflops: float | None) -
     except ValueError:
         raise KilnError(f"--batches {batches!r}: give batch sizes such as 8,32,64") from None
     run_bench(
-        artifact, device, batches=sizes, gemm_flops=gemm_tflops and gemm_tflops * 1e12,
-        say=click.echo,
+        artifact, device, devices=_gpus(tensor_parallel), batches=sizes,
+        gemm_flops=gemm_tflops and gemm_tflops * 1e12, say=click.echo,
     )  # fmt: skip
 
 
