@@ -1,5 +1,6 @@
 """Build what the GPU tests load, on a machine with the compiler (the GPU machine may have only
-the TVM runtime): tiny checkpoints and their CUDA artifacts.
+the TVM runtime): tiny checkpoints and their CUDA artifacts, and Kiln's prefill attention extern
+with TVM's kernel for the same shapes (tests/gpu/test_attention.py).
 
     python tests/gpu/build_artifacts.py OUT_DIR [--arch sm_90] [--tensor-parallel-only]
     KILN_GPU_ARTIFACTS=OUT_DIR pytest -m gpu tests/gpu      # on the GPU machine
@@ -8,7 +9,9 @@ the TVM runtime): tiny checkpoints and their CUDA artifacts.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,6 +38,22 @@ TENSOR_PARALLEL = [
 ] + [
     ("llama-wide", "llama", WIDE, "q4f16", n) for n in (1, 2)
 ] + [("mixtral", "mixtral", {}, "q0f16", n) for n in (1, 2)]  # fmt: skip
+# Models whose prefill attention runs on Kiln's kernel (head_dim 64 or 128; the other tiny models'
+# 16 and 32 keep TVM's), "NAME-q0f16" against transformers in test_attention.py: llama-wide
+# (head_dim 64, above) and a head_dim 128 one with 2 query heads per KV head.
+ATTENTION_MODELS = {
+    "llama-wide": WIDE,
+    "llama-hd128": dict(
+        hidden_size=256, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1
+    ),
+}
+# (dtype, query heads, KV heads, head_dim) test_attention.py runs Kiln's kernel and TVM's on
+ATTENTION_CONFIGS = [
+    (dtype, h_q, h_kv, head_dim)
+    for dtype in ("float16", "bfloat16")
+    for head_dim in (64, 128)
+    for h_q, h_kv in ((8, 8), (8, 2), (8, 1))
+]
 
 
 def main() -> None:
@@ -48,7 +67,30 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     build_tensor_parallel(args.out, args.arch)
     if not args.tensor_parallel_only:
+        build_attention(args.out, args.arch)
         build_single_gpu(args.out, args.arch)
+
+
+def build_attention(out: Path, arch: str) -> None:
+    from kiln.runtime import attention
+
+    shutil.copyfile(attention.build([arch]), out / attention.ARTIFACT_FILE)
+    # TVM's kernel, as bench/attention.py builds it
+    path = Path(__file__).resolve().parents[2] / "bench" / "attention.py"
+    spec = importlib.util.spec_from_file_location("kiln_bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not (out / bench.TVM_LIBRARY).exists():
+        print("compiling TVM's ragged prefill kernels", flush=True)
+        bench.build_tvm_kernels(out / bench.TVM_LIBRARY, ATTENTION_CONFIGS, arch)
+    for name, changes in ATTENTION_MODELS.items():
+        ckpt = out / f"ckpt-{name}"
+        if not ckpt.exists():
+            make_checkpoint("llama", ckpt, **changes)
+        art = out / f"{name}-q0f16"
+        if not (art / "manifest.json").exists():
+            print(f"compiling {art.name}", flush=True)
+            kiln.compile(str(ckpt), target="cuda", quantization="q0f16", output=art, arch=arch)
 
 
 def build_tensor_parallel(out: Path, arch: str) -> None:
