@@ -60,6 +60,9 @@ def main() -> None:
                      say=lambda s: print(s, flush=True))  # fmt: skip
         results["artifacts"][art.name] = {
             "quantization": manifest["quantization"]["name"],
+            # a tensor-parallel artifact runs on cuda:0..N-1 (bandwidth: one GPU's)
+            "tensor_parallel": report.tensor_parallel,
+            "allreduce_bandwidth": report.allreduce_bandwidth,
             "compile_seconds": manifest.get("build", {}).get("compile_seconds"),
             "bandwidth": report.bandwidth,
             "figures": [vars(f) | {"percent": f.percent} for f in report.figures],

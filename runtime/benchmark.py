@@ -15,9 +15,12 @@ bytes / bandwidth, with the bandwidth measured here as a device-to-device copy. 
 bounded by FLOPs / dense-GEMM peak; the runtime has no GEMM library to measure that peak
 with, so callers pass it (`bench/llm.py` measures it with torch).
 
-A tensor-parallel artifact runs over its GPUs (`devices`): every GPU reads its own shard at the
-same time, so the decode rooflines count one GPU's bytes (its weights and its share of the KV
-heads) over one GPU's bandwidth; the all-reduces between them are not counted.
+A tensor-parallel artifact runs over its N GPUs (`devices`): every GPU reads its own shard at
+the same time, so a decode step takes at least one GPU's bytes (its weights and its share of the
+KV heads) over one GPU's bandwidth, plus the all-reduce volume (two all-reduces of each token's
+hidden state per layer, moving 2(N-1)/N of their bytes each) over the bus bandwidth of an
+all-reduce measured here; prefill takes at least its FLOPs over N GEMM peaks plus that all-reduce
+time.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Report:
     gemm_flops: float | None
     figures: list[Figure] = field(default_factory=list)
     tensor_parallel: int = 1
+    allreduce_bandwidth: float | None = None  # bytes/s (bus), with tensor parallelism
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         self.figures.append(Figure(*args, **kwargs))
@@ -175,6 +179,16 @@ def _measure(
     config = runner.config
     weights = decode_weight_bytes(runner)
     kv_per_token = runner.kv_bytes_per_token
+    ranks = runner.tensor_parallel
+    # Seconds of all-reduce per token (none on one GPU): 2 per layer of the hidden state.
+    reduce_per_token = 0.0
+    if ranks > 1:
+        dtype = runner.manifest.model_dtype
+        bus = report.allreduce_bandwidth = allreduce_bandwidth(runner.executor.session, dtype)
+        say(f"all-reduce bus bandwidth: {bus / 1e9:.0f} GB/s (256 MB over {ranks} GPUs)")
+        itemsize = tvm.runtime.DataType(dtype).bits // 8
+        volume = 2 * config["num_hidden_layers"] * config["hidden_size"] * itemsize
+        reduce_per_token = volume * 2 * (ranks - 1) / ranks / bus
     rng = np.random.default_rng(0)
 
     def prompt(n: int) -> list[int]:
@@ -197,7 +211,7 @@ def _measure(
     end = time.perf_counter()
     step_bytes = weights + (128 + 128) * kv_per_token
     figure("decode tokens/s, batch 1", 255 / (end - first), "tok/s",
-           report.bandwidth / step_bytes)  # fmt: skip
+           1 / (step_bytes / report.bandwidth + reduce_per_token))  # fmt: skip
     figure("time to first token, 128 tokens", 1e3 * (first - t0), "ms")
     stats = engine.stats
     figure("host share of a step, batch 1", 100 * stats.host_ms / stats.step_ms, "%")
@@ -209,9 +223,10 @@ def _measure(
         t0 = time.perf_counter()
         engine.submit(prompt(n), max_tokens=1, **GREEDY).result()
         seconds = time.perf_counter() - t0
-        roof = (
-            report.gemm_flops / (prefill_flops(config, n) / n) if report.gemm_flops else None
-        )
+        roof = None
+        if report.gemm_flops:
+            per_token = prefill_flops(config, n) / n / (ranks * report.gemm_flops)
+            roof = 1 / (per_token + reduce_per_token)
         figure(f"prefill tokens/s, {n} tokens", n / seconds, "tok/s", roof)
         figure(f"time to first token, {n} tokens", 1e3 * seconds, "ms")
 
@@ -221,9 +236,26 @@ def _measure(
         rate = batched_decode(engine, [prompt(length) for _ in range(batch)], 128)
         # K/V read per step: each sequence's history, `length` to `length` + 128 tokens.
         step_bytes = decode_weight_bytes(runner, batch) + batch * (length + 64) * kv_per_token
+        step_seconds = step_bytes / report.bandwidth + batch * reduce_per_token
         figure(f"decode tokens/s, batch {batch} ({length}+128)", rate, "tok/s",
-               batch * report.bandwidth / step_bytes)  # fmt: skip
+               batch / step_seconds)  # fmt: skip
     return report
+
+
+def allreduce_bandwidth(session: Any, dtype: str, nbytes: int = 1 << 28, reps: int = 10) -> float:
+    """Bus bandwidth (bytes/s, as nccl-tests counts it) of an in-place all-reduce of `nbytes`
+    over the session's workers."""
+    ranks = int(session.num_workers)
+    itemsize = tvm.runtime.DataType(dtype).bits // 8
+    buf = session.empty((nbytes // itemsize,), dtype)
+    session.allreduce(buf, buf)  # warm-up: NCCL sets up its channels on first use
+    session.sync_worker_0()
+    start = time.perf_counter()
+    for _ in range(reps):
+        session.allreduce(buf, buf)
+    session.sync_worker_0()  # an all-reduce ends on every worker together
+    seconds = (time.perf_counter() - start) / reps
+    return nbytes * 2 * (ranks - 1) / ranks / seconds
 
 
 def batched_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
