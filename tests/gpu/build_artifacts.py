@@ -3,6 +3,7 @@ the TVM runtime): tiny checkpoints and their CUDA artifacts, and Kiln's prefill 
 with TVM's kernel for the same shapes (tests/gpu/test_attention.py).
 
     python tests/gpu/build_artifacts.py OUT_DIR [--arch sm_90] [--tensor-parallel-only]
+                                                [--attention-only]
     KILN_GPU_ARTIFACTS=OUT_DIR pytest -m gpu tests/gpu      # on the GPU machine
 """
 
@@ -63,8 +64,14 @@ def main() -> None:
     parser.add_argument(
         "--tensor-parallel-only", action="store_true", help="only what a multi-GPU host tests"
     )
+    parser.add_argument(
+        "--attention-only", action="store_true", help="only what tests/gpu/test_attention.py loads"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.attention_only:
+        build_attention(args.out, args.arch)
+        return
     build_tensor_parallel(args.out, args.arch)
     if not args.tensor_parallel_only:
         build_attention(args.out, args.arch)
