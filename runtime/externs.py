@@ -30,9 +30,11 @@ EXTERNS: dict[str, Extern] = {
     cublas.MATMUL: Extern(
         cublas.ARTIFACT_FILE, lambda _archs: cublas.build(), lambda lib, _: cublas.load_cublas(lib)
     ),
-    attention.PREFILL_RAGGED: Extern(
-        attention.ARTIFACT_FILE, attention.build, attention.load_attention
-    ),
+    # Both prefill attention externs are one library (an artifact calls one or both).
+    **{
+        name: Extern(attention.ARTIFACT_FILE, attention.build, attention.load_attention)
+        for name in (attention.PREFILL_RAGGED, attention.PREFILL_PAGED)
+    },
 }
 
 

@@ -1,10 +1,11 @@
-"""Kiln's prefill attention extern for CUDA artifacts (kiln.runtime.attention.attention)."""
+"""Kiln's prefill attention externs for CUDA artifacts (kiln.runtime.attention.attention)."""
 
 from kiln.runtime.attention.attention import (
     ARTIFACT_FILE,
     DTYPES,
     HEAD_DIMS,
     INSTALL_NVCC,
+    PREFILL_PAGED,
     PREFILL_RAGGED,
     build,
     find_nvcc,
@@ -17,6 +18,7 @@ __all__ = [
     "DTYPES",
     "HEAD_DIMS",
     "INSTALL_NVCC",
+    "PREFILL_PAGED",
     "PREFILL_RAGGED",
     "build",
     "find_nvcc",

@@ -1,10 +1,12 @@
-"""Kiln's prefill attention extern for CUDA artifacts: built from flash_prefill.cu, cached, loaded.
+"""Kiln's prefill attention externs for CUDA artifacts: built from flash_prefill.cu, cached, loaded.
 
-TVM's paged KV cache runs a prefill chunk's attention to its own keys with the TIR kernel
-`batch_prefill_ragged_kv`, which uses CUDA cores (~6 TFLOP/s on an H100). CUDA artifacts whose
-cache is fp16 or bf16 with head_dim 64 or 128 get `kiln.attention.prefill_ragged` in its place
-(kiln.passes.lower_paged_kv_cache; the target decides, kiln.targets.cuda), a tensor-core kernel
-with the same arguments, and list it in their manifest (`target.externs`).
+TVM's paged KV cache runs a prefill chunk's attention with two TIR kernels on CUDA cores (~6
+TFLOP/s on an H100): `batch_prefill_ragged_kv` (the chunk's queries against its own keys) and
+`batch_prefill_paged_kv` (against the keys its sequences already have in the cache's pages), and
+merges the two. CUDA artifacts whose cache is fp16 or bf16 with head_dim 64 or 128 get
+`kiln.attention.prefill_ragged` and `kiln.attention.prefill_paged` in their place
+(kiln.passes.lower_paged_kv_cache; the target decides, kiln.targets.cuda), one tensor-core kernel
+with the same arguments as each, and list them in their manifest (`target.externs`).
 
 The library is device code, so it is built with nvcc: $CUDA_HOME's, the one on PATH,
 /usr/local/cuda's, or pip's (`nvidia-cuda-nvcc`, in the `cuda` extra), for the artifact's archs
@@ -30,8 +32,10 @@ from kiln.runtime.package import cache_root
 
 _HERE = Path(__file__).resolve().parent
 SOURCE = _HERE / "flash_prefill.cu"
+SOURCES = (SOURCE, _HERE / "flash_prefill.cuh")  # the .cu includes the kernel's header
 WHAT = "Kiln's prefill attention kernel"
 PREFILL_RAGGED = "kiln.attention.prefill_ragged"  # TVM's batch_prefill_ragged_kv contract
+PREFILL_PAGED = "kiln.attention.prefill_paged"  # TVM's batch_prefill_paged_kv contract
 ARTIFACT_FILE = "kiln-attention.so"  # the built extern, inside an artifact compiled on its platform
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (64, 128)
@@ -86,7 +90,7 @@ def _checked_archs(archs: Sequence[str] | None) -> list[str]:
 def library_key(archs: Sequence[str]) -> str:
     """What the library depends on: its source, the archs and the tvm-ffi it links against;
     never a path, nor the nvcc (a machine without one finds the library built elsewhere)."""
-    return native.source_key([SOURCE], _flags(archs))
+    return native.source_key(SOURCES, _flags(archs))
 
 
 def library_path(archs: Sequence[str] | None = None) -> Path:
@@ -128,8 +132,9 @@ def build(archs: Sequence[str] | None = None, force: bool = False) -> Path:
 
 
 def load_attention(library: Path | None = None, archs: Sequence[str] | None = None) -> None:
-    """Register `kiln.attention.*` in this process (once). `library`: the extern built already
-    (an artifact's copy); otherwise it is built here for `archs`, or taken from the cache."""
+    """Register `kiln.attention.*` (both externs: one library) in this process (once).
+    `library`: the library built already (an artifact's copy); otherwise it is built here for
+    `archs`, or taken from the cache."""
     if tvm_ffi.get_global_func(PREFILL_RAGGED, allow_missing=True) is not None:
         return
     if library is None:
