@@ -28,10 +28,10 @@ PHASES = ("graph", "library_dispatch", "legalize", "schedule", "dataflow_lower",
 
 
 def graph_passes(
-    target: Target, ragged_prefill: Callable[[str, int], str | None] | None = None
+    target: Target, prefill_attention: Callable[[str, int], dict[str, str]] | None = None
 ) -> list[tvm.transform.Pass]:
     return [
-        LowerPagedKVCache(target, ragged_prefill),
+        LowerPagedKVCache(target, prefill_attention),
         # nn.Linear is matmul(x, permute_dims(W)): fold the transpose into the matmul so no
         # weight is transposed at run time.
         FoldWeightTranspose(),
@@ -43,7 +43,7 @@ def graph_passes(
 
 def phases(spec: TargetSpec, target: Target) -> list[tuple[str, list[tvm.transform.Pass]]]:
     return [
-        ("graph", graph_passes(target, functools.partial(spec.ragged_prefill, target))),
+        ("graph", graph_passes(target, functools.partial(spec.prefill_attention, target))),
         ("library_dispatch", spec.library_dispatch(target)),
         ("legalize", spec.legalize(target)),
         # Kernels the target's schedule leaves alone (all of them on the CPU) still must not

@@ -10,11 +10,13 @@ Rewrites the two ops of `kiln.models.attention`:
   enter the cache, keeps each sequence's K/V history in pages and runs causal (optionally
   sliding-window) attention with grouped-query heads.
 
-`ragged_prefill(dtype, head_dim)`, from the target (kiln.targets.base.TargetSpec), may name an
-extern function that takes the place of TVM's ragged prefill attention kernel (a prefill chunk
-attending to its own keys; TIR `batch_prefill_ragged_kv`, whose arguments the extern takes as
-they are): the cache is then created with that function, and TVM's kernel is left out of the
-module. None keeps TVM's kernel.
+`prefill_attention(dtype, head_dim)`, from the target (kiln.targets.base.TargetSpec), may name
+extern functions that take the place of TVM's prefill attention kernels, each taking its
+kernel's arguments as they are: "ragged" for `batch_prefill_ragged_kv` (a prefill chunk
+attending to its own keys), "paged" for `batch_prefill_paged_kv` (the chunk attending to the
+keys its sequences already have in the pages; the sliding-window variant stays TVM's). The cache
+is then created with those functions, and TVM's kernels they replace are left out of the
+module. A kind it does not name keeps TVM's kernel.
 
 A module without the abstract ops comes back unchanged.
 """
@@ -35,18 +37,22 @@ from kiln.compiler.kv_kernels import _attention_prefill_cpu
 from kiln.models.attention import ATTENTION_OP, CREATE_OP, AttentionSpec
 
 PAGED_ATTENTION = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
-# TVM's ragged prefill kernel (GPU targets) in the module TIRPagedKVCache adds it to; the cache
-# gets it as the tuple ("tirx", kernel).
+# TVM's prefill kernels (GPU targets) in the module TIRPagedKVCache adds them to; the cache gets
+# each as the tuple ("tirx", kernel).
 RAGGED_PREFILL_KERNEL = "batch_prefill_ragged_kv"
+PAGED_PREFILL_KERNEL = "batch_prefill_paged_kv"
+PREFILL_KERNELS = {"ragged": RAGGED_PREFILL_KERNEL, "paged": PAGED_PREFILL_KERNEL}
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerPagedKVCache")
 class LowerPagedKVCache:
     def __init__(
-        self, target: Target, ragged_prefill: Callable[[str, int], str | None] | None = None
+        self,
+        target: Target,
+        prefill_attention: Callable[[str, int], dict[str, str]] | None = None,
     ):
         self.target = target
-        self.ragged_prefill = ragged_prefill
+        self.prefill_attention = prefill_attention
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         creators = {}
@@ -64,21 +70,24 @@ class LowerPagedKVCache:
 
         out = tvm.IRModule(rest, attrs=mod.attrs)
         bb = relax.BlockBuilder(out)
-        externs = {}  # creation function -> the extern its cache runs ragged prefill with
+        externs = {}  # creation function -> {kind: the extern its cache runs that prefill with}
         for gvar, (func, call) in creators.items():
             sizes, spec_json, dtype = call.args[1:]
             spec = AttentionSpec.from_json(spec_json.value)
             with bb.function(gvar.name_hint, list(func.params), attrs=dict(func.attrs or {})):
                 cache = create_paged_kv_cache(spec, dtype.value, self.target, *sizes.values)
                 bb.emit_func_output(cache._expr)
-            extern = (
-                self.ragged_prefill(dtype.value, spec.head_dim) if self.ragged_prefill else None
+            chosen = (
+                self.prefill_attention(dtype.value, spec.head_dim) if self.prefill_attention else {}
             )
-            if extern is not None:
-                externs[gvar.name_hint] = extern
+            if chosen:
+                externs[gvar.name_hint] = chosen
         lowered = bb.finalize()
-        for name, extern in externs.items():
-            lowered = _with_ragged_prefill(lowered, lowered.get_global_var(name), extern)
+        for name, chosen in externs.items():
+            for kind, extern in chosen.items():
+                lowered = _with_extern(
+                    lowered, lowered.get_global_var(name), PREFILL_KERNELS[kind], extern
+                )
         return lowered
 
 
@@ -122,13 +131,15 @@ class _AttentionToPaged(PyExprMutator):
         return op
 
 
-def _with_ragged_prefill(mod: tvm.IRModule, creator: relax.GlobalVar, extern: str) -> tvm.IRModule:
-    """`creator` makes its cache with the extern function `extern` as the ragged prefill kernel;
-    TVM's kernel, which nothing calls then, leaves the module (so it is not compiled)."""
-    kernels = [g for g in mod.get_global_vars() if g.name_hint == RAGGED_PREFILL_KERNEL]
+def _with_extern(
+    mod: tvm.IRModule, creator: relax.GlobalVar, kernel: str, extern: str
+) -> tvm.IRModule:
+    """`creator` makes its cache with the extern function `extern` in place of TVM's kernel
+    named `kernel`, which, as nothing calls it then, leaves the module (so it is not compiled)."""
+    kernels = [g for g in mod.get_global_vars() if g.name_hint == kernel]
     if not kernels:
         raise ValueError(
-            f"TVM's paged KV cache has no {RAGGED_PREFILL_KERNEL} kernel for {extern} to replace: "
+            f"TVM's paged KV cache has no {kernel} kernel for {extern} to replace: "
             "kiln.passes.lower_paged_kv_cache does not match this version of TVM"
         )
     mod[creator] = _ReplaceGlobal(kernels[0], relax.ExternFunc(extern)).visit_expr(mod[creator])

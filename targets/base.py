@@ -16,8 +16,8 @@ def _none(_target: Target) -> list[tvm.transform.Pass]:
     return []
 
 
-def _no_extern(_target: Target, _dtype: str, _head_dim: int) -> str | None:
-    return None
+def _no_externs(_target: Target, _dtype: str, _head_dim: int) -> dict[str, str]:
+    return {}
 
 
 def _export_host_library(
@@ -58,10 +58,10 @@ class TargetSpec:
     platforms: tuple[str, ...] = ("linux-x86_64", "linux-aarch64")
     # TVM PassContext options the build runs under, as (key, value) pairs.
     pass_config: tuple[tuple[str, Any], ...] = ()
-    # The extern function that runs the paged KV cache's ragged prefill attention in place of
-    # TVM's kernel, for (target, cache dtype, head_dim); None keeps TVM's
-    # (kiln.passes.lower_paged_kv_cache).
-    ragged_prefill: Callable[[Target, str, int], str | None] = _no_extern
+    # The extern functions that run the paged KV cache's prefill attention in place of TVM's
+    # kernels, for (target, cache dtype, head_dim): {"ragged": name, "paged": name}, either kind
+    # of kernel left out keeps TVM's (kiln.passes.lower_paged_kv_cache).
+    prefill_attention: Callable[[Target, str, int], dict[str, str]] = _no_externs
 
     def target(self, arch: str | None = None) -> Target:
         return self.make_target(arch or self.default_arch)

@@ -58,22 +58,22 @@ def cuda_library_dispatch(target: Target) -> list[tvm.transform.Pass]:
     return [*cuda_pipeline.library_dispatch_passes(target), DispatchMatmul(CUBLAS_MATMUL)]
 
 
-def cuda_ragged_prefill(target: Target, dtype: str, head_dim: int) -> str | None:
+def cuda_prefill_attention(target: Target, dtype: str, head_dim: int) -> dict[str, str]:
     """Kiln's tensor-core prefill attention (kiln.runtime.attention) in place of TVM's ragged
-    prefill kernel, for the caches it handles on sm_80 and newer (the target's arch is the
-    oldest built for), when there is an nvcc to build it with."""
+    and paged prefill kernels, for the caches it handles on sm_80 and newer (the target's arch
+    is the oldest built for), when there is an nvcc to build it with."""
     if dtype not in attention.DTYPES or head_dim not in attention.HEAD_DIMS:
-        return None
+        return {}
     if not attention.supports([str(target.attrs["arch"])]):
-        return None
+        return {}
     if attention.find_nvcc() is None:
         warnings.warn(
             "prefill attention runs on TVM's kernel (CUDA cores, several times slower): Kiln's "
             f"tensor-core kernel is built with nvcc, found none; {attention.INSTALL_NVCC}",
             stacklevel=2,
         )
-        return None
-    return attention.PREFILL_RAGGED
+        return {}
+    return {"ragged": attention.PREFILL_RAGGED, "paged": attention.PREFILL_PAGED}
 
 
 def parse_archs(arch: str | None) -> list[str]:
@@ -280,5 +280,5 @@ CUDA = TargetSpec(
     # (in the batch-1 decode: everything between two KV-cache calls) into a CUDA graph that is
     # captured on the first call and replayed after: one launch instead of dozens.
     pass_config=(("relax.backend.use_cuda_graph", True),),
-    ragged_prefill=cuda_ragged_prefill,
+    prefill_attention=cuda_prefill_attention,
 )

@@ -26,6 +26,7 @@ from kiln.models.attention import AbstractCausalKV, AttentionSpec, KVCache, RoPE
 from kiln.models.llama import LlamaConfig, LlamaForCausalLM
 from kiln.models.ops import take
 from kiln.passes.lower_paged_kv_cache import (
+    PAGED_PREFILL_KERNEL,
     RAGGED_PREFILL_KERNEL,
     LowerPagedKVCache,
     create_paged_kv_cache,
@@ -181,11 +182,12 @@ def test_cache_creation_becomes_tir_paged_kv_cache(lowered, name):
 def test_module_without_abstract_ops_is_unchanged(lowered):
     _, _, expected = lowered["full"]
     assert LowerPagedKVCache(TARGET)(expected).same_as(expected)
-    assert LowerPagedKVCache(TARGET, lambda dtype, head_dim: EXTERN)(expected).same_as(expected)
+    assert LowerPagedKVCache(TARGET, lambda dtype, head_dim: EXTERNS)(expected).same_as(expected)
 
 
-# A fp16 cache of head_dim 64 on CUDA: what Kiln's prefill attention extern takes.
-EXTERN = "kiln.attention.prefill_ragged"
+# A fp16 cache of head_dim 64 on CUDA: what Kiln's prefill attention externs take.
+EXTERNS = {"ragged": "kiln.attention.prefill_ragged", "paged": "kiln.attention.prefill_paged"}
+KERNELS = {"ragged": RAGGED_PREFILL_KERNEL, "paged": PAGED_PREFILL_KERNEL}
 GPU_SPEC = AttentionSpec(
     num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=64, rope=RoPE(1e4), context_length=256
 )
@@ -200,9 +202,9 @@ def cuda_lowered():
     with target:
         asked = []
 
-        def choose(dtype: str, head_dim: int) -> str:
+        def choose(dtype: str, head_dim: int) -> dict[str, str]:
             asked.append((dtype, head_dim))
-            return EXTERN
+            return EXTERNS
 
         with_extern = LowerPagedKVCache(target, choose)(before)
         without = LowerPagedKVCache(target)(before)
@@ -221,10 +223,12 @@ def _create_args(mod: tvm.IRModule) -> list:
     return list(call.args[1:])
 
 
-def test_without_an_extern_the_cache_runs_tvms_ragged_prefill_kernel(cuda_lowered):
+def test_without_an_extern_the_cache_runs_tvms_prefill_kernels(cuda_lowered):
     _, without, expected = cuda_lowered
     assert _differing(_create_args(without), _create_args(expected)) == []
-    assert RAGGED_PREFILL_KERNEL in {g.name_hint for g in without.get_global_vars()}
+    names = {g.name_hint for g in without.get_global_vars()}
+    assert {RAGGED_PREFILL_KERNEL, PAGED_PREFILL_KERNEL} <= names
+    assert PAGED_PREFILL_KERNEL + "_sliding_window" in names
 
 
 def _differing(got: list, want: list) -> list[int]:
@@ -241,23 +245,43 @@ def _differing(got: list, want: list) -> list[int]:
     ]
 
 
-def test_the_extern_takes_the_place_of_tvms_ragged_prefill_kernel(cuda_lowered):
-    """Expected: TVM's own creation call with ("tirx", batch_prefill_ragged_kv) replaced by
-    ("tirx", ExternFunc(EXTERN)), every other argument as it is; the TIR kernel leaves the module
-    (nothing compiles it), every other kernel stays; prefill and decode are untouched."""
+def _replaced(got: list, want: list) -> dict[str, str]:
+    """{TVM kernel: the extern in its place} over the creation call's ("tirx", f) arguments;
+    every other argument must be equal."""
+    replaced = {}
+    for i in _differing(got, want):
+        new, original = got[i], want[i]
+        assert [f.value for f in (new.fields[0], original.fields[0])] == ["tirx", "tirx"]
+        assert isinstance(new.fields[1], relax.ExternFunc)
+        replaced[original.fields[1].name_hint] = new.fields[1].global_symbol
+    return replaced
+
+
+def test_the_externs_take_the_place_of_tvms_prefill_kernels(cuda_lowered):
+    """Expected: TVM's own creation call with ("tirx", batch_prefill_ragged_kv) and ("tirx",
+    batch_prefill_paged_kv) replaced by ("tirx", ExternFunc(...)), every other argument as it is
+    (the sliding-window paged kernel among them); the TIR kernels leave the module (nothing
+    compiles them), every other kernel stays; prefill and decode are untouched."""
     ours, _, expected = cuda_lowered
-    got, want = _create_args(ours), _create_args(expected)
-    differ = _differing(got, want)
-    assert len(differ) == 1
-    replaced, original = got[differ[0]], want[differ[0]]
-    assert [f.value for f in (replaced.fields[0], original.fields[0])] == ["tirx", "tirx"]
-    assert original.fields[1].name_hint == RAGGED_PREFILL_KERNEL
-    assert isinstance(replaced.fields[1], relax.ExternFunc)
-    assert replaced.fields[1].global_symbol == EXTERN
+    assert _replaced(_create_args(ours), _create_args(expected)) == {
+        KERNELS[kind]: extern for kind, extern in EXTERNS.items()
+    }
     names = {g.name_hint for g in ours.get_global_vars()}
-    assert names == {g.name_hint for g in expected.get_global_vars()} - {RAGGED_PREFILL_KERNEL}
+    assert names == {g.name_hint for g in expected.get_global_vars()} - set(KERNELS.values())
     for entry in ("prefill", "decode"):
         tvm.ir.assert_structural_equal(ours[entry], expected[entry])
+
+
+@pytest.mark.parametrize("kind", ["ragged", "paged"])
+def test_one_extern_replaces_only_its_kernel(kind):
+    target = get_target("cuda").target("sm_90")
+    before, _ = export(GPU_SPEC, False, "float16", target)
+    expected, _ = export(GPU_SPEC, True, "float16", target)
+    with target:
+        ours = LowerPagedKVCache(target, lambda dtype, head_dim: {kind: EXTERNS[kind]})(before)
+    assert _replaced(_create_args(ours), _create_args(expected)) == {KERNELS[kind]: EXTERNS[kind]}
+    names = {g.name_hint for g in ours.get_global_vars()}
+    assert names == {g.name_hint for g in expected.get_global_vars()} - {KERNELS[kind]}
 
 
 def run(mod: tvm.IRModule, params: list, ids: list[int], chunk: int, steps: int) -> np.ndarray:

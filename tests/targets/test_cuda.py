@@ -172,7 +172,9 @@ def nvcc_found(monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_fp16_and_bf16_caches_of_head_dim_64_and_128_take_kilns_kernel(nvcc_found, dtype, head_dim):
     target = cuda.CUDA.target("sm_80,sm_90")
-    assert cuda.CUDA.ragged_prefill(target, dtype, head_dim) == attention.PREFILL_RAGGED
+    assert cuda.CUDA.prefill_attention(target, dtype, head_dim) == {
+        "ragged": attention.PREFILL_RAGGED, "paged": attention.PREFILL_PAGED
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -186,7 +188,7 @@ def test_fp16_and_bf16_caches_of_head_dim_64_and_128_take_kilns_kernel(nvcc_foun
     ],
 )
 def test_other_caches_keep_tvms_kernel(nvcc_found, arch, dtype, head_dim):
-    assert cuda.CUDA.ragged_prefill(cuda.CUDA.target(arch), dtype, head_dim) is None
+    assert cuda.CUDA.prefill_attention(cuda.CUDA.target(arch), dtype, head_dim) == {}
 
 
 def test_other_targets_keep_tvms_kernel():
@@ -195,19 +197,22 @@ def test_other_targets_keep_tvms_kernel():
     for name, spec in TARGETS.items():
         if name != "cuda":
             arch = spec.split_arch(None)[0] if spec.split_arch else None
-            assert spec.ragged_prefill(spec.target(arch), "float16", 128) is None, name
+            assert spec.prefill_attention(spec.target(arch), "float16", 128) == {}, name
 
 
 def test_without_nvcc_tvms_kernel_stays_with_a_note(monkeypatch):
     monkeypatch.setattr(attention, "find_nvcc", lambda: None)
     with pytest.warns(UserWarning, match=r"TVM's kernel.*nvcc.*kiln\[cuda\]"):
-        assert cuda.CUDA.ragged_prefill(cuda.CUDA.target("sm_90"), "float16", 128) is None
+        assert cuda.CUDA.prefill_attention(cuda.CUDA.target("sm_90"), "float16", 128) == {}
 
 
-def test_a_head_dim_32_model_keeps_tvms_ragged_prefill_kernel(tiny_cuda):
+def test_a_head_dim_32_model_keeps_tvms_prefill_kernels(tiny_cuda):
     manifest = json.loads((tiny_cuda / "manifest.json").read_text())
-    assert attention.PREFILL_RAGGED not in manifest["target"].get("externs", [])
-    assert "batch_prefill_ragged_kv_kernel" in manifest["target"]["device_code"]["kernels"]
+    externs = manifest["target"].get("externs", [])
+    assert attention.PREFILL_RAGGED not in externs and attention.PREFILL_PAGED not in externs
+    kernels = manifest["target"]["device_code"]["kernels"]
+    assert "batch_prefill_ragged_kv_kernel" in kernels
+    assert "batch_prefill_paged_kv_kernel" in kernels
     assert not (tiny_cuda / attention.ARTIFACT_FILE).exists()
 
 
@@ -215,8 +220,9 @@ def test_a_head_dim_32_model_keeps_tvms_ragged_prefill_kernel(tiny_cuda):
 def test_a_head_dim_64_model_carries_kilns_prefill_attention(
     custom_checkpoint, tmp_path, monkeypatch_module
 ):
-    """The manifest lists the extern, the artifact carries it built for its archs (SASS for
-    each, PTX for the newest), and TVM's ragged prefill kernel is not compiled."""
+    """The manifest lists the externs, the artifact carries their library built for its archs
+    (SASS for each, PTX for the newest), and TVM's ragged and paged prefill kernels are not
+    compiled."""
     ckpt = custom_checkpoint(
         "llama", hidden_size=256, intermediate_size=256, num_attention_heads=4,
         num_key_value_heads=2,
@@ -225,11 +231,14 @@ def test_a_head_dim_64_model_carries_kilns_prefill_attention(
         str(ckpt), target="cuda", quantization="q0f16", output=tmp_path / "a", arch="sm_80,sm_90"
     )
     manifest = json.loads((art / "manifest.json").read_text())
-    assert attention.PREFILL_RAGGED in manifest["target"]["externs"]
+    assert {attention.PREFILL_RAGGED, attention.PREFILL_PAGED} <= set(manifest["target"]["externs"])
     assert manifest["files"][attention.ARTIFACT_FILE]
     kernels = manifest["target"]["device_code"]["kernels"]
     assert "batch_prefill_ragged_kv_kernel" not in kernels
-    assert "batch_prefill_paged_kv_kernel" in kernels  # the rest of the cache stays TVM's
+    assert "batch_prefill_paged_kv_kernel" not in kernels
+    # the rest of the cache stays TVM's, the sliding-window paged prefill among it
+    assert "batch_prefill_paged_kv_sliding_window_kernel" in kernels
+    assert "batch_decode_paged_kv_kernel" in kernels
     data = (art / attention.ARTIFACT_FILE).read_bytes()
     fatbin = data[data.index(struct.pack("<I", 0xBA55ED50)) :]
     images = {(kind, sm) for kind, sm, _ in cuda.fatbin_images(fatbin)}
