@@ -1,16 +1,19 @@
-"""Kiln's prefill attention extern (kiln.runtime.attention): it builds with the nvcc found here,
-and its library loads and registers its functions on a machine without a GPU or a compiler,
-checking its arguments with clear errors; an artifact that calls it loads its own copy, and
-fails with one clear message where the copy is missing and nothing can build it. On a GPU it
-agrees with NumPy and TVM's kernel (tests/gpu/test_attention.py).
+"""Kiln's prefill attention externs (kiln.runtime.attention): they build with the nvcc found
+here, and their library loads and registers its functions on a machine without a GPU or a
+compiler, checking their arguments with clear errors; an artifact that calls them loads its own
+copy, and fails with one clear message where the copy is missing and nothing can build it. The
+NumPy models of their contracts (attention_reference.py) equal TVM's CPU kernels here; on a GPU
+the kernels agree with those models and with TVM's kernels (tests/gpu/test_attention.py).
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import tvm_ffi
+from attention_reference import gather_pages, paged_reference, random_page_table, visible
 from native_checks import run_without_compiler
 
 from kiln.runtime import attention
@@ -19,7 +22,12 @@ from kiln.runtime.attention import attention as impl
 from kiln.runtime.errors import KilnError
 from kiln.runtime.externs import EXTERNS, load_externs
 
-FUNCTIONS = {"kiln.attention.prefill_ragged", "kiln.attention.prefill_ragged_tiled"}
+FUNCTIONS = {
+    "kiln.attention.prefill_ragged",
+    "kiln.attention.prefill_ragged_tiled",
+    "kiln.attention.prefill_paged",
+    "kiln.attention.prefill_paged_tiled",
+}
 ARCHS = ["sm_90"]  # one arch keeps the build short
 
 needs_nvcc = pytest.mark.skipif(attention.find_nvcc() is None, reason="needs nvcc")
@@ -55,16 +63,26 @@ import tvm_ffi
 from kiln.runtime.attention import load_attention
 load_attention(archs=["sm_90"])
 load_attention(archs=["sm_90"])  # once is enough; again is a no-op
-f = tvm_ffi.get_global_func("kiln.attention.prefill_ragged")
+ragged = tvm_ffi.get_global_func("kiln.attention.prefill_ragged")
+paged = tvm_ffi.get_global_func("kiln.attention.prefill_paged")
 host = lambda shape, dtype: tvm_ffi.from_dlpack(np.zeros(shape, dtype))
 q = host((4, 2, 64), "float16")
+pages = host((3, 2, 1, 16, 64), "float16")
 ptr = host((2,), "int32")
+one = host((1,), "int32")
+lse = host((4, 2), "float32")
+calls = {
+    "ragged": lambda rotary: ragged(q, ptr, q, q, ptr, ptr, ptr, q, lse, 1, rotary, 1.0, 1e4, 0.1),
+    "paged": lambda rotary: paged(q, ptr, pages, ptr, one, one, one, ptr, q, lse, 0, rotary, 1.0,
+                                  1e4, 0.1),
+}
 errors = {}
-for rotary_mode in (1, 0):  # RoPE is refused first; then the tensors must be on a GPU
-    try:
-        f(q, ptr, q, q, ptr, ptr, ptr, q, host((4, 2), "float32"), 1, rotary_mode, 1.0, 1e4, 0.1)
-    except Exception as e:
-        errors[rotary_mode] = f"{type(e).__name__}: {e}"
+for name, call in calls.items():
+    for rotary_mode in (1, 0):  # RoPE is refused first; then the tensors must be on a GPU
+        try:
+            call(rotary_mode)
+        except Exception as e:
+            errors[f"{name} {rotary_mode}"] = f"{type(e).__name__}: {e}"
 print(json.dumps({
     "names": sorted(n for n in tvm_ffi.registry.list_global_func_names() if n.startswith("kiln.")),
     "errors": errors,
@@ -81,8 +99,9 @@ def test_loads_and_registers_without_gpu_or_compiler(built):
     cache, _ = built
     result = json.loads(run_without_compiler(LOAD_AND_CALL, cache).strip().splitlines()[-1])
     assert set(result["names"]) >= FUNCTIONS
-    assert "does not apply RoPE" in result["errors"]["1"]
-    assert "must be on cuda:0" in result["errors"]["0"]
+    for name in ("ragged", "paged"):
+        assert f"kiln.attention.prefill_{name} does not apply RoPE" in result["errors"][f"{name} 1"]
+        assert "q must be on cuda:0" in result["errors"][f"{name} 0"]
     assert result["relax"] == [] and not result["compiler_lib"]
 
 
@@ -131,6 +150,50 @@ def test_without_nvcc_an_artifact_without_its_copy_fails_clearly(monkeypatch, tm
 
 
 def test_every_extern_has_a_file_and_a_loader():
-    assert set(EXTERNS) == {"kiln.cublas.matmul", attention.PREFILL_RAGGED}
-    files = [e.artifact_file for e in EXTERNS.values()]
-    assert len(set(files)) == len(files)
+    assert set(EXTERNS) == {"kiln.cublas.matmul", attention.PREFILL_RAGGED, attention.PREFILL_PAGED}
+    # Externs that share a library file build and load it alike (one library, both functions).
+    by_file = {}
+    for extern in EXTERNS.values():
+        by_file.setdefault(extern.artifact_file, set()).add((extern.build, extern.load))
+    assert all(len(ways) == 1 for ways in by_file.values())
+    assert EXTERNS[attention.PREFILL_PAGED] == EXTERNS[attention.PREFILL_RAGGED]
+
+
+@pytest.mark.parametrize("h_q,h_kv", [(4, 4), (8, 2), (8, 1)])
+def test_the_paged_reference_equals_tvms_cpu_kernel(h_q, h_kv):
+    """The float64 model of batch_prefill_paged_kv the GPU tests hold Kiln's kernel to equals
+    TVM's paged prefill kernel (the CPU one the CPU cache runs, Kiln's fixed copy), causal and
+    not, on histories of 0, 1, 15, 16, 17 and 100 keys in shuffled pages, chunks of 0 to 64."""
+    import tvm
+
+    from kiln.compiler.kv_kernels import _attention_prefill_cpu
+
+    d, page_size = 16, 16
+    func = _attention_prefill_cpu(h_kv, h_q, d, "float32", False, {}, page_size=page_size)
+    kernel = tvm.compile(tvm.IRModule({"main": func}), "llvm")["main"]
+    rng = np.random.default_rng(0)
+    histories, chunks = [0, 1, 15, 16, 17, 100, 40], [7, 1, 64, 3, 20, 5, 0]
+    num_pages, page_indptr, page_values, last = random_page_table(rng, histories, page_size)
+    pages = rng.standard_normal((num_pages, 2, h_kv, page_size, d)).astype("float32")
+    q_indptr = np.concatenate([[0], np.cumsum(chunks)]).astype("int32")
+    q = rng.standard_normal((q_indptr[-1], h_q, d)).astype("float32")
+    _, _, kv_indptr = gather_pages(pages, page_indptr, page_values, last)
+    assert np.diff(kv_indptr).tolist() == histories
+    tensor = tvm.runtime.tensor
+    for causal in (0, 1):
+        out = tensor(np.full(q.shape, np.nan, "float32"))
+        lse = tensor(np.full(q.shape[:2], np.nan, "float32"))
+        rope = [tensor(np.zeros(n, "int32")) for n in (len(chunks), len(q))]  # unused
+        kernel(tensor(q), tensor(q_indptr), tensor(pages), tensor(page_indptr),
+               tensor(page_values), tensor(last), *rope, out, lse, causal, 0, 1.0, 1e4,
+               d**-0.5)  # fmt: skip
+        want_o, want_lse = paged_reference(
+            q, q_indptr, pages, page_indptr, page_values, last, bool(causal), d**-0.5
+        )
+        np.testing.assert_allclose(out.numpy(), want_o, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lse.numpy(), want_lse, rtol=0, atol=1e-5)
+        # Rows that see no key are covered: the 7 of the sequence without history, and more
+        # under causal (chunks longer than their history).
+        pairs = zip(chunks, histories, strict=True)
+        seen = np.concatenate([visible(n, h, bool(causal)).any(axis=1) for n, h in pairs])
+        assert len(q) - seen.sum() == (59 if causal else 7)
