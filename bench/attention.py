@@ -1,18 +1,24 @@
-"""Prefill attention of a model shape: Kiln's tensor-core kernel (kiln.attention.prefill_ragged,
-what CUDA artifacts with fp16/bf16 caches of head_dim 64 or 128 call) against TVM's TIR kernel
-(batch_prefill_ragged_kv, what they ran before and what other caches still run), each checked
-against the other and timed in TFLOP/s next to the dense fp16 GEMM peak measured with torch in
-the same run, with torch's SDPA (FlashAttention) as a reference point when torch has CUDA.
+"""Prefill attention of a model shape: Kiln's tensor-core kernels (kiln.attention.prefill_ragged
+and prefill_paged, what CUDA artifacts with fp16/bf16 caches of head_dim 64 or 128 call) against
+TVM's TIR kernels (batch_prefill_ragged_kv and batch_prefill_paged_kv, what they ran before and
+what other caches still run), each checked against the other and timed in TFLOP/s next to the
+dense fp16 GEMM peak measured with torch in the same run, with torch's SDPA (FlashAttention) as
+a reference point when torch has CUDA.
 
     python bench/attention.py build DIR [--shape llama2-7b] [--arch sm_90]   # here: nvcc, TVM
     python bench/attention.py run DIR [--json OUT]                           # on the GPU
 
-`build` writes Kiln's extern (kiln-attention.so) and TVM's kernel for the shape's heads
-(tvm-ragged-prefill.so, device code as a fatbin) into DIR; `run` needs only the TVM runtime.
-Cases: one causal sequence of 512, 1024, 2048 and 4096 tokens, and 4 sequences of 512 in one
-call. Kiln's kernel runs with the tile height it picks ("kiln") and with each fixed height
-("kiln64", "kiln128"). FLOPs of causal attention: 4 n^2 / 2 * head_dim * heads per sequence
-(Q.K^T and P.V, half the keys masked).
+`build` writes Kiln's extern (kiln-attention.so) and TVM's kernels for the shape's heads
+(tvm-prefill.so, device code as a fatbin) into DIR; `run` needs only the TVM runtime.
+Ragged cases (a chunk against its own keys, causal): one sequence of 512, 1024, 2048 and 4096
+tokens, and 4 sequences of 512 in one call; FLOPs 4 n^2 / 2 * head_dim * heads per sequence
+(Q.K^T and P.V, half the keys masked). Paged cases (a chunk against the keys already in the
+cache's pages of 16, shuffled; not causal, as the cache calls it): 1024 new tokens after 1024
+and 3072 of history (the second chunk of a 2048-token prompt, the fourth of a 4096-token one),
+and 4 sequences of 256 after 1024 each; FLOPs 4 n h * head_dim * heads per sequence (n new
+tokens, h history); SDPA runs on the history gathered into contiguous tensors beforehand.
+Kiln's kernels run with the tile height they pick ("kiln") and with each fixed height
+("kiln64", "kiln128").
 """
 
 from __future__ import annotations
@@ -30,16 +36,20 @@ from gemm import seconds_per_call, torch_gemm
 from shapes import SHAPES
 
 CASES = [[512], [1024], [2048], [4096], [512] * 4]  # sequence lengths of one call
-TVM_LIBRARY = "tvm-ragged-prefill.so"
+# Paged: (new tokens, tokens of history) of each sequence of one call
+PAGED_CASES = [[(1024, 1024)], [(1024, 3072)], [(256, 1024)] * 4]
+PAGE_SIZE = 16
+TVM_LIBRARY = "tvm-prefill.so"
 
 
-def tvm_kernel_name(dtype: str, h_q: int, h_kv: int, head_dim: int) -> str:
-    return f"tvm_ragged_{dtype}_{h_q}_{h_kv}_{head_dim}"
+def tvm_kernel_name(dtype: str, h_q: int, h_kv: int, head_dim: int, kind: str = "ragged") -> str:
+    return f"tvm_{kind}_{dtype}_{h_q}_{h_kv}_{head_dim}"
 
 
 def build_tvm_kernels(path: Path, configs: list[tuple[str, int, int, int]], arch: str) -> None:
-    """TVM's ragged prefill kernel, as TIRPagedKVCache makes it for CUDA, for each (dtype, h_q,
-    h_kv, head_dim), into one library whose device code is a fatbin (no compiler at load)."""
+    """TVM's ragged and paged (not sliding-window) prefill kernels, as TIRPagedKVCache makes
+    them for CUDA, for each (dtype, h_q, h_kv, head_dim), into one library whose device code is
+    a fatbin (no compiler at load)."""
     import tvm
     from tvm.relax.frontend.nn.llm import _prefill_kernels
 
@@ -51,6 +61,11 @@ def build_tvm_kernels(path: Path, configs: list[tuple[str, int, int, int]], arch
         name = tvm_kernel_name(dtype, h_q, h_kv, head_dim)
         func = _prefill_kernels._attention_prefill_ragged(
             h_kv, h_q, head_dim, head_dim, dtype, {}, target
+        )
+        funcs[name] = func.with_attr("global_symbol", name)
+        name = tvm_kernel_name(dtype, h_q, h_kv, head_dim, "paged")
+        func = _prefill_kernels._attention_prefill(
+            h_kv, h_q, head_dim, dtype, False, {}, target, page_size=PAGE_SIZE
         )
         funcs[name] = func.with_attr("global_symbol", name)
     with target:
@@ -87,18 +102,20 @@ def run(out: Path, json_out: Path | None) -> None:
     load_attention(out / ARTIFACT_FILE)
     config = json.loads((out / "attention.json").read_text())
     heads, kv_heads, head_dim = config["heads"], config["kv_heads"], config["head_dim"]
-    tiled = tvm_ffi.get_global_func("kiln.attention.prefill_ragged_tiled")
-    tvm_kernel = tvm.runtime.load_module(str(out / TVM_LIBRARY))[
-        tvm_kernel_name("float16", heads, kv_heads, head_dim)
-    ]
+    library = tvm.runtime.load_module(str(out / TVM_LIBRARY))
     peak, torch = torch_gemm()
-    print(
-        f"{config['shape']}: {heads} query heads, {kv_heads} KV heads of {head_dim}, fp16, causal"
-    )
+    print(f"{config['shape']}: {heads} query heads, {kv_heads} KV heads of {head_dim}, fp16")
     if peak:
         print(f"dense fp16 GEMM peak (torch.matmul 8192^3): {peak / 1e12:.0f} TFLOP/s")
     rng = np.random.default_rng(0)
-    results = []
+    bench = Bench(device, peak, torch, heads, kv_heads, head_dim)
+
+    print("ragged (a chunk against its own keys, causal):")
+    tiled = tvm_ffi.get_global_func("kiln.attention.prefill_ragged_tiled")
+    heights = (("kiln", 0), ("kiln64", 64), ("kiln128", 128))  # Kiln's tile heights (0: auto)
+    ours = [(name, tiled, (rows,)) for name, rows in heights]
+    tvm_kernel = library[tvm_kernel_name("float16", heads, kv_heads, head_dim)]
+    ragged = []
     for lengths in CASES:
         total = sum(lengths)
         indptr = np.concatenate([[0], np.cumsum(lengths)]).astype("int32")
@@ -108,67 +125,117 @@ def run(out: Path, json_out: Path | None) -> None:
         args = [tvm.runtime.tensor(a, device) for a in (q, indptr, k, v, indptr)]
         args += [tvm.runtime.tensor(np.zeros(total, "int32"), device),  # RoPE: unused
                  tvm.runtime.tensor(np.zeros(len(lengths), "int32"), device)]  # fmt: skip
-        outputs = {}
-        callers = {}
-        for name, fn, lead in [("kiln", tiled, (0,)), ("kiln64", tiled, (64,)),
-                               ("kiln128", tiled, (128,)), ("tvm", tvm_kernel, ())]:  # fmt: skip
-            callers[name], outputs[name] = bind(fn, lead, args, (total, heads, head_dim), device)
-        flops = causal_flops(lengths, heads, head_dim)
         label = f"{len(lengths)} x {lengths[0]}" if len(lengths) > 1 else f"{total}"
-        row: dict = {"lengths": lengths, "flops": flops}
-        for name, fn in callers.items():
-            sec = seconds_per_call(fn, device.sync)
-            row[name] = {"us": sec * 1e6, "tflops": flops / sec / 1e12}
-        tvm_out = outputs["tvm"].numpy().astype("float32")
-        for name in ("kiln", "kiln64", "kiln128"):
-            row[name]["max_diff_vs_tvm"] = float(
-                np.abs(outputs[name].numpy().astype("float32") - tvm_out).max()
-            )
+        row = bench.case(f"{label:>9s} tokens", [*ours, ("tvm", tvm_kernel, ())], args, 1,
+                         causal_flops(lengths, heads, head_dim))  # fmt: skip
         if torch is not None:
-            row["torch"] = measure_torch(torch, q, k, v, lengths, flops)
-        results.append(row)
-        line = f"{label:>9s} tokens |"
+            bench.torch(row, q, k, v, lengths, lengths, causal=True)
+        ragged.append({"lengths": lengths, **row})
+
+    print(f"paged (a chunk against the keys already in pages of {PAGE_SIZE}, not causal):")
+    tiled = tvm_ffi.get_global_func("kiln.attention.prefill_paged_tiled")
+    ours = [(name, tiled, lead) for name, _, lead in ours]
+    tvm_kernel = library[tvm_kernel_name("float16", heads, kv_heads, head_dim, "paged")]
+    paged = []
+    for case in PAGED_CASES:
+        news, history = [n for n, _ in case], [h for _, h in case]
+        q = rng.standard_normal((sum(news), heads, head_dim)).astype("float16")
+        pages, page_indptr, page_values, last, k, v = random_pages(rng, history, kv_heads, head_dim)
+        q_indptr = np.cumsum([0, *news]).astype("int32")
+        host = (q, q_indptr, pages, page_indptr, page_values, last)
+        args = [tvm.runtime.tensor(a, device) for a in host]
+        args += [tvm.runtime.tensor(np.zeros(len(case), "int32"), device),  # RoPE: unused
+                 tvm.runtime.tensor(np.zeros(len(q), "int32"), device)]  # fmt: skip
+        flops = sum(4.0 * n * h * head_dim * heads for n, h in case)
+        label = f"{len(case)} x {news[0]}" if len(case) > 1 else f"{news[0]}"
+        row = bench.case(f"{label:>9s} after {history[0]:5d}", [*ours, ("tvm", tvm_kernel, ())],
+                         args, 0, flops)  # fmt: skip
+        if torch is not None:
+            bench.torch(row, q, k, v, news, history, causal=False)
+        paged.append({"new": news, "history": history, **row})
+    if json_out:
+        json_out.write_text(json.dumps({"peak_flops": peak, "config": config, "cases": ragged,
+                                        "paged_cases": paged}, indent=1))  # fmt: skip
+
+
+def random_pages(rng, history: list[int], kv_heads: int, head_dim: int):
+    """Random keys and values of each history in shuffled pages: (pages, page_indptr,
+    page_values, last_page_len, k, v), k and v the same keys gathered (total, kv_heads, d)."""
+    counts = [-(-h // PAGE_SIZE) for h in history]
+    page_values = rng.permutation(sum(counts)).astype("int32")
+    pages = rng.standard_normal((sum(counts), 2, kv_heads, PAGE_SIZE, head_dim)).astype("float16")
+    page_indptr = np.cumsum([0, *counts]).astype("int32")
+    last = np.array([(h - 1) % PAGE_SIZE + 1 for h in history], "int32")
+    k, v = [], []
+    for b, h in enumerate(history):
+        kv = pages[page_values[page_indptr[b] : page_indptr[b + 1]]]  # (n, 2, kv_heads, page, d)
+        kv = kv.transpose(1, 0, 3, 2, 4).reshape(2, -1, kv_heads, head_dim)[:, :h]
+        k.append(kv[0])
+        v.append(kv[1])
+    return pages, page_indptr, page_values, last, np.concatenate(k), np.concatenate(v)
+
+
+class Bench:
+    """Times the kernels of one case on the same inputs, checks them against TVM's, prints a
+    line of each (in TFLOP/s and % of the GEMM peak) and returns their figures."""
+
+    def __init__(self, device, peak, torch, heads: int, kv_heads: int, head_dim: int):
+        self.device, self.peak, self.torch_module = device, peak, torch
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+
+    def case(self, label: str, kernels: list, args: list, causal: int, flops: float) -> dict:
+        """kernels: (name, fn, leading arguments); fn(*lead, *args, output, lse, causal,
+        rotary_mode=0, rope_scale, rope_theta, sm_scale)."""
+        import tvm
+
+        total_q = args[0].shape[0]
+        row: dict = {"flops": flops}
+        outputs = {}
+        for name, fn, lead in kernels:
+            out = tvm.runtime.empty((total_q, self.heads, self.head_dim), "float16", self.device)
+            lse = tvm.runtime.empty((total_q, self.heads), "float32", self.device)
+            call = lambda: fn(*lead, *args, out, lse, causal, 0, 1.0, 1e4, self.head_dim**-0.5)  # noqa: B023, E731
+            sec = seconds_per_call(call, self.device.sync)
+            row[name] = {"us": sec * 1e6, "tflops": flops / sec / 1e12}
+            outputs[name] = out.numpy().astype("float32")
+        for name in outputs:
+            if name != "tvm":
+                row[name]["max_diff_vs_tvm"] = float(np.abs(outputs[name] - outputs["tvm"]).max())
+        self.print(label, row)
+        print(f"{'':16s}max |O - O_tvm|: " + ", ".join(
+            f"{n} {row[n]['max_diff_vs_tvm']:.1e}" for n in outputs if n != "tvm"
+        ), flush=True)  # fmt: skip
+        return row
+
+    def print(self, label: str, row: dict) -> None:
+        line = f"{label} |"
         for name in ("kiln", "kiln64", "kiln128", "tvm", "torch"):
             if row.get(name):
                 r = row[name]
-                pct = f" {100 * r['tflops'] * 1e12 / peak:5.1f}%" if peak else ""
+                pct = f" {100 * r['tflops'] * 1e12 / self.peak:5.1f}%" if self.peak else ""
                 line += f" {name} {r['us']:9.1f} us {r['tflops']:6.1f} TFLOP/s{pct} |"
         print(line, flush=True)
-        print(f"{'':16s}max |O - O_tvm|: " + ", ".join(
-            f"{n} {row[n]['max_diff_vs_tvm']:.1e}" for n in ("kiln", "kiln64", "kiln128")
-        ), flush=True)  # fmt: skip
-    if json_out:
-        json_out.write_text(json.dumps({"peak_flops": peak, "config": config, "cases": results},
-                                       indent=1))  # fmt: skip
 
+    def torch(self, row: dict, q, k, v, q_lengths: list[int], kv_lengths: list[int],
+              causal: bool) -> None:  # fmt: skip
+        """torch's SDPA on the same sequences, (batch, heads, tokens, head_dim) (equal lengths
+        only: one call), KV heads repeated for grouped queries; printed after the case's line."""
+        torch = self.torch_module
+        if len(set(q_lengths)) > 1 or len(set(kv_lengths)) > 1:
+            return
+        batch = len(q_lengths)
 
-def bind(fn, lead: tuple, args: list, shape: tuple[int, int, int], device):
-    """fn(*lead, q, q_indptr, k, v, kv_indptr, rope..., output, lse, causal=1, rotary_mode=0,
-    rope_scale, rope_theta, sm_scale) as a call without arguments, and its output tensor."""
-    import tvm
+        def dev(x, n):
+            x = torch.from_numpy(x).cuda().view(batch, n, x.shape[1], x.shape[2])
+            x = x.transpose(1, 2).contiguous()
+            return x.repeat_interleave(self.heads // x.shape[1], dim=1)
 
-    out = tvm.runtime.empty(shape, "float16", device)
-    lse = tvm.runtime.empty(shape[:2], "float32", device)
-    sm_scale = shape[2] ** -0.5
-    return (lambda: fn(*lead, *args, out, lse, 1, 0, 1.0, 1e4, sm_scale)), out
-
-
-def measure_torch(torch, q, k, v, lengths: list[int], flops: float) -> dict:
-    """torch's SDPA (causal) on the same sequences, (batch, heads, tokens, head_dim); equal
-    lengths only (one call), and KV heads repeated for grouped queries."""
-    n, heads = lengths[0], q.shape[1]
-    if any(length != n for length in lengths):
-        return {}
-
-    def dev(x):
-        x = torch.from_numpy(x).cuda().view(len(lengths), n, x.shape[1], x.shape[2])
-        x = x.transpose(1, 2).contiguous()
-        return x.repeat_interleave(heads // x.shape[1], dim=1)
-
-    qt, kt, vt = dev(q), dev(k), dev(v)
-    fn = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)  # noqa: E731
-    sec = seconds_per_call(fn, torch.cuda.synchronize)
-    return {"us": sec * 1e6, "tflops": flops / sec / 1e12}
+        qt, kt, vt = dev(q, q_lengths[0]), dev(k, kv_lengths[0]), dev(v, kv_lengths[0])
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        sec = seconds_per_call(lambda: sdpa(qt, kt, vt, is_causal=causal), torch.cuda.synchronize)
+        row["torch"] = {"us": sec * 1e6, "tflops": row["flops"] / sec / 1e12}
+        print(f"{'':16s}torch SDPA {row['torch']['us']:9.1f} us "
+              f"{row['torch']['tflops']:6.1f} TFLOP/s", flush=True)  # fmt: skip
 
 
 def main() -> None:

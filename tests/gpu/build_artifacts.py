@@ -1,6 +1,6 @@
 """Build what the GPU tests load, on a machine with the compiler (the GPU machine may have only
-the TVM runtime): tiny checkpoints and their CUDA artifacts, and Kiln's prefill attention extern
-with TVM's kernel for the same shapes (tests/gpu/test_attention.py).
+the TVM runtime): tiny checkpoints and their CUDA artifacts, and Kiln's prefill attention externs
+with TVM's ragged and paged prefill kernels for the same shapes (tests/gpu/test_attention.py).
 
     python tests/gpu/build_artifacts.py OUT_DIR [--arch sm_90] [--tensor-parallel-only]
                                                 [--attention-only]
@@ -39,7 +39,7 @@ TENSOR_PARALLEL = [
 ] + [
     ("llama-wide", "llama", WIDE, "q4f16", n) for n in (1, 2)
 ] + [("mixtral", "mixtral", {}, "q0f16", n) for n in (1, 2)]  # fmt: skip
-# Models whose prefill attention runs on Kiln's kernel (head_dim 64 or 128; the other tiny models'
+# Models whose prefill attention runs on Kiln's kernels (head_dim 64 or 128; the other tiny models'
 # 16 and 32 keep TVM's), "NAME-q0f16" against transformers in test_attention.py: llama-wide
 # (head_dim 64, above) and a head_dim 128 one with 2 query heads per KV head.
 ATTENTION_MODELS = {
@@ -48,7 +48,7 @@ ATTENTION_MODELS = {
         hidden_size=256, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1
     ),
 }
-# (dtype, query heads, KV heads, head_dim) test_attention.py runs Kiln's kernel and TVM's on
+# (dtype, query heads, KV heads, head_dim) test_attention.py runs Kiln's kernels and TVM's on
 ATTENTION_CONFIGS = [
     (dtype, h_q, h_kv, head_dim)
     for dtype in ("float16", "bfloat16")
@@ -82,13 +82,13 @@ def build_attention(out: Path, arch: str) -> None:
     from kiln.runtime import attention
 
     shutil.copyfile(attention.build([arch]), out / attention.ARTIFACT_FILE)
-    # TVM's kernel, as bench/attention.py builds it
+    # TVM's ragged and paged prefill kernels, as bench/attention.py builds them
     path = Path(__file__).resolve().parents[2] / "bench" / "attention.py"
     spec = importlib.util.spec_from_file_location("kiln_bench_attention", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     if not (out / bench.TVM_LIBRARY).exists():
-        print("compiling TVM's ragged prefill kernels", flush=True)
+        print("compiling TVM's ragged and paged prefill kernels", flush=True)
         bench.build_tvm_kernels(out / bench.TVM_LIBRARY, ATTENTION_CONFIGS, arch)
     for name, changes in ATTENTION_MODELS.items():
         ckpt = out / f"ckpt-{name}"

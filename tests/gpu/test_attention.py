@@ -1,10 +1,13 @@
-"""Kiln's prefill attention kernel (`kiln.attention.prefill_ragged`) on a real GPU, against a
-float64 NumPy reference and TVM's own ragged prefill kernel on the same inputs: fp16 and bf16,
-head_dim 64 and 128, 1, 4 and 8 query heads per KV head, causal and not, ragged batches of
-sequences of 1, 7, 64, 100 and 1000 tokens, queries aligned to the end of longer keys, both tile
-heights; it runs on TVM's current stream; and CUDA artifacts that call it (head_dim 64 and 128)
-give transformers' logits, for a ragged batch and for a chunk after a cached prefix (where TVM
-merges its paged attention with this kernel's output through the lse).
+"""Kiln's prefill attention kernels (`kiln.attention.prefill_ragged` and `prefill_paged`) on a
+real GPU, against float64 NumPy references (attention_reference.py) and TVM's own ragged and
+paged prefill kernels on the same inputs: fp16 and bf16, head_dim 64 and 128, 1, 4 and 8 query
+heads per KV head, causal and not, both tile heights. Ragged: batches of sequences of 1, 7, 64,
+100 and 1000 tokens, queries aligned to the end of longer keys. Paged: chunks of 1, 7, 64 and
+300 queries against histories of 0, 1, 15, 16, 17, 100 and 1000 keys in shuffled pages (unused
+page rows hold NaN, so a wrong gather shows). The kernel runs on TVM's current stream; and CUDA
+artifacts that call both (head_dim 64 and 128) give transformers' logits for a ragged batch,
+for chunks after cached prefixes of different lengths in one pass, and for a prompt prefilled
+in chunks (where TVM merges the paged kernel's output with the ragged one's through the lse).
 
 Which models run it: CUDA artifacts whose cache is fp16/bf16 with head_dim 64 or 128. The GPU
 tests' tiny models have head_dim 16 or 32 and keep TVM's kernel, but for build_artifacts.py's
@@ -26,17 +29,18 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
+from attention_reference import EMPTY_LSE, paged_reference, random_page_table, reference, visible
 from conftest import make_checkpoint
 from gpu.build_artifacts import ATTENTION_CONFIGS, ATTENTION_MODELS
 
 import kiln
-from kiln.runtime.attention import ARTIFACT_FILE, PREFILL_RAGGED, load_attention
+from kiln.runtime.attention import ARTIFACT_FILE, PREFILL_PAGED, PREFILL_RAGGED, load_attention
 from kiln.runtime.device import open_device
 from kiln.runtime.runner import Runner
 
 pytestmark = pytest.mark.gpu
 
-TVM_LIBRARY = "tvm-ragged-prefill.so"  # bench/attention.py's build of TVM's kernels
+TVM_LIBRARY = "tvm-prefill.so"  # bench/attention.py's build of TVM's kernels
 LENGTHS = [100, 1, 1000, 7, 64]  # one ragged batch: tiles of every fill, a sequence of 1
 # (dtype, head_dim, query heads, KV heads): 1, 4 and 8 queries per KV head
 CONFIGS = [(dtype, d, h_q, h_kv) for dtype, h_q, h_kv, d in ATTENTION_CONFIGS]
@@ -44,36 +48,10 @@ FP16_BOUND = 2e-2  # test_cuda.py's: max logits error relative to their largest 
 # Output tolerance: one rounding of O to the dtype plus P's rounding for the tensor cores
 O_TOL = {"float16": 2e-3, "bfloat16": 1.6e-2}
 LSE_TOL = 1e-3  # lse is fp32 throughout
-EMPTY_LSE = -5e4  # a row that sees no key (TVM's kernels' starting score)
-
-
-def reference(q, k, v, q_indptr, kv_indptr, causal: bool, sm_scale: float):
-    """Attention in float64 with TVM's conventions: queries aligned to the end of the keys under
-    `causal`, lse = log2(sum 2^(s)) of scores s = q.k * sm_scale * log2(e); a row that sees no
-    key: output 0, lse -5e4."""
-    total_q, h_q, head_dim = q.shape
-    group = h_q // k.shape[1]
-    out = np.zeros((total_q, h_q, head_dim))
-    lse = np.zeros((total_q, h_q))
-    for b in range(len(q_indptr) - 1):
-        q0, q1, k0, k1 = q_indptr[b], q_indptr[b + 1], kv_indptr[b], kv_indptr[b + 1]
-        q_len, kv_len = q1 - q0, k1 - k0
-        visible = np.ones((q_len, kv_len), bool)
-        if causal:
-            visible = np.arange(kv_len)[None, :] < kv_len - q_len + np.arange(q_len)[:, None] + 1
-        empty = ~visible.any(axis=1)
-        for h in range(h_q):
-            qh = q[q0:q1, h].astype(np.float64)
-            kh, vh = k[k0:k1, h // group].astype(np.float64), v[k0:k1, h // group]
-            s = np.where(visible, qh @ kh.T * sm_scale * np.log2(np.e), -np.inf)
-            m = np.where(empty, 0.0, s.max(axis=1, initial=-np.inf))
-            p = np.exp2(s - m[:, None])
-            total = np.where(empty, 1.0, p.sum(axis=1))
-            out[q0:q1, h] = np.where(
-                empty[:, None], 0.0, p @ vh.astype(np.float64) / total[:, None]
-            )
-            lse[q0:q1, h] = np.where(empty, EMPTY_LSE, m + np.log2(total))
-    return out, lse
+# Paged: each history (keys already in the cache) with each chunk length, in one batch
+HISTORIES = [0, 1, 15, 16, 17, 100, 1000]
+CHUNKS = [1, 7, 64, 300]
+PAGE_SIZE = 16  # Kiln's caches' (TVM's paged kernel is built for it)
 
 
 def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -236,6 +214,128 @@ def test_runs_on_tvms_current_stream(kernels):
     np.testing.assert_allclose(out.float().cpu().numpy(), want, rtol=2e-3, atol=2e-3)
 
 
+# Paged: the chunk's queries against the keys its sequences already have in the cache's pages.
+
+
+class PagedCase(Case):
+    """Random q and pages (rounded to the dtype) of a batch with a history and a chunk per
+    sequence, the pages in shuffled order, every page row no sequence holds NaN; on the device.
+    (Case.run calls a kernel on them.)"""
+
+    def __init__(self, dev, dtype, head_dim, h_q, h_kv, histories, chunks, page_size=PAGE_SIZE,
+                 seed=0):  # fmt: skip
+        rng = np.random.default_rng(seed)
+        self.dev, self.dtype = dev, dtype
+        self.histories, self.chunks = list(histories), list(chunks)
+        num_pages, self.page_indptr, self.page_values, self.last = random_page_table(
+            rng, histories, page_size
+        )
+        pages = np.full((num_pages, 2, h_kv, page_size, head_dim), np.nan, np.float32)
+        for b, n in enumerate(histories):
+            for i in range(n):  # key i of sequence b, K and V
+                page = self.page_values[self.page_indptr[b] + i // page_size]
+                pages[page, :, :, i % page_size] = rng.standard_normal((2, h_kv, head_dim))
+        self.pages = rounded(pages, dtype)
+        self.q_indptr = np.concatenate([[0], np.cumsum(chunks)]).astype("int32")
+        self.q = rounded(rng.standard_normal((int(self.q_indptr[-1]), h_q, head_dim)), dtype)
+        self.sm_scale = head_dim**-0.5
+        int32 = lambda x: tvm.runtime.tensor(np.asarray(x, "int32"), dev)  # noqa: E731
+        self.args = [
+            upload(self.q, dtype, dev),
+            int32(self.q_indptr),
+            upload(self.pages, dtype, dev),
+            int32(self.page_indptr),
+            int32(self.page_values),
+            int32(self.last),  # length_info: the last page's length
+            int32(np.zeros(len(chunks))),  # RoPE: unused
+            int32(np.zeros(len(self.q))),
+        ]
+
+    def reference(self, causal: bool):
+        return paged_reference(self.q, self.q_indptr, self.pages, self.page_indptr,
+                               self.page_values, self.last, causal, self.sm_scale)  # fmt: skip
+
+    def seen(self, causal: bool) -> np.ndarray:
+        """(total_q,): whether each query sees some key."""
+        pairs = zip(self.chunks, self.histories, strict=True)
+        return np.concatenate([visible(n, h, causal).any(axis=1) for n, h in pairs])
+
+
+def every_pair(histories, chunks, seed: int) -> tuple[list[int], list[int]]:
+    """Each history with each chunk length, one sequence each, in a shuffled order."""
+    pairs = [(h, c) for h in histories for c in chunks]
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return [pairs[i][0] for i in order], [pairs[i][1] for i in order]
+
+
+@pytest.fixture(scope="module")
+def paged(kernels):
+    """(device, Kiln's prefill_paged_tiled, TVM's library or None)."""
+    dev, _, tvm_kernels = kernels
+    return dev, tvm_ffi.get_global_func(PREFILL_PAGED + "_tiled"), tvm_kernels
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,head_dim,h_q,h_kv", CONFIGS)
+def test_paged_equals_numpy(paged, dtype, head_dim, h_q, h_kv, causal):
+    """Every history with every chunk length in one batch, each tile height. The cache passes
+    causal 0 (the history precedes the chunk); causal 1 aligns the chunk to the end of the
+    history, as TVM's kernel does, and its rows before the history see nothing (output 0)."""
+    dev, tiled, _ = paged
+    histories, chunks = every_pair(HISTORIES, CHUNKS, seed=7)
+    case = PagedCase(dev, dtype, head_dim, h_q, h_kv, histories, chunks, seed=8)
+    want = case.reference(causal)
+    for rows in (64, 128, 0):
+        what = f"paged {dtype} d{head_dim} {h_q}/{h_kv} heads causal={causal} rows={rows}"
+        check(case.run(tiled, causal, rows), want, dtype, what)
+
+
+@pytest.mark.parametrize("page_size", [1, 8, 32])
+def test_paged_other_page_sizes_equal_numpy(paged, page_size):
+    """The page size comes from the pages' shape: a 64-key tile spans 64, 8 or 2 pages, or
+    part of one."""
+    dev, tiled, _ = paged
+    histories, chunks = [0, 5, 40, 100, 333], [3, 64, 17, 130, 1]
+    case = PagedCase(dev, "float16", 128, 8, 2, histories, chunks, page_size, seed=9)
+    check(case.run(tiled, False, 0), case.reference(False), "float16", f"page_size {page_size}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,head_dim,h_q,h_kv", CONFIGS)
+def test_paged_agrees_with_tvms_kernel(paged, dtype, head_dim, h_q, h_kv, causal):
+    """TVM's batch_prefill_paged_kv (what the cache ran before) on the same pages. Under causal,
+    rows that see no key only where the history is not empty (TVM's gives them an average of
+    V; the cache never asks for it) are left out."""
+    dev, tiled, tvm_kernels = paged
+    if tvm_kernels is None:
+        pytest.skip("no TVM kernels: KILN_GPU_ARTIFACTS from tests/gpu/build_artifacts.py")
+    histories, chunks = every_pair(HISTORIES, CHUNKS, seed=10)
+    case = PagedCase(dev, dtype, head_dim, h_q, h_kv, histories, chunks, seed=11)
+    theirs = case.run(tvm_kernels[f"tvm_paged_{dtype}_{h_q}_{h_kv}_{head_dim}"], causal)
+    ours = case.run(tiled, causal, 0)
+    rows = case.seen(causal) | np.repeat(np.array(histories) == 0, chunks)
+    check(tuple(x[rows] for x in ours), tuple(x[rows] for x in theirs), dtype,
+          f"paged {dtype} d{head_dim} {h_q}/{h_kv} causal={causal} vs TVM")  # fmt: skip
+
+
+def test_paged_rows_without_keys_and_empty_batches(paged):
+    """Rows of a sequence without history: output 0 and lse -5e4 (TVM's), which its merge with
+    the ragged part ignores; a batch without queries writes nothing."""
+    dev, tiled, _ = paged
+    case = PagedCase(dev, "bfloat16", 64, 4, 4, [0, 0, 20], [5, 70, 0], seed=12)
+    out, lse = case.run(tiled, False, 0)
+    assert (out[:75] == 0).all() and (lse[:75] == EMPTY_LSE).all()
+    empty = PagedCase(dev, "float16", 64, 4, 4, [16, 3], [0, 0], seed=13)
+    assert empty.run(tiled, False, 0)[0].shape == (0, 4, 64)
+
+
+def test_paged_contract_entry_point_equals_the_tiled_one(paged):
+    dev, tiled, _ = paged
+    case = PagedCase(dev, "float16", 128, 8, 2, [1000, 17], [300, 64], seed=14)
+    auto = case.run(tvm_ffi.get_global_func(PREFILL_PAGED), False)
+    np.testing.assert_array_equal(auto[0], case.run(tiled, False, 0)[0])
+
+
 @pytest.fixture(scope="module")
 def attention_model(tmp_path_factory):
     """attention_model(name) -> (checkpoint, q0f16 CUDA artifact) of ATTENTION_MODELS[name]."""
@@ -255,36 +355,48 @@ def attention_model(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(ATTENTION_MODELS))
 def test_artifacts_on_kilns_kernel_match_transformers(attention_model, name):
-    """One ragged prefill of three sequences (230 tokens cut to 150, 1, 77), then the rest of
-    the first one as a chunk over its cached prefix: every row's logits against transformers."""
+    """Every row's logits against transformers: one ragged prefill of three sequences (230, 21
+    and 147 tokens cut to 150, 1 and 77: the ragged kernel only), then the rest of all three in
+    one pass (histories 150, 1 and 77: the paged kernel too, merged with the ragged one), then a
+    fourth prompt of 230 tokens prefilled in chunks of 64 (histories 0, 64, 128, 192)."""
     import torch
     import transformers
 
     ckpt, art = attention_model(name)
-    assert PREFILL_RAGGED in json.loads((art / "manifest.json").read_text())["target"]["externs"]
+    externs = json.loads((art / "manifest.json").read_text())["target"]["externs"]
+    assert {PREFILL_RAGGED, PREFILL_PAGED} <= set(externs)
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype="float32").eval()
     runner = Runner(art, "cuda", max_batch_size=4, kv_tokens=1024)
     rng = np.random.default_rng(6)
-    prompts = [[1, *rng.integers(3, runner.vocab_size, n - 1).tolist()] for n in (230, 1, 77)]
+    prompts = [
+        [1, *rng.integers(3, runner.vocab_size, n - 1).tolist()] for n in (230, 21, 147, 230)
+    ]
 
     def theirs(ids: list[int]) -> np.ndarray:
         with torch.no_grad():
             return ref(torch.tensor([ids])).logits[0].numpy()
 
-    def rel_err(ours: np.ndarray, expect: np.ndarray) -> float:
-        return float(np.abs(ours - expect).max() / np.abs(expect).max())
+    def check_rows(rows: np.ndarray, cuts: list[tuple[int, int]], what: str) -> None:
+        """rows: the logits of prompts[seq][start:end] for each (start, end), in order."""
+        first = 0
+        for seq, (start, end) in enumerate(cuts):
+            expect = theirs(prompts[seq][:end])[start:]
+            ours = rows[first : first + end - start]
+            err = float(np.abs(ours - expect).max() / np.abs(expect).max())
+            print(f"{name}: {what}, sequence {seq} (tokens {start}..{end}): max rel err {err:.2e}")
+            assert err <= FP16_BOUND
+            first += end - start
 
     for seq in range(len(prompts)):
         runner.kv.add(seq)
-    first = [prompts[0][:150], *prompts[1:]]
-    rows = runner.prefill([0, 1, 2], first, all_logits=True)
-    start = 0
-    for seq, ids in enumerate(first):
-        err = rel_err(rows[start : start + len(ids)], theirs(ids))
-        print(f"{name}: ragged prefill, sequence {seq} ({len(ids)} tokens): max rel err {err:.2e}")
-        assert err <= FP16_BOUND
-        start += len(ids)
-    rest = runner.prefill([0], [prompts[0][150:]], all_logits=True)
-    err = rel_err(rest, theirs(prompts[0])[150:])
-    print(f"{name}: 80 tokens after a cached prefix of 150: max rel err {err:.2e}")
+    cuts = [(0, 150), (0, 1), (0, 77)]
+    rows = runner.prefill([0, 1, 2], [prompts[s][a:b] for s, (a, b) in enumerate(cuts)], True)
+    check_rows(rows, cuts, "ragged prefill")
+    cuts = [(150, 230), (1, 21), (77, 147)]
+    rows = runner.prefill([0, 1, 2], [prompts[s][a:b] for s, (a, b) in enumerate(cuts)], True)
+    check_rows(rows, cuts, "after cached prefixes")
+    chunked = [runner.prefill([3], [prompts[3][a : a + 64]], True) for a in range(0, 230, 64)]
+    expect = theirs(prompts[3])
+    err = float(np.abs(np.concatenate(chunked) - expect).max() / np.abs(expect).max())
+    print(f"{name}: 230 tokens in chunks of 64: max rel err {err:.2e}")
     assert err <= FP16_BOUND
