@@ -97,10 +97,12 @@ int SmCount(const char* name, int device) {
 }
 
 // 128-row tiles halve the K/V traffic per query but make half as many blocks: take them only
-// when there are blocks enough to fill every SM a few times over.
-int AutoTileRows(const char* name, int64_t total_q, int h_q, int device) {
+// when there are blocks enough to fill every SM `waves` times over. Causal (ragged) tiles are
+// uneven, so they want several waves; a non-causal (paged) tile reads every key, one wave does
+// (measured on an H100: bench/RESULTS.md, the kiln64/kiln128 columns).
+int AutoTileRows(const char* name, int64_t total_q, int h_q, int device, int waves) {
   const int64_t blocks_at_128 = (total_q + 127) / 128 * h_q;
-  return blocks_at_128 >= 4 * int64_t{SmCount(name, device)} ? 128 : 64;
+  return blocks_at_128 >= waves * int64_t{SmCount(name, device)} ? 128 : 64;
 }
 
 void CheckTensor(const char* name, const Tensor& t, const char* what, int ndim, int device) {
@@ -188,7 +190,7 @@ Query CheckQuery(const char* name, const Tensor& q, const Tensor& q_indptr, cons
 
 // Runs the kernel with keys from Keys (RaggedKeys or PagedKeys) on TVM's stream.
 template <template <typename, int> class Keys>
-void Run(const Query& query, const Params& p, int64_t tile_rows) {
+void Run(const Query& query, const Params& p, int64_t tile_rows, int waves) {
   if (query.total_q == 0 || query.batch == 0 || query.h_q == 0) return;
   const char* name = query.name;
   const int device = query.device;
@@ -197,7 +199,7 @@ void Run(const Query& query, const Params& p, int64_t tile_rows) {
   if (current != device) CheckCuda(cudaSetDevice(device), name, "cudaSetDevice");
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const int64_t n = query.total_q;
-  const bool wide = (tile_rows ? tile_rows : AutoTileRows(name, n, p.h_q, device)) == 128;
+  const bool wide = (tile_rows ? tile_rows : AutoTileRows(name, n, p.h_q, device, waves)) == 128;
   using H = half;
   using B = __nv_bfloat16;
   if (!query.bf16 && query.d == 64) {
@@ -247,7 +249,7 @@ void PrefillRaggedTiled(int64_t tile_rows, Tensor q, Tensor q_indptr, Tensor k, 
   p.k = DataOf(k);
   p.v = DataOf(v);
   p.kv_indptr = Int32s(kv_indptr);
-  Run<RaggedKeys>(query, p, tile_rows);
+  Run<RaggedKeys>(query, p, tile_rows, /*waves=*/4);
 }
 
 void PrefillRagged(Tensor q, Tensor q_indptr, Tensor k, Tensor v, Tensor kv_indptr,
@@ -291,7 +293,7 @@ void PrefillPagedTiled(int64_t tile_rows, Tensor q, Tensor q_indptr, Tensor page
   p.page_values = Int32s(page_values);
   p.last_page_len = Int32s(length_info);
   p.page_size = static_cast<int>(pages.size(3));
-  Run<PagedKeys>(query, p, tile_rows);
+  Run<PagedKeys>(query, p, tile_rows, /*waves=*/1);
 }
 
 void PrefillPaged(Tensor q, Tensor q_indptr, Tensor pages, Tensor page_indptr,
