@@ -32,8 +32,12 @@ BUILDS = (
 AWQ = ("llama", "mixtral")
 # Tensor-parallel builds, "NAME-PRESET-tpN", next to their unsharded twin "NAME-PRESET":
 # (checkpoint name, family, config changes, preset, N). "llama-wide" has 4 KV heads of head_dim
-# 64, so that 4 GPUs each take one.
-WIDE = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4)
+# 64, so that 4 GPUs each take one, and the example's tokenizer (its vocabulary), for serving.
+WIDE = dict(
+    hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
+    vocab_size=2048,
+)  # fmt: skip
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
 TENSOR_PARALLEL = [
     ("llama-wide", "llama", WIDE, "q0f16", n) for n in (1, 2, 4)
 ] + [
@@ -105,6 +109,9 @@ def build_tensor_parallel(out: Path, arch: str) -> None:
         ckpt = out / f"ckpt-{name}"
         if not ckpt.exists():
             make_checkpoint(family, ckpt, **changes)
+            if changes.get("vocab_size") == 2048:
+                for f in EXAMPLE.glob("tokenizer*"):
+                    shutil.copyfile(f, ckpt / f.name)
         art = out / (f"{name}-{preset}" + (f"-tp{n}" if n > 1 else ""))
         if not (art / "manifest.json").exists():
             print(f"compiling {art.name}", flush=True)
@@ -113,7 +120,7 @@ def build_tensor_parallel(out: Path, arch: str) -> None:
 
 
 def build_single_gpu(out: Path, arch: str) -> None:
-    example = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
+    example = EXAMPLE
     for name, preset in BUILDS:
         ckpt = out / f"ckpt-{name}"
         if name == "tiny-llama":

@@ -188,3 +188,50 @@ def test_kiln_bench_on_two_gpus(tp_build):
     assert result.exit_code == 0, result.output
     assert "tensor parallel over 2 GPUs" in result.output
     assert "decode tokens/s, batch 4" in result.output
+
+
+def test_kiln_serve_on_two_gpus(tp_build, tmp_path):
+    """`kiln serve --tensor-parallel 2` as a user starts it: completions over HTTP equal the
+    one-GPU engine's greedy tokens, and stopping the server stops its worker processes."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    one_art, sharded_art = tp_build("llama-wide", "q0f16", 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "kiln.compiler.cli", "serve", str(sharded_art), "--device", "cuda",
+           "--tensor-parallel", "2", "--port", str(port)]  # fmt: skip
+    log = open(tmp_path / "serve.log", "w+")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        text = "Once upon a time"
+        body = json.dumps(
+            {"model": sharded_art.name, "prompt": text, "max_tokens": 12, "temperature": 0}
+        ).encode()
+        request = urllib.request.Request(
+            f"{url}/v1/completions", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()
+        log.close()
+    assert answer["usage"]["completion_tokens"] >= 1
+    with kiln.load(one_art, device="cuda") as one:
+        assert answer["choices"][0]["text"] == one.generate(text, max_tokens=12, temperature=0)
