@@ -119,6 +119,7 @@ class Engine:
         self._inbox: deque[Request] = deque()
         self._cancels: deque[int] = deque()
         self._lock = threading.RLock()
+        self._free_pages = self.kv.free_pages()  # as `stats` last read it
         self._reserved = 0  # pages promised to this step's passes
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -513,8 +514,16 @@ class Engine:
 
     @property
     def stats(self) -> EngineStats:
-        with self._lock:  # a Disco session takes calls from one thread at a time
-            free_pages = self.kv.free_pages()
+        if not self.runner.executor.single_caller:
+            self._free_pages = self.kv.free_pages()
+        # A Disco session takes calls from one thread at a time, so its cache is asked only
+        # when the engine is not using it; never wait for that: the server reads these stats
+        # on its event loop, which must not stall for a step. Else the last count read.
+        elif self._lock.acquire(blocking=False):
+            try:
+                self._free_pages = self.kv.free_pages()
+            finally:
+                self._lock.release()
         c = self._counters
         busy = max(c["busy_steps"], 1)
         return EngineStats(
@@ -525,7 +534,7 @@ class Engine:
             cached_tokens=c["cached_tokens"],
             running=len(self._running),
             waiting=len(self._waiting) + len(self._inbox),
-            free_pages=free_pages,
+            free_pages=self._free_pages,
             total_pages=self.kv.total_pages,
             prefix_entries=len(self.prefix_cache) if self.prefix_cache else 0,
             step_ms=1e3 * self._step_seconds / busy,

@@ -35,6 +35,7 @@ class Executor(Protocol):
     device: Any  # where worker 0 runs (the only device of a local run)
     devices: list[Any]  # every worker's device
     vm: Any  # the loaded library: a VirtualMachine, or a Disco module
+    single_caller: bool  # calls must come from one thread at a time (a Disco session)
 
     def function(self, name: str) -> Callable[..., Any]:
         """The artifact's entry point `name`, run by every worker."""
@@ -67,6 +68,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """The artifact's VM on one device, in this process."""
+
+    single_caller = False
 
     def __init__(self, manifest: Manifest, device: str):
         self.device = open_device(device)

@@ -42,6 +42,8 @@ class DiscoExecutor:
     """The artifact's VM on every worker of `session`; `devices`: each worker's device (by
     default the artifact's device kind, index = worker)."""
 
+    single_caller = True
+
     def __init__(self, manifest: Manifest, session: Any, devices: Sequence[Any] | None = None):
         self.session = session
         self.workers = int(session.num_workers)
