@@ -42,9 +42,6 @@ class Split:
             [np.split(block, ranks, axis=self.axis)[rank] for block in blocks], axis=self.axis
         )
 
-    def divides(self, full: tuple[int, ...], ranks: int) -> bool:
-        return all(n % ranks == 0 for n in (self.segments or (full[self.axis],)))
-
 
 def shard_weight_map(
     weight_map: dict[str, Source],

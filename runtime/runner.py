@@ -22,12 +22,9 @@ import tvm_ffi
 from kiln.runtime.artifact import Manifest, read_manifest
 from kiln.runtime.errors import KilnError
 from kiln.runtime.executor import LocalExecutor, open_executor
-from kiln.runtime.externs import load_externs
 from kiln.runtime.kv import PagedKV
 from kiln.runtime.package import is_package, open_package
 from kiln.runtime.tokenizer import Tokenizer
-
-__all__ = ["Logits", "Runner", "load_externs"]
 
 # Without kv_memory / kv_tokens the cache holds max_batch_size full contexts, but at most this
 # many bytes on the CPU (a 7B model's fp32 cache costs about 0.5 MB per token) and at most

@@ -13,7 +13,7 @@ from native_checks import run_without_compiler
 from kiln.runtime.artifact import Manifest
 from kiln.runtime.cublas import MATMUL, cublas
 from kiln.runtime.errors import KilnError
-from kiln.runtime.runner import load_externs
+from kiln.runtime.externs import load_externs
 
 FUNCTIONS = {"kiln.cublas.load", "kiln.cublas.matmul", "kiln.cublas.version"}
 
@@ -110,7 +110,7 @@ def test_an_artifacts_own_copy_loads_with_no_cache_and_no_compiler(tmp_path, mon
     code = f"""
 import tvm_ffi
 from kiln.runtime.artifact import Manifest
-from kiln.runtime.runner import load_externs
+from kiln.runtime.externs import load_externs
 from pathlib import Path
 load_externs(Manifest(Path({str(art)!r}), {{"target": {{"externs": [{MATMUL!r}]}}}}))
 print(tvm_ffi.get_global_func({MATMUL!r}, allow_missing=True) is not None)
