@@ -16,6 +16,13 @@ import tvm_ffi
 
 import kiln
 from kiln.compiler import artifact
+from kiln.compiler.combine import (
+    Groups,
+    combine_layout,
+    combine_projections,
+    combine_sources,
+    combine_splits,
+)
 from kiln.compiler.config import read_hf_config, resolve_model
 from kiln.compiler.export import ENTRY_POINTS, export
 from kiln.compiler.pipeline import relax_pipeline
@@ -117,10 +124,17 @@ def compile(
     layout = preset.quantize_model(model_nn)
     exported = export(model_nn, config.attention_spec(), preset.model_dtype, config.vocab_size)
     layout.check(exported.params)
+    # Parallel projections (q/k/v, gate/up) become one matmul of their joined weights: the
+    # one pass that changes the parameters runs before anything is built from them.
+    exported, groups = combine_projections(exported, layout)
+    full = _full_shapes(family, config, layout)
+    weight_map = combine_sources(family.weight_map(config), groups, full)
+    layout = combine_layout(layout, groups)
+    layout.check(exported.params)
     # What conversion fills, for each GPU: the float parameters, or a pre-quantized
     # checkpoint's tensors.
-    param_shapes, weight_map = layout.conversion(family.weight_map(config))
-    rank_maps = _rank_weight_maps(family, config, weight_map)
+    param_shapes, weight_map = layout.conversion(weight_map)
+    rank_maps = _rank_weight_maps(family, config, weight_map, groups, full)
     # Check the checkpoint against the model before spending time on codegen.
     plan(ckpt, param_shapes, rank_maps[0], family.ignore)
 
@@ -277,15 +291,22 @@ def _check_tensor_parallel(ranks: Any, device: str, preset: Any) -> None:
         )
 
 
-def _rank_weight_maps(family: Any, config: Any, weight_map: dict[str, Any]) -> list[dict[str, Any]]:
+def _full_shapes(family: Any, config: Any, layout: Any) -> dict[str, tuple[int, ...]]:
+    """The float parameters' shapes in the whole model (one GPU's are a share of them)."""
+    if config.tensor_parallel == 1:
+        return layout.sources
+    whole = dataclasses.replace(config, tensor_parallel=1)
+    return float_layout(family.model_class(whole, "float32"), "float32").sources
+
+
+def _rank_weight_maps(
+    family: Any, config: Any, weight_map: dict[str, Any], groups: Groups, full: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Each GPU's weight map (one, the family's own, without tensor parallelism)."""
     ranks = config.tensor_parallel
     if ranks == 1:
         return [weight_map]
-    full = float_layout(
-        family.model_class(dataclasses.replace(config, tensor_parallel=1), "float32"), "float32"
-    ).sources
-    splits = family.weight_splits(config, list(full))
+    splits, full = combine_splits(family.weight_splits(config, list(full)), full, groups)
     return [shard_weight_map(weight_map, splits, full, r, ranks) for r in range(ranks)]
 
 

@@ -2,6 +2,9 @@
 
     graph -> library_dispatch -> legalize -> schedule -> dataflow_lower -> finalize
 
+Before these, on the exported model, CombineParallelMatmul joins Linears that read one input
+(q/k/v, gate/up): it changes the model's parameters, so kiln.compiler.combine runs it before
+the parameter list, the weight conversion and the build are derived (`model_passes`).
 `graph` holds Kiln's own rewrites (passes/): first the models' abstract attention and KV-cache
 ops become TVM's paged KV cache (with the target's attention kernels), then target-independent
 graph rewrites. The other phases come from the target's `TargetSpec`. With `dump_dir`, the IR
@@ -11,18 +14,28 @@ after each phase is written as TVMScript.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import tvm
 from tvm import relax
 from tvm.target import Target
 
+from kiln.compiler.quantization.layers import LinearKernels
+from kiln.passes.combine_parallel_matmul import CombineParallelMatmul
 from kiln.passes.fold_weight_transpose import FoldWeightTranspose
 from kiln.passes.fuse_add_rms_norm import FuseAddRMSNorm
 from kiln.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from kiln.passes.lower_paged_kv_cache import LowerPagedKVCache
 from kiln.targets.base import TargetSpec
+
+
+def model_passes(
+    param_names: Sequence[str], kernels: LinearKernels | None
+) -> list[tvm.transform.Pass]:
+    """The passes that change the model's parameters (kiln.compiler.combine runs them)."""
+    return [CombineParallelMatmul(param_names, kernels)]
+
 
 PHASES = ("graph", "library_dispatch", "legalize", "schedule", "dataflow_lower", "finalize")
 

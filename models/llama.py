@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
@@ -180,13 +179,17 @@ class LlamaAttention(nn.Module):
         self.q_heads = config.num_attention_heads // config.tensor_parallel
         self.kv_heads = config.num_key_value_heads // config.tensor_parallel
         self.head_dim = config.head_dim
-        qkv_heads = self.q_heads + 2 * self.kv_heads
-        self.qkv_proj = nn.Linear(config.hidden_size, qkv_heads * self.head_dim, False, dtype)
+        hidden, hd = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(hidden, self.q_heads * hd, False, dtype)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * hd, False, dtype)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * hd, False, dtype)
         self.o_proj = nn.Linear(self.q_heads * self.head_dim, config.hidden_size, False, dtype)
 
     def forward(self, x: nn.Tensor, kv: CausalKV) -> nn.Tensor:
         b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
+        # Three matmuls here; the compiler makes them one (kiln.passes.combine_parallel_matmul).
+        qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = op.reshape(qkv, (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
         out = kv.attention(self.layer_id, qkv, self.q_heads)  # (b, s, q_heads, head_dim)
         return self.o_proj(op.reshape(out, (b, s, self.q_heads * self.head_dim)))
 
@@ -196,12 +199,13 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, dtype: str):
         self.inter = inter
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, False, dtype)
+        self.gate_proj = nn.Linear(hidden, inter, False, dtype)
+        self.up_proj = nn.Linear(hidden, inter, False, dtype)
         self.down_proj = nn.Linear(inter, hidden, False, dtype)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        # gate and up become one matmul in the compiler (kiln.passes.combine_parallel_matmul).
+        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -259,12 +263,9 @@ class LlamaForCausalLM(nn.Module):
 MlpMap = Callable[[LlamaConfig, int], dict[str, Source]]
 
 
-def _cat(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(arrays, axis=0)
-
-
 def llama_weight_map(config: LlamaConfig, mlp_map: MlpMap | None = None) -> dict[str, Source]:
-    """Kiln parameter name -> the Hugging Face tensors it is built from."""
+    """Kiln parameter name -> the Hugging Face tensor it is built from (one each: the compiler
+    concatenates the weights of the projections it combines, kiln.compiler.combine)."""
     wmap = {
         "embed_tokens.weight": Source(("model.embed_tokens.weight",)),
         "norm.weight": Source(("model.norm.weight",)),
@@ -273,53 +274,31 @@ def llama_weight_map(config: LlamaConfig, mlp_map: MlpMap | None = None) -> dict
         wmap["lm_head.weight"] = Source(("lm_head.weight",))
     for i in range(config.num_hidden_layers):
         hf, kl = f"model.layers.{i}", f"layers.{i}"
-        attn = f"{hf}.self_attn"
-        wmap[f"{kl}.input_layernorm.weight"] = Source((f"{hf}.input_layernorm.weight",))
-        wmap[f"{kl}.post_attention_layernorm.weight"] = Source(
-            (f"{hf}.post_attention_layernorm.weight",)
-        )
-        q_rows = config.num_attention_heads * config.head_dim
-        kv_rows = config.num_key_value_heads * config.head_dim
-        wmap[f"{kl}.self_attn.qkv_proj.weight"] = Source(
-            tuple(f"{attn}.{p}_proj.weight" for p in "qkv"),
-            _cat,
-            (
-                (q_rows, config.hidden_size),
-                (kv_rows, config.hidden_size),
-                (kv_rows, config.hidden_size),
-            ),
-        )
-        wmap[f"{kl}.self_attn.o_proj.weight"] = Source((f"{attn}.o_proj.weight",))
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            wmap[f"{kl}.{name}.weight"] = Source((f"{hf}.{name}.weight",))
+        for p in "qkvo":
+            wmap[f"{kl}.self_attn.{p}_proj.weight"] = Source((f"{hf}.self_attn.{p}_proj.weight",))
         wmap.update((mlp_map or mlp_weight_map)(config, i))
     return wmap
-
-
-def gate_up_source(config: LlamaConfig, gate: str, up: str) -> Source:
-    shape = (config.intermediate_size, config.hidden_size)
-    return Source((gate, up), _cat, (shape, shape))
 
 
 def mlp_weight_map(config: LlamaConfig, i: int) -> dict[str, Source]:
     mlp = f"model.layers.{i}.mlp"
     return {
-        f"layers.{i}.mlp.gate_up_proj.weight": gate_up_source(
-            config, f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"
-        ),
-        f"layers.{i}.mlp.down_proj.weight": Source((f"{mlp}.down_proj.weight",)),
+        f"layers.{i}.mlp.{p}.weight": Source((f"{mlp}.{p}.weight",))
+        for p in ("gate_proj", "up_proj", "down_proj")
     }
 
 
 def weight_splits(config: LlamaConfig, names: list[str]) -> dict[str, Split]:
     """How the float parameters `names` split under tensor parallelism (kiln.models.sharding):
-    q/k/v and gate/up by output rows, o_proj and down_proj by input columns (Mixtral's experts
-    each as an MLP); the rest is replicated."""
-    q_rows = config.num_attention_heads * config.head_dim
-    kv_rows = config.num_key_value_heads * config.head_dim
-    inter = config.intermediate_size
+    q/k/v and gate/up by output rows (whole heads), o_proj and down_proj by input columns
+    (Mixtral's experts each as an MLP); the rest is replicated."""
     by_suffix = {
-        "self_attn.qkv_proj.weight": Split(0, (q_rows, kv_rows, kv_rows)),
+        **{f"self_attn.{p}_proj.weight": Split(0) for p in "qkv"},
         "self_attn.o_proj.weight": Split(1),
-        "gate_up_proj.weight": Split(0, (inter, inter)),
+        "gate_proj.weight": Split(0),
+        "up_proj.weight": Split(0),
         "down_proj.weight": Split(1),
     }
     return {

@@ -13,7 +13,6 @@ from kiln.models.llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaMLP,
-    gate_up_source,
     llama_weight_map,
 )
 from kiln.models.mistral import MistralConfig
@@ -92,10 +91,8 @@ def _moe_map(config: LlamaConfig, i: int) -> dict[str, Source]:
     for e in range(config.num_local_experts):
         ex = f"{hf}.experts.{e}"
         # w1 = gate, w3 = up, w2 = down in Mixtral's naming.
-        wmap[f"{kl}.experts.{e}.gate_up_proj.weight"] = gate_up_source(
-            config, f"{ex}.w1.weight", f"{ex}.w3.weight"
-        )
-        wmap[f"{kl}.experts.{e}.down_proj.weight"] = Source((f"{ex}.w2.weight",))
+        for mine, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            wmap[f"{kl}.experts.{e}.{mine}.weight"] = Source((f"{ex}.{theirs}.weight",))
     return wmap
 
 

@@ -8,6 +8,7 @@ decode, Matmul for prefill) inline a dequantize stage found in the same PrimFunc
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from math import prod
 from typing import TYPE_CHECKING
 
@@ -35,37 +36,68 @@ class _Stored(nn.Module):
 
     def _matmul(self, x: nn.Tensor, name: str) -> nn.Tensor:
         """x (..., cols) -> x @ W.T (..., rows), in the model dtype."""
-        rows, cols, scheme, suffixes = self.rows, self.cols, self.scheme, self._suffixes
-        dtype = scheme.model_dtype
+        compute = linear_te(self.scheme, self.rows, self.cols)
+        attrs = {LINEAR_ATTR: scheme_key(self.scheme)}
+        return op.tensor_expr_op(compute, name, [x, *self._stored()], attrs=attrs)
 
-        def compute(x: te.Tensor, *stored: te.Tensor) -> te.Tensor:
-            tensors = dict(zip(suffixes, stored, strict=True))
-            # A GEMV (a few static rows of x: the batch-1 decode) takes its weights in float32:
-            # int4 values then reach float32 by an OR and a subtraction instead of a slow
-            # integer-to-float16 conversion and a float16-to-float32 one (on an H100, dlight's
-            # q4f16 GEMVs went from 34-55% to 40-65% of the memory bandwidth: bench/gemv.py).
-            # A GEMM keeps them in the model dtype, which tensor cores take.
-            lead = x.shape[:-1]
-            gemv = all(isinstance(d, tirx.IntImm) for d in lead) and prod(map(int, lead)) <= 8
-            w = te.compute(  # (rows, cols)
-                (rows, cols),
-                lambda i, j: scheme.weight_te(tensors, i, j, ACCUMULATE if gemv else None),
-                name="dequantize",
-            )
-            k = te.reduce_axis((0, cols), name="k")
-            out = te.compute(  # (..., rows)
-                (*x.shape[:-1], rows),
-                lambda *idx: te.sum(
-                    _cast(x[(*idx[:-1], k)], ACCUMULATE) * _cast(w[idx[-1], k], ACCUMULATE),
-                    axis=k,
-                ),
-                name="matmul",
-            )
-            if dtype == ACCUMULATE:
-                return out
-            return te.compute(out.shape, lambda *idx: out(*idx).astype(dtype), name="cast")
 
-        return op.tensor_expr_op(compute, name, [x, *self._stored()])
+# The attribute that marks a quantized Linear's kernel (its value: the scheme's key), so that
+# kiln.passes.combine_parallel_matmul can rebuild it for several Linears' rows at once.
+LINEAR_ATTR = "kiln.linear"
+
+LinearTE = Callable[..., te.Tensor]  # (x, *stored tensors) -> x @ W.T
+# (scheme key, rows, cols) -> the stored tensors' (shape, dtype) and the kernel's compute
+LinearKernels = Callable[[str, int, int], tuple[list[tuple[tuple[int, ...], str]], LinearTE]]
+
+
+def scheme_key(scheme: WeightScheme) -> str:
+    return repr(scheme)  # schemes are frozen dataclasses: their repr names every setting
+
+
+def linear_kernels(schemes: Iterable[WeightScheme]) -> LinearKernels:
+    """What the combine pass needs to rebuild the kernels of Linears stored with `schemes`."""
+    by_key = {scheme_key(s): s for s in schemes}
+
+    def make(key: str, rows: int, cols: int):
+        scheme = by_key[key]
+        return list(scheme.storage(rows, cols).values()), linear_te(scheme, rows, cols)
+
+    return make
+
+
+def linear_te(scheme: WeightScheme, rows: int, cols: int) -> LinearTE:
+    """The compute of one kernel: dequantize the (rows, cols) weight, then x @ W.T."""
+    suffixes = tuple(scheme.storage(rows, cols))
+    dtype = scheme.model_dtype
+
+    def compute(x: te.Tensor, *stored: te.Tensor) -> te.Tensor:
+        tensors = dict(zip(suffixes, stored, strict=True))
+        # A GEMV (a few static rows of x: the batch-1 decode) takes its weights in float32:
+        # int4 values then reach float32 by an OR and a subtraction instead of a slow
+        # integer-to-float16 conversion and a float16-to-float32 one (on an H100, dlight's
+        # q4f16 GEMVs went from 34-55% to 40-65% of the memory bandwidth: bench/gemv.py).
+        # A GEMM keeps them in the model dtype, which tensor cores take.
+        lead = x.shape[:-1]
+        gemv = all(isinstance(d, tirx.IntImm) for d in lead) and prod(map(int, lead)) <= 8
+        w = te.compute(  # (rows, cols)
+            (rows, cols),
+            lambda i, j: scheme.weight_te(tensors, i, j, ACCUMULATE if gemv else None),
+            name="dequantize",
+        )
+        k = te.reduce_axis((0, cols), name="k")
+        out = te.compute(  # (..., rows)
+            (*x.shape[:-1], rows),
+            lambda *idx: te.sum(
+                _cast(x[(*idx[:-1], k)], ACCUMULATE) * _cast(w[idx[-1], k], ACCUMULATE),
+                axis=k,
+            ),
+            name="matmul",
+        )
+        if dtype == ACCUMULATE:
+            return out
+        return te.compute(out.shape, lambda *idx: out(*idx).astype(dtype), name="cast")
+
+    return compute
 
 
 class QuantizedLinear(_Stored):

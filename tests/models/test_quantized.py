@@ -19,6 +19,8 @@ import torch
 from model_checks import FAMILIES, PROMPT_LEN, assert_logits_match, prompt, rel_err
 
 import kiln
+from kiln.compiler.combine import combine_layout, combine_projections
+from kiln.compiler.export import export
 from kiln.compiler.quantization import QUANTIZATIONS
 from kiln.models import MODELS
 from kiln.runtime.artifact import read_manifest
@@ -36,7 +38,8 @@ CASES = [(f, q) for f in FAMILIES for q in ("q4f32", "q4f16", "q8f16", "fp8e4m3"
 
 
 def artifact_weights(path: Path) -> dict[str, np.ndarray]:
-    """The artifact's weights as the float32 parameters of the unquantized model."""
+    """The artifact's weights as the float32 parameters of the unquantized model, as its
+    family writes them (a combined q/k/v or gate/up parameter split back into its parts)."""
     manifest = read_manifest(path)
     family = MODELS[manifest.data["model"]["family"]]
     config = family.config_class.from_json(manifest.config)
@@ -44,39 +47,39 @@ def artifact_weights(path: Path) -> dict[str, np.ndarray]:
     preset = QUANTIZATIONS[entry["name"]]
     if "group_size" in entry:  # an imported checkpoint's own group size
         preset = dataclasses.replace(preset, group_size=entry["group_size"])
-    layout = preset.quantize_model(family.model_class(config, preset.model_dtype))
+    model = family.model_class(config, preset.model_dtype)
+    layout = preset.quantize_model(model)
+    exported = export(model, config.attention_spec(), preset.model_dtype, config.vocab_size)
+    _, groups = combine_projections(exported, layout)
+    combined = combine_layout(layout, groups)
     stored: dict[str, np.ndarray] = {}
     for rel in sorted({p["file"] for p in manifest.params}):
         stored.update(load_safetensors(path / rel))
     weights = {}
-    for name, shape in layout.sources.items():
-        scheme = layout.schemes.get(name)
+    for name, shape in combined.sources.items():
+        scheme = combined.schemes.get(name)
         if scheme is None:
             weights[name] = stored[name].astype(np.float32)
         else:
             prefix = name.removesuffix(".weight")
             parts = {k: stored[f"{prefix}.{k}"] for k in scheme.storage(*shape)}
             weights[name] = scheme.dequantize(parts, shape[1]).astype(np.float32)
+    for name, parts in groups.items():
+        rows = np.cumsum([layout.sources[p][0] for p in parts])[:-1]
+        weights.update(zip(parts, np.split(weights.pop(name), rows), strict=True))
     return weights
 
 
 def dequantized_checkpoint(ckpt: Path, path: Path, out: Path) -> Path:
-    """A Hugging Face checkpoint of the weights artifact `path` holds (the weight map inverted:
-    fused q/k/v and gate/up rows split back into the checkpoint's tensors)."""
+    """A Hugging Face checkpoint of the weights artifact `path` holds (the weight map inverted)."""
     manifest = read_manifest(path)
     family = MODELS[manifest.data["model"]["family"]]
     config = family.config_class.from_json(manifest.config)
     weights = artifact_weights(path)
     tensors = {}
     for name, source in family.weight_map(config).items():
-        value = weights[name]
-        if source.combine is None:
-            tensors[source.names[0]] = value
-            continue
-        rows = [shape[0] for shape in source.shapes]
-        assert sum(rows) == value.shape[0], "the test inverts row concatenation only"
-        for hf_name, part in zip(source.names, np.split(value, np.cumsum(rows)[:-1]), strict=True):
-            tensors[hf_name] = np.ascontiguousarray(part)
+        assert source.combine is None, "the test inverts one-tensor sources only"
+        tensors[source.names[0]] = weights[name]
     out.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text((ckpt / "config.json").read_text())
@@ -164,8 +167,7 @@ def test_awq_checkpoint_matches_transformers_on_its_weights(name, checkpoint, re
     family = MODELS[manifest.data["model"]["family"]]
     wmap = family.weight_map(family.config_class.from_json(manifest.config))
     for kiln_name, value in artifact_weights(path).items():
-        parts = [expected[t] for t in wmap[kiln_name].names]
-        np.testing.assert_array_equal(value, np.concatenate(parts), err_msg=kiln_name)
+        np.testing.assert_array_equal(value, expected[wmap[kiln_name].names[0]], err_msg=kiln_name)
     assert_logits_match(kiln.load(path), reference(plain), BOUND["float16"], DECODE_STEPS)
 
 

@@ -46,14 +46,17 @@ def test_registry():
         assert entry["name"] == name and entry["model_dtype"] == preset.model_dtype
 
 
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @pytest.mark.parametrize(
     "preset,quantized",
     [
         ("q0f16", set()),
-        ("q4f16", {"embed_tokens", "lm_head", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
-        ("q4f16_fe", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
-        ("q8f16", {"embed_tokens", "lm_head", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
-        ("fp8e4m3", {"embed_tokens", "lm_head", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+        ("q4f16", {"embed_tokens", "lm_head", *LINEARS}),
+        ("q4f16_fe", set(LINEARS)),
+        ("q8f16", {"embed_tokens", "lm_head", *LINEARS}),
+        ("fp8e4m3", {"embed_tokens", "lm_head", *LINEARS}),
     ],
 )
 def test_layout_maps_float_params_onto_the_exported_ones(preset, quantized):
@@ -84,7 +87,7 @@ def test_tied_embedding_and_router():
     _, _, tied = build("llama", "q4f32", tie_word_embeddings=True)
     assert "embed_tokens.weight" in tied.schemes and "lm_head.weight" not in tied.sources
     _, _, moe = build("mixtral", "q4f16", num_local_experts=3, num_experts_per_tok=2)
-    assert "layers.0.mlp.experts.2.gate_up_proj.weight" in moe.schemes
+    assert "layers.0.mlp.experts.2.up_proj.weight" in moe.schemes
     assert "layers.0.mlp.gate.weight" in moe.sources  # the router stays float
     assert "layers.0.mlp.gate.weight" not in moe.schemes
 
