@@ -191,6 +191,10 @@ def _signature(group: tuple[_Linear, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple(linear.fields for linear in group)
 
 
+def _fields(sig: tuple[tuple[int, ...], ...]) -> set[int]:
+    return {i for fields in sig for i in fields}
+
+
 def CombineParallelMatmul(
     param_names: Sequence[str], kernels: LinearKernels | None = None
 ) -> tvm.transform.Pass:
@@ -218,11 +222,13 @@ def CombineParallelMatmul(
         accepted = set().union(*(set(f) for f in found.values()))
         for gv, scan in scans.items():
             used = set(scan.field.values())
-            accepted = {
-                sig
-                for sig in accepted
-                if sig in found[gv] or not used & {i for fields in sig for i in fields}
-            }
+            accepted = {sig for sig in accepted if sig in found[gv] or not used & _fields(sig)}
+        # Functions that disagree (q+k in one, q+k+v in another) combine neither.
+        claims = defaultdict(int)
+        for sig in accepted:
+            for i in _fields(sig):
+                claims[i] += 1
+        accepted = {sig for sig in accepted if all(claims[i] == 1 for i in _fields(sig))}
         if not accepted:
             return mod
         layout = _Layout(mod, scans, found, accepted, param_names, kernels)
@@ -375,7 +381,9 @@ class _Rewriter(PyExprMutator):
         if not parts or any(p is None for p in parts):
             return None
         split, _, y, n = parts[0]
-        if len(parts) != n or any(p[0] is not split or p[1] != k for k, p in enumerate(parts)):
+        if len(parts) != n or any(
+            not p[0].same_as(split) or p[1] != k for k, p in enumerate(parts)
+        ):
             return None
         axis = int(concat.attrs.axis)
         if axis not in (-1, y.ty.ndim - 1):

@@ -9,19 +9,20 @@ the element count of a quantized weight.
 
 from __future__ import annotations
 
+from math import prod
+
 import numpy as np
 import pytest
 import tvm
 import tvm_ffi
 from tvm import tirx
-from tvm.relax.frontend import nn
 from tvm.script import ir as I
 from tvm.script import tirx as T
 
+from kiln.compiler.combine import combine_layout, combine_projections
 from kiln.compiler.export import export
 from kiln.compiler.pipeline import phases
 from kiln.compiler.quantization import get_quantization
-from kiln.compiler.quantization.layers import _Stored
 from kiln.models.attention import RoPE
 from kiln.models.llama import LlamaConfig, LlamaForCausalLM
 from kiln.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
@@ -180,24 +181,16 @@ CONFIG = LlamaConfig(
 )  # fmt: skip
 
 
-def _stored_layers(module: nn.Module) -> list[_Stored]:
-    found, stack = [], [module]
-    while stack:
-        m = stack.pop()
-        if isinstance(m, _Stored):
-            found.append(m)
-        children = m if isinstance(m, nn.ModuleList) else vars(m).values()
-        stack.extend(c for c in children if isinstance(c, nn.Module))
-    return found
-
-
 def _final_tir(target_name: str, quantization: str) -> tuple[tvm.IRModule, set[int]]:
-    """The lowered TIR of every kernel of a build, and the element counts of its weights."""
+    """The lowered TIR of every kernel of a build, and the element counts of its weights (q/k/v
+    and gate/up joined, as compile joins them)."""
     preset = get_quantization(quantization)
     model = LlamaForCausalLM(CONFIG, preset.model_dtype)
-    preset.quantize_model(model)
-    weights = {m.rows * m.cols for m in _stored_layers(model)}
+    layout = preset.quantize_model(model)
     exported = export(model, CONFIG.attention_spec(), preset.model_dtype, CONFIG.vocab_size)
+    exported, groups = combine_projections(exported, layout)
+    joined = combine_layout(layout, groups)
+    weights = {prod(joined.sources[name]) for name in joined.schemes}
     spec = get_target(target_name)
     target = spec.target(None)
     mod = exported.mod
