@@ -26,6 +26,7 @@ from kiln.passes.combine_parallel_matmul import CombineParallelMatmul
 from kiln.passes.fold_weight_transpose import FoldWeightTranspose
 from kiln.passes.fuse_add_rms_norm import FuseAddRMSNorm
 from kiln.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
+from kiln.passes.fuse_swiglu import FuseSwiGLU
 from kiln.passes.lower_paged_kv_cache import LowerPagedKVCache
 from kiln.targets.base import TargetSpec
 
@@ -41,13 +42,17 @@ PHASES = ("graph", "library_dispatch", "legalize", "schedule", "dataflow_lower",
 
 
 def graph_passes(
-    target: Target, prefill_attention: Callable[[str, int], dict[str, str]] | None = None
+    target: Target,
+    prefill_attention: Callable[[str, int], dict[str, str]] | None = None,
+    fuse_swiglu: bool = False,
 ) -> list[tvm.transform.Pass]:
     return [
         LowerPagedKVCache(target, prefill_attention),
         # nn.Linear is matmul(x, permute_dims(W)): fold the transpose into the matmul so no
         # weight is transposed at run time.
         FoldWeightTranspose(),
+        # SiLU(gate) * up -> the gate/up kernel's epilogue, where the target's schedules allow.
+        *([FuseSwiGLU()] if fuse_swiglu else []),
         # s = x + r; y = rms_norm(s, w) -> one kernel writing s and y.
         FuseAddRMSNorm(),
         relax.transform.DeadCodeElimination(),
@@ -56,7 +61,12 @@ def graph_passes(
 
 def phases(spec: TargetSpec, target: Target) -> list[tuple[str, list[tvm.transform.Pass]]]:
     return [
-        ("graph", graph_passes(target, functools.partial(spec.prefill_attention, target))),
+        (
+            "graph",
+            graph_passes(
+                target, functools.partial(spec.prefill_attention, target), spec.fuse_swiglu
+            ),
+        ),
         ("library_dispatch", spec.library_dispatch(target)),
         ("legalize", spec.legalize(target)),
         # Kernels the target's schedule leaves alone (all of them on the CPU) still must not

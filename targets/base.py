@@ -62,6 +62,9 @@ class TargetSpec:
     # kernels, for (target, cache dtype, head_dim): {"ragged": name, "paged": name}, either kind
     # of kernel left out keeps TVM's (kiln.passes.lower_paged_kv_cache).
     prefill_attention: Callable[[Target, str, int], dict[str, str]] = _no_externs
+    # Whether its kernels may end with the MLP's SiLU(gate) * up (kiln.passes.fuse_swiglu): an
+    # epilogue that reads two rows of the matmul's output, which GPU GEMV schedules split apart.
+    fuse_swiglu: bool = False
 
     def target(self, arch: str | None = None) -> Target:
         return self.make_target(arch or self.default_arch)

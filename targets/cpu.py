@@ -38,4 +38,5 @@ CPU = TargetSpec(
     finalize=cpu_pipeline.finalize_passes,
     dtypes=("float32", "float16", "bfloat16"),
     platforms=("linux-x86_64", "linux-aarch64", "macos-arm64"),
+    fuse_swiglu=True,
 )

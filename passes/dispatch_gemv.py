@@ -1,0 +1,175 @@
+"""DispatchGEMV: the batch-1 decode's GEMVs -> a GEMV library's externs, SiLU*up as an epilogue.
+
+In a function whose Linears multiply a few static rows (decode at batch 1: the rows of x are all
+static and at most 8; TVM's GEMV schedules are the alternative), the pass rewrites
+
+* a quantized Linear's kernel (kiln.compiler.quantization.layers marks it `kiln.linear` with
+  its scheme's key) whose scheme `quantized` names:
+      y = call_tir(kernel, (x, *stored))  ->  y = call_dps_packed(gemv, (x, *stored))
+* the MLP's SwiGLU after a combined gate/up Linear (kiln.passes.combine_parallel_matmul), for
+  those schemes and for float weights of a dtype `float_swiglu` names:
+      gu = Linear(x)                  # (..., 2I): gate rows, then up rows
+      g, u = split(gu, [I], axis=-1)
+      y = multiply(silu(g), u)        ->  y = call_dps_packed(swiglu, (x, *weights))
+  one kernel that computes both rows of each output and never writes the (..., 2I) product.
+
+`extern(x, *weights, out)` computes the same numbers in float32 and rounds once (the unfused
+graph rounds the product to the model dtype before SiLU). A float Linear is the matmul kernel
+FoldWeightTranspose leaves (`x @ W^T`) or a plain `matmul(x, permute_dims(W))`. Everything else,
+prefill's and batched decode's GEMMs included, is left as it is. Kernels left without a caller
+are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from math import prod
+
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from kiln.compiler.quantization.layers import LINEAR_ATTR
+from kiln.passes.dispatch_matmul import _drop_uncalled_kernels, nt_matmul_kernel
+from kiln.passes.fuse_swiglu import Bindings, swiglu_product
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+MAX_ROWS = 8  # a GEMV: x has at most this many (static) rows
+
+
+@dataclass(frozen=True)
+class GEMVExterns:
+    """The externs for Linears of one quantization scheme."""
+
+    gemv: str  # (x, *stored, out): out = x @ W^T
+    swiglu: str  # (x, *stored, out): SiLU(x @ Wg^T) * (x @ Wu^T), W = [Wg; Wu]
+    cols_multiple: int = 1  # x's width must be a multiple of this (the extern's group size)
+
+
+def _gemv_rows(x: relax.Expr) -> bool:
+    ty = x.ty
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+        return False
+    lead = ty.shape.values[:-1]
+    return all(isinstance(d, tirx.IntImm) for d in lead) and prod(int(d) for d in lead) <= MAX_ROWS
+
+
+class _Function(Bindings):
+    """One function's bindings, and the Linears among them."""
+
+    def __init__(self, mod: tvm.IRModule, func: relax.Function):
+        super().__init__(func)
+        self.mod = mod
+
+    def quantized(self, call: relax.Expr) -> tuple[str, list[relax.Expr]] | None:
+        """(scheme key, [x, *stored]) of a quantized Linear's kernel call."""
+        if not (isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR)) or len(call.args) > 2:
+            return None
+        kernel = self.mod[call.args[0]]
+        if kernel.attrs is None or LINEAR_ATTR not in kernel.attrs:
+            return None
+        return str(kernel.attrs[LINEAR_ATTR]), list(call.args[1].fields)
+
+    def float_linear(self, call: relax.Expr) -> list[relax.Expr] | None:
+        """[x, W] of `x @ W^T` with W a static 2-D weight."""
+        if not isinstance(call, relax.Call):
+            return None
+        if call.op.same_as(_MATMUL):
+            perm = self.value(call.args[1], _PERMUTE)
+            axes = perm.attrs.axes if perm is not None else None
+            if perm is None or not (axes is None or [int(a) for a in axes] == [1, 0]):
+                return None
+            return [call.args[0], perm.args[0]]
+        if call.op.same_as(_CALL_TIR) and len(call.args) == 2 and len(call.args[1].fields) == 2:
+            x, w = call.args[1].fields
+            if w.ty.ndim != 2 or not isinstance(self.mod[call.args[0]], tirx.PrimFunc):
+                return None
+            expected = nt_matmul_kernel(x.ty, w.ty, call.ty)
+            if tvm_ffi.structural_equal(expected, self.mod[call.args[0]], map_free_vars=True):
+                return [x, w]
+        return None
+
+
+def _plan(
+    fn: _Function, quantized: Mapping[str, GEMVExterns], float_swiglu: Mapping[str, str]
+) -> dict[relax.Var, tuple[str, list[relax.Expr]]]:
+    """binding var -> (extern, its operands)."""
+
+    def takes(linear: tuple[str, list[relax.Expr]] | None) -> GEMVExterns | None:
+        if linear is None or linear[0] not in quantized or not _gemv_rows(linear[1][0]):
+            return None
+        externs, cols = quantized[linear[0]], linear[1][0].ty.shape.values[-1]
+        return externs if int(cols) % externs.cols_multiple == 0 else None
+
+    plan: dict[relax.Var, tuple[str, list[relax.Expr]]] = {}
+    for var, value in fn.bound.items():
+        if not isinstance(value, relax.Call):
+            continue
+        linear = fn.quantized(value)
+        if (externs := takes(linear)) is not None:
+            plan[var] = (externs.gemv, linear[1])
+            continue
+        gu = swiglu_product(fn, value)
+        if gu is None:
+            continue
+        call = fn.bound.get(gu)
+        linear = fn.quantized(call)
+        if (externs := takes(linear)) is not None:
+            extern, operands = externs.swiglu, linear[1]
+        elif linear is not None:
+            continue
+        else:
+            operands = fn.float_linear(call)
+            dtype = str(gu.ty.dtype)
+            if operands is None or dtype not in float_swiglu or str(operands[1].ty.dtype) != dtype:
+                continue
+            extern = float_swiglu[dtype]
+        if str(operands[0].ty.dtype) != str(gu.ty.dtype) or not _gemv_rows(operands[0]):
+            continue
+        plan[var] = (extern, operands)
+        plan.pop(gu, None)  # its Linear goes into the fused kernel
+    return plan
+
+
+@mutator
+class _Dispatch(PyExprMutator):
+    def run(self, gv: tvm.ir.GlobalVar, func: relax.Function, plan: dict) -> None:
+        self.plan = plan
+        self.builder_.update_func(gv, relax.analysis.remove_all_unused(self.visit_expr(func)))
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var not in self.plan:
+            super().visit_var_binding_(binding)
+            return
+        extern, operands = self.plan[binding.var]
+        args = relax.Tuple([self.visit_expr(e) for e in operands])
+        call = relax.call_dps_packed(relax.ExternFunc(extern), args, binding.var.ty)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))
+
+
+def DispatchGEMV(
+    quantized: Mapping[str, GEMVExterns], float_swiglu: Mapping[str, str]
+) -> tvm.transform.Pass:
+    """`quantized`: scheme key -> its externs; `float_swiglu`: weight dtype -> SwiGLU extern
+    (see the module doc)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="DispatchGEMV")
+    def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        plans = [
+            (gv, f, _plan(_Function(mod, f), quantized, float_swiglu))
+            for gv, f in mod.functions_items()
+            if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)
+        ]
+        if not any(plan for _, _, plan in plans):
+            return mod
+        dispatch = _Dispatch(mod)
+        for gv, func, plan in plans:
+            if plan:
+                dispatch.run(gv, func, plan)
+        return _drop_uncalled_kernels(dispatch.builder_.get(), before=mod)
+
+    return _run
