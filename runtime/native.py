@@ -1,5 +1,5 @@
-"""Kiln's native libraries: C++ built on first use, cached, loaded (shared by runtime/disco and
-runtime/cublas).
+"""Kiln's native libraries: C++ built on first use, cached, loaded (shared by runtime/disco,
+runtime/cublas, and, built with nvcc, runtime/attention and runtime/gemv).
 
 Each library is one C++ file compiled with the machine's g++ against the headers of the
 installed wheels (tvm-ffi's, TVM's, an NVIDIA package's) into $KILN_CACHE/<kind>/ (default
@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from kiln.runtime.errors import KilnError
 
 FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-Wl,--no-undefined"]
 INSTALL_CUDA = "install the CUDA toolkit (or set CUDA_HOME), or pip install 'kiln[cuda]'"
+_ARCH = re.compile(r"^sm_(\d+)(a?)$")
 
 
 def tvm_lib_dir() -> Path:
@@ -90,6 +92,55 @@ def cudart_library(what: str) -> Path:
         f"building {what} needs libcudart.so.13 next to {include}: install the CUDA 13 toolkit "
         "(or set CUDA_HOME), or pip install 'kiln[cuda]'"
     )
+
+
+def find_nvcc() -> Path | None:
+    """nvcc from $CUDA_HOME, PATH, /usr/local/cuda or pip's nvidia-cuda-nvcc, in that order."""
+    for root in cuda_roots():
+        if (root / "bin" / "nvcc").is_file():
+            return root / "bin" / "nvcc"
+    return None
+
+
+def archs_at_least(archs: Sequence[str], min_sm: int) -> bool:
+    """Whether there are `archs` ("sm_80", "sm_90a", ...) and each is sm_`min_sm` or newer."""
+    numbers = [_ARCH.match(a) for a in archs]
+    return bool(numbers) and all(m is not None and int(m[1]) >= min_sm for m in numbers)
+
+
+def nvcc_flags(archs: Sequence[str]) -> list[str]:
+    """nvcc's flags for a library of device code (CUDA runtime from TVM's, not linked in): SASS
+    for every arch and PTX for the newest, as kiln.targets.cuda builds the model's."""
+    ordered = sorted(set(archs), key=lambda a: (int(_ARCH.match(a)[1]), a))
+    gencode = []
+    for i, arch in enumerate(ordered):
+        number = arch.removeprefix("sm_")
+        codes = f"sm_{number}" + (f",compute_{number}" if i == len(ordered) - 1 else "")
+        gencode += ["-gencode", f"arch=compute_{number},code=[{codes}]"]
+    return [
+        "-std=c++17", "-O3", "--threads", "0", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+        "-Xlinker", "--no-undefined", "-cudart", "none", *gencode,
+    ]  # fmt: skip
+
+
+def nvcc_command(nvcc: Path, archs: Sequence[str], source: Path, what: str) -> list[str]:
+    """`nvcc` compiling `source` (tvm-ffi functions) into a library for `archs`, against
+    tvm-ffi and the CUDA runtime TVM's CUDA runtime uses; `compile_library` runs it."""
+    cudart = cudart_library(what)
+    ffi_lib = Path(tvm_ffi.libinfo.find_libtvm_ffi()).parent
+    return [
+        str(nvcc),
+        *nvcc_flags(archs),
+        str(source),
+        f"-I{tvm_ffi.libinfo.find_include_path()}",
+        f"-L{ffi_lib}",
+        "-ltvm_ffi",
+        # pip's CUDA runtime has no unversioned libcudart.so for -lcudart to find
+        "-Xlinker",
+        str(cudart),
+        "-Xlinker",
+        f"-rpath,{ffi_lib}:{cudart.parent}",
+    ]
 
 
 def compiler(what: str) -> str:

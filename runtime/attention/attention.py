@@ -20,7 +20,6 @@ compiler; otherwise `load_attention()` builds it there (or takes it from the cac
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import tvm_ffi
 
 from kiln.runtime import native
 from kiln.runtime.errors import KilnError
+from kiln.runtime.native import find_nvcc
 from kiln.runtime.package import cache_root
 
 _HERE = Path(__file__).resolve().parent
@@ -42,39 +42,11 @@ HEAD_DIMS = (64, 128)
 MIN_SM = 80  # mma.sync on bf16 and cp.async
 DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 INSTALL_NVCC = "install the CUDA toolkit (or set CUDA_HOME), or pip install 'kiln[cuda]'"
-_ARCH = re.compile(r"^sm_(\d+)(a?)$")
-
-
-def find_nvcc() -> Path | None:
-    """nvcc from $CUDA_HOME, PATH, /usr/local/cuda or pip's nvidia-cuda-nvcc, in that order."""
-    for root in native.cuda_roots():
-        if (root / "bin" / "nvcc").is_file():
-            return root / "bin" / "nvcc"
-    return None
 
 
 def supports(archs: Sequence[str]) -> bool:
     """Whether the kernel runs on every one of `archs` ("sm_80", ...): sm_80 and newer."""
-    numbers = [_ARCH.match(a) for a in archs]
-    return bool(numbers) and all(m is not None and int(m[1]) >= MIN_SM for m in numbers)
-
-
-def _gencode(archs: Sequence[str]) -> list[str]:
-    """SASS for every arch and PTX for the newest, as kiln.targets.cuda builds the model's."""
-    ordered = sorted(set(archs), key=lambda a: (int(_ARCH.match(a)[1]), a))
-    flags = []
-    for i, arch in enumerate(ordered):
-        number = arch.removeprefix("sm_")
-        codes = f"sm_{number}" + (f",compute_{number}" if i == len(ordered) - 1 else "")
-        flags += ["-gencode", f"arch=compute_{number},code=[{codes}]"]
-    return flags
-
-
-def _flags(archs: Sequence[str]) -> list[str]:
-    return [
-        "-std=c++17", "-O3", "--threads", "0", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-        "-Xlinker", "--no-undefined", "-cudart", "none", *_gencode(archs),
-    ]  # fmt: skip
+    return native.archs_at_least(archs, MIN_SM)
 
 
 def _checked_archs(archs: Sequence[str] | None) -> list[str]:
@@ -90,7 +62,7 @@ def _checked_archs(archs: Sequence[str] | None) -> list[str]:
 def library_key(archs: Sequence[str]) -> str:
     """What the library depends on: its source, the archs and the tvm-ffi it links against;
     never a path, nor the nvcc (a machine without one finds the library built elsewhere)."""
-    return native.source_key(SOURCES, _flags(archs))
+    return native.source_key(SOURCES, native.nvcc_flags(archs))
 
 
 def library_path(archs: Sequence[str] | None = None) -> Path:
@@ -112,22 +84,7 @@ def build(archs: Sequence[str] | None = None, force: bool = False) -> Path:
     out = library_path(archs)
     if out.is_file() and not force:
         return out
-    nvcc = _need_nvcc()
-    cudart = native.cudart_library(WHAT)
-    ffi_lib = Path(tvm_ffi.libinfo.find_libtvm_ffi()).parent
-    cmd = [
-        str(nvcc),
-        *_flags(archs),
-        str(SOURCE),
-        f"-I{tvm_ffi.libinfo.find_include_path()}",
-        f"-L{ffi_lib}",
-        "-ltvm_ffi",
-        # pip's CUDA runtime has no unversioned libcudart.so for -lcudart to find
-        "-Xlinker",
-        str(cudart),
-        "-Xlinker",
-        f"-rpath,{ffi_lib}:{cudart.parent}",
-    ]
+    cmd = native.nvcc_command(_need_nvcc(), archs, SOURCE, WHAT)
     return native.compile_library(out, cmd, WHAT)
 
 

@@ -1,9 +1,10 @@
 """Build what the GPU tests load, on a machine with the compiler (the GPU machine may have only
-the TVM runtime): tiny checkpoints and their CUDA artifacts, and Kiln's prefill attention externs
-with TVM's ragged and paged prefill kernels for the same shapes (tests/gpu/test_attention.py).
+the TVM runtime): tiny checkpoints and their CUDA artifacts, Kiln's prefill attention externs
+with TVM's ragged and paged prefill kernels for the same shapes (tests/gpu/test_attention.py),
+and Kiln's decode GEMV externs (tests/gpu/test_gemv_kernels.py).
 
     python tests/gpu/build_artifacts.py OUT_DIR [--arch sm_90] [--tensor-parallel-only]
-                                                [--attention-only]
+                                                [--attention-only] [--gemv-only]
     KILN_GPU_ARTIFACTS=OUT_DIR pytest -m gpu tests/gpu      # on the GPU machine
 """
 
@@ -71,15 +72,28 @@ def main() -> None:
     parser.add_argument(
         "--attention-only", action="store_true", help="only what tests/gpu/test_attention.py loads"
     )
+    parser.add_argument(
+        "--gemv-only", action="store_true", help="only what tests/gpu/test_gemv_kernels.py loads"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.attention_only:
-        build_attention(args.out, args.arch)
+    if args.attention_only or args.gemv_only:
+        if args.attention_only:
+            build_attention(args.out, args.arch)
+        if args.gemv_only:
+            build_gemv(args.out, args.arch)
         return
     build_tensor_parallel(args.out, args.arch)
     if not args.tensor_parallel_only:
         build_attention(args.out, args.arch)
+        build_gemv(args.out, args.arch)
         build_single_gpu(args.out, args.arch)
+
+
+def build_gemv(out: Path, arch: str) -> None:
+    from kiln.runtime import gemv
+
+    shutil.copyfile(gemv.build([arch]), out / gemv.ARTIFACT_FILE)
 
 
 def build_attention(out: Path, arch: str) -> None:

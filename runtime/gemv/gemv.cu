@@ -1,0 +1,621 @@
+// Kiln's batch-1 decode GEMVs for CUDA (sm_80 and newer): `kiln.gemv.q4`, `kiln.gemv.q4_swiglu`
+// and `kiln.gemv.f16_swiglu`, destination-passing (the caller allocates `out`, passed last).
+//
+//   q4(x (..., K) f16, qweight (N, K / 8) u32, scale (N, K / 32) f16, out (..., N) f16)
+//   q4_swiglu(x, qweight (2I, K / 8), scale (2I, K / 32), out (..., I) f16)
+//   f16_swiglu(x, w (2I, K) f16, out (..., I) f16)
+//
+// M = the product of x's leading dimensions, 1 <= M <= 8; K % 32 == 0. The q4 weight is TVM's
+// q4f16 storage: w[n, k] = (nib - 8) * scale[n, k / 32], nib = (qweight[n, k / 8] >> 4 (k % 8))
+// & 15 (eight values per word, lowest nibble first, one fp16 scale per 32 values along K).
+// q4: out[m, n] = sum_k x[m, k] w[n, k]. The SwiGLU forms read the MLP's gate rows [0, I) and up
+// rows [I, 2I) in one kernel (a block computes gate row j and up row I + j, nothing goes through
+// memory between them): out[m, j] = silu(a) b, a = x[m] . w[j], b = x[m] . w[I + j], silu(a) =
+// a / (1 + exp(-a)).
+//
+// Numerics: the products and their sums are fp32, on the tensor cores (mma.sync m16n8k16, fp16
+// inputs, fp32 accumulators); each result is rounded to fp16 once. A q4 weight enters the MMA
+// as fp16((nib - 8) * scale), the weight TVM's q4f16 dequantize makes (one rounding, relative
+// 2^-11 at most); nib - 8 itself is exact (the magic-number dequantize below). So nothing is
+// accumulated in fp16, and an activation that fp16 holds cannot overflow a partial sum.
+//
+// Layout of the work: a block is 8 warps and owns 16 output rows (q4 also 32: two tiles); its
+// warps split K and add their partial sums through shared memory at the end. Each warp treats
+// its rows as the MMA's A (16 rows x 16 k) and x as B (16 k x 8 columns, one per row m of x:
+// the m >= M columns are computed and dropped). The order of k inside an MMA is free as long as
+// A and B agree, so each lane takes whole 16-byte pieces of the weight rows: for q4, lane
+// (g = lane / 4, c = lane % 4) reads, for the rows g and g + 8 of the tile, group 4 s + c of
+// sub-step s (one uint4, 32 values: the quad's four lanes read 64 contiguous bytes of a row, two
+// full sectors), and the x values of the same k in the order the dequantize produces them.
+// Weights are streamed past L1 (ld.global.nc.L1::no_allocate); x (M K halves, which every block
+// reads) is cached in L1. A warp issues the loads of a super-step, four sub-steps (16 groups, 512
+// values of K), before it uses them: 4 KB of weights in flight per tile, 32 KB per block (64 KB
+// with two tiles); and the 512 x values of each row of x go to shared memory with them
+// (cp.async), waited for at their first use. (f16 SwiGLU loads four steps of 32 values, weights
+// and x, into registers: 8 KB a warp.) The warps of a block take super-steps in turn, so
+// together they read 2 KB of each row at once (for q4 at K = 4096, the whole row).
+//
+// Runs on TVM's current stream for the device (TVMFFIEnvGetStream), as flash_prefill.cu does.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/reflection/registry.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace kiln {
+namespace gemv {
+
+using tvm::ffi::Tensor;
+
+constexpr int kWarps = 8;  // per block; they split K
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16;    // rows of one tile (the MMA's M)
+constexpr int kMaxM = 8;     // columns of the MMA's B: rows of x
+constexpr int kSubSteps = 4;  // q4: sub-steps of 4 groups (128 values) a warp loads at once
+constexpr int kF16Steps = 4;  // f16: steps of 32 values a warp loads at once
+// q4: a warp's x values for one super-step (512 per row of x), in shared memory; rows 16 bytes
+// apart in banks, so that 8 rows of x read in one instruction do not collide
+constexpr int kXStride = 512 + 8;
+constexpr int kXBytesPerRow = kWarps * kXStride * 2;  // per row of x, a block
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+
+// 16 bytes read once (weights): not kept in L1, so that x stays there.
+__device__ __forceinline__ uint4 LoadStreaming(const void* p) {
+  uint4 v;  // volatile: never hoisted above the loop's bound check (the pointer runs past K)
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint4 LoadCached(const void* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+// 16 bytes global -> shared, asynchronously; with `valid` false, 16 zero bytes and no read.
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, bool valid) {
+  const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;\n" ::); }
+
+__device__ __forceinline__ void WaitAsync() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ uint4 LoadShared(const void* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+template <int kLut>
+__device__ __forceinline__ uint32_t Lop3(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(kLut));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t AddHalf2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("add.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t MulHalf2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t FmaHalf2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// d (16x8 fp32) += a (16x16 fp16, row-major) * b (16x8 fp16, column-major)
+__device__ __forceinline__ void Mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One word of eight nibbles v0..v7 -> four fp16 pairs (v_i - 8) * s, i = (0, 4), (1, 5), (2, 6),
+// (3, 7) (first in the low half), `scale2` = (s, s). (w & 0x000F000F) | 0x64006400 reads as the
+// halves (1024 + v0, 1024 + v4), and minus 1032 is v - 8, exactly; the nibbles at bits 4-7 and
+// 20-23 give 1024 + 16 v, and (1024 + 16 v) / 16 - 72 is v - 8, exactly, in one FMA.
+constexpr uint32_t kLowNibbles = 0x000F000F, kHighNibbles = 0x00F000F0, kMagic = 0x64006400;
+constexpr uint32_t kMinus1032 = 0xE408E408, kSixteenth = 0x2C002C00, kMinus72 = 0xD480D480;
+constexpr int kAndOr = (0xF0 & 0xCC) | 0xAA;  // lop3: (a & b) | c
+
+__device__ __forceinline__ void Dequantize(uint32_t w, uint32_t scale2, uint32_t (&h)[4]) {
+  const uint32_t w8 = w >> 8;
+  h[0] = MulHalf2(AddHalf2(Lop3<kAndOr>(w, kLowNibbles, kMagic), kMinus1032), scale2);
+  h[1] = MulHalf2(FmaHalf2(Lop3<kAndOr>(w, kHighNibbles, kMagic), kSixteenth, kMinus72), scale2);
+  h[2] = MulHalf2(AddHalf2(Lop3<kAndOr>(w8, kLowNibbles, kMagic), kMinus1032), scale2);
+  h[3] = MulHalf2(FmaHalf2(Lop3<kAndOr>(w8, kHighNibbles, kMagic), kSixteenth, kMinus72), scale2);
+}
+
+// x0..x7 (natural order, two per word) -> the pairs (0, 4), (1, 5), (2, 6), (3, 7) Dequantize
+// gives the weights in.
+__device__ __forceinline__ void PairUp(const uint4& x, uint32_t (&b)[4]) {
+  b[0] = __byte_perm(x.x, x.z, 0x5410);
+  b[1] = __byte_perm(x.x, x.z, 0x7632);
+  b[2] = __byte_perm(x.y, x.w, 0x5410);
+  b[3] = __byte_perm(x.y, x.w, 0x7632);
+}
+
+// The scales of one row for a super-step t: sub-step u uses group 16 t + 4 u + c. Loaded first
+// (Scales::Load, with the weights), then paired (Scales::Pair: (s, s) per sub-step). kVector
+// (groups per row a multiple of 8, 16-byte aligned rows): the quad's lanes read the 16 scales
+// in one 32-byte request (lanes c = 0, 2 the first half, 1, 3 the second) and swap the words
+// the other needs; else each lane reads its four. A group past K gets 0.
+template <bool kVector>
+struct Scales {
+  uint32_t raw[4];
+
+  __device__ __forceinline__ void Load(const half* row, int t, int groups, int c) {
+    const int first = 16 * t;
+    if constexpr (kVector) {
+      const int p = c & 1;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (first + 8 * p < groups) v = LoadCached(row + first + 8 * p);
+      raw[0] = v.x, raw[1] = v.y, raw[2] = v.z, raw[3] = v.w;
+    } else {
+#pragma unroll
+      for (int u = 0; u < kSubSteps; ++u) {
+        const int group = first + 4 * u + c;
+        raw[u] = 0;
+        if (group < groups) raw[u] = __ldg(reinterpret_cast<const unsigned short*>(row) + group);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void Pair(int c, uint32_t (&s2)[kSubSteps]) const {
+    if constexpr (kVector) {
+      // raw: the halves 0..7 (p = 0) or 8..15 (p = 1) of the super-step's 16; this lane and
+      // its partner (lane ^ 1) need the words q and 2 + q of each half.
+      const int p = c & 1, q = c >> 1;
+      const uint32_t mine0 = q ? raw[1] : raw[0], mine1 = q ? raw[3] : raw[2];
+      const uint32_t other0 = __shfl_xor_sync(0xffffffff, mine0, 1);
+      const uint32_t other1 = __shfl_xor_sync(0xffffffff, mine1, 1);
+      // Element 4 u + c of the 16: u = 0, 1 from the first half, 2, 3 from the second; half p
+      // of its word, repeated in both halves of the result.
+      const uint32_t first_half = p ? 0x7676 : 0x1010, second_half = p ? 0x3232 : 0x5454;
+      s2[0] = __byte_perm(mine0, other0, first_half);
+      s2[1] = __byte_perm(mine1, other1, first_half);
+      s2[2] = __byte_perm(mine0, other0, second_half);
+      s2[3] = __byte_perm(mine1, other1, second_half);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kSubSteps; ++u) s2[u] = raw[u] | (raw[u] << 16);
+    }
+  }
+};
+
+__device__ __forceinline__ float Silu(float a) { return a / (1.0f + __expf(-a)); }
+
+// Adds the warps' partial 16 x 8 tiles and writes the block's outputs. kSwiGLU: tile 0 holds
+// the gate rows, tile 1 the up rows of the same 16 outputs.
+template <int kTiles, bool kSwiGLU>
+__device__ __forceinline__ void Finish(float (&acc)[kTiles][4], half* out, int first, int rows,
+                                       int m_rows) {
+  __shared__ float partial[kWarps][kTiles][kRows][kMaxM];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+    *reinterpret_cast<float2*>(&partial[warp][i][g][2 * c]) = make_float2(acc[i][0], acc[i][1]);
+    *reinterpret_cast<float2*>(&partial[warp][i][g + 8][2 * c]) =
+        make_float2(acc[i][2], acc[i][3]);
+  }
+  __syncthreads();
+  constexpr int kOutRows = kSwiGLU ? kRows : kTiles * kRows;  // outputs of the block
+  for (int e = threadIdx.x; e < kOutRows * kMaxM; e += kThreads) {
+    const int r = e % kOutRows, m = e / kOutRows;
+    if (m >= m_rows || first + r >= rows) continue;
+    float sum[kSwiGLU ? 2 : 1] = {};
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      if constexpr (kSwiGLU) {
+        sum[0] += partial[w][0][r][m];
+        sum[1] += partial[w][1][r][m];
+      } else {
+        sum[0] += partial[w][r / kRows][r % kRows][m];
+      }
+    }
+    float value = sum[0];
+    if constexpr (kSwiGLU) value = Silu(sum[0]) * sum[1];
+    out[static_cast<int64_t>(m) * rows + first + r] = __float2half_rn(value);
+  }
+}
+
+struct Args {
+  const half* x;     // (M, K)
+  const void* w;     // q4: (N, K / 8) uint32; f16: (N, K) half
+  const half* scale;  // q4: (N, K / 32)
+  half* out;         // (M, rows): rows = N, or N / 2 for SwiGLU
+  int m_rows, k, rows;
+};
+
+// The weight row of tile i's row `r` (0..15) for the block's outputs from `first`: SwiGLU's
+// tile 1 is the up rows, `rows` below its gate rows. Rows past the end read the last one (their
+// results are dropped), so that no load needs a bounds check.
+template <bool kSwiGLU>
+__device__ __forceinline__ int64_t WeightRow(int first, int i, int r, int rows) {
+  if constexpr (kSwiGLU) return min(first + r, rows - 1) + static_cast<int64_t>(i) * rows;
+  return min(first + i * kRows + r, rows - 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// q4 (and q4 SwiGLU): kTiles tiles of 16 rows per block.
+
+// One super-step t of a warp: the groups 16 t .. 16 t + 15 of its rows (lane c: 16 t + 4 u + c
+// in sub-step u); `w` points at the lane's group 16 t + c of its rows. x's values 512 t ..
+// 512 t + 511 of each row go to the warp's `xs` (rows kXStride apart) while the weights load.
+// kFull: all of them are in K; else (the last super-step) a group past K reads the last one
+// again, with scale 0 and x 0.
+template <int kTiles, int kChains, bool kVectorScales, bool kFull>
+__device__ __forceinline__ void Q4SuperStep(float (&acc)[kTiles][kChains][4],
+                                            const uint4* const (&w)[kTiles][2],
+                                            const half* const (&srow)[kTiles][2],
+                                            const half* x, half* xs, int t, const Args& a,
+                                            int lane) {
+  const int groups = a.k / 32, g = lane / 4, c = lane % 4;
+  for (int i = lane; i < a.m_rows * 64; i += 32) {  // 64 pieces of 16 bytes a row
+    const int m = i / 64, k = 512 * t + 8 * (i % 64);
+    CopyAsync16(xs + m * kXStride + 8 * (i % 64), x + static_cast<int64_t>(m) * a.k + k,
+                kFull || k < a.k);
+  }
+  CommitAsync();
+  int offset[kSubSteps];  // groups from 16 t + c
+#pragma unroll
+  for (int u = 0; u < kSubSteps; ++u) {
+    offset[u] = kFull ? 4 * u : min(4 * u, groups - 1 - (16 * t + c));
+  }
+  uint4 q[kSubSteps][kTiles][2];
+#pragma unroll
+  for (int u = 0; u < kSubSteps; ++u) {
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) q[u][i][h] = LoadStreaming(w[i][h] + offset[u]);
+    }
+  }
+  Scales<kVectorScales> scales[kTiles][2];
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) scales[i][h].Load(srow[i][h], t, groups, c);
+  }
+  uint32_t s2[kTiles][2][kSubSteps];
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) scales[i][h].Pair(c, s2[i][h]);
+  }
+  const half* xg = xs + min(g, a.m_rows - 1) * kXStride + 32 * c;  // lane's row of x, group c
+#pragma unroll
+  for (int u = 0; u < kSubSteps; ++u) {
+#pragma unroll
+    for (int word = 0; word < 4; ++word) {
+      uint32_t wl[kTiles][4], wh[kTiles][4];  // rows g and g + 8
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i) {
+        Dequantize(reinterpret_cast<const uint32_t*>(&q[u][i][0])[word], s2[i][0][u], wl[i]);
+        Dequantize(reinterpret_cast<const uint32_t*>(&q[u][i][1])[word], s2[i][1][u], wh[i]);
+      }
+      if (u == 0 && word == 0) {  // x, loading since the start: waited for as late as can be
+        WaitAsync();
+        __syncwarp();
+      }
+      uint32_t b[4];
+      PairUp(LoadShared(xg + 128 * u + 8 * word), b);
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i) {
+        float(&d)[4] = acc[i][word % kChains];  // kChains sums, so that MMAs overlap
+        Mma(d, wl[i][0], wh[i][0], wl[i][1], wh[i][1], b[0], b[1]);
+        Mma(d, wl[i][2], wh[i][2], wl[i][3], wh[i][3], b[2], b[3]);
+      }
+    }
+  }
+  __syncwarp();  // every lane has read xs before the next super-step writes it
+}
+
+// Dynamic shared memory: kXBytesPerRow a row of x.
+template <int kTiles, bool kSwiGLU, bool kVectorScales>
+__global__ void __launch_bounds__(kThreads, kTiles == 1 ? 3 : 2) Q4Gemv(Args a) {
+  constexpr int kChains = kTiles == 1 ? 2 : 1;  // independent MMA sums per tile
+  extern __shared__ uint4 dynamic_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  half* xs = reinterpret_cast<half*>(dynamic_smem) + warp * a.m_rows * kXStride;
+  const int groups = a.k / 32;
+  const int first = blockIdx.x * (kSwiGLU ? kRows : kTiles * kRows);
+  const uint4* w[kTiles][2];  // rows g and g + 8 of each tile (one uint4 a group), at 16 t + c
+  const half* srow[kTiles][2];
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = WeightRow<kSwiGLU>(first, i, g + 8 * h, a.rows);
+      w[i][h] = static_cast<const uint4*>(a.w) + row * groups + 16 * warp + c;
+      srow[i][h] = a.scale + row * groups;
+    }
+  }
+  float acc[kTiles][kChains][4] = {};
+  const int full = groups / 16;  // super-steps wholly in K
+  int t = warp;
+  for (; t < full; t += kWarps) {
+    Q4SuperStep<kTiles, kChains, kVectorScales, true>(acc, w, srow, a.x, xs, t, a, lane);
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+      w[i][0] += 16 * kWarps;
+      w[i][1] += 16 * kWarps;
+    }
+  }
+  if (t == full && 16 * full < groups) {
+    Q4SuperStep<kTiles, kChains, kVectorScales, false>(acc, w, srow, a.x, xs, t, a, lane);
+  }
+  float sums[kTiles][4];
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sums[i][j] = acc[i][0][j];
+#pragma unroll
+      for (int chain = 1; chain < kChains; ++chain) sums[i][j] += acc[i][chain][j];
+    }
+  }
+  Finish<kTiles, kSwiGLU>(sums, a.out, first, a.rows, a.m_rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// f16 SwiGLU: the gate and up rows of 16 outputs per block; step s: lane c reads the values
+// 32 s + 8 c .. + 7 of its rows (the quad: 64 contiguous bytes) and of x, in natural order.
+
+__global__ void __launch_bounds__(kThreads, 2) F16SwiGLU(Args a) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int first = blockIdx.x * kRows;
+  const half* wrow[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      wrow[i][h] = static_cast<const half*>(a.w) + WeightRow<true>(first, i, g + 8 * h, a.rows) *
+                                                       a.k;
+    }
+  }
+  const half* xrow = a.x + static_cast<int64_t>(min(g, a.m_rows - 1)) * a.k;
+  float acc[2][4] = {};
+  const int steps = a.k / 32, super_steps = (steps + kF16Steps - 1) / kF16Steps;
+  for (int t = warp; t < super_steps; t += kWarps) {
+    // A step past K (in the last super-step) reads the last one again, against x = 0.
+    uint4 q[kF16Steps][2][2], xv[kF16Steps];
+#pragma unroll
+    for (int u = 0; u < kF16Steps; ++u) {
+      const int step = t * kF16Steps + u, k0 = 32 * min(step, steps - 1) + 8 * c;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) q[u][i][h] = LoadStreaming(wrow[i][h] + k0);
+      }
+      xv[u] = LoadCached(xrow + k0);
+      if (step >= steps) xv[u] = make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kF16Steps; ++u) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint4 &lo = q[u][i][0], &hi = q[u][i][1];
+        Mma(acc[i], lo.x, hi.x, lo.y, hi.y, xv[u].x, xv[u].y);
+        Mma(acc[i], lo.z, hi.z, lo.w, hi.w, xv[u].z, xv[u].w);
+      }
+    }
+  }
+  Finish<2, true>(acc, a.out, first, a.rows, a.m_rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: argument checks and launches. Dtypes and shapes are checked first, then devices
+// and layout (so that a caller learns what is wrong with its arguments wherever they are).
+
+void CheckCuda(cudaError_t result, const char* name, const char* what) {
+  if (result != cudaSuccess) {
+    TVM_FFI_THROW(RuntimeError) << name << ": " << what
+                                << " failed: " << cudaGetErrorString(result);
+  }
+}
+
+void CheckDtype(const char* name, const Tensor& t, const char* what, DLDataTypeCode code,
+                int bits, const char* expected) {
+  DLDataType d = t.dtype();
+  TVM_FFI_CHECK(d.code == code && d.bits == bits && d.lanes == 1, TypeError)
+      << name << ": " << what << " must be " << expected << ", it has dtype code="
+      << static_cast<int>(d.code) << " bits=" << static_cast<int>(d.bits)
+      << " lanes=" << static_cast<int>(d.lanes);
+}
+
+char* DataOf(const Tensor& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
+
+bool Aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(DataOf(t)) % 16 == 0; }
+
+// On x's GPU, contiguous and (`aligned`) 16-byte aligned.
+void CheckPlacement(const char* name, const Tensor& t, const char* what, int device,
+                    bool aligned) {
+  TVM_FFI_CHECK(t.device().device_type == kDLCUDA && t.device().device_id == device, ValueError)
+      << name << ": " << what << " must be on cuda:" << device << ", it is on device "
+      << t.device().device_type << ":" << t.device().device_id;
+  TVM_FFI_CHECK(t.IsContiguous(), ValueError) << name << ": " << what << " must be contiguous";
+  TVM_FFI_CHECK(!aligned || Aligned16(t), ValueError)
+      << name << ": " << what << " must be 16-byte aligned";
+}
+
+// x and out: float16, M = the product of x's leading dimensions in 1..8, K a multiple of 32;
+// out shaped as x with its last dimension `rows` (the weight's output rows).
+Args CheckActivations(const char* name, const Tensor& x, const Tensor& out, int64_t rows) {
+  CheckDtype(name, x, "x", kDLFloat, 16, "float16");
+  CheckDtype(name, out, "out", kDLFloat, 16, "float16");
+  TVM_FFI_CHECK(x.ndim() >= 1, ValueError) << name << ": x must have at least one dimension";
+  const int64_t k = x.size(x.ndim() - 1);
+  int64_t m = 1;
+  for (int d = 0; d + 1 < x.ndim(); ++d) m *= x.size(d);
+  TVM_FFI_CHECK(m >= 1 && m <= kMaxM, ValueError)
+      << name << " is a decode GEMV for 1 to " << kMaxM << " rows of x (the product of its "
+      << "leading dimensions), not " << m;
+  TVM_FFI_CHECK(rows >= 1 && rows < (int64_t{1} << 30), ValueError)
+      << name << ": the weight gives " << rows << " output rows";
+  bool same = out.ndim() == x.ndim() && out.size(out.ndim() - 1) == rows;
+  for (int d = 0; same && d + 1 < x.ndim(); ++d) same = out.size(d) == x.size(d);
+  TVM_FFI_CHECK(same, ValueError) << name << ": out must be shaped as x with its last dimension "
+                                  << rows << " (x's leading dimensions, then the output rows)";
+  Args a{};
+  a.m_rows = static_cast<int>(m);
+  a.k = static_cast<int>(k);
+  a.rows = static_cast<int>(rows);
+  return a;
+}
+
+int64_t CheckK(const char* name, const Tensor& x) {
+  const int64_t k = x.ndim() >= 1 ? x.size(x.ndim() - 1) : 0;
+  TVM_FFI_CHECK(k > 0 && k % 32 == 0 && k < (int64_t{1} << 30), ValueError)
+      << name << ": K (x's last dimension, " << k << ") must be a positive multiple of 32";
+  return k;
+}
+
+// Places x and out, returns the device.
+int PlaceActivations(const char* name, const Tensor& x, const Tensor& out, Args* a) {
+  const int device = x.device().device_id;
+  CheckPlacement(name, x, "x", device, true);
+  CheckPlacement(name, out, "out", device, false);
+  a->x = reinterpret_cast<const half*>(DataOf(x));
+  a->out = reinterpret_cast<half*>(DataOf(out));
+  return device;
+}
+
+int64_t SwiGLURows(const char* name, int64_t n) {
+  TVM_FFI_CHECK(n % 2 == 0, ValueError)
+      << name << ": the weight must have 2 I rows (gate, then up), not " << n;
+  return n / 2;
+}
+
+// Runs on TVM's stream for the device.
+cudaStream_t Prepare(const char* name, int device) {
+  int current = -1;
+  CheckCuda(cudaGetDevice(&current), name, "cudaGetDevice");
+  if (current != device) CheckCuda(cudaSetDevice(device), name, "cudaSetDevice");
+  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+}
+
+template <int kTiles, bool kSwiGLU, bool kVectorScales>
+void LaunchQ4(const char* name, const Args& a, int device, cudaStream_t stream) {
+  auto kernel = Q4Gemv<kTiles, kSwiGLU, kVectorScales>;
+  const size_t smem = size_t{kXBytesPerRow} * a.m_rows;
+  if (smem > 32 * 1024) {  // with the static 4-8 KiB, past 48 KiB: opt in, once per device
+    static std::atomic<uint64_t> opted_in{0};
+    const uint64_t bit = uint64_t{1} << (device % 64);
+    if (!(opted_in.load() & bit)) {
+      CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     kXBytesPerRow * kMaxM),
+                name, "cudaFuncSetAttribute");
+      opted_in.fetch_or(bit);
+    }
+  }
+  const int per_block = kSwiGLU ? kRows : kTiles * kRows;
+  const unsigned blocks = static_cast<unsigned>((a.rows + per_block - 1) / per_block);
+  kernel<<<blocks, kThreads, smem, stream>>>(a);
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+}
+
+template <int kTiles, bool kSwiGLU>
+void LaunchQ4(const char* name, const Args& a, bool vector_scales, int device,
+              cudaStream_t stream) {
+  vector_scales ? LaunchQ4<kTiles, kSwiGLU, true>(name, a, device, stream)
+                : LaunchQ4<kTiles, kSwiGLU, false>(name, a, device, stream);
+}
+
+constexpr const char* kQ4 = "kiln.gemv.q4";
+constexpr const char* kQ4Tiled = "kiln.gemv.q4_tiled";
+constexpr const char* kQ4SwiGLU = "kiln.gemv.q4_swiglu";
+constexpr const char* kF16SwiGLU = "kiln.gemv.f16_swiglu";
+
+void RunQ4(const char* name, int64_t tiles, bool swiglu, const Tensor& x, const Tensor& qweight,
+           const Tensor& scale, const Tensor& out) {
+  TVM_FFI_CHECK(tiles == 0 || tiles == 1 || tiles == 2, ValueError)
+      << name << ": tiles must be 0 (the default), 1 or 2, not " << tiles;
+  const int64_t k = CheckK(name, x);
+  CheckDtype(name, qweight, "qweight", kDLUInt, 32, "uint32");
+  CheckDtype(name, scale, "scale", kDLFloat, 16, "float16");
+  TVM_FFI_CHECK(qweight.ndim() == 2 && scale.ndim() == 2, ValueError)
+      << name << ": qweight must be (N, K / 8) and scale (N, K / 32)";
+  const int64_t n = qweight.size(0);
+  TVM_FFI_CHECK(qweight.size(1) == k / 8 && scale.size(0) == n && scale.size(1) == k / 32,
+                ValueError)
+      << name << ": for x's K = " << k << ", qweight must be (N, " << k / 8 << ") and scale (N, "
+      << k / 32 << "); they are (" << qweight.size(0) << ", " << qweight.size(1) << ") and ("
+      << scale.size(0) << ", " << scale.size(1) << ")";
+  Args a = CheckActivations(name, x, out, swiglu ? SwiGLURows(name, n) : n);
+  const int device = PlaceActivations(name, x, out, &a);
+  CheckPlacement(name, qweight, "qweight", device, true);
+  CheckPlacement(name, scale, "scale", device, false);
+  a.w = DataOf(qweight);
+  a.scale = reinterpret_cast<const half*>(DataOf(scale));
+  // One 16-byte load of 8 scales needs rows of a multiple of 8 groups, aligned.
+  const bool vector_scales = (k / 32) % 8 == 0 && Aligned16(scale);
+  cudaStream_t stream = Prepare(name, device);
+  if (swiglu) {
+    LaunchQ4<2, true>(name, a, vector_scales, device, stream);
+  } else if (tiles == 2) {
+    LaunchQ4<2, false>(name, a, vector_scales, device, stream);
+  } else {
+    LaunchQ4<1, false>(name, a, vector_scales, device, stream);
+  }
+}
+
+void Q4(Tensor x, Tensor qweight, Tensor scale, Tensor out) {
+  RunQ4(kQ4, 0, false, x, qweight, scale, out);
+}
+
+void Q4Tiled(int64_t tiles, Tensor x, Tensor qweight, Tensor scale, Tensor out) {
+  RunQ4(kQ4Tiled, tiles, false, x, qweight, scale, out);
+}
+
+void Q4SwiGLU(Tensor x, Tensor qweight, Tensor scale, Tensor out) {
+  RunQ4(kQ4SwiGLU, 0, true, x, qweight, scale, out);
+}
+
+void F16SwiGLUEntry(Tensor x, Tensor w, Tensor out) {
+  const char* name = kF16SwiGLU;
+  const int64_t k = CheckK(name, x);
+  CheckDtype(name, w, "w", kDLFloat, 16, "float16");
+  TVM_FFI_CHECK(w.ndim() == 2 && w.size(1) == k, ValueError)
+      << name << ": w must be (2 I, K) with x's K = " << k;
+  Args a = CheckActivations(name, x, out, SwiGLURows(name, w.size(0)));
+  const int device = PlaceActivations(name, x, out, &a);
+  CheckPlacement(name, w, "w", device, true);
+  a.w = DataOf(w);
+  cudaStream_t stream = Prepare(name, device);
+  F16SwiGLU<<<static_cast<unsigned>((a.rows + kRows - 1) / kRows), kThreads, 0, stream>>>(a);
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+}
+
+TVM_FFI_STATIC_INIT_BLOCK() {
+  namespace refl = tvm::ffi::reflection;
+  refl::GlobalDef()
+      .def(kQ4, Q4)
+      .def(kQ4SwiGLU, Q4SwiGLU)
+      .def(kF16SwiGLU, F16SwiGLUEntry)
+      // q4 with the rows per block fixed (1 or 2 tiles of 16; 0: the default): for benchmarks
+      .def(kQ4Tiled, Q4Tiled);
+}
+
+}  // namespace gemv
+}  // namespace kiln

@@ -1,0 +1,105 @@
+"""Kiln's batch-1 decode GEMV externs for CUDA artifacts: built from gemv.cu, cached, loaded.
+
+TVM's GEMV schedules read an int4 weight at 40-65% of an H100's copy bandwidth (bench/gemv.py);
+these kernels read it with 16-byte loads, dequantize on the ALUs with the magic-number trick and
+multiply on the tensor cores (fp32 sums). Three destination-passing functions, `out` last:
+
+- `kiln.gemv.q4(x, qweight, scale, out)`: x (..., K) float16 with 1 to 8 rows (M, the product
+  of its leading dimensions), the q4f16 weight qweight (N, K / 8) uint32 and scale (N, K / 32)
+  float16, out (..., N) float16 = x @ W^T.
+- `kiln.gemv.q4_swiglu(x, qweight, scale, out)`: the MLP's gate and up projections in one
+  weight of 2 I rows (gate first); out (..., I) = silu(x @ gate^T) * (x @ up^T).
+- `kiln.gemv.f16_swiglu(x, w, out)`: the same with a float16 weight w (2 I, K).
+
+K must be a multiple of 32; gemv.cu says how the kernels work and what they round.
+(`kiln.gemv.q4_tiled(tiles, ...)`, q4 with 16 or 32 rows per block, is for benchmarks.)
+
+The library is device code, so it is built with nvcc, as Kiln's prefill attention is
+(kiln.runtime.attention; kiln.runtime.native finds nvcc and builds both alike), for the
+artifact's archs, against tvm-ffi's headers, and cached under $KILN_CACHE/gemv (default
+~/.cache/kiln/gemv) by a hash of what went into it. An artifact carries its copy as
+ARTIFACT_FILE; `load_gemv()` takes that copy, or builds the library here (or takes it from the
+cache). `python -m kiln.runtime.gemv --arch sm_90` builds it into the cache and prints its path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import tvm_ffi
+
+from kiln.runtime import native
+from kiln.runtime.errors import KilnError
+from kiln.runtime.native import find_nvcc
+from kiln.runtime.package import cache_root
+
+SOURCE = Path(__file__).resolve().parent / "gemv.cu"
+SOURCES = (SOURCE,)
+WHAT = "Kiln's decode GEMV kernels"
+Q4 = "kiln.gemv.q4"
+Q4_SWIGLU = "kiln.gemv.q4_swiglu"
+F16_SWIGLU = "kiln.gemv.f16_swiglu"
+FUNCTIONS = (Q4, Q4_SWIGLU, F16_SWIGLU)
+ARTIFACT_FILE = "kiln-gemv.so"  # the built extern, inside an artifact compiled on its platform
+MAX_ROWS = 8  # of x: the MMA's N
+MIN_SM = 80  # mma.sync m16n8k16 with fp32 accumulators
+DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+INSTALL_NVCC = native.INSTALL_CUDA
+
+
+def supports(archs: Sequence[str]) -> bool:
+    """Whether the kernels run on every one of `archs` ("sm_80", ...): sm_80 and newer."""
+    return native.archs_at_least(archs, MIN_SM)
+
+
+def _checked_archs(archs: Sequence[str] | None) -> list[str]:
+    archs = list(archs or DEFAULT_ARCHS)
+    if not supports(archs):
+        raise KilnError(
+            f"{WHAT} run on sm_{MIN_SM} and newer GPUs, not on {','.join(archs)}: artifacts for "
+            "them use TVM's GEMVs"
+        )
+    return sorted(set(archs))
+
+
+def library_key(archs: Sequence[str]) -> str:
+    """What the library depends on: its source, the archs and the tvm-ffi it links against;
+    never a path, nor the nvcc (a machine without one finds the library built elsewhere)."""
+    return native.source_key(SOURCES, native.nvcc_flags(archs))
+
+
+def library_path(archs: Sequence[str] | None = None) -> Path:
+    archs = _checked_archs(archs)
+    return cache_root() / "gemv" / f"kiln_gemv-{library_key(archs)}.so"
+
+
+def build(archs: Sequence[str] | None = None, force: bool = False) -> Path:
+    """Compile gemv.cu for `archs` (default: sm_80, 86, 89, 90) into the cache (once per key)
+    and return the library's path."""
+    archs = _checked_archs(archs)
+    out = library_path(archs)
+    if out.is_file() and not force:
+        return out
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise KilnError(f"building {WHAT} needs nvcc, found none: {INSTALL_NVCC}")
+    return native.compile_library(out, native.nvcc_command(nvcc, archs, SOURCE, WHAT), WHAT)
+
+
+def load_gemv(library: Path | None = None, archs: Sequence[str] | None = None) -> None:
+    """Register `kiln.gemv.*` (all three: one library) in this process (once). `library`: the
+    library built already (an artifact's copy); otherwise it is built here for `archs`, or
+    taken from the cache."""
+    if tvm_ffi.get_global_func(Q4, allow_missing=True) is not None:
+        return
+    if library is None:
+        try:
+            library = build(archs)
+        except KilnError as e:
+            raise KilnError(
+                f"{e}\nOr build it on a machine that can (python -m kiln.runtime.gemv "
+                f"--arch {','.join(archs or DEFAULT_ARCHS)}) and copy {cache_root() / 'gemv'}"
+                " here (or point KILN_CACHE at a copy)"
+            ) from None
+    native.load_library(library, WHAT)

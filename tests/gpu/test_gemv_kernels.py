@@ -1,0 +1,190 @@
+"""Kiln's decode GEMV kernels (`kiln.gemv.q4`, `q4_swiglu`, `f16_swiglu`) on a real GPU, against
+float64 NumPy references of the weights they read: q4 with 1 and 4 rows of x on the Llama-2-7B
+shapes (12288 x 4096, 4096 x 11008) and an odd one (100 x 96), with 16 and 32 rows a block;
+the SwiGLU forms at I = 11008, K = 4096 and at small odd I (K with and without a partial last
+super-step, scales read one by one or eight at a time); 8 rows of x; arguments they refuse; and
+TVM's current stream.
+
+Random data as a decode step sees it: x ~ N(0, 1), q4 scales ~ U(0.001, 0.02), nibbles uniform,
+f16 weights ~ N(0, 1 / K) (so that the gate's silu is not saturated).
+
+Tolerance: max |kernel - reference| / max |reference| <= 2e-3. The sums are fp32 (tensor cores),
+so the error is the result's one rounding to fp16 (at most 2^-11 of a value, 4.9e-4 of the
+largest) plus, for q4, each weight's rounding to fp16 as it enters the MMA ((nib - 8) * scale,
+relative 2^-11 at most, independent from weight to weight: ~1e-4 of the largest result over K
+terms; 3.7e-4 in all on 512 x 4096 in NumPy). 2e-3 leaves room for fp32 rounding but catches a
+wrong nibble, scale or row (errors of order 1) and fp16 sums over K (9e-3 there).
+
+The library comes from KILN_GPU_ARTIFACTS (tests/gpu/build_artifacts.py --gemv-only writes it),
+so the GPU machine needs only the TVM runtime; without it, it is built here (nvcc).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+import tvm_ffi
+
+from kiln.runtime.device import open_device
+from kiln.runtime.gemv import ARTIFACT_FILE, F16_SWIGLU, Q4, Q4_SWIGLU, load_gemv
+
+pytestmark = pytest.mark.gpu
+
+TOL = 2e-3  # see the module docstring
+
+
+@pytest.fixture(scope="module")
+def dev():
+    device = open_device("cuda:0")  # TVM's CUDA runtime before the extern (it shares libcudart)
+    prebuilt = os.environ.get("KILN_GPU_ARTIFACTS")
+    library = Path(prebuilt) / ARTIFACT_FILE if prebuilt else None
+    if library is not None and not library.is_file():
+        pytest.fail(f"{library} is missing: run tests/gpu/build_artifacts.py again")
+    load_gemv(library)
+    return device
+
+
+def q4_weight(rng, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(qweight (n, k / 8) uint32, scale (n, k / 32) float16): uniform nibbles."""
+    qweight = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
+    scale = rng.uniform(0.001, 0.02, (n, k // 32)).astype(np.float16)
+    return qweight, scale
+
+
+def dequantize(qweight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(n, k) float64: (nib - 8) * scale, eight nibbles a word, lowest first."""
+    shifts = np.arange(8, dtype=np.uint32) * 4
+    nibbles = ((qweight[..., None] >> shifts) & 0xF).reshape(len(qweight), -1)
+    return (nibbles - 8.0) * np.repeat(scale.astype(np.float64), 32, axis=1)
+
+
+def swiglu(y: np.ndarray) -> np.ndarray:
+    """(..., 2 I) gate then up -> (..., I) silu(gate) * up."""
+    a, b = np.split(y, 2, axis=-1)
+    return a / (1 + np.exp(-a)) * b
+
+
+def error(got, want: np.ndarray) -> float:
+    got = got.numpy().astype(np.float64)
+    assert got.shape == want.shape and np.isfinite(got).all()
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def run(dev, fn, x: np.ndarray, weights: list[np.ndarray], n: int, lead=()):
+    """fn(x, *weights, out) on the device; out (x's leading dims, n) float16."""
+    out = tvm.runtime.empty((*x.shape[:-1], n), "float16", dev)
+    fn(*lead, *(tvm.runtime.tensor(a, dev) for a in (x, *weights)), out)
+    return out
+
+
+# (x's leading dimensions, rows N, K): Llama-2-7B's qkv and down projections, an odd one
+Q4_CASES = [((m,), n, k) for m in (1, 4) for n, k in [(12288, 4096), (4096, 11008), (100, 96)]]
+
+
+@pytest.mark.parametrize("lead,n,k", Q4_CASES)
+def test_q4_equals_float64(dev, lead, n, k):
+    rng = np.random.default_rng(n + k + lead[0])
+    x = rng.standard_normal((*lead, k)).astype(np.float16)
+    qweight, scale = q4_weight(rng, n, k)
+    want = x.astype(np.float64) @ dequantize(qweight, scale).T
+    assert error(run(dev, tvm_ffi.get_global_func(Q4), x, [qweight, scale], n), want) <= TOL
+    tiled = tvm_ffi.get_global_func("kiln.gemv.q4_tiled")
+    for tiles in (1, 2):  # 16 and 32 rows a block
+        got = run(dev, tiled, x, [qweight, scale], n, lead=(tiles,))
+        assert error(got, want) <= TOL, tiles
+
+
+# (x's leading dimensions, I, K): I = 11008 (Llama-2-7B's MLP), odd I; K of 3, 25 and 136 groups
+# (q4: 8 scales a load needs a multiple of 8 groups; a super-step is 16)
+SWIGLU_CASES = [
+    ((1,), 11008, 4096),
+    ((4,), 11008, 4096),
+    ((1,), 37, 96),
+    ((2, 2), 37, 800),
+    ((4,), 21, 4352),
+    ((8,), 5, 4096),
+    ((2, 4), 33, 1120),
+]
+
+
+@pytest.mark.parametrize("lead,inter,k", SWIGLU_CASES)
+def test_q4_swiglu_equals_float64(dev, lead, inter, k):
+    rng = np.random.default_rng(inter + k + lead[0])
+    x = rng.standard_normal((*lead, k)).astype(np.float16)
+    qweight, scale = q4_weight(rng, 2 * inter, k)
+    want = swiglu(x.astype(np.float64) @ dequantize(qweight, scale).T)
+    got = run(dev, tvm_ffi.get_global_func(Q4_SWIGLU), x, [qweight, scale], inter)
+    assert error(got, want) <= TOL
+
+
+@pytest.mark.parametrize("lead,inter,k", SWIGLU_CASES)
+def test_f16_swiglu_equals_float64(dev, lead, inter, k):
+    rng = np.random.default_rng(inter + k + lead[0] + 1)
+    x = rng.standard_normal((*lead, k)).astype(np.float16)
+    w = (rng.standard_normal((2 * inter, k)) / np.sqrt(k)).astype(np.float16)
+    want = swiglu(x.astype(np.float64) @ w.astype(np.float64).T)
+    got = run(dev, tvm_ffi.get_global_func(F16_SWIGLU), x, [w], inter)
+    assert error(got, want) <= TOL
+
+
+def test_q4_with_8_rows_and_an_odd_n(dev):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 4, 512)).astype(np.float16)
+    qweight, scale = q4_weight(rng, 333, 512)
+    want = x.astype(np.float64) @ dequantize(qweight, scale).T
+    assert error(run(dev, tvm_ffi.get_global_func(Q4), x, [qweight, scale], 333), want) <= TOL
+
+
+def test_refuses_wrong_arguments(dev):
+    q4 = tvm_ffi.get_global_func(Q4)
+    f16 = tvm_ffi.get_global_func(F16_SWIGLU)
+
+    def on_gpu(shape, dtype="float16"):
+        return tvm.runtime.tensor(np.zeros(shape, dtype), dev)
+
+    w, s, out = on_gpu((64, 8), "uint32"), on_gpu((64, 2)), on_gpu((1, 64))
+    with pytest.raises(TypeError, match="x must be float16"):
+        q4(on_gpu((1, 64), "float32"), w, s, out)
+    with pytest.raises(TypeError, match="qweight must be uint32"):
+        q4(on_gpu((1, 64)), on_gpu((64, 8), "int32"), s, out)
+    with pytest.raises(TypeError, match="scale must be float16"):
+        q4(on_gpu((1, 64)), w, on_gpu((64, 2), "float32"), out)
+    with pytest.raises(ValueError, match="must be a positive multiple of 32"):
+        q4(on_gpu((1, 48)), on_gpu((64, 6), "uint32"), on_gpu((64, 1)), out)
+    with pytest.raises(ValueError, match=r"for 1 to 8 rows of x .* not 9"):
+        q4(on_gpu((9, 64)), w, s, on_gpu((9, 64)))
+    with pytest.raises(ValueError, match="out must be shaped as x"):
+        q4(on_gpu((1, 64)), w, s, on_gpu((1, 32)))
+    with pytest.raises(ValueError, match="w must be"):
+        f16(on_gpu((1, 64)), on_gpu((64, 32)), on_gpu((1, 32)))
+    with pytest.raises(ValueError, match="x must be on cuda:0"):
+        q4(tvm.runtime.tensor(np.zeros((1, 64), "float16")), w, s, out)
+
+
+def test_runs_on_tvms_current_stream(dev):
+    """On a torch stream set as TVM's current one, after a long kernel on that stream that
+    writes x: run on any other stream, the GEMV would read x before it is written."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    rng = np.random.default_rng(5)
+    inter, k = 4096, 4096
+    src = torch.tensor(rng.standard_normal((1, k)), dtype=torch.float16, device="cuda")
+    host_w = (rng.standard_normal((2 * inter, k)) / np.sqrt(k)).astype(np.float16)
+    w = torch.tensor(host_w, device="cuda")
+    x = torch.zeros_like(src)
+    out = torch.zeros((1, inter), dtype=torch.float16, device="cuda")
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of spinning on `stream`
+        x.copy_(src)
+        tvm_ffi.get_global_func(F16_SWIGLU)(x, w, out)
+    stream.synchronize()
+    want = swiglu(src.double().cpu().numpy() @ host_w.astype(np.float64).T)
+    got = out.double().cpu().numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() <= TOL
