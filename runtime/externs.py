@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.runtime import attention, cublas
+from kiln.runtime import attention, cublas, gemv
 from kiln.runtime.artifact import Manifest
 from kiln.runtime.errors import KilnError
 
@@ -35,6 +35,8 @@ EXTERNS: dict[str, Extern] = {
         name: Extern(attention.ARTIFACT_FILE, attention.build, attention.load_attention)
         for name in (attention.PREFILL_RAGGED, attention.PREFILL_PAGED)
     },
+    # The decode GEMVs: one library too.
+    **{name: Extern(gemv.ARTIFACT_FILE, gemv.build, gemv.load_gemv) for name in gemv.FUNCTIONS},
 }
 
 

@@ -26,8 +26,12 @@ import tvm_ffi
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.target import Target
 
+from kiln.compiler.quantization import QUANTIZATIONS
+from kiln.compiler.quantization.int4_group import Int4Group
+from kiln.compiler.quantization.layers import scheme_key
+from kiln.passes.dispatch_gemv import DispatchGEMV, GEMVExterns
 from kiln.passes.dispatch_matmul import DispatchMatmul
-from kiln.runtime import attention
+from kiln.runtime import attention, gemv
 from kiln.runtime.cublas import MATMUL as CUBLAS_MATMUL
 from kiln.runtime.errors import KilnError
 from kiln.targets import nvrtc
@@ -43,6 +47,7 @@ from kiln.targets.gemv import DecodeGEMV
 from kiln.targets.gpu import dlight_schedule, gpu_legalize
 
 DEFAULT_ARCHS = "sm_80,sm_86,sm_89,sm_90"
+GEMV_GROUP = 32  # the int4 layout kiln.runtime.gemv reads: one scale per 32 input features
 _ARCH = re.compile(r"^sm_(\d+)(a?)$")
 
 
@@ -52,10 +57,27 @@ def cuda_schedule(target: Target) -> list[tvm.transform.Pass]:
 
 
 def cuda_library_dispatch(target: Target) -> list[tvm.transform.Pass]:
-    # TVM's sampling and sort/scan dispatch, then the fp16/bf16 GEMMs of prefill and batched
-    # decode (symbolic rows) to cuBLAS (kiln.runtime.cublas); dlight schedules what is left,
-    # the batch-1 decode's GEMVs among it.
-    return [*cuda_pipeline.library_dispatch_passes(target), DispatchMatmul(CUBLAS_MATMUL)]
+    # TVM's sampling and sort/scan dispatch; the batch-1 decode's int4 GEMVs and its MLPs'
+    # gate/up GEMV with SiLU*up to Kiln's GEMV kernels (kiln.runtime.gemv); then the fp16/bf16
+    # GEMMs of prefill and batched decode (symbolic rows) to cuBLAS (kiln.runtime.cublas);
+    # dlight and Kiln's float GEMV schedule what is left.
+    return [
+        *cuda_pipeline.library_dispatch_passes(target),
+        *_gemv_dispatch(target),
+        DispatchMatmul(CUBLAS_MATMUL),
+    ]
+
+
+def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
+    """Kiln's GEMV externs where they run (sm_80 and newer) and nvcc can build them."""
+    if not gemv.supports([str(target.attrs["arch"])]) or attention.find_nvcc() is None:
+        return []
+    int4 = {
+        scheme_key(q): GEMVExterns(gemv.Q4, gemv.Q4_SWIGLU, cols_multiple=GEMV_GROUP)
+        for q in QUANTIZATIONS.values()
+        if isinstance(q, Int4Group) and q.group_size == GEMV_GROUP and q.model_dtype == "float16"
+    }
+    return [DispatchGEMV(int4, {"float16": gemv.F16_SWIGLU})]
 
 
 def cuda_prefill_attention(target: Target, dtype: str, head_dim: int) -> dict[str, str]:

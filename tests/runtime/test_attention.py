@@ -150,7 +150,10 @@ def test_without_nvcc_an_artifact_without_its_copy_fails_clearly(monkeypatch, tm
 
 
 def test_every_extern_has_a_file_and_a_loader():
-    assert set(EXTERNS) == {"kiln.cublas.matmul", attention.PREFILL_RAGGED, attention.PREFILL_PAGED}
+    assert set(EXTERNS) == {
+        "kiln.cublas.matmul", attention.PREFILL_RAGGED, attention.PREFILL_PAGED,
+        "kiln.gemv.q4", "kiln.gemv.q4_swiglu", "kiln.gemv.f16_swiglu",
+    }  # fmt: skip
     # Externs that share a library file build and load it alike (one library, both functions).
     by_file = {}
     for extern in EXTERNS.values():
