@@ -57,8 +57,8 @@ def cuda_schedule(target: Target) -> list[tvm.transform.Pass]:
 
 
 def cuda_library_dispatch(target: Target) -> list[tvm.transform.Pass]:
-    # TVM's sampling and sort/scan dispatch; the batch-1 decode's int4 GEMVs and its MLPs'
-    # gate/up GEMV with SiLU*up to Kiln's GEMV kernels (kiln.runtime.gemv); then the fp16/bf16
+    # TVM's sampling and sort/scan dispatch; the batch-1 decode's int4 GEMVs (the MLP's gate/up
+    # with SiLU*up as its epilogue) to Kiln's GEMV kernels (kiln.runtime.gemv); then the fp16/bf16
     # GEMMs of prefill and batched decode (symbolic rows) to cuBLAS (kiln.runtime.cublas);
     # dlight and Kiln's float GEMV schedule what is left.
     return [
@@ -77,7 +77,9 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         for q in QUANTIZATIONS.values()
         if isinstance(q, Int4Group) and q.group_size == GEMV_GROUP and q.model_dtype == "float16"
     }
-    return [DispatchGEMV(int4, {"float16": gemv.F16_SWIGLU})]
+    # fp16 weights keep Kiln's TIR GEMV (98% of the copy bandwidth on a 7B gate/up against
+    # 88% for kiln.gemv.f16_swiglu, bench/gemv.py), their SiLU*up a kernel of its own.
+    return [DispatchGEMV(int4, {})]
 
 
 def cuda_prefill_attention(target: Target, dtype: str, head_dim: int) -> dict[str, str]:
