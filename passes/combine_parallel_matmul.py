@@ -23,11 +23,10 @@ their weights are used nowhere else, by any function of the module: every functi
 same parameters, so a group combines in all of them or in none. The combined parameter is named
 after its parts (q_proj, k_proj, v_proj -> qkv_proj; gate_proj, up_proj -> gate_up_proj).
 
-The result carries the module attribute `kiln.params`: the new parameter names, in order, and
-`kiln.combined`: combined parameter -> the parameters it concatenates along their rows (axis 0
-of a float weight; for a stored tensor, the axis its scheme grows with the rows). Weight
-conversion builds them from those (kiln.compiler.combine). A module without such Linears comes
-back unchanged.
+The result carries the module attributes `kiln.params` (the new parameter names, in order) and
+`kiln.combined` (combined parameter -> the parameters whose rows it joins, in order); weight
+conversion then builds each from its parts' float weights (kiln.compiler.combine). A module
+without such Linears comes back unchanged.
 """
 
 from __future__ import annotations
@@ -75,11 +74,9 @@ def combined_name(names: Sequence[str]) -> str:
     return f"{parent}.{joined}.{suffix}" if parent else f"{joined}.{suffix}"
 
 
-def _module_of(name: str) -> tuple[str, str]:
-    """`layers.0.self_attn.q_proj.weight` -> (`layers.0.self_attn`, `q_proj`)."""
-    module = name.rsplit(".", 1)[0]
-    parent, _, leaf = module.rpartition(".")
-    return parent, leaf
+def _parent_module(name: str) -> str:
+    """`layers.0.self_attn.q_proj.weight` -> `layers.0.self_attn`."""
+    return name.rsplit(".", 1)[0].rpartition(".")[0]
 
 
 def _packed(func: relax.Function) -> relax.Var | None:
@@ -182,8 +179,7 @@ def _groups(scan: _Scan, names: Sequence[str]) -> list[tuple[_Linear, ...]]:
     """Linears of one function that combine, in binding order, each group in binding order."""
     by_key: dict[tuple, list[_Linear]] = defaultdict(list)
     for linear in scan.linears:
-        parent, _ = _module_of(names[linear.fields[0]])
-        by_key[(linear.x, linear.kind, parent)].append(linear)
+        by_key[(linear.x, linear.kind, _parent_module(names[linear.fields[0]]))].append(linear)
     return [tuple(g) for g in by_key.values() if len(g) > 1]
 
 
@@ -245,8 +241,7 @@ class _Layout:
     def __init__(self, mod, scans, found, accepted, names, kernels):
         self.mod, self.kernels = mod, kernels
         sigs = sorted(accepted)
-        first_packed = _packed(mod[next(iter(scans))])
-        old_types = list(first_packed.ty.fields)
+        old_types = list(_packed(mod[next(iter(scans))]).ty.fields)
         # old field -> new field, for fields kept as they are
         self.keep: dict[int, int] = {}
         # group signature -> new fields of its combined stored tensors
@@ -262,7 +257,7 @@ class _Layout:
             if i in starts:
                 sig = starts[i]
                 group = any_group[sig]
-                types = self._combined_types(group, old_types)
+                types = self._combined_types(group)
                 self.new_fields[sig] = list(
                     range(len(self.new_types), len(self.new_types) + len(types))
                 )
@@ -279,7 +274,7 @@ class _Layout:
         self.found, self.scans = found, scans
         self.packed_ty = relax.TupleType(self.new_types)
 
-    def _combined_types(self, group, old_types) -> list[relax.Type]:
+    def _combined_types(self, group: tuple[_Linear, ...]) -> list[relax.Type]:
         rows = sum(linear.rows for linear in group)
         kind = group[0].kind
         if kind[0] == "matmul":
