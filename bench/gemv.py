@@ -1,8 +1,10 @@
 """The batch-1 decode GEMVs of a model shape, one kernel at a time: dlight's GEMV schedule against
 Kiln's (kiln.targets.gemv), and Kiln's CUDA GEMV externs (kiln.runtime.gemv: q4 on every matrix,
-with 16 and 32 rows a block, and the gate/up matrix as one SwiGLU kernel, int4 and fp16), each
-checked against NumPy and timed next to the memory roofline (the kernel's bytes / the measured
-copy bandwidth).
+its default and each of its variants, and the gate/up matrix as one SwiGLU kernel, int4 (default
+and variants) and fp16), each checked against NumPy and timed next to the memory roofline (the
+kernel's bytes / the measured copy bandwidth). The int4 externs are also timed in a CUDA graph,
+as an artifact runs them (a call from Python costs ~6 us, as long as the smaller kernels); the
+last table gives, per matrix, the variant gemv.cu's DefaultVariant picks and the fastest one.
 
     python bench/gemv.py build DIR [--shape llama2-7b] [--arch sm_90]   # here, with the compiler
     python bench/gemv.py run DIR [--json OUT]                           # on the GPU, runtime only
@@ -17,6 +19,7 @@ import json
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -167,42 +170,58 @@ def _random_weights(rng, preset: str, params: list) -> list[np.ndarray]:
     return stored
 
 
-def _measure(label, fn, args, stored, result, want, hot, nbytes, bandwidth, device) -> dict:
+def _measure(
+    label, fn, args, stored, result, want, hot, nbytes, bandwidth, device, copies=None, graph=None
+) -> dict:
     """Checks fn(*args, result) against `want`, times it with the weights out of L2, prints a
     line and returns its figures (`hot`: seconds per call with them in L2; `nbytes`: what the
-    kernel must read and write)."""
+    kernel must read and write; `copies`: _weight_copies's, made here if None; `graph`: a
+    function of the copies to time with -> (cold, hot) seconds a kernel in a CUDA graph)."""
     fn(*args, result)
     got = result.numpy().reshape(-1).astype(np.float32)
     error = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-6))
-    cold = _cold_seconds(fn, args, stored, result, device)
+    copies = copies or _weight_copies(args, stored, device)
+    cold = _cold_seconds(fn, copies, result, device)
     row = dict(hot_us=hot * 1e6, cold_us=cold * 1e6, gbps=nbytes / cold / 1e9,
                roofline=nbytes / bandwidth / cold, error=error)  # fmt: skip
-    print(f"{label:<24} cold {cold * 1e6:7.1f} us {row['gbps']:6.0f} GB/s "
-          f"{100 * row['roofline']:5.1f}% of roofline | hot {hot * 1e6:7.1f} us | "
-          f"max rel err {error:.1e}")  # fmt: skip
+    line = (f"{label:<30} cold {cold * 1e6:7.1f} us {row['gbps']:6.0f} GB/s "
+            f"{100 * row['roofline']:5.1f}% of roofline | hot {hot * 1e6:7.1f} us")  # fmt: skip
+    if graph is not None:
+        graph_cold, graph_hot = graph(copies)
+        row.update(graph_cold_us=graph_cold * 1e6, graph_hot_us=graph_hot * 1e6,
+                   graph_roofline=nbytes / bandwidth / graph_cold)  # fmt: skip
+        line += (
+            f" | graph: cold {graph_cold * 1e6:6.1f} us "
+            f"{100 * row['graph_roofline']:5.1f}%, hot {graph_hot * 1e6:6.1f} us"
+        )
+    print(f"{line} | max rel err {error:.1e}")
     return row
 
 
+# kiln.gemv.q4's variants (gemv.cu's kVariants): 16 weight rows a block per tile, p: prefetching
+VARIANTS = {1: "w16", 2: "w32", 3: "w16p", 4: "w32p"}
+
+
 def _run_externs(path: Path, shape: str, rng, bandwidth: float, device) -> list[dict]:
-    """Kiln's GEMV externs on the shape's matrices (x: one row): q4 (its default: 16 rows a
-    block) and q4_tiled(2) (32 rows a block) on each, and the gate/up matrix as SwiGLU (its
-    output, half the rows, is what the MLP's down projection reads), q4 and fp16."""
+    """Kiln's GEMV externs on the shape's matrices (x: one row): q4 on each, its default and
+    each variant (kiln.gemv.q4_tiled), and the gate/up matrix as SwiGLU (its output, half the
+    rows, is what the MLP's down projection reads): q4 (default and variants,
+    kiln.gemv.q4_swiglu_tiled) and fp16. q4 is also timed in a CUDA graph (as an artifact runs
+    it: no host time between kernels); the summary names the fastest variant per matrix there
+    and the one the default picks (gemv.cu's DefaultVariant)."""
     import tvm
     import tvm_ffi
 
     from kiln.runtime.gemv import F16_SWIGLU, Q4, Q4_SWIGLU, load_gemv
 
     load_gemv(path)
-    q4, tiled = tvm_ffi.get_global_func(Q4), tvm_ffi.get_global_func("kiln.gemv.q4_tiled")
-    q4_swiglu, f16_swiglu = map(tvm_ffi.get_global_func, (Q4_SWIGLU, F16_SWIGLU))
-    q4_32 = lambda *a: tiled(2, *a)  # noqa: E731
-    cases = []  # (label, preset, fn, rows, cols, SwiGLU)
-    for name, rows, cols in SHAPES[shape]:
-        cases += [(f"q4f16_{name}_ext16", "q4f16", q4, rows, cols, False),
-                  (f"q4f16_{name}_ext32", "q4f16", q4_32, rows, cols, False)]  # fmt: skip
-        if name == "gate_up":
-            cases += [("q4f16_gate_up_swiglu", "q4f16", q4_swiglu, rows, cols, True),
-                      ("q0f16_gate_up_swiglu", "q0f16", f16_swiglu, rows, cols, True)]  # fmt: skip
+    get = tvm_ffi.get_global_func
+    q4, q4_swiglu, f16_swiglu = get(Q4), get(Q4_SWIGLU), get(F16_SWIGLU)
+    tiled, swiglu_tiled = get("kiln.gemv.q4_tiled"), get("kiln.gemv.q4_swiglu_tiled")
+    default_variant, graph_time = (
+        get("kiln.gemv.q4_default_variant"),
+        get("kiln.gemv.q4_graph_time"),
+    )
     # Calls come from Python here (in an artifact, a CUDA graph replays them): a kernel timed near
     # the cost of a call on a tiny matrix is bound by the host, not by its own speed.
     tiny = [((1, 1, 32), "float16"), ((16, 4), "uint32"), ((16, 1), "float16")]
@@ -210,27 +229,76 @@ def _run_externs(path: Path, shape: str, rng, bandwidth: float, device) -> list[
     floor = _hot_seconds(q4, tiny, tvm.runtime.empty((1, 1, 16), "float16", device), device)
     print(
         f"Kiln's GEMV externs (kiln.runtime.gemv); a call of q4 on 16 x 32 takes "
-        f"{floor * 1e6:.1f} us from Python:"
+        f"{floor * 1e6:.1f} us from Python (the graph figures have no host time):"
     )
-    results = []
-    for label, preset, fn, rows, cols, swiglu in cases:
-        params = [[[rows, cols], "float16"]]
-        if preset == "q4f16":
-            params = [[[rows, cols // 8], "uint32"], [[rows, cols // 32], "float16"]]
-        x = rng.standard_normal(cols).astype(np.float16)
-        stored = _random_weights(rng, preset, params)
-        args = [tvm.runtime.tensor(a, device) for a in [x.reshape(1, 1, -1), *stored]]
-        result = tvm.runtime.empty((1, 1, rows // 2 if swiglu else rows), "float16", device)
-        want = reference(preset, x.astype(np.float32), stored, cols)
-        if swiglu:
-            gate, up = np.split(want, 2)
-            want = gate / (1 + np.exp(-gate)) * up
-        hot = _hot_seconds(fn, args, result, device)
-        nbytes = x.nbytes + sum(s.nbytes for s in stored) + int(np.prod(result.shape)) * 2
-        row = _measure(label, fn, args, stored, result, want, hot, nbytes, bandwidth, device)
-        results.append(dict(kernel=label, preset=preset, matmul=label.split("_", 1)[1],
-                            rows=rows, cols=cols, schedule="extern", **row))  # fmt: skip
+    results, summary = [], []
+    for name, rows, cols in SHAPES[shape]:
+        forms = [(False, q4, tiled)] + (
+            [(True, q4_swiglu, swiglu_tiled)] if name == "gate_up" else []
+        )
+        for swiglu, default, by_variant in forms:
+            form = f"{name}_swiglu" if swiglu else name
+            pick = int(default_variant(rows // 2 if swiglu else rows, cols, swiglu))
+            print(f"q4f16_{form} ({rows} x {cols}): the default runs {VARIANTS[pick]}")
+            case = _extern_case(rng, "q4f16", rows, cols, swiglu, device)
+            graph_us = {}
+            for variant in (0, *VARIANTS):
+                fn = default if variant == 0 else partial(by_variant, variant)
+
+                def graph(copies, variant=variant, swiglu=swiglu, case=case):
+                    x, result = case["args"][0], case["result"]
+                    qweights, scales = [c[1] for c in copies], [c[2] for c in copies]
+                    cold = graph_time(variant, swiglu, x, qweights, scales, result, 300)
+                    hot = graph_time(variant, swiglu, x, qweights[:1], scales[:1], result, 300)
+                    return cold * 1e-6, hot * 1e-6
+
+                label = f"q4f16_{form}_{'default' if variant == 0 else VARIANTS[variant]}"
+                row = _measure_extern(label, fn, case, bandwidth, device, graph)
+                graph_us[variant] = row["graph_cold_us"]
+                results.append(dict(row, variant=VARIANTS.get(variant, "default")))
+            best = min(VARIANTS, key=graph_us.get)
+            summary.append((f"q4f16_{form}", pick, best, graph_us))
+        if name == "gate_up":
+            case = _extern_case(rng, "q0f16", rows, cols, True, device)
+            results.append(
+                _measure_extern("q0f16_gate_up_swiglu", f16_swiglu, case, bandwidth, device)
+            )
+    print("In a CUDA graph, cold (us): the default's pick [*] and the fastest variant [+]")
+    for form, pick, best, graph_us in summary:
+        cells = [f"{VARIANTS[v]} {graph_us[v]:6.1f}{'*' if v == pick else ' '}"
+                 f"{'+' if v == best else ' '}" for v in VARIANTS]  # fmt: skip
+        print(f"  {form:<22} " + "  ".join(cells))
     return results
+
+
+def _extern_case(rng, preset: str, rows: int, cols: int, swiglu: bool, device) -> dict:
+    """Random x and weights of a (rows, cols) matrix on the device, their copies (to read them
+    from HBM), the result and its float32 reference."""
+    import tvm
+
+    params = [[[rows, cols], "float16"]]
+    if preset == "q4f16":
+        params = [[[rows, cols // 8], "uint32"], [[rows, cols // 32], "float16"]]
+    x = rng.standard_normal(cols).astype(np.float16)
+    stored = _random_weights(rng, preset, params)
+    args = [tvm.runtime.tensor(a, device) for a in [x.reshape(1, 1, -1), *stored]]
+    result = tvm.runtime.empty((1, 1, rows // 2 if swiglu else rows), "float16", device)
+    want = reference(preset, x.astype(np.float32), stored, cols)
+    if swiglu:
+        gate, up = np.split(want, 2)
+        want = gate / (1 + np.exp(-gate)) * up
+    nbytes = x.nbytes + sum(s.nbytes for s in stored) + int(np.prod(result.shape)) * 2
+    return dict(preset=preset, rows=rows, cols=cols, stored=stored, args=args, result=result,
+                want=want, nbytes=nbytes, copies=_weight_copies(args, stored, device))  # fmt: skip
+
+
+def _measure_extern(label, fn, case, bandwidth, device, graph=None) -> dict:
+    args, result = case["args"], case["result"]
+    hot = _hot_seconds(fn, args, result, device)
+    row = _measure(label, fn, args, case["stored"], result, case["want"], hot, case["nbytes"],
+                   bandwidth, device, case["copies"], graph)  # fmt: skip
+    return dict(kernel=label, preset=case["preset"], matmul=label.split("_", 1)[1],
+                rows=case["rows"], cols=case["cols"], schedule="extern", **row)  # fmt: skip
 
 
 def _hot_seconds(fn, args, result, device, number: int = 100, repeat: int = 5) -> float:
@@ -247,18 +315,22 @@ def _hot_seconds(fn, args, result, device, number: int = 100, repeat: int = 5) -
     return best
 
 
-def _cold_seconds(fn, args, stored, result, device, reps: int = 300) -> float:
-    """Seconds per call with the weights not in the GPU's L2 cache (as in a decode step, which
-    reads every layer's weights once): calls rotate over copies of the weights that together
-    exceed the cache. Launches are asynchronous, so for kernels longer than a launch this is
-    the kernel's time."""
+def _weight_copies(args, stored, device) -> list[list]:
+    """args, then copies of it with the weights (args[1:]) copied, that together exceed the
+    GPU's L2 cache: 256 MiB in all."""
     import tvm
 
     per_copy = sum(s.nbytes for s in stored)  # the weights (args[1:]), as on the host
-    copies = [args] + [
+    return [args] + [
         [args[0], *(tvm.runtime.tensor(s, device) for s in stored)]
         for _ in range(-(-(256 << 20) // per_copy) - 1)
     ]
+
+
+def _cold_seconds(fn, copies, result, device, reps: int = 300) -> float:
+    """Seconds per call with the weights not in the GPU's L2 cache (as in a decode step, which
+    reads every layer's weights once): calls rotate over `copies` (_weight_copies). Launches are
+    asynchronous, so for kernels longer than a launch from Python this is the kernel's time."""
     for c in copies:
         fn(*c, result)
     device.sync()

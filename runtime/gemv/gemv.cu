@@ -19,27 +19,30 @@
 // 2^-11 at most); nib - 8 itself is exact (the magic-number dequantize below). So nothing is
 // accumulated in fp16, and an activation that fp16 holds cannot overflow a partial sum.
 //
-// Layout of the work: a block is 8 warps and owns 16 output rows (q4 also 32: two tiles); its
-// warps split K and add their partial sums through shared memory at the end. Each warp treats
-// its rows as the MMA's A (16 rows x 16 k) and x as B (16 k x 8 columns, one per row m of x:
-// the m >= M columns are computed and dropped). The order of k inside an MMA is free as long as
-// A and B agree, so each lane takes whole 16-byte pieces of the weight rows: for q4, lane
-// (g = lane / 4, c = lane % 4) reads, for the rows g and g + 8 of the tile, group 4 s + c of
-// sub-step s (one uint4, 32 values: the quad's four lanes read 64 contiguous bytes of a row, two
-// full sectors), and the x values of the same k in the order the dequantize produces them.
-// Weights are streamed past L1 (ld.global.nc.L1::no_allocate); x (M K halves, which every block
-// reads) is cached in L1. A warp issues the loads of a super-step, four sub-steps (16 groups, 512
-// values of K), before it uses them: 4 KB of weights in flight per tile, 32 KB per block (64 KB
-// with two tiles); and the 512 x values of each row of x go to shared memory with them
-// (cp.async), waited for at their first use. (f16 SwiGLU loads four steps of 32 values, weights
-// and x, into registers: 8 KB a warp.) The warps of a block take super-steps in turn, so
-// together they read 2 KB of each row at once (for q4 at K = 4096, the whole row).
+// Layout of the work: a block is 8 warps and owns 16 or 32 weight rows (one or two tiles); its
+// warps split K and add their partial sums through shared memory at the end. Which, and whether
+// warps prefetch (below), is the variant (kVariants); DefaultVariant picks one per shape. Each warp
+// treats its rows as the MMA's A (16 rows x 16 k) and x as B (16 k x 8 columns, one per row m of x:
+// the m >= M columns are computed and dropped). The order of k inside an MMA is free as long as A
+// and B agree, so each lane takes whole 16-byte pieces of the weight rows: for q4, lane (g =
+// lane / 4, c = lane % 4) reads, for the rows g and g + 8 of the tile, group 4 s + c of sub-step s
+// (one uint4, 32 values: the quad's four lanes read 64 contiguous bytes of a row, two full
+// sectors), and the x values of the same k in the order the dequantize produces them. Weights are
+// streamed past L1 (ld.global.nc.L1::no_allocate); x (M K halves, which every block reads) is
+// cached in L1. A warp issues the loads of a super-step, four sub-steps (16 groups, 512 values of
+// K), before it uses them: 4 KB of weights in flight per tile, 32 KB per block (64 KB with two
+// tiles); and the 512 x values of each row of x go to shared memory with them (cp.async), waited
+// for at their first use. (f16 SwiGLU loads four steps of 32 values, weights and x, into registers:
+// 8 KB a warp.) The warps of a block take super-steps in turn, so together they read 2 KB of each
+// row at once (for q4 at K = 4096, the whole row). Prefetching variants issue a warp's next
+// super-step's weight loads before the MMAs of the current one.
 //
 // Runs on TVM's current stream for the device (TVMFFIEnvGetStream), as flash_prefill.cu does.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlpack/dlpack.h>
+#include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
@@ -47,6 +50,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
 namespace kiln {
 namespace gemv {
@@ -205,33 +209,39 @@ struct Scales {
 
 __device__ __forceinline__ float Silu(float a) { return a / (1.0f + __expf(-a)); }
 
-// Adds the warps' partial 16 x 8 tiles and writes the block's outputs. kSwiGLU: tile 0 holds
-// the gate rows, tile 1 the up rows of the same 16 outputs.
+// Outputs of a block: q4, 16 per tile; SwiGLU, 8 per tile: with two tiles, tile 0 holds the
+// gate rows and tile 1 the up rows of 16 outputs; with one, its rows 0..7 are the gate rows and
+// 8..15 the up rows of 8 outputs (so that SwiGLU streams 16 weight rows a block as q4 does).
+template <int kTiles, bool kSwiGLU>
+__host__ __device__ constexpr int OutputsPerBlock() {
+  return kSwiGLU ? kTiles * kRows / 2 : kTiles * kRows;
+}
+
+// Adds the warps' partial 16 x 8 tiles and writes the block's outputs (OutputsPerBlock). The
+// block's weight rows, tile by tile, are "flat" rows 0 .. 16 kTiles - 1: q4's output r is flat
+// row r; SwiGLU's output r has its gate at flat row r and its up at r + 8 kTiles.
 template <int kTiles, bool kSwiGLU>
 __device__ __forceinline__ void Finish(float (&acc)[kTiles][4], half* out, int first, int rows,
                                        int m_rows) {
-  __shared__ float partial[kWarps][kTiles][kRows][kMaxM];
+  __shared__ float partial[kWarps][kTiles * kRows][kMaxM];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
-    *reinterpret_cast<float2*>(&partial[warp][i][g][2 * c]) = make_float2(acc[i][0], acc[i][1]);
-    *reinterpret_cast<float2*>(&partial[warp][i][g + 8][2 * c]) =
+    *reinterpret_cast<float2*>(&partial[warp][i * kRows + g][2 * c]) =
+        make_float2(acc[i][0], acc[i][1]);
+    *reinterpret_cast<float2*>(&partial[warp][i * kRows + g + 8][2 * c]) =
         make_float2(acc[i][2], acc[i][3]);
   }
   __syncthreads();
-  constexpr int kOutRows = kSwiGLU ? kRows : kTiles * kRows;  // outputs of the block
+  constexpr int kOutRows = OutputsPerBlock<kTiles, kSwiGLU>();
   for (int e = threadIdx.x; e < kOutRows * kMaxM; e += kThreads) {
     const int r = e % kOutRows, m = e / kOutRows;
     if (m >= m_rows || first + r >= rows) continue;
     float sum[kSwiGLU ? 2 : 1] = {};
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      if constexpr (kSwiGLU) {
-        sum[0] += partial[w][0][r][m];
-        sum[1] += partial[w][1][r][m];
-      } else {
-        sum[0] += partial[w][r / kRows][r % kRows][m];
-      }
+      sum[0] += partial[w][r][m];
+      if constexpr (kSwiGLU) sum[1] += partial[w][r + 8 * kTiles][m];
     }
     float value = sum[0];
     if constexpr (kSwiGLU) value = Silu(sum[0]) * sum[1];
@@ -247,61 +257,83 @@ struct Args {
   int m_rows, k, rows;
 };
 
-// The weight row of tile i's row `r` (0..15) for the block's outputs from `first`: SwiGLU's
-// tile 1 is the up rows, `rows` below its gate rows. Rows past the end read the last one (their
-// results are dropped), so that no load needs a bounds check.
-template <bool kSwiGLU>
+// The weight row of tile i's row `r` (0..15) for the block's outputs from `first` (Finish says
+// which rows a block has). Rows past the end read the last one (their results are dropped), so
+// that no load needs a bounds check.
+template <int kTiles, bool kSwiGLU>
 __device__ __forceinline__ int64_t WeightRow(int first, int i, int r, int rows) {
-  if constexpr (kSwiGLU) return min(first + r, rows - 1) + static_cast<int64_t>(i) * rows;
+  if constexpr (kSwiGLU && kTiles == 2) {
+    return min(first + r, rows - 1) + static_cast<int64_t>(i) * rows;
+  } else if constexpr (kSwiGLU) {
+    return min(first + r % 8, rows - 1) + static_cast<int64_t>(r / 8) * rows;
+  }
   return min(first + i * kRows + r, rows - 1);
 }
 
 // ---------------------------------------------------------------------------------------------
-// q4 (and q4 SwiGLU): kTiles tiles of 16 rows per block.
+// q4 (and q4 SwiGLU): kTiles tiles of 16 rows per block. A warp's super-step t is the groups
+// 16 t .. 16 t + 15 of its rows (lane c: 16 t + 4 u + c in sub-step u); its x values 512 t ..
+// 512 t + 511 of each row go to the warp's `xs` (rows kXStride apart). kFull: all of them are
+// in K; else a group past K reads the last one again, with scale 0 and x 0.
 
-// One super-step t of a warp: the groups 16 t .. 16 t + 15 of its rows (lane c: 16 t + 4 u + c
-// in sub-step u); `w` points at the lane's group 16 t + c of its rows. x's values 512 t ..
-// 512 t + 511 of each row go to the warp's `xs` (rows kXStride apart) while the weights load.
-// kFull: all of them are in K; else (the last super-step) a group past K reads the last one
-// again, with scale 0 and x 0.
-template <int kTiles, int kChains, bool kVectorScales, bool kFull>
-__device__ __forceinline__ void Q4SuperStep(float (&acc)[kTiles][kChains][4],
-                                            const uint4* const (&w)[kTiles][2],
-                                            const half* const (&srow)[kTiles][2],
-                                            const half* x, half* xs, int t, const Args& a,
-                                            int lane) {
-  const int groups = a.k / 32, g = lane / 4, c = lane % 4;
+// A super-step's weights and scales, in a warp's registers.
+template <int kTiles, bool kVectorScales>
+struct Q4Step {
+  uint4 q[kSubSteps][kTiles][2];
+  Scales<kVectorScales> scales[kTiles][2];
+};
+
+// x's values of super-step t -> xs (cp.async, one commit group).
+template <bool kFull>
+__device__ __forceinline__ void Q4CopyX(half* xs, const half* x, int t, const Args& a,
+                                        int lane) {
   for (int i = lane; i < a.m_rows * 64; i += 32) {  // 64 pieces of 16 bytes a row
     const int m = i / 64, k = 512 * t + 8 * (i % 64);
     CopyAsync16(xs + m * kXStride + 8 * (i % 64), x + static_cast<int64_t>(m) * a.k + k,
                 kFull || k < a.k);
   }
   CommitAsync();
-  int offset[kSubSteps];  // groups from 16 t + c
+}
+
+// Issues the loads of super-step t's weights and scales; `w` points at the lane's group c of
+// its rows (one uint4 a group).
+template <int kTiles, bool kVectorScales, bool kFull>
+__device__ __forceinline__ void Q4Load(Q4Step<kTiles, kVectorScales>& s,
+                                       const uint4* const (&w)[kTiles][2],
+                                       const half* const (&srow)[kTiles][2], int t, int groups,
+                                       int c) {
+  int offset[kSubSteps];  // groups from the lane's group c
 #pragma unroll
   for (int u = 0; u < kSubSteps; ++u) {
-    offset[u] = kFull ? 4 * u : min(4 * u, groups - 1 - (16 * t + c));
+    offset[u] = 16 * t + (kFull ? 4 * u : min(4 * u, groups - 1 - (16 * t + c)));
   }
-  uint4 q[kSubSteps][kTiles][2];
 #pragma unroll
   for (int u = 0; u < kSubSteps; ++u) {
 #pragma unroll
     for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) q[u][i][h] = LoadStreaming(w[i][h] + offset[u]);
+      for (int h = 0; h < 2; ++h) s.q[u][i][h] = LoadStreaming(w[i][h] + offset[u]);
     }
   }
-  Scales<kVectorScales> scales[kTiles][2];
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) scales[i][h].Load(srow[i][h], t, groups, c);
+    for (int h = 0; h < 2; ++h) s.scales[i][h].Load(srow[i][h], t, groups, c);
   }
+}
+
+// The MMAs of a super-step whose loads Q4Load and Q4CopyX issued; waits for x (every cp.async
+// group of the warp) at its first use.
+template <int kTiles, int kChains, bool kVectorScales>
+__device__ __forceinline__ void Q4Compute(float (&acc)[kTiles][kChains][4],
+                                          const Q4Step<kTiles, kVectorScales>& s,
+                                          const half* xs, const Args& a, int lane) {
+  const int g = lane / 4, c = lane % 4;
   uint32_t s2[kTiles][2][kSubSteps];
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) scales[i][h].Pair(c, s2[i][h]);
+    for (int h = 0; h < 2; ++h) s.scales[i][h].Pair(c, s2[i][h]);
   }
   const half* xg = xs + min(g, a.m_rows - 1) * kXStride + 32 * c;  // lane's row of x, group c
 #pragma unroll
@@ -311,8 +343,8 @@ __device__ __forceinline__ void Q4SuperStep(float (&acc)[kTiles][kChains][4],
       uint32_t wl[kTiles][4], wh[kTiles][4];  // rows g and g + 8
 #pragma unroll
       for (int i = 0; i < kTiles; ++i) {
-        Dequantize(reinterpret_cast<const uint32_t*>(&q[u][i][0])[word], s2[i][0][u], wl[i]);
-        Dequantize(reinterpret_cast<const uint32_t*>(&q[u][i][1])[word], s2[i][1][u], wh[i]);
+        Dequantize(reinterpret_cast<const uint32_t*>(&s.q[u][i][0])[word], s2[i][0][u], wl[i]);
+        Dequantize(reinterpret_cast<const uint32_t*>(&s.q[u][i][1])[word], s2[i][1][u], wh[i]);
       }
       if (u == 0 && word == 0) {  // x, loading since the start: waited for as late as can be
         WaitAsync();
@@ -331,39 +363,68 @@ __device__ __forceinline__ void Q4SuperStep(float (&acc)[kTiles][kChains][4],
   __syncwarp();  // every lane has read xs before the next super-step writes it
 }
 
+// Blocks per SM the launch bounds ask for (registers: 80, 128 or 255 a thread). A prefetching
+// warp holds two super-steps' weights in registers.
+constexpr int Q4MinBlocks(int tiles, bool prefetch) {
+  return prefetch ? (tiles == 1 ? 2 : 1) : (tiles == 1 ? 3 : 2);
+}
+
+// kPrefetch: a warp issues the loads of its next super-step (t + kWarps) before the MMAs of
+// this one, so that its weights stream while it computes (two super-steps in flight: 8 KB a
+// tile); x's next values go to xs after the MMAs (from L2, while the weights are on their way).
+// Without it, a warp loads a super-step and then computes it.
 // Dynamic shared memory: kXBytesPerRow a row of x.
-template <int kTiles, bool kSwiGLU, bool kVectorScales>
-__global__ void __launch_bounds__(kThreads, kTiles == 1 ? 3 : 2) Q4Gemv(Args a) {
+template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
+__global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Gemv(Args a) {
   constexpr int kChains = kTiles == 1 ? 2 : 1;  // independent MMA sums per tile
   extern __shared__ uint4 dynamic_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   half* xs = reinterpret_cast<half*>(dynamic_smem) + warp * a.m_rows * kXStride;
   const int groups = a.k / 32;
-  const int first = blockIdx.x * (kSwiGLU ? kRows : kTiles * kRows);
-  const uint4* w[kTiles][2];  // rows g and g + 8 of each tile (one uint4 a group), at 16 t + c
+  const int first = blockIdx.x * OutputsPerBlock<kTiles, kSwiGLU>();
+  const uint4* w[kTiles][2];  // rows g and g + 8 of each tile (one uint4 a group), at group c
   const half* srow[kTiles][2];
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t row = WeightRow<kSwiGLU>(first, i, g + 8 * h, a.rows);
-      w[i][h] = static_cast<const uint4*>(a.w) + row * groups + 16 * warp + c;
+      const int64_t row = WeightRow<kTiles, kSwiGLU>(first, i, g + 8 * h, a.rows);
+      w[i][h] = static_cast<const uint4*>(a.w) + row * groups + c;
       srow[i][h] = a.scale + row * groups;
     }
   }
   float acc[kTiles][kChains][4] = {};
   const int full = groups / 16;  // super-steps wholly in K
-  int t = warp;
-  for (; t < full; t += kWarps) {
-    Q4SuperStep<kTiles, kChains, kVectorScales, true>(acc, w, srow, a.x, xs, t, a, lane);
-#pragma unroll
-    for (int i = 0; i < kTiles; ++i) {
-      w[i][0] += 16 * kWarps;
-      w[i][1] += 16 * kWarps;
+  using Step = Q4Step<kTiles, kVectorScales>;
+  if constexpr (kPrefetch) {
+    const int steps = (groups + 15) / 16;  // the last one maybe partial: all of them clamped
+    Step current;
+    if (warp < steps) {
+      Q4CopyX<false>(xs, a.x, warp, a, lane);
+      Q4Load<kTiles, kVectorScales, false>(current, w, srow, warp, groups, c);
     }
-  }
-  if (t == full && 16 * full < groups) {
-    Q4SuperStep<kTiles, kChains, kVectorScales, false>(acc, w, srow, a.x, xs, t, a, lane);
+    for (int t = warp; t < steps; t += kWarps) {
+      const int next_t = t + kWarps;
+      Step next;
+      if (next_t < steps) Q4Load<kTiles, kVectorScales, false>(next, w, srow, next_t, groups, c);
+      Q4Compute<kTiles, kChains, kVectorScales>(acc, current, xs, a, lane);
+      if (next_t < steps) Q4CopyX<false>(xs, a.x, next_t, a, lane);
+      current = next;
+    }
+  } else {
+    int t = warp;
+    for (; t < full; t += kWarps) {
+      Step s;
+      Q4CopyX<true>(xs, a.x, t, a, lane);
+      Q4Load<kTiles, kVectorScales, true>(s, w, srow, t, groups, c);
+      Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
+    }
+    if (t == full && 16 * full < groups) {
+      Step s;
+      Q4CopyX<false>(xs, a.x, t, a, lane);
+      Q4Load<kTiles, kVectorScales, false>(s, w, srow, t, groups, c);
+      Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
+    }
   }
   float sums[kTiles][4];
 #pragma unroll
@@ -390,8 +451,8 @@ __global__ void __launch_bounds__(kThreads, 2) F16SwiGLU(Args a) {
   for (int i = 0; i < 2; ++i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      wrow[i][h] = static_cast<const half*>(a.w) + WeightRow<true>(first, i, g + 8 * h, a.rows) *
-                                                       a.k;
+      wrow[i][h] = static_cast<const half*>(a.w) +
+                   WeightRow<2, true>(first, i, g + 8 * h, a.rows) * a.k;
     }
   }
   const half* xrow = a.x + static_cast<int64_t>(min(g, a.m_rows - 1)) * a.k;
@@ -515,9 +576,9 @@ cudaStream_t Prepare(const char* name, int device) {
   return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
 }
 
-template <int kTiles, bool kSwiGLU, bool kVectorScales>
+template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 void LaunchQ4(const char* name, const Args& a, int device, cudaStream_t stream) {
-  auto kernel = Q4Gemv<kTiles, kSwiGLU, kVectorScales>;
+  auto kernel = Q4Gemv<kTiles, kSwiGLU, kVectorScales, kPrefetch>;
   const size_t smem = size_t{kXBytesPerRow} * a.m_rows;
   if (smem > 32 * 1024) {  // with the static 4-8 KiB, past 48 KiB: opt in, once per device
     static std::atomic<uint64_t> opted_in{0};
@@ -529,28 +590,74 @@ void LaunchQ4(const char* name, const Args& a, int device, cudaStream_t stream) 
       opted_in.fetch_or(bit);
     }
   }
-  const int per_block = kSwiGLU ? kRows : kTiles * kRows;
+  constexpr int per_block = OutputsPerBlock<kTiles, kSwiGLU>();
   const unsigned blocks = static_cast<unsigned>((a.rows + per_block - 1) / per_block);
   kernel<<<blocks, kThreads, smem, stream>>>(a);
   CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
-template <int kTiles, bool kSwiGLU>
+template <int kTiles, bool kSwiGLU, bool kPrefetch>
 void LaunchQ4(const char* name, const Args& a, bool vector_scales, int device,
               cudaStream_t stream) {
-  vector_scales ? LaunchQ4<kTiles, kSwiGLU, true>(name, a, device, stream)
-                : LaunchQ4<kTiles, kSwiGLU, false>(name, a, device, stream);
+  vector_scales ? LaunchQ4<kTiles, kSwiGLU, true, kPrefetch>(name, a, device, stream)
+                : LaunchQ4<kTiles, kSwiGLU, false, kPrefetch>(name, a, device, stream);
+}
+
+// The q4 kernels' variants, numbered as the bench-only hooks (kiln.gemv.q4_tiled,
+// q4_swiglu_tiled, q4_graph_time) take them: 16 tiles weight rows a block, tiles = 1 or 2, and
+// +2 where the warps prefetch (Q4Gemv's kPrefetch).
+//   1: 16 rows a block: q4, 16 outputs; SwiGLU, 8 (gate and up rows in one tile)
+//   2: 32 rows a block: q4, 32 outputs; SwiGLU, 16 (a gate tile and an up tile)
+//   3, 4: 1 and 2, prefetching
+// Variant 0 is the default, DefaultVariant's.
+constexpr int kVariants = 4;
+
+// The variant kiln.gemv.q4 and q4_swiglu run for `rows` outputs (N; I for SwiGLU) of K = `k`:
+// the one rule to change from bench/gemv.py's numbers (it prints what this picks per shape).
+// Now: 16 weight rows a block (three blocks an SM; with 32, SwiGLU's 7B gate/up ran at 71% of
+// the copy bandwidth, against 79% for q4 with 16), prefetching where each warp has two
+// super-steps or more to overlap (K >= 8192: 7B's down, K = 11008).
+int DefaultVariant(int64_t rows, int64_t k, bool swiglu) {
+  (void)rows, (void)swiglu;
+  const bool prefetch = k >= 2 * 512 * kWarps;
+  return prefetch ? 3 : 1;
+}
+
+void LaunchVariant(const char* name, int64_t variant, bool swiglu, const Args& a,
+                   bool vector_scales, int device, cudaStream_t stream) {
+  if (variant == 0) variant = DefaultVariant(a.rows, a.k, swiglu);
+  switch (variant + (swiglu ? kVariants : 0)) {
+    case 1: return LaunchQ4<1, false, false>(name, a, vector_scales, device, stream);
+    case 2: return LaunchQ4<2, false, false>(name, a, vector_scales, device, stream);
+    case 3: return LaunchQ4<1, false, true>(name, a, vector_scales, device, stream);
+    case 4: return LaunchQ4<2, false, true>(name, a, vector_scales, device, stream);
+    case kVariants + 1: return LaunchQ4<1, true, false>(name, a, vector_scales, device, stream);
+    case kVariants + 2: return LaunchQ4<2, true, false>(name, a, vector_scales, device, stream);
+    case kVariants + 3: return LaunchQ4<1, true, true>(name, a, vector_scales, device, stream);
+    case kVariants + 4: return LaunchQ4<2, true, true>(name, a, vector_scales, device, stream);
+  }
+  TVM_FFI_THROW(ValueError) << name << ": variant " << variant << " is not 1 to " << kVariants;
 }
 
 constexpr const char* kQ4 = "kiln.gemv.q4";
 constexpr const char* kQ4Tiled = "kiln.gemv.q4_tiled";
 constexpr const char* kQ4SwiGLU = "kiln.gemv.q4_swiglu";
+constexpr const char* kQ4SwiGLUTiled = "kiln.gemv.q4_swiglu_tiled";
+constexpr const char* kQ4DefaultVariant = "kiln.gemv.q4_default_variant";
+constexpr const char* kQ4GraphTime = "kiln.gemv.q4_graph_time";
 constexpr const char* kF16SwiGLU = "kiln.gemv.f16_swiglu";
 
-void RunQ4(const char* name, int64_t tiles, bool swiglu, const Tensor& x, const Tensor& qweight,
-           const Tensor& scale, const Tensor& out) {
-  TVM_FFI_CHECK(tiles == 0 || tiles == 1 || tiles == 2, ValueError)
-      << name << ": tiles must be 0 (the default), 1 or 2, not " << tiles;
+// A checked q4 call: its arguments, x's device, whether scales load 8 at a time.
+struct Q4Call {
+  Args a;
+  int device;
+  bool vector_scales;
+};
+
+Q4Call CheckQ4(const char* name, int64_t variant, bool swiglu, const Tensor& x,
+               const Tensor& qweight, const Tensor& scale, const Tensor& out) {
+  TVM_FFI_CHECK(variant >= 0 && variant <= kVariants, ValueError)
+      << name << ": the variant must be 0 (the default) to " << kVariants << ", not " << variant;
   const int64_t k = CheckK(name, x);
   CheckDtype(name, qweight, "qweight", kDLUInt, 32, "uint32");
   CheckDtype(name, scale, "scale", kDLFloat, 16, "float16");
@@ -562,34 +669,92 @@ void RunQ4(const char* name, int64_t tiles, bool swiglu, const Tensor& x, const 
       << name << ": for x's K = " << k << ", qweight must be (N, " << k / 8 << ") and scale (N, "
       << k / 32 << "); they are (" << qweight.size(0) << ", " << qweight.size(1) << ") and ("
       << scale.size(0) << ", " << scale.size(1) << ")";
-  Args a = CheckActivations(name, x, out, swiglu ? SwiGLURows(name, n) : n);
-  const int device = PlaceActivations(name, x, out, &a);
-  CheckPlacement(name, qweight, "qweight", device, true);
-  CheckPlacement(name, scale, "scale", device, false);
-  a.w = DataOf(qweight);
-  a.scale = reinterpret_cast<const half*>(DataOf(scale));
+  Q4Call call{};
+  call.a = CheckActivations(name, x, out, swiglu ? SwiGLURows(name, n) : n);
+  call.device = PlaceActivations(name, x, out, &call.a);
+  CheckPlacement(name, qweight, "qweight", call.device, true);
+  CheckPlacement(name, scale, "scale", call.device, false);
+  call.a.w = DataOf(qweight);
+  call.a.scale = reinterpret_cast<const half*>(DataOf(scale));
   // One 16-byte load of 8 scales needs rows of a multiple of 8 groups, aligned.
-  const bool vector_scales = (k / 32) % 8 == 0 && Aligned16(scale);
-  cudaStream_t stream = Prepare(name, device);
-  if (swiglu) {
-    LaunchQ4<2, true>(name, a, vector_scales, device, stream);
-  } else if (tiles == 2) {
-    LaunchQ4<2, false>(name, a, vector_scales, device, stream);
-  } else {
-    LaunchQ4<1, false>(name, a, vector_scales, device, stream);
-  }
+  call.vector_scales = (k / 32) % 8 == 0 && Aligned16(scale);
+  return call;
+}
+
+void RunQ4(const char* name, int64_t variant, bool swiglu, const Tensor& x, const Tensor& qweight,
+           const Tensor& scale, const Tensor& out) {
+  const Q4Call call = CheckQ4(name, variant, swiglu, x, qweight, scale, out);
+  cudaStream_t stream = Prepare(name, call.device);
+  LaunchVariant(name, variant, swiglu, call.a, call.vector_scales, call.device, stream);
 }
 
 void Q4(Tensor x, Tensor qweight, Tensor scale, Tensor out) {
   RunQ4(kQ4, 0, false, x, qweight, scale, out);
 }
 
-void Q4Tiled(int64_t tiles, Tensor x, Tensor qweight, Tensor scale, Tensor out) {
-  RunQ4(kQ4Tiled, tiles, false, x, qweight, scale, out);
+void Q4Tiled(int64_t variant, Tensor x, Tensor qweight, Tensor scale, Tensor out) {
+  RunQ4(kQ4Tiled, variant, false, x, qweight, scale, out);
 }
 
 void Q4SwiGLU(Tensor x, Tensor qweight, Tensor scale, Tensor out) {
   RunQ4(kQ4SwiGLU, 0, true, x, qweight, scale, out);
+}
+
+void Q4SwiGLUTiled(int64_t variant, Tensor x, Tensor qweight, Tensor scale, Tensor out) {
+  RunQ4(kQ4SwiGLUTiled, variant, true, x, qweight, scale, out);
+}
+
+int64_t Q4DefaultVariant(int64_t rows, int64_t k, bool swiglu) {
+  return DefaultVariant(rows, k, swiglu);
+}
+
+// For benchmarks: microseconds per kernel of a q4 variant (0: the default) as an artifact runs
+// it, in a CUDA graph (no host time between kernels): `reps` launches, the i-th on the weight
+// copy i % copies (qweights[i], scales[i]: to read them from HBM, give copies that together
+// exceed the L2 cache; one copy: from L2). Runs the graph once, then times a second run with
+// events, on a stream of its own.
+double Q4GraphTime(int64_t variant, bool swiglu, Tensor x, tvm::ffi::Array<Tensor> qweights,
+                   tvm::ffi::Array<Tensor> scales, Tensor out, int64_t reps) {
+  const char* name = kQ4GraphTime;
+  TVM_FFI_CHECK(qweights.size() >= 1 && qweights.size() == scales.size(), ValueError)
+      << name << ": give as many scales as qweights (at least one)";
+  TVM_FFI_CHECK(reps >= 1 && reps <= 100000, ValueError) << name << ": reps " << reps;
+  std::vector<Q4Call> calls;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    calls.push_back(CheckQ4(name, variant, swiglu, x, qweights[i], scales[i], out));
+  }
+  const int device = calls[0].device;
+  Prepare(name, device);
+  cudaStream_t stream = nullptr;
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  float ms = 0;
+  auto launch = [&](int64_t i) {
+    const Q4Call& call = calls[i % calls.size()];
+    LaunchVariant(name, variant, swiglu, call.a, call.vector_scales, device, stream);
+  };
+  CheckCuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), name, "a stream");
+  for (size_t i = 0; i < calls.size(); ++i) launch(i);  // before capturing: attributes set
+  CheckCuda(cudaStreamSynchronize(stream), name, "the warm-up");
+  CheckCuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), name, "capture");
+  for (int64_t i = 0; i < reps; ++i) launch(i);
+  CheckCuda(cudaStreamEndCapture(stream, &graph), name, "capture");
+  CheckCuda(cudaGraphInstantiate(&exec, graph, 0), name, "cudaGraphInstantiate");
+  CheckCuda(cudaEventCreate(&start), name, "an event");
+  CheckCuda(cudaEventCreate(&stop), name, "an event");
+  CheckCuda(cudaGraphLaunch(exec, stream), name, "the graph");
+  CheckCuda(cudaEventRecord(start, stream), name, "an event");
+  CheckCuda(cudaGraphLaunch(exec, stream), name, "the graph");
+  CheckCuda(cudaEventRecord(stop, stream), name, "an event");
+  CheckCuda(cudaEventSynchronize(stop), name, "the graph");
+  CheckCuda(cudaEventElapsedTime(&ms, start, stop), name, "the timing");
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  return 1e3 * ms / reps;
 }
 
 void F16SwiGLUEntry(Tensor x, Tensor w, Tensor out) {
@@ -613,8 +778,12 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4, Q4)
       .def(kQ4SwiGLU, Q4SwiGLU)
       .def(kF16SwiGLU, F16SwiGLUEntry)
-      // q4 with the rows per block fixed (1 or 2 tiles of 16; 0: the default): for benchmarks
-      .def(kQ4Tiled, Q4Tiled);
+      // For benchmarks and tests: q4 and q4 SwiGLU with the variant fixed (0: the default; see
+      // kVariants), the default's choice, and a variant's time in a CUDA graph
+      .def(kQ4Tiled, Q4Tiled)
+      .def(kQ4SwiGLUTiled, Q4SwiGLUTiled)
+      .def(kQ4DefaultVariant, Q4DefaultVariant)
+      .def(kQ4GraphTime, Q4GraphTime);
 }
 
 }  // namespace gemv

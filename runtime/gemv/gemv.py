@@ -12,7 +12,9 @@ multiply on the tensor cores (fp32 sums). Three destination-passing functions, `
 - `kiln.gemv.f16_swiglu(x, w, out)`: the same with a float16 weight w (2 I, K).
 
 K must be a multiple of 32; gemv.cu says how the kernels work and what they round.
-(`kiln.gemv.q4_tiled(tiles, ...)`, q4 with 16 or 32 rows per block, is for benchmarks.)
+(For benchmarks: `kiln.gemv.q4_tiled(variant, ...)` and `q4_swiglu_tiled(variant, ...)` run
+one of the kernels' variants, `q4_default_variant(rows, K, swiglu)` names the default's, and
+`q4_graph_time(...)` times one in a CUDA graph; gemv.cu's kVariants lists them.)
 
 The library is device code, so it is built with nvcc, as Kiln's prefill attention is
 (kiln.runtime.attention; kiln.runtime.native finds nvcc and builds both alike), for the

@@ -1,9 +1,11 @@
 """Kiln's decode GEMV kernels (`kiln.gemv.q4`, `q4_swiglu`, `f16_swiglu`) on a real GPU, against
 float64 NumPy references of the weights they read: q4 with 1 and 4 rows of x on the Llama-2-7B
-shapes (12288 x 4096, 4096 x 11008) and an odd one (100 x 96), with 16 and 32 rows a block;
-the SwiGLU forms at I = 11008, K = 4096 and at small odd I (K with and without a partial last
-super-step, scales read one by one or eight at a time); 8 rows of x; arguments they refuse; and
-TVM's current stream.
+shapes (12288 x 4096, 4096 x 11008) and an odd one (100 x 96); the SwiGLU forms at I = 11008,
+K = 4096 and at small odd I (K with and without a partial last super-step, scales read one by
+one or eight at a time, warps with one to three super-steps); each int4 form's default and every
+variant (kiln.gemv.q4_tiled, q4_swiglu_tiled: 16 or 32 weight rows a block, with and without
+prefetching), and in a CUDA graph (kiln.gemv.q4_graph_time); 8 rows of x; arguments they refuse;
+and TVM's current stream.
 
 Random data as a decode step sees it: x ~ N(0, 1), q4 scales ~ U(0.001, 0.02), nibbles uniform,
 f16 weights ~ N(0, 1 / K) (so that the gate's silu is not saturated).
@@ -35,6 +37,7 @@ from kiln.runtime.gemv import ARTIFACT_FILE, F16_SWIGLU, Q4, Q4_SWIGLU, load_gem
 pytestmark = pytest.mark.gpu
 
 TOL = 2e-3  # see the module docstring
+VARIANTS = (1, 2, 3, 4)  # gemv.cu's kVariants: 16 or 32 weight rows a block, +2: prefetching
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +96,9 @@ def test_q4_equals_float64(dev, lead, n, k):
     want = x.astype(np.float64) @ dequantize(qweight, scale).T
     assert error(run(dev, tvm_ffi.get_global_func(Q4), x, [qweight, scale], n), want) <= TOL
     tiled = tvm_ffi.get_global_func("kiln.gemv.q4_tiled")
-    for tiles in (1, 2):  # 16 and 32 rows a block
-        got = run(dev, tiled, x, [qweight, scale], n, lead=(tiles,))
-        assert error(got, want) <= TOL, tiles
+    for variant in VARIANTS:
+        got = run(dev, tiled, x, [qweight, scale], n, lead=(variant,))
+        assert error(got, want) <= TOL, variant
 
 
 # (x's leading dimensions, I, K): I = 11008 (Llama-2-7B's MLP), odd I; K of 3, 25 and 136 groups
@@ -108,6 +111,7 @@ SWIGLU_CASES = [
     ((4,), 21, 4352),
     ((8,), 5, 4096),
     ((2, 4), 33, 1120),
+    ((2,), 45, 9472),  # 296 groups: warps 0-2 take three super-steps, the last one partial
 ]
 
 
@@ -119,6 +123,10 @@ def test_q4_swiglu_equals_float64(dev, lead, inter, k):
     want = swiglu(x.astype(np.float64) @ dequantize(qweight, scale).T)
     got = run(dev, tvm_ffi.get_global_func(Q4_SWIGLU), x, [qweight, scale], inter)
     assert error(got, want) <= TOL
+    tiled = tvm_ffi.get_global_func("kiln.gemv.q4_swiglu_tiled")
+    for variant in VARIANTS:  # 8 or 16 outputs a block, with and without prefetching
+        got = run(dev, tiled, x, [qweight, scale], inter, lead=(variant,))
+        assert error(got, want) <= TOL, variant
 
 
 @pytest.mark.parametrize("lead,inter,k", SWIGLU_CASES)
@@ -137,6 +145,35 @@ def test_q4_with_8_rows_and_an_odd_n(dev):
     qweight, scale = q4_weight(rng, 333, 512)
     want = x.astype(np.float64) @ dequantize(qweight, scale).T
     assert error(run(dev, tvm_ffi.get_global_func(Q4), x, [qweight, scale], 333), want) <= TOL
+
+
+def test_default_variant_is_one_of_them(dev):
+    pick = tvm_ffi.get_global_func("kiln.gemv.q4_default_variant")
+    for rows, k, swiglu in [(4096, 4096, False), (4096, 11008, False), (11008, 4096, True)]:
+        assert pick(rows, k, swiglu) in VARIANTS
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_graph_time_runs_the_kernels(dev, gated):
+    """kiln.gemv.q4_graph_time (bench/gemv.py), q4 and (gated) q4 SwiGLU: a CUDA graph of the
+    kernel over weight copies returns a time, and its last launch (copy (reps - 1) % copies)
+    leaves that copy's result."""
+    graph_time = tvm_ffi.get_global_func("kiln.gemv.q4_graph_time")
+    rng = np.random.default_rng(11)
+    n, k = 512, 4096
+    x = rng.standard_normal((1, k)).astype(np.float16)
+    weights = [q4_weight(rng, n, k) for _ in range(3)]
+    qweight, scale = weights[(5 - 1) % 3]
+    want = x.astype(np.float64) @ dequantize(qweight, scale).T
+    if gated:
+        want = swiglu(want)
+    for variant in (0, *VARIANTS):
+        out = tvm.runtime.empty((1, n // 2 if gated else n), "float16", dev)
+        on = [[tvm.runtime.tensor(a, dev) for a in w] for w in weights]
+        us = graph_time(variant, gated, tvm.runtime.tensor(x, dev), [q for q, _ in on],
+                        [s for _, s in on], out, 5)  # fmt: skip
+        assert 0 < us < 1e4
+        assert error(out, want) <= TOL, variant
 
 
 def test_refuses_wrong_arguments(dev):
@@ -163,6 +200,9 @@ def test_refuses_wrong_arguments(dev):
         f16(on_gpu((1, 64)), on_gpu((64, 32)), on_gpu((1, 32)))
     with pytest.raises(ValueError, match="x must be on cuda:0"):
         q4(tvm.runtime.tensor(np.zeros((1, 64), "float16")), w, s, out)
+    tiled = tvm_ffi.get_global_func("kiln.gemv.q4_tiled")
+    with pytest.raises(ValueError, match=r"the variant must be 0 \(the default\) to 4, not 5"):
+        tiled(5, on_gpu((1, 64)), w, s, out)
 
 
 def test_runs_on_tvms_current_stream(dev):

@@ -76,6 +76,10 @@ load_gemv(archs=["sm_90"])  # once is enough; again is a no-op
 q4 = tvm_ffi.get_global_func("kiln.gemv.q4")
 q4_swiglu = tvm_ffi.get_global_func("kiln.gemv.q4_swiglu")
 f16_swiglu = tvm_ffi.get_global_func("kiln.gemv.f16_swiglu")
+tiled = tvm_ffi.get_global_func("kiln.gemv.q4_tiled")
+swiglu_tiled = tvm_ffi.get_global_func("kiln.gemv.q4_swiglu_tiled")
+graph_time = tvm_ffi.get_global_func("kiln.gemv.q4_graph_time")
+pick = tvm_ffi.get_global_func("kiln.gemv.q4_default_variant")
 host = lambda shape, dtype="float16": tvm_ffi.from_dlpack(np.zeros(shape, dtype))
 w, s = host((10, 8), "uint32"), host((10, 2))
 calls = {
@@ -91,6 +95,11 @@ calls = {
     "swiglu out": lambda: q4_swiglu(host((1, 64)), w, s, host((1, 10))),
     "f16 w": lambda: f16_swiglu(host((1, 64)), host((10, 32)), host((1, 5))),
     "f16 on the host": lambda: f16_swiglu(host((2, 64)), host((10, 64)), host((2, 5))),
+    "variant 5": lambda: tiled(5, host((1, 64)), w, s, host((1, 10))),
+    "variant on the host": lambda: swiglu_tiled(3, host((1, 64)), w, s, host((1, 5))),
+    "graph on the host": lambda: graph_time(0, False, host((1, 64)), [w, w], [s, s],
+                                            host((1, 10)), 3),
+    "graph copies": lambda: graph_time(1, False, host((1, 64)), [w, w], [s], host((1, 10)), 3),
 }
 errors = {}
 for name, call in calls.items():
@@ -101,6 +110,8 @@ for name, call in calls.items():
 print(json.dumps({
     "names": sorted(n for n in tvm_ffi.registry.list_global_func_names() if n.startswith("kiln.")),
     "errors": errors,
+    "picks": [pick(n, k, g) for n in (1, 4096, 32000) for k in (32, 4096, 11008, 14336)
+              for g in (False, True)],
     "relax": sorted(k for k in sys.modules if k.startswith(("tvm.relax", "kiln.compiler"))),
     "compiler_lib": "libtvm_compiler" in open("/proc/self/maps").read(),
 }))
@@ -119,6 +130,10 @@ ERRORS = {
     "swiglu out": ("ValueError", "q4_swiglu: out must be shaped as x with its last dimension 5"),
     "f16 w": ("ValueError", "f16_swiglu: w must be (2 I, K) with x's K = 64"),
     "f16 on the host": ("ValueError", "kiln.gemv.f16_swiglu: x must be on cuda:0"),
+    "variant 5": ("ValueError", "q4_tiled: the variant must be 0 (the default) to 4, not 5"),
+    "variant on the host": ("ValueError", "kiln.gemv.q4_swiglu_tiled: x must be on cuda:0"),
+    "graph on the host": ("ValueError", "kiln.gemv.q4_graph_time: x must be on cuda:0"),
+    "graph copies": ("ValueError", "q4_graph_time: give as many scales as qweights"),
 }
 
 
@@ -128,7 +143,10 @@ def test_loads_and_checks_arguments_without_gpu_or_compiler(built):
     cached library registers its functions, and each wrong call says what is wrong with it."""
     cache, _ = built
     result = json.loads(run_without_compiler(LOAD_AND_CALL, cache).strip().splitlines()[-1])
-    assert {*gemv.FUNCTIONS, "kiln.gemv.q4_tiled"} <= set(result["names"])
+    bench = {f"kiln.gemv.{f}" for f in ("q4_tiled", "q4_swiglu_tiled", "q4_default_variant",
+                                        "q4_graph_time")}  # fmt: skip
+    assert {*gemv.FUNCTIONS, *bench} <= set(result["names"])
+    assert set(result["picks"]) <= {1, 2, 3, 4}  # the default runs one of the variants
     assert set(result["errors"]) == set(ERRORS)
     for name, (kind, message) in ERRORS.items():
         got = result["errors"][name]
