@@ -614,13 +614,13 @@ constexpr int kVariants = 4;
 
 // The variant kiln.gemv.q4 and q4_swiglu run for `rows` outputs (N; I for SwiGLU) of K = `k`:
 // the one rule to change from bench/gemv.py's numbers (it prints what this picks per shape).
-// Now: 16 weight rows a block (three blocks an SM; with 32, SwiGLU's 7B gate/up ran at 71% of
-// the copy bandwidth, against 79% for q4 with 16), prefetching where each warp has two
-// super-steps or more to overlap (K >= 8192: 7B's down, K = 11008).
+// Now: 16 weight rows a block, no prefetch, for every shape: on an H100 (bench/RESULTS.md) it
+// was the fastest of the four on each Llama-2-7B matrix in a CUDA graph, the SwiGLU form
+// included (20.5 us against 22.6 for 32 rows); prefetching cost 2-8 us (down: 14.9 against
+// 11.9), the registers it takes leaving fewer blocks an SM.
 int DefaultVariant(int64_t rows, int64_t k, bool swiglu) {
-  (void)rows, (void)swiglu;
-  const bool prefetch = k >= 2 * 512 * kWarps;
-  return prefetch ? 3 : 1;
+  (void)rows, (void)k, (void)swiglu;
+  return 1;
 }
 
 void LaunchVariant(const char* name, int64_t variant, bool swiglu, const Args& a,
