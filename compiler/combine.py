@@ -75,7 +75,7 @@ def combine_sources(
     weight_map: dict[str, Source], groups: Groups, shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, Source]:
     """The family's weight map with each group built from its parts' checkpoint tensors.
-    `shapes`: the parts' float shapes (the layout before combining)."""
+    `shapes`: the parts' shapes in the checkpoint (the whole model's, under tensor parallelism)."""
     out = {k: v for k, v in weight_map.items() if not any(k in p for p in groups.values())}
     for name, parts in groups.items():
         sources = [weight_map[p] for p in parts]

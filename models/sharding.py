@@ -1,6 +1,6 @@
 """Tensor parallelism: how each weight of a model splits over N GPUs (Megatron-LM's scheme).
 
-Column-parallel layers (the fused q/k/v projection, gate/up) split their output rows: each rank
+Column-parallel layers (the q/k/v and gate/up projections) split their output rows: each rank
 computes its own attention heads, its own slice of the MLP's features, with no communication.
 Row-parallel layers (o_proj, down_proj) split their input columns: each rank's output is a
 partial sum, and the model adds the ranks' partial sums with one all-reduce after attention and

@@ -13,9 +13,9 @@ two calls, merged by TVM's FuseTIR). The numbers do not change: the epilogue com
 Relax's silu and multiply legalize to, in the same dtype.
 
 Targets whose schedules handle such a kernel ask for the pass (TargetSpec.fuse_swiglu: the CPU,
-where the kernels are compiled as written); GPU schedules for GEMVs spread one output row over
-a warp and would split the two rows an output needs (CUDA fuses the epilogue in its GEMV
-extern instead: kiln.passes.dispatch_gemv).
+where the kernels are compiled as written). GPU schedules give each thread block a run of
+consecutive rows, so the rows j and I + j that an output needs land in different blocks; CUDA
+fuses the epilogue in its int4 GEMV kernel instead (kiln.passes.dispatch_gemv).
 """
 
 from __future__ import annotations
