@@ -140,6 +140,27 @@ def test_a_tensor_parallel_build_equals_the_unsharded_one(llama, llama_tp2, sess
         assert run_engine(engine) == expected
 
 
+def test_a_tensor_parallel_mixtral_equals_the_unsharded_one(artifact, checkpoint, tmp_path):
+    """Mixtral's experts each split like an MLP; the compiler joins each expert's gate and up
+    (kiln.passes.combine_parallel_matmul), so each rank's joined weight holds its share of both:
+    a ragged prefill's logits equal the one-device build's within float32 rounding."""
+    two = kiln.compile(
+        str(checkpoint("mixtral")), target="cpu", quantization="q0f32", output=tmp_path / "tp2",
+        tensor_parallel=2,
+    )  # fmt: skip
+    ids = [prompt(3, 20), prompt(4, 6)]
+    runner = Runner(artifact("mixtral"), max_batch_size=2, kv_tokens=128)
+    for seq in (0, 1):
+        runner.kv.add(seq)
+    here = runner.prefill([0, 1], ids, all_logits=True)
+    with cpu_session(2) as session, Runner(two, session=session, max_batch_size=2,
+                                           kv_tokens=128) as sharded:  # fmt: skip
+        for seq in (0, 1):
+            sharded.kv.add(seq)
+        there = sharded.prefill([0, 1], ids, all_logits=True)
+    np.testing.assert_allclose(there, here, rtol=1e-4, atol=1e-4 * np.abs(here).max())
+
+
 def as_cuda_build(art, tmp_path):
     """A copy of a CPU build whose manifest says cuda: the runner then takes a GPU's path."""
     copy = tmp_path / "as-cuda"
