@@ -29,10 +29,10 @@ from math import prod
 import tvm
 import tvm_ffi
 from tvm import relax, tirx
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
 from kiln.compiler.quantization.layers import LINEAR_ATTR
-from kiln.passes.dispatch_matmul import _drop_uncalled_kernels, nt_matmul_kernel
+from kiln.passes.dispatch_matmul import PlannedRewrite, _drop_uncalled_kernels, nt_matmul_kernel
 from kiln.passes.fuse_swiglu import Bindings, swiglu_product
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
@@ -136,19 +136,11 @@ def _plan(
 
 
 @mutator
-class _Dispatch(PyExprMutator):
-    def run(self, gv: tvm.ir.GlobalVar, func: relax.Function, plan: dict) -> None:
-        self.plan = plan
-        self.builder_.update_func(gv, relax.analysis.remove_all_unused(self.visit_expr(func)))
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        if binding.var not in self.plan:
-            super().visit_var_binding_(binding)
-            return
-        extern, operands = self.plan[binding.var]
+class _Dispatch(PlannedRewrite):
+    def rewrite(self, var: relax.Var, planned: tuple[str, list[relax.Expr]]) -> relax.Expr:
+        extern, operands = planned
         args = relax.Tuple([self.visit_expr(e) for e in operands])
-        call = relax.call_dps_packed(relax.ExternFunc(extern), args, binding.var.ty)
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))
+        return relax.call_dps_packed(relax.ExternFunc(extern), args, var.ty)
 
 
 def DispatchGEMV(

@@ -21,6 +21,7 @@ caller are dropped.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import tvm
 import tvm_ffi
@@ -149,25 +150,35 @@ class _Planner:
         return self.kernels[key]
 
 
-@mutator
-class _Dispatch(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, extern: str):
-        super().__init__(mod)
-        self.extern = relax.ExternFunc(extern)
-        self.plan: dict[relax.Var, tuple[relax.Expr, relax.Expr]] = {}
+class PlannedRewrite(PyExprMutator):
+    """Rewrites the bindings a plan names, one function at a time: `rewrite(var, planned)` gives
+    each one's new value; bindings left without a use (a matmul's permute_dims of its weight,
+    the parts of a fused pattern) are dropped. Subclasses are decorated with `@mutator`."""
 
     def run(self, gv: tvm.ir.GlobalVar, func: relax.Function, plan: dict) -> None:
         self.plan = plan
-        # A matmul's permute_dims of its weight is left without a use: drop it.
         self.builder_.update_func(gv, relax.analysis.remove_all_unused(self.visit_expr(func)))
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var not in self.plan:
             super().visit_var_binding_(binding)
             return
-        x, w = (self.visit_expr(e) for e in self.plan[binding.var])
-        call = relax.call_dps_packed(self.extern, relax.Tuple([x, w]), binding.var.ty)
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))
+        new = self.builder_.normalize(self.rewrite(binding.var, self.plan[binding.var]))
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, new))
+
+    def rewrite(self, var: relax.Var, planned: Any) -> relax.Expr:
+        raise NotImplementedError
+
+
+@mutator
+class _Dispatch(PlannedRewrite):
+    def __init__(self, mod: tvm.IRModule, extern: str):
+        super().__init__(mod)
+        self.extern = relax.ExternFunc(extern)
+
+    def rewrite(self, var: relax.Var, planned: tuple[relax.Expr, relax.Expr]) -> relax.Expr:
+        x, w = (self.visit_expr(e) for e in planned)
+        return relax.call_dps_packed(self.extern, relax.Tuple([x, w]), var.ty)
 
 
 def DispatchMatmul(

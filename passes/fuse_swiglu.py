@@ -24,7 +24,9 @@ from collections import defaultdict
 
 import tvm
 from tvm import relax, te, tirx
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
+
+from kiln.passes.dispatch_matmul import PlannedRewrite
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _SPLIT = tvm.ir.Op.get("relax.split")
@@ -107,16 +109,9 @@ def swiglu_te(gu: te.Tensor) -> te.Tensor:
 
 
 @mutator
-class _Fuse(PyExprMutator):
-    def run(self, gv: tvm.ir.GlobalVar, func: relax.Function, plan: dict) -> None:
-        self.plan = plan
-        self.builder_.update_func(gv, relax.analysis.remove_all_unused(self.visit_expr(func)))
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        if binding.var not in self.plan:
-            super().visit_var_binding_(binding)
-            return
-        call = self.plan[binding.var]  # the gate/up kernel's call_tir
+class _Fuse(PlannedRewrite):
+    def rewrite(self, var: relax.Var, call: relax.Call) -> relax.Expr:
+        """`call`: the gate/up kernel's call_tir; its SwiGLU `var` becomes one call of both."""
         args = [self.visit_expr(a) for a in call.args[1].fields]
         # A private function of the two calls that FuseTIR makes one kernel of.
         gu_te = te.placeholder(list(call.ty.shape.values), call.ty.dtype, "gu")
@@ -124,16 +119,14 @@ class _Fuse(PyExprMutator):
         epilogue_gv = self.builder_.add_func(epilogue.without_attr("global_symbol"), "swiglu")
         params = [relax.Var(f"w{i}", a.ty) for i, a in enumerate(args)]
         gu = relax.DataflowVar("gu", call.ty)
-        out = relax.Var("out", binding.var.ty)
+        out = relax.Var("out", var.ty)
         block = relax.DataflowBlock([
             relax.VarBinding(gu, relax.call_tir(call.args[0], relax.Tuple(params), call.ty)),
             relax.VarBinding(out, relax.call_tir(epilogue_gv, relax.Tuple([gu]), out.ty)),
         ])  # fmt: skip
         fused = relax.Function(params, relax.SeqExpr([block], out), out.ty, is_pure=True)
         fused = fused.with_attr("Primitive", True)
-        fused_gv = self.builder_.add_func(fused, "fused_swiglu")
-        new = self.builder_.normalize(relax.Call(fused_gv, args))
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, new))
+        return relax.Call(self.builder_.add_func(fused, "fused_swiglu"), args)
 
 
 def FuseSwiGLU() -> tvm.transform.Pass:
