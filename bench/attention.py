@@ -1,9 +1,10 @@
-"""Prefill attention of a model shape: Kiln's tensor-core kernels (kiln.attention.prefill_ragged
-and prefill_paged, what CUDA artifacts with fp16/bf16 caches of head_dim 64 or 128 call) against
-TVM's TIR kernels (batch_prefill_ragged_kv and batch_prefill_paged_kv, what they ran before and
-what other caches still run), each checked against the other and timed in TFLOP/s next to the
-dense fp16 GEMM peak measured with torch in the same run, with torch's SDPA (FlashAttention) as
-a reference point when torch has CUDA.
+"""Attention of a model shape: Kiln's kernels (kiln.attention.prefill_ragged, prefill_paged and
+decode_paged, what CUDA artifacts with fp16/bf16 caches of head_dim 64 or 128 call) against
+TVM's TIR kernels (batch_prefill_ragged_kv, batch_prefill_paged_kv and batch_decode_paged_kv,
+what they ran before and what other caches still run), each checked against the other. Prefill
+is timed in TFLOP/s next to the dense fp16 GEMM peak measured with torch in the same run, with
+torch's SDPA (FlashAttention) as a reference point when torch has CUDA; decode in GB/s of K/V
+read next to the copy bandwidth measured in the same run.
 
     python bench/attention.py build DIR [--shape llama2-7b] [--arch sm_90]   # here: nvcc, TVM
     python bench/attention.py run DIR [--json OUT]                           # on the GPU
@@ -18,7 +19,10 @@ and 3072 of history (the second chunk of a 2048-token prompt, the fourth of a 40
 and 4 sequences of 256 after 1024 each; FLOPs 4 n h * head_dim * heads per sequence (n new
 tokens, h history); SDPA runs on the history gathered into contiguous tensors beforehand.
 Kiln's kernels run with the tile height they pick ("kiln") and with each fixed height
-("kiln64", "kiln128").
+("kiln64", "kiln128"). Decode cases (one query per sequence against its history in pages):
+batch 1 after 128, 256, 1024 and 4096 keys, batch 8 after 1024, batch 64 after 576 and 1024;
+Kiln's kernel with the splits it picks ("kiln") and unsplit ("kiln1"), each kernel's GPU time
+from torch's profiler (CUPTI) when torch has CUDA, so a launch's host time does not count.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from shapes import SHAPES
 CASES = [[512], [1024], [2048], [4096], [512] * 4]  # sequence lengths of one call
 # Paged: (new tokens, tokens of history) of each sequence of one call
 PAGED_CASES = [[(1024, 1024)], [(1024, 3072)], [(256, 1024)] * 4]
+# Decode: (sequences, keys of history each)
+DECODE_CASES = [(1, 128), (1, 256), (1, 1024), (1, 4096), (8, 1024), (64, 576), (64, 1024)]
 PAGE_SIZE = 16
 TVM_LIBRARY = "tvm-prefill.so"
 
@@ -47,11 +53,11 @@ def tvm_kernel_name(dtype: str, h_q: int, h_kv: int, head_dim: int, kind: str = 
 
 
 def build_tvm_kernels(path: Path, configs: list[tuple[str, int, int, int]], arch: str) -> None:
-    """TVM's ragged and paged (not sliding-window) prefill kernels, as TIRPagedKVCache makes
-    them for CUDA, for each (dtype, h_q, h_kv, head_dim), into one library whose device code is
-    a fatbin (no compiler at load)."""
+    """TVM's ragged and paged (not sliding-window) prefill kernels and its decode kernel, as
+    TIRPagedKVCache makes them for CUDA, for each (dtype, h_q, h_kv, head_dim), into one
+    library whose device code is a fatbin (no compiler at load)."""
     import tvm
-    from tvm.relax.frontend.nn.llm import _prefill_kernels
+    from tvm.relax.frontend.nn.llm import _decode_kernels, _prefill_kernels
 
     from kiln.targets import cuda
 
@@ -65,6 +71,11 @@ def build_tvm_kernels(path: Path, configs: list[tuple[str, int, int, int]], arch
         funcs[name] = func.with_attr("global_symbol", name)
         name = tvm_kernel_name(dtype, h_q, h_kv, head_dim, "paged")
         func = _prefill_kernels._attention_prefill(
+            h_kv, h_q, head_dim, dtype, False, {}, target, page_size=PAGE_SIZE
+        )
+        funcs[name] = func.with_attr("global_symbol", name)
+        name = tvm_kernel_name(dtype, h_q, h_kv, head_dim, "decode")
+        func = _decode_kernels._attention_decode(
             h_kv, h_q, head_dim, dtype, False, {}, target, page_size=PAGE_SIZE
         )
         funcs[name] = func.with_attr("global_symbol", name)
@@ -153,9 +164,72 @@ def run(out: Path, json_out: Path | None) -> None:
         if torch is not None:
             bench.torch(row, q, k, v, news, history, causal=False)
         paged.append({"new": news, "history": history, **row})
+    decode = run_decode(device, library, rng, heads, kv_heads, head_dim, torch)
     if json_out:
         json_out.write_text(json.dumps({"peak_flops": peak, "config": config, "cases": ragged,
-                                        "paged_cases": paged}, indent=1))  # fmt: skip
+                                        "paged_cases": paged, "decode_cases": decode},
+                                       indent=1))  # fmt: skip
+
+
+def run_decode(device, library, rng, heads: int, kv_heads: int, head_dim: int, torch) -> list:
+    """Each DECODE_CASES case through Kiln's decode kernel (auto splits, one split) and TVM's:
+    us per call and GB/s of K/V read (% of the copy bandwidth of this run)."""
+    import tvm
+    import tvm_ffi
+
+    from kiln.runtime.benchmark import copy_bandwidth
+
+    bandwidth = copy_bandwidth(device)
+    print(f"decode (one query per sequence against its pages of {PAGE_SIZE}); copy bandwidth "
+          f"{bandwidth / 1e9:.0f} GB/s:")  # fmt: skip
+    split = tvm_ffi.get_global_func("kiln.attention.decode_paged_split")
+    theirs = library[tvm_kernel_name("float16", heads, kv_heads, head_dim, "decode")]
+    kernels = [("kiln", split, (0,)), ("kiln1", split, (1,)), ("tvm", theirs, ())]
+    rows = []
+    for batch, history in DECODE_CASES:
+        q = rng.standard_normal((batch, heads, head_dim)).astype("float16")
+        pages, page_indptr, page_values, last, _, _ = random_pages(
+            rng, [history] * batch, kv_heads, head_dim
+        )
+        args = [tvm.runtime.tensor(a, device) for a in (q, pages, page_indptr, page_values, last)]
+        args += [tvm.runtime.tensor(np.zeros(batch, "int32"), device)] * 2  # RoPE: unused
+        nbytes = 2 * batch * history * kv_heads * head_dim * 2  # K and V, fp16
+        row: dict = {"batch": batch, "history": history, "bytes": nbytes}
+        outputs = {}
+        line = f"{batch:3d} x {history:5d} keys |"
+        for name, fn, lead in kernels:
+            out = tvm.runtime.empty(q.shape, "float16", device)
+            lse = tvm.runtime.empty(q.shape[:2], "float32", device)
+            call = lambda: fn(*lead, *args, out, lse, 0, 1.0, 1e4, head_dim**-0.5)  # noqa: B023, E731
+            sec = gpu_seconds(call, device, torch)
+            outputs[name] = out.numpy().astype("float32")
+            row[name] = {"us": sec * 1e6, "gbs": nbytes / sec / 1e9,
+                         "percent": 100 * nbytes / sec / bandwidth}  # fmt: skip
+            line += f" {name} {sec * 1e6:7.1f} us {row[name]['percent']:5.1f}% |"
+        for name in ("kiln", "kiln1"):
+            row[name]["max_diff_vs_tvm"] = float(np.abs(outputs[name] - outputs["tvm"]).max())
+        diffs = ", ".join(f"{n} {row[n]['max_diff_vs_tvm']:.1e}" for n in ("kiln", "kiln1"))
+        print(f"{line} max |O - O_tvm| {diffs}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def gpu_seconds(call, device, torch, reps: int = 50) -> float:
+    """GPU time per call: the kernels' own time from torch's profiler (CUPTI sees every
+    library's kernels) when torch has CUDA; else back-to-back wall time."""
+    if torch is None:
+        return seconds_per_call(call, device.sync)
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    device.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            call()
+        device.sync()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return sum(e.device_time_total for e in kernels) / reps / 1e6
 
 
 def random_pages(rng, history: list[int], kv_heads: int, head_dim: int):

@@ -43,11 +43,11 @@ PHASES = ("graph", "library_dispatch", "legalize", "schedule", "dataflow_lower",
 
 def graph_passes(
     target: Target,
-    prefill_attention: Callable[[str, int], dict[str, str]] | None = None,
+    attention_externs: Callable[[str, int], dict[str, str]] | None = None,
     fuse_swiglu: bool = False,
 ) -> list[tvm.transform.Pass]:
     return [
-        LowerPagedKVCache(target, prefill_attention),
+        LowerPagedKVCache(target, attention_externs),
         # nn.Linear is matmul(x, permute_dims(W)): fold the transpose into the matmul so no
         # weight is transposed at run time.
         FoldWeightTranspose(),
@@ -64,7 +64,7 @@ def phases(spec: TargetSpec, target: Target) -> list[tuple[str, list[tvm.transfo
         (
             "graph",
             graph_passes(
-                target, functools.partial(spec.prefill_attention, target), spec.fuse_swiglu
+                target, functools.partial(spec.attention_externs, target), spec.fuse_swiglu
             ),
         ),
         ("library_dispatch", spec.library_dispatch(target)),

@@ -1,7 +1,10 @@
-"""DispatchGEMV: the batch-1 decode's GEMVs -> a GEMV library's externs, SiLU*up as an epilogue.
+"""DispatchGEMV: the decode's GEMVs -> a GEMV library's externs, SiLU*up as an epilogue.
 
-In a function whose Linears multiply a few static rows (decode at batch 1: the rows of x are all
-static and at most 8; TVM's GEMV schedules are the alternative), the pass rewrites
+Where Linears multiply a few static rows (decode at batch 1: the rows of x are all static and at
+most 8; TVM's GEMV schedules are the alternative), and, for quantized weights, in the `batched`
+functions (a batched decode: one row per sequence, as many as the engine batches; the extern
+takes them 8 at a time, and TVM's dequantizing GEMM schedules are the alternative), the pass
+rewrites
 
 * a quantized Linear's kernel (kiln.compiler.quantization.layers marks it `kiln.linear` with
   its scheme's key) whose scheme `quantized` names:
@@ -16,8 +19,8 @@ static and at most 8; TVM's GEMV schedules are the alternative), the pass rewrit
 `extern(x, *weights, out)` computes the same numbers in float32 and rounds once (the unfused
 graph rounds the product to the model dtype before SiLU). A float Linear is the matmul kernel
 FoldWeightTranspose leaves (`x @ W^T`) or a plain `matmul(x, permute_dims(W))`. Everything else,
-prefill's and batched decode's GEMMs included, is left as it is. Kernels left without a caller
-are dropped.
+prefill's GEMMs and float weights in batches included, is left as it is. Kernels left without a
+caller are dropped.
 """
 
 from __future__ import annotations
@@ -50,12 +53,15 @@ class GEMVExterns:
     cols_multiple: int = 1  # x's width must be a multiple of this (the extern's group size)
 
 
-def _gemv_rows(x: relax.Expr) -> bool:
+def _gemv_rows(x: relax.Expr, batched: bool = False) -> bool:
+    """Whether x's rows suit a GEMV: a few static ones, or, in a batched function, any."""
     ty = x.ty
     if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
         return False
     lead = ty.shape.values[:-1]
-    return all(isinstance(d, tirx.IntImm) for d in lead) and prod(int(d) for d in lead) <= MAX_ROWS
+    if all(isinstance(d, tirx.IntImm) for d in lead):
+        return prod(int(d) for d in lead) <= MAX_ROWS
+    return batched
 
 
 class _Function(Bindings):
@@ -95,12 +101,15 @@ class _Function(Bindings):
 
 
 def _plan(
-    fn: _Function, quantized: Mapping[str, GEMVExterns], float_swiglu: Mapping[str, str]
+    fn: _Function,
+    quantized: Mapping[str, GEMVExterns],
+    float_swiglu: Mapping[str, str],
+    batched: bool,
 ) -> dict[relax.Var, tuple[str, list[relax.Expr]]]:
     """binding var -> (extern, its operands)."""
 
     def takes(linear: tuple[str, list[relax.Expr]] | None) -> GEMVExterns | None:
-        if linear is None or linear[0] not in quantized or not _gemv_rows(linear[1][0]):
+        if linear is None or linear[0] not in quantized or not _gemv_rows(linear[1][0], batched):
             return None
         externs, cols = quantized[linear[0]], linear[1][0].ty.shape.values[-1]
         return externs if int(cols) % externs.cols_multiple == 0 else None
@@ -127,8 +136,10 @@ def _plan(
             dtype = str(gu.ty.dtype)
             if operands is None or dtype not in float_swiglu or str(operands[1].ty.dtype) != dtype:
                 continue
+            if not _gemv_rows(operands[0]):  # float weights in batches: the GEMMs' (cuBLAS)
+                continue
             extern = float_swiglu[dtype]
-        if str(operands[0].ty.dtype) != str(gu.ty.dtype) or not _gemv_rows(operands[0]):
+        if str(operands[0].ty.dtype) != str(gu.ty.dtype):
             continue
         plan[var] = (extern, operands)
         plan.pop(gu, None)  # its Linear goes into the fused kernel
@@ -144,15 +155,17 @@ class _Dispatch(PlannedRewrite):
 
 
 def DispatchGEMV(
-    quantized: Mapping[str, GEMVExterns], float_swiglu: Mapping[str, str]
+    quantized: Mapping[str, GEMVExterns],
+    float_swiglu: Mapping[str, str],
+    batched: tuple[str, ...] = (),
 ) -> tvm.transform.Pass:
-    """`quantized`: scheme key -> its externs; `float_swiglu`: weight dtype -> SwiGLU extern
-    (see the module doc)."""
+    """`quantized`: scheme key -> its externs; `float_swiglu`: weight dtype -> SwiGLU extern;
+    `batched`: functions whose symbolic rows are one per sequence (see the module doc)."""
 
     @tvm.transform.module_pass(opt_level=0, name="DispatchGEMV")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         plans = [
-            (gv, f, _plan(_Function(mod, f), quantized, float_swiglu))
+            (gv, f, _plan(_Function(mod, f), quantized, float_swiglu, gv.name_hint in batched))
             for gv, f in mod.functions_items()
             if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)
         ]

@@ -10,13 +10,14 @@ Rewrites the two ops of `kiln.models.attention`:
   enter the cache, keeps each sequence's K/V history in pages and runs causal (optionally
   sliding-window) attention with grouped-query heads.
 
-`prefill_attention(dtype, head_dim)`, from the target (kiln.targets.base.TargetSpec), may name
-extern functions that take the place of TVM's prefill attention kernels, each taking its
-kernel's arguments as they are: "ragged" for `batch_prefill_ragged_kv` (a prefill chunk
-attending to its own keys), "paged" for `batch_prefill_paged_kv` (the chunk attending to the
-keys its sequences already have in the pages; the sliding-window variant stays TVM's). The cache
-is then created with those functions, and TVM's kernels they replace are left out of the
-module. A kind it does not name keeps TVM's kernel.
+`attention_externs(dtype, head_dim)`, from the target (kiln.targets.base.TargetSpec), may name
+extern functions that take the place of TVM's attention kernels, each taking its kernel's
+arguments as they are: "ragged" for `batch_prefill_ragged_kv` (a prefill chunk attending to its
+own keys), "paged" for `batch_prefill_paged_kv` (the chunk attending to the keys its sequences
+already have in the pages), "decode" for `batch_decode_paged_kv` (one new token per sequence
+against its pages); their sliding-window variants stay TVM's. The cache is then created with
+those functions, and TVM's kernels they replace are left out of the module. A kind it does not
+name keeps TVM's kernel.
 
 A module without the abstract ops comes back unchanged.
 """
@@ -37,11 +38,16 @@ from kiln.compiler.kv_kernels import _attention_prefill_cpu
 from kiln.models.attention import ATTENTION_OP, CREATE_OP, AttentionSpec
 
 PAGED_ATTENTION = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
-# TVM's prefill kernels (GPU targets) in the module TIRPagedKVCache adds them to; the cache gets
-# each as the tuple ("tirx", kernel).
+# TVM's attention kernels (GPU targets) in the module TIRPagedKVCache adds them to; the cache
+# gets each as the tuple ("tirx", kernel).
 RAGGED_PREFILL_KERNEL = "batch_prefill_ragged_kv"
 PAGED_PREFILL_KERNEL = "batch_prefill_paged_kv"
-PREFILL_KERNELS = {"ragged": RAGGED_PREFILL_KERNEL, "paged": PAGED_PREFILL_KERNEL}
+DECODE_KERNEL = "batch_decode_paged_kv"
+ATTENTION_KERNELS = {
+    "ragged": RAGGED_PREFILL_KERNEL,
+    "paged": PAGED_PREFILL_KERNEL,
+    "decode": DECODE_KERNEL,
+}
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerPagedKVCache")
@@ -49,10 +55,10 @@ class LowerPagedKVCache:
     def __init__(
         self,
         target: Target,
-        prefill_attention: Callable[[str, int], dict[str, str]] | None = None,
+        attention_externs: Callable[[str, int], dict[str, str]] | None = None,
     ):
         self.target = target
-        self.prefill_attention = prefill_attention
+        self.attention_externs = attention_externs
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         creators = {}
@@ -70,7 +76,7 @@ class LowerPagedKVCache:
 
         out = tvm.IRModule(rest, attrs=mod.attrs)
         bb = relax.BlockBuilder(out)
-        externs = {}  # creation function -> {kind: the extern its cache runs that prefill with}
+        externs = {}  # creation function -> {kind: the extern its cache runs that attention with}
         for gvar, (func, call) in creators.items():
             sizes, spec_json, dtype = call.args[1:]
             spec = AttentionSpec.from_json(spec_json.value)
@@ -78,7 +84,7 @@ class LowerPagedKVCache:
                 cache = create_paged_kv_cache(spec, dtype.value, self.target, *sizes.values)
                 bb.emit_func_output(cache._expr)
             chosen = (
-                self.prefill_attention(dtype.value, spec.head_dim) if self.prefill_attention else {}
+                self.attention_externs(dtype.value, spec.head_dim) if self.attention_externs else {}
             )
             if chosen:
                 externs[gvar.name_hint] = chosen
@@ -86,7 +92,7 @@ class LowerPagedKVCache:
         for name, chosen in externs.items():
             for kind, extern in chosen.items():
                 lowered = _with_extern(
-                    lowered, lowered.get_global_var(name), PREFILL_KERNELS[kind], extern
+                    lowered, lowered.get_global_var(name), ATTENTION_KERNELS[kind], extern
                 )
         return lowered
 

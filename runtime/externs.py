@@ -30,10 +30,10 @@ EXTERNS: dict[str, Extern] = {
     cublas.MATMUL: Extern(
         cublas.ARTIFACT_FILE, lambda _archs: cublas.build(), lambda lib, _: cublas.load_cublas(lib)
     ),
-    # Both prefill attention externs are one library (an artifact calls one or both).
+    # The attention externs are one library (an artifact calls some or all).
     **{
         name: Extern(attention.ARTIFACT_FILE, attention.build, attention.load_attention)
-        for name in (attention.PREFILL_RAGGED, attention.PREFILL_PAGED)
+        for name in attention.FUNCTIONS
     },
     # The decode GEMVs: one library too.
     **{name: Extern(gemv.ARTIFACT_FILE, gemv.build, gemv.load_gemv) for name in gemv.FUNCTIONS},

@@ -58,10 +58,10 @@ class TargetSpec:
     platforms: tuple[str, ...] = ("linux-x86_64", "linux-aarch64")
     # TVM PassContext options the build runs under, as (key, value) pairs.
     pass_config: tuple[tuple[str, Any], ...] = ()
-    # The extern functions that run the paged KV cache's prefill attention in place of TVM's
-    # kernels, for (target, cache dtype, head_dim): {"ragged": name, "paged": name}, either kind
-    # of kernel left out keeps TVM's (kiln.passes.lower_paged_kv_cache).
-    prefill_attention: Callable[[Target, str, int], dict[str, str]] = _no_externs
+    # The extern functions that run the paged KV cache's attention in place of TVM's kernels,
+    # for (target, cache dtype, head_dim): {"ragged": name, "paged": name, "decode": name}, a
+    # kind left out keeps TVM's kernel (kiln.passes.lower_paged_kv_cache).
+    attention_externs: Callable[[Target, str, int], dict[str, str]] = _no_externs
     # Whether its kernels may end with the MLP's SiLU(gate) * up (kiln.passes.fuse_swiglu): an
     # epilogue that reads two rows of the matmul's output, which GPU GEMV schedules split apart.
     fuse_swiglu: bool = False

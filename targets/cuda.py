@@ -57,8 +57,8 @@ def cuda_schedule(target: Target) -> list[tvm.transform.Pass]:
 
 
 def cuda_library_dispatch(target: Target) -> list[tvm.transform.Pass]:
-    # TVM's sampling and sort/scan dispatch; the batch-1 decode's int4 GEMVs (the MLP's gate/up
-    # with SiLU*up as its epilogue) to Kiln's GEMV kernels (kiln.runtime.gemv); then the fp16/bf16
+    # TVM's sampling and sort/scan dispatch; the decode's int4 GEMVs (the MLP's gate/up with
+    # SiLU*up as its epilogue) to Kiln's GEMV kernels (kiln.runtime.gemv); then the fp16/bf16
     # GEMMs of prefill and batched decode (symbolic rows) to cuBLAS (kiln.runtime.cublas);
     # dlight and Kiln's float GEMV schedule what is left.
     return [
@@ -78,26 +78,33 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         if isinstance(q, Int4Group) and q.group_size == GEMV_GROUP and q.model_dtype == "float16"
     }
     # fp16 weights keep Kiln's TIR GEMV (98% of the copy bandwidth on a 7B gate/up against
-    # 88% for kiln.gemv.f16_swiglu, bench/gemv.py), their SiLU*up a kernel of its own.
-    return [DispatchGEMV(int4, {})]
+    # 88% for kiln.gemv.f16_swiglu, bench/gemv.py), their SiLU*up a kernel of its own. The
+    # batched decode's int4 Linears go to the GEMVs too, 8 sequences a kernel (dlight's
+    # dequantizing GEMMs are the alternative: bench/RESULTS.md).
+    return [DispatchGEMV(int4, {}, batched=("decode",))]
 
 
-def cuda_prefill_attention(target: Target, dtype: str, head_dim: int) -> dict[str, str]:
-    """Kiln's tensor-core prefill attention (kiln.runtime.attention) in place of TVM's ragged
-    and paged prefill kernels, for the caches it handles on sm_80 and newer (the target's arch
-    is the oldest built for), when there is an nvcc to build it with."""
+def cuda_attention_externs(target: Target, dtype: str, head_dim: int) -> dict[str, str]:
+    """Kiln's attention kernels (kiln.runtime.attention: tensor-core prefill, split-keys decode)
+    in place of TVM's ragged and paged prefill kernels and its decode kernel, for the caches
+    they handle on sm_80 and newer (the target's arch is the oldest built for), when there is
+    an nvcc to build them with."""
     if dtype not in attention.DTYPES or head_dim not in attention.HEAD_DIMS:
         return {}
     if not attention.supports([str(target.attrs["arch"])]):
         return {}
     if attention.find_nvcc() is None:
         warnings.warn(
-            "prefill attention runs on TVM's kernel (CUDA cores, several times slower): Kiln's "
-            f"tensor-core kernel is built with nvcc, found none; {attention.INSTALL_NVCC}",
+            "attention runs on TVM's kernels (prefill on CUDA cores, several times slower): "
+            f"Kiln's kernels are built with nvcc, found none; {attention.INSTALL_NVCC}",
             stacklevel=2,
         )
         return {}
-    return {"ragged": attention.PREFILL_RAGGED, "paged": attention.PREFILL_PAGED}
+    return {
+        "ragged": attention.PREFILL_RAGGED,
+        "paged": attention.PREFILL_PAGED,
+        "decode": attention.DECODE_PAGED,
+    }
 
 
 def parse_archs(arch: str | None) -> list[str]:
@@ -304,5 +311,5 @@ CUDA = TargetSpec(
     # (in the batch-1 decode: everything between two KV-cache calls) into a CUDA graph that is
     # captured on the first call and replayed after: one launch instead of dozens.
     pass_config=(("relax.backend.use_cuda_graph", True),),
-    prefill_attention=cuda_prefill_attention,
+    attention_externs=cuda_attention_externs,
 )

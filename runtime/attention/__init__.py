@@ -1,8 +1,10 @@
-"""Kiln's prefill attention externs for CUDA artifacts (kiln.runtime.attention.attention)."""
+"""Kiln's attention externs for CUDA artifacts (kiln.runtime.attention.attention)."""
 
 from kiln.runtime.attention.attention import (
     ARTIFACT_FILE,
+    DECODE_PAGED,
     DTYPES,
+    FUNCTIONS,
     HEAD_DIMS,
     INSTALL_NVCC,
     PREFILL_PAGED,
@@ -15,7 +17,9 @@ from kiln.runtime.attention.attention import (
 
 __all__ = [
     "ARTIFACT_FILE",
+    "DECODE_PAGED",
     "DTYPES",
+    "FUNCTIONS",
     "HEAD_DIMS",
     "INSTALL_NVCC",
     "PREFILL_PAGED",

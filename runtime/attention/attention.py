@@ -1,12 +1,15 @@
-"""Kiln's prefill attention externs for CUDA artifacts: built from flash_prefill.cu, cached, loaded.
+"""Kiln's attention externs for CUDA artifacts: built from attention.cu, cached, loaded.
 
 TVM's paged KV cache runs a prefill chunk's attention with two TIR kernels on CUDA cores (~6
 TFLOP/s on an H100): `batch_prefill_ragged_kv` (the chunk's queries against its own keys) and
 `batch_prefill_paged_kv` (against the keys its sequences already have in the cache's pages), and
-merges the two. CUDA artifacts whose cache is fp16 or bf16 with head_dim 64 or 128 get
-`kiln.attention.prefill_ragged` and `kiln.attention.prefill_paged` in their place
-(kiln.passes.lower_paged_kv_cache; the target decides, kiln.targets.cuda), one tensor-core kernel
-with the same arguments as each, and list them in their manifest (`target.externs`).
+merges the two; a decode step's with `batch_decode_paged_kv`, one thread block per sequence and
+KV head (a quarter of an H100's SMs for one 32-head sequence). CUDA artifacts whose cache is fp16
+or bf16 with head_dim 64 or 128 get `kiln.attention.prefill_ragged` and
+`kiln.attention.prefill_paged` (one tensor-core kernel, flash_prefill.cuh) and
+`kiln.attention.decode_paged` (keys split over blocks, flash_decode.cuh) in their place
+(kiln.passes.lower_paged_kv_cache; the target decides, kiln.targets.cuda), each with the same
+arguments as the kernel it replaces, and list them in their manifest (`target.externs`).
 
 The library is device code, so it is built with nvcc: $CUDA_HOME's, the one on PATH,
 /usr/local/cuda's, or pip's (`nvidia-cuda-nvcc`, in the `cuda` extra), for the artifact's archs
@@ -31,11 +34,14 @@ from kiln.runtime.native import find_nvcc
 from kiln.runtime.package import cache_root
 
 _HERE = Path(__file__).resolve().parent
-SOURCE = _HERE / "flash_prefill.cu"
-SOURCES = (SOURCE, _HERE / "flash_prefill.cuh")  # the .cu includes the kernel's header
-WHAT = "Kiln's prefill attention kernel"
+SOURCE = _HERE / "attention.cu"
+# the .cu includes the kernels' headers
+SOURCES = (SOURCE, _HERE / "flash_prefill.cuh", _HERE / "flash_decode.cuh")
+WHAT = "Kiln's attention kernels"
 PREFILL_RAGGED = "kiln.attention.prefill_ragged"  # TVM's batch_prefill_ragged_kv contract
 PREFILL_PAGED = "kiln.attention.prefill_paged"  # TVM's batch_prefill_paged_kv contract
+DECODE_PAGED = "kiln.attention.decode_paged"  # TVM's batch_decode_paged_kv contract
+FUNCTIONS = (PREFILL_RAGGED, PREFILL_PAGED, DECODE_PAGED)
 ARTIFACT_FILE = "kiln-attention.so"  # the built extern, inside an artifact compiled on its platform
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (64, 128)
@@ -53,8 +59,8 @@ def _checked_archs(archs: Sequence[str] | None) -> list[str]:
     archs = list(archs or DEFAULT_ARCHS)
     if not supports(archs):
         raise KilnError(
-            f"{WHAT} runs on sm_{MIN_SM} and newer GPUs, not on {','.join(archs)}: its "
-            "artifacts use TVM's attention kernel there"
+            f"{WHAT} run on sm_{MIN_SM} and newer GPUs, not on {','.join(archs)}: their "
+            "artifacts use TVM's attention kernels there"
         )
     return sorted(set(archs))
 
@@ -78,7 +84,7 @@ def _need_nvcc() -> Path:
 
 
 def build(archs: Sequence[str] | None = None, force: bool = False) -> Path:
-    """Compile flash_prefill.cu for `archs` (default: sm_80, 86, 89, 90) into the cache (once
+    """Compile attention.cu for `archs` (default: sm_80, 86, 89, 90) into the cache (once
     per key) and return the library's path."""
     archs = _checked_archs(archs)
     out = library_path(archs)
@@ -89,7 +95,7 @@ def build(archs: Sequence[str] | None = None, force: bool = False) -> Path:
 
 
 def load_attention(library: Path | None = None, archs: Sequence[str] | None = None) -> None:
-    """Register `kiln.attention.*` (both externs: one library) in this process (once).
+    """Register `kiln.attention.*` (every extern: one library) in this process (once).
     `library`: the library built already (an artifact's copy); otherwise it is built here for
     `archs`, or taken from the cache."""
     if tvm_ffi.get_global_func(PREFILL_RAGGED, allow_missing=True) is not None:

@@ -1,11 +1,13 @@
-// Kiln's batch-1 decode GEMVs for CUDA (sm_80 and newer): `kiln.gemv.q4`, `kiln.gemv.q4_swiglu`
+// Kiln's decode GEMVs for CUDA (sm_80 and newer): `kiln.gemv.q4`, `kiln.gemv.q4_swiglu`
 // and `kiln.gemv.f16_swiglu`, destination-passing (the caller allocates `out`, passed last).
 //
 //   q4(x (..., K) f16, qweight (N, K / 8) u32, scale (N, K / 32) f16, out (..., N) f16)
 //   q4_swiglu(x, qweight (2I, K / 8), scale (2I, K / 32), out (..., I) f16)
 //   f16_swiglu(x, w (2I, K) f16, out (..., I) f16)
 //
-// M = the product of x's leading dimensions, 1 <= M <= 8; K % 32 == 0. The q4 weight is TVM's
+// M = the product of x's leading dimensions; K % 32 == 0. A kernel takes 8 rows of x at most (the
+// MMA's 8 columns); more (a batched decode) run as one kernel per 8 rows, each reading the weight
+// again. The q4 weight is TVM's
 // q4f16 storage: w[n, k] = (nib - 8) * scale[n, k / 32], nib = (qweight[n, k / 8] >> 4 (k % 8))
 // & 15 (eight values per word, lowest nibble first, one fp16 scale per 32 values along K).
 // q4: out[m, n] = sum_k x[m, k] w[n, k]. The SwiGLU forms read the MLP's gate rows [0, I) and up
@@ -529,9 +531,8 @@ Args CheckActivations(const char* name, const Tensor& x, const Tensor& out, int6
   const int64_t k = x.size(x.ndim() - 1);
   int64_t m = 1;
   for (int d = 0; d + 1 < x.ndim(); ++d) m *= x.size(d);
-  TVM_FFI_CHECK(m >= 1 && m <= kMaxM, ValueError)
-      << name << " is a decode GEMV for 1 to " << kMaxM << " rows of x (the product of its "
-      << "leading dimensions), not " << m;
+  TVM_FFI_CHECK(m >= 1 && m < (int64_t{1} << 24), ValueError)
+      << name << " takes 1 to 2^24 rows of x (the product of its leading dimensions), not " << m;
   TVM_FFI_CHECK(rows >= 1 && rows < (int64_t{1} << 30), ValueError)
       << name << ": the weight gives " << rows << " output rows";
   bool same = out.ndim() == x.ndim() && out.size(out.ndim() - 1) == rows;
@@ -574,6 +575,19 @@ cudaStream_t Prepare(const char* name, int device) {
   CheckCuda(cudaGetDevice(&current), name, "cudaGetDevice");
   if (current != device) CheckCuda(cudaSetDevice(device), name, "cudaSetDevice");
   return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+}
+
+// A kernel takes at most kMaxM rows of x (the MMA's 8 columns): `launch` runs once for each
+// kMaxM of them, every launch reading the whole weight again (what L2 keeps of it aside).
+template <typename Launch>
+void ForEachChunk(const Args& a, Launch launch) {
+  for (int first = 0; first < a.m_rows; first += kMaxM) {
+    Args chunk = a;
+    chunk.x = a.x + static_cast<int64_t>(first) * a.k;
+    chunk.out = a.out + static_cast<int64_t>(first) * a.rows;
+    chunk.m_rows = a.m_rows - first < kMaxM ? a.m_rows - first : kMaxM;
+    launch(chunk);
+  }
 }
 
 template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
@@ -623,9 +637,8 @@ int DefaultVariant(int64_t rows, int64_t k, bool swiglu) {
   return 1;
 }
 
-void LaunchVariant(const char* name, int64_t variant, bool swiglu, const Args& a,
-                   bool vector_scales, int device, cudaStream_t stream) {
-  if (variant == 0) variant = DefaultVariant(a.rows, a.k, swiglu);
+void LaunchRows(const char* name, int64_t variant, bool swiglu, const Args& a,
+                bool vector_scales, int device, cudaStream_t stream) {
   switch (variant + (swiglu ? kVariants : 0)) {
     case 1: return LaunchQ4<1, false, false>(name, a, vector_scales, device, stream);
     case 2: return LaunchQ4<2, false, false>(name, a, vector_scales, device, stream);
@@ -637,6 +650,14 @@ void LaunchVariant(const char* name, int64_t variant, bool swiglu, const Args& a
     case kVariants + 4: return LaunchQ4<2, true, true>(name, a, vector_scales, device, stream);
   }
   TVM_FFI_THROW(ValueError) << name << ": variant " << variant << " is not 1 to " << kVariants;
+}
+
+void LaunchVariant(const char* name, int64_t variant, bool swiglu, const Args& a,
+                   bool vector_scales, int device, cudaStream_t stream) {
+  if (variant == 0) variant = DefaultVariant(a.rows, a.k, swiglu);
+  ForEachChunk(a, [&](const Args& chunk) {
+    LaunchRows(name, variant, swiglu, chunk, vector_scales, device, stream);
+  });
 }
 
 constexpr const char* kQ4 = "kiln.gemv.q4";
@@ -768,8 +789,11 @@ void F16SwiGLUEntry(Tensor x, Tensor w, Tensor out) {
   CheckPlacement(name, w, "w", device, true);
   a.w = DataOf(w);
   cudaStream_t stream = Prepare(name, device);
-  F16SwiGLU<<<static_cast<unsigned>((a.rows + kRows - 1) / kRows), kThreads, 0, stream>>>(a);
-  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+  ForEachChunk(a, [&](const Args& chunk) {
+    F16SwiGLU<<<static_cast<unsigned>((a.rows + kRows - 1) / kRows), kThreads, 0, stream>>>(
+        chunk);
+    CheckCuda(cudaGetLastError(), name, "the kernel launch");
+  });
 }
 
 TVM_FFI_STATIC_INIT_BLOCK() {

@@ -1,12 +1,13 @@
-"""Kiln's batch-1 decode GEMV externs for CUDA artifacts: built from gemv.cu, cached, loaded.
+"""Kiln's decode GEMV externs for CUDA artifacts: built from gemv.cu, cached, loaded.
 
 TVM's GEMV schedules read an int4 weight at 40-65% of an H100's copy bandwidth (bench/gemv.py);
 these kernels read it with 16-byte loads, dequantize on the ALUs with the magic-number trick and
 multiply on the tensor cores (fp32 sums). Three destination-passing functions, `out` last:
 
-- `kiln.gemv.q4(x, qweight, scale, out)`: x (..., K) float16 with 1 to 8 rows (M, the product
-  of its leading dimensions), the q4f16 weight qweight (N, K / 8) uint32 and scale (N, K / 32)
-  float16, out (..., N) float16 = x @ W^T.
+- `kiln.gemv.q4(x, qweight, scale, out)`: x (..., K) float16 with M rows (the product of its
+  leading dimensions; a kernel takes 8, a batched decode's more run 8 at a time), the q4f16
+  weight qweight (N, K / 8) uint32 and scale (N, K / 32) float16, out (..., N) float16 =
+  x @ W^T.
 - `kiln.gemv.q4_swiglu(x, qweight, scale, out)`: the MLP's gate and up projections in one
   weight of 2 I rows (gate first); out (..., I) = silu(x @ gate^T) * (x @ up^T).
 - `kiln.gemv.f16_swiglu(x, w, out)`: the same with a float16 weight w (2 I, K).

@@ -100,13 +100,13 @@ def build_attention(out: Path, arch: str) -> None:
     from kiln.runtime import attention
 
     shutil.copyfile(attention.build([arch]), out / attention.ARTIFACT_FILE)
-    # TVM's ragged and paged prefill kernels, as bench/attention.py builds them
+    # TVM's attention kernels, as bench/attention.py builds them
     path = Path(__file__).resolve().parents[2] / "bench" / "attention.py"
     spec = importlib.util.spec_from_file_location("kiln_bench_attention", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     if not (out / bench.TVM_LIBRARY).exists():
-        print("compiling TVM's ragged and paged prefill kernels", flush=True)
+        print("compiling TVM's attention kernels", flush=True)
         bench.build_tvm_kernels(out / bench.TVM_LIBRARY, ATTENTION_CONFIGS, arch)
     for name, changes in ATTENTION_MODELS.items():
         ckpt = out / f"ckpt-{name}"

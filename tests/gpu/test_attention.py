@@ -1,13 +1,15 @@
-"""Kiln's prefill attention kernels (`kiln.attention.prefill_ragged` and `prefill_paged`) on a
-real GPU, against float64 NumPy references (attention_reference.py) and TVM's own ragged and
-paged prefill kernels on the same inputs: fp16 and bf16, head_dim 64 and 128, 1, 4 and 8 query
-heads per KV head, causal and not, both tile heights. Ragged: batches of sequences of 1, 7, 64,
-100 and 1000 tokens, queries aligned to the end of longer keys. Paged: chunks of 1, 7, 64 and
-300 queries against histories of 0, 1, 15, 16, 17, 100 and 1000 keys in shuffled pages (unused
-page rows hold NaN, so a wrong gather shows). The kernel runs on TVM's current stream; and CUDA
-artifacts that call both (head_dim 64 and 128) give transformers' logits for a ragged batch,
-for chunks after cached prefixes of different lengths in one pass, and for a prompt prefilled
-in chunks (where TVM merges the paged kernel's output with the ragged one's through the lse).
+"""Kiln's attention kernels (`kiln.attention.prefill_ragged`, `prefill_paged` and
+`decode_paged`) on a real GPU, against float64 NumPy references (attention_reference.py) and
+TVM's own kernels on the same inputs: fp16 and bf16, head_dim 64 and 128, 1, 4 and 8 query heads
+per KV head, causal and not, both tile heights. Ragged: batches of sequences of 1, 7, 64, 100
+and 1000 tokens, queries aligned to the end of longer keys. Paged: chunks of 1, 7, 64 and 300
+queries against histories of 0, 1, 15, 16, 17, 100 and 1000 keys in shuffled pages (unused page
+rows hold NaN, so a wrong gather shows). Decode: one query per sequence after 0 to 4000 keys,
+split over 1 to 64 blocks, groups of 1 to 16 query heads per KV head, page sizes 1 to 32, calls
+after calls. The kernels run on TVM's current stream; and CUDA artifacts that call them (head_dim
+64 and 128) give transformers' logits for a ragged batch, for chunks after cached prefixes of
+different lengths in one pass, for a prompt prefilled in chunks (where TVM merges the paged
+kernel's output with the ragged one's through the lse), and for decode steps.
 
 Which models run it: CUDA artifacts whose cache is fp16/bf16 with head_dim 64 or 128. The GPU
 tests' tiny models have head_dim 16 or 32 and keep TVM's kernel, but for build_artifacts.py's
@@ -34,7 +36,13 @@ from conftest import make_checkpoint
 from gpu.build_artifacts import ATTENTION_CONFIGS, ATTENTION_MODELS
 
 import kiln
-from kiln.runtime.attention import ARTIFACT_FILE, PREFILL_PAGED, PREFILL_RAGGED, load_attention
+from kiln.runtime.attention import (
+    ARTIFACT_FILE,
+    DECODE_PAGED,
+    PREFILL_PAGED,
+    PREFILL_RAGGED,
+    load_attention,
+)
 from kiln.runtime.device import open_device
 from kiln.runtime.runner import Runner
 
@@ -336,6 +344,119 @@ def test_paged_contract_entry_point_equals_the_tiled_one(paged):
     np.testing.assert_array_equal(auto[0], case.run(tiled, False, 0)[0])
 
 
+# Decode: one query per sequence against every key of its history in the pages.
+
+DECODE_HISTORIES = [0, 1, 15, 16, 17, 100, 1000, 4000]
+
+
+class DecodeCase(PagedCase):
+    """A batch of one query per sequence after `histories` keys in shuffled pages (unused page
+    rows NaN): decode_paged's arguments (q, pages, page_indptr, page_values, length_info, RoPE
+    offsets and positions)."""
+
+    def __init__(self, dev, dtype, head_dim, h_q, h_kv, histories, page_size=PAGE_SIZE, seed=0):
+        super().__init__(dev, dtype, head_dim, h_q, h_kv, histories, [1] * len(histories),
+                         page_size, seed)  # fmt: skip
+        del self.args[1]  # no q_indptr: one query each
+
+    def run(self, fn, *lead) -> tuple[np.ndarray, np.ndarray]:
+        """fn(*lead, q, pages, ..., output, lse, rotary_mode 0, ...) into NaN-filled outputs."""
+        out = upload(np.full(self.q.shape, np.nan, np.float32), self.dtype, self.dev)
+        lse = tvm.runtime.tensor(np.full(self.q.shape[:2], np.nan, np.float32), self.dev)
+        fn(*lead, *self.args, out, lse, 0, 1.0, 1e4, self.sm_scale)
+        return download(out, self.dtype), lse.numpy()
+
+
+@pytest.fixture(scope="module")
+def decode(kernels):
+    """(device, Kiln's decode_paged_split, TVM's library or None)."""
+    dev, _, tvm_kernels = kernels
+    return dev, tvm_ffi.get_global_func(DECODE_PAGED + "_split"), tvm_kernels
+
+
+@pytest.mark.parametrize("dtype,head_dim,h_q,h_kv", CONFIGS)
+def test_decode_equals_numpy(decode, dtype, head_dim, h_q, h_kv):
+    """Histories of 0 to 4000 keys in one batch, unsplit, split in 2, 7 and 64 (more splits
+    than a short history has keys: empty splits), and as many as the kernel picks."""
+    dev, split, _ = decode
+    case = DecodeCase(dev, dtype, head_dim, h_q, h_kv, DECODE_HISTORIES, seed=20)
+    want = case.reference(False)
+    for splits in (1, 2, 7, 64, 0):
+        what = f"decode {dtype} d{head_dim} {h_q}/{h_kv} heads splits={splits}"
+        check(case.run(split, splits), want, dtype, what)
+
+
+@pytest.mark.parametrize(
+    "h_q,h_kv",
+    [(12, 4), (24, 8), (32, 2), (48, 4), (6, 6)],  # 3, 3, 16, 12 and 1 queries per KV head
+)
+def test_decode_other_group_sizes_equal_numpy(decode, h_q, h_kv):
+    """A block takes up to 8 query heads of a KV head (rounded up to a power of two, the extra
+    ones idle); larger groups are cut into slices of 8, each its own block."""
+    dev, split, _ = decode
+    case = DecodeCase(dev, "float16", 128, h_q, h_kv, [3, 300, 33], seed=21)
+    want = case.reference(False)
+    for splits in (1, 3, 0):
+        check(case.run(split, splits), want, "float16", f"decode {h_q}/{h_kv} splits={splits}")
+
+
+@pytest.mark.parametrize("page_size", [1, 8, 32])
+def test_decode_other_page_sizes_equal_numpy(decode, page_size):
+    dev, split, _ = decode
+    case = DecodeCase(dev, "bfloat16", 64, 8, 2, [0, 5, 40, 100, 333], page_size, seed=22)
+    for splits in (1, 5, 0):
+        check(case.run(split, splits), case.reference(False), "bfloat16",
+              f"decode page_size {page_size} splits={splits}")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,head_dim,h_q,h_kv", CONFIGS)
+def test_decode_agrees_with_tvms_kernel(decode, dtype, head_dim, h_q, h_kv):
+    """TVM's batch_decode_paged_kv (what the cache ran before) on the same pages. The sequence
+    without history is left out: TVM's kernel gives it output 0 but an lse of -5e4 plus the
+    log2 of how many of its threads' states it merged (the cache never reads it)."""
+    dev, split, tvm_kernels = decode
+    if tvm_kernels is None:
+        pytest.skip("no TVM kernels: KILN_GPU_ARTIFACTS from tests/gpu/build_artifacts.py")
+    case = DecodeCase(dev, dtype, head_dim, h_q, h_kv, DECODE_HISTORIES, seed=23)
+    theirs = case.run(tvm_kernels[f"tvm_decode_{dtype}_{h_q}_{h_kv}_{head_dim}"])
+    ours = case.run(split, 0)
+    rows = np.array(DECODE_HISTORIES) > 0
+    check(tuple(x[rows] for x in ours), tuple(x[rows] for x in theirs), dtype,
+          f"decode {dtype} d{head_dim} {h_q}/{h_kv} vs TVM")  # fmt: skip
+    assert (theirs[0][~rows] == 0).all() and (ours[0][~rows] == 0).all()
+
+
+def test_decode_calls_after_calls_with_other_shapes(decode):
+    """The split kernel keeps per-device scratch across calls: counters that must be zero when
+    a call starts, and each split's state. A large call first (the scratch grows to its size),
+    then one sequence in 40 splits (its states where the next call's counters would be, were
+    they one buffer), then 8 sequences of 32 heads in 3 splits (more counters than any call
+    before), then the first small call again: each equals NumPy, the repeat bit for bit."""
+    dev, split, _ = decode
+    large = DecodeCase(dev, "float16", 128, 8, 8, [200] * 48 + [3000], seed=24)
+    one = DecodeCase(dev, "float16", 128, 32, 32, [2000], seed=25)
+    wide = DecodeCase(dev, "float16", 128, 32, 32, [300] * 8, seed=26)
+    check(large.run(split, 40), large.reference(False), "float16", "large batch, 40 splits")
+    first = one.run(split, 40)
+    check(first, one.reference(False), "float16", "one sequence, 40 splits")
+    check(wide.run(split, 3), wide.reference(False), "float16", "8 sequences, 3 splits")
+    again = one.run(split, 40)
+    np.testing.assert_array_equal(again[0], first[0])
+    np.testing.assert_array_equal(again[1], first[1])
+
+
+def test_decode_contract_entry_point_equals_the_split_one(decode):
+    """The cache's entry point picks its splits from the GPU's size and the batch: equal to the
+    split entry point asked to choose; an empty batch writes nothing."""
+    dev, split, _ = decode
+    case = DecodeCase(dev, "float16", 128, 32, 32, [256], seed=27)
+    auto = case.run(tvm_ffi.get_global_func(DECODE_PAGED))
+    np.testing.assert_array_equal(auto[0], case.run(split, 0)[0])
+    check(auto, case.reference(False), "float16", "decode entry point")
+    empty = DecodeCase(dev, "float16", 64, 4, 4, [], seed=28)
+    assert empty.run(split, 0)[0].shape == (0, 4, 64)
+
+
 @pytest.fixture(scope="module")
 def attention_model(tmp_path_factory):
     """attention_model(name) -> (checkpoint, q0f16 CUDA artifact) of ATTENTION_MODELS[name]."""
@@ -358,13 +479,14 @@ def test_artifacts_on_kilns_kernel_match_transformers(attention_model, name):
     """Every row's logits against transformers: one ragged prefill of three sequences (230, 21
     and 147 tokens cut to 150, 1 and 77: the ragged kernel only), then the rest of all three in
     one pass (histories 150, 1 and 77: the paged kernel too, merged with the ragged one), then a
-    fourth prompt of 230 tokens prefilled in chunks of 64 (histories 0, 64, 128, 192)."""
+    fourth prompt of 230 tokens prefilled in chunks of 64 (histories 0, 64, 128, 192); then
+    decode steps of all four together and of one alone (the decode kernel)."""
     import torch
     import transformers
 
     ckpt, art = attention_model(name)
     externs = json.loads((art / "manifest.json").read_text())["target"]["externs"]
-    assert {PREFILL_RAGGED, PREFILL_PAGED} <= set(externs)
+    assert {PREFILL_RAGGED, PREFILL_PAGED, DECODE_PAGED} <= set(externs)
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype="float32").eval()
     runner = Runner(art, "cuda", max_batch_size=4, kv_tokens=1024)
     rng = np.random.default_rng(6)
@@ -400,3 +522,15 @@ def test_artifacts_on_kilns_kernel_match_transformers(attention_model, name):
     err = float(np.abs(np.concatenate(chunked) - expect).max() / np.abs(expect).max())
     print(f"{name}: 230 tokens in chunks of 64: max rel err {err:.2e}")
     assert err <= FP16_BOUND
+
+    # Decode (Kiln's decode kernel): the four sequences a token each in one pass, three times,
+    # then sequence 1 alone (the batch-1 entry point), three times.
+    for seqs in [[0, 1, 2, 3]] * 3 + [[1]] * 3:
+        tokens = rng.integers(3, runner.vocab_size, len(seqs)).tolist()
+        rows = runner.decode(seqs, tokens)
+        for seq, token, row in zip(seqs, tokens, rows, strict=True):
+            prompts[seq].append(token)
+            expect = theirs(prompts[seq])[-1]
+            err = float(np.abs(row - expect).max() / np.abs(expect).max())
+            print(f"{name}: decode of sequence {seq} at {len(prompts[seq])}: max rel err {err:.2e}")
+            assert err <= FP16_BOUND

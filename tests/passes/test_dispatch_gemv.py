@@ -1,9 +1,10 @@
-"""DispatchGEMV: batch-1 GEMVs -> GEMV externs, and gate/up + SiLU*up -> one fused extern.
+"""DispatchGEMV: decode GEMVs -> GEMV externs, and gate/up + SiLU*up -> one fused extern.
 
-Structure against Expected modules built by hand; what must stay (prefill's symbolic rows, a
-scheme the externs do not take, a product used elsewhere, a split that is not in halves) stays;
-and on the CPU, with NumPy functions registered under the externs' names, the dispatched module
-gives the numbers of the original one (int4 and float weights).
+Structure against Expected modules built by hand, at batch 1 and in a batched function (symbolic
+rows); what must stay (prefill's symbolic rows, a scheme the externs do not take, a product used
+elsewhere, a split that is not in halves, float weights in a batched function) stays; and on the
+CPU, with NumPy functions registered under the externs' names, the dispatched module gives the
+numbers of the original one (int4 at batch 1 and 11, float weights).
 """
 
 from __future__ import annotations
@@ -82,6 +83,16 @@ def test_gemvs_and_swiglu_become_the_externs():
     assert [gv.name_hint for gv in after.get_global_vars()] == ["main"]  # kernels dropped
 
 
+def test_in_a_batched_function_symbolic_rows_become_the_externs():
+    """A batched decode's rows (one per sequence, symbolic): dispatched where the function is
+    named batched, left to the GEMM schedules elsewhere (prefill's rows look the same)."""
+    rows = tvm.tirx.Var("batch", "int64")
+    before = _mlp_module(rows)
+    after = DispatchGEMV(EXTERNS, FLOAT, batched=("main",))(before)
+    tvm.ir.assert_structural_equal(after, _mlp_module(rows, dispatched=True))
+    assert DispatchGEMV(EXTERNS, FLOAT, batched=("decode",))(before).same_as(before)
+
+
 @pytest.mark.parametrize("variant", ["prefill rows", "other scheme", "width not a multiple",
                                      "product used elsewhere",
                                      "silu of the up half"])  # fmt: skip
@@ -131,25 +142,28 @@ def _run(mod, x, params):
     return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
 
 
-def test_dispatched_int4_module_gives_the_same_numbers_on_the_cpu():
+@pytest.mark.parametrize("batch", [1, 11])
+def test_dispatched_int4_module_gives_the_same_numbers_on_the_cpu(batch):
+    """Batch 1 (static rows), and 11 rows of a batched function (symbolic)."""
     _register_numpy_externs()
     rng = np.random.default_rng(0)
     params = [
         *PRESET.quantize("gate_up", rng.normal(0, 1, (2 * INTER, K)).astype("float32")).values(),
         *PRESET.quantize("out", rng.normal(0, 1, (OUT, K)).astype("float32")).values(),
     ]
-    before = _mlp_module(1)
-    after = DispatchGEMV(EXTERNS, FLOAT)(before)
-    x = rng.normal(0, 1, (1, K)).astype("float32")
+    before = _mlp_module(1 if batch == 1 else tvm.tirx.Var("batch", "int64"))
+    after = DispatchGEMV(EXTERNS, FLOAT, batched=("main",))(before)
+    assert "kiln.test.q4_swiglu" in after.script()
+    x = rng.normal(0, 1, (batch, K)).astype("float32")
     for want, got in zip(_run(before, x, params), _run(after, x, params), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_dispatched_float_swiglu_gives_the_same_numbers_on_the_cpu():
-    """A float gate/up Linear as FoldWeightTranspose leaves it (an NT_matmul kernel)."""
-    _register_numpy_externs()
+def _float_swiglu_module(rows) -> tvm.IRModule:
+    """A float gate/up Linear as FoldWeightTranspose leaves it (an NT_matmul kernel), then
+    SiLU(gate) * up, on x (rows, 1, K)."""
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, 1, K], "float32"))
+    x = relax.Var("x", relax.TensorType([rows, 1, K], "float32"))
     packed = relax.Var("packed", relax.TupleType([relax.TensorType([2 * INTER, K], "float32")]))
     with bb.function("main", [x, packed], attrs={"num_input": 1}):
         with bb.dataflow():
@@ -159,7 +173,12 @@ def test_dispatched_float_swiglu_gives_the_same_numbers_on_the_cpu():
             g, u = (bb.emit(relax.TupleGetItem(parts, i)) for i in range(2))
             out = bb.emit_output(relax.op.multiply(bb.emit(relax.op.nn.silu(g)), u))
         bb.emit_func_output(out)
-    before = FoldWeightTranspose()(bb.get())
+    return FoldWeightTranspose()(bb.get())
+
+
+def test_dispatched_float_swiglu_gives_the_same_numbers_on_the_cpu():
+    _register_numpy_externs()
+    before = _float_swiglu_module(1)
     after = DispatchGEMV(EXTERNS, FLOAT)(before)
     assert "kiln.test.f32_swiglu" in after.script()
     assert [gv.name_hint for gv in after.get_global_vars()] == ["main"]
@@ -168,3 +187,9 @@ def test_dispatched_float_swiglu_gives_the_same_numbers_on_the_cpu():
     xs, ws = xs.astype("float32"), ws.astype("float32")
     (want,), (got,) = _run(before, xs, [ws]), _run(after, xs, [ws])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float_weights_in_a_batched_function_stay():
+    """Float GEMMs of a batch are cuBLAS's (a GEMV per 8 rows would read the weight again)."""
+    before = _float_swiglu_module(tvm.tirx.Var("batch", "int64"))
+    assert DispatchGEMV(EXTERNS, FLOAT, batched=("main",))(before).same_as(before)

@@ -26,6 +26,7 @@ from kiln.models.attention import AbstractCausalKV, AttentionSpec, KVCache, RoPE
 from kiln.models.llama import LlamaConfig, LlamaForCausalLM
 from kiln.models.ops import take
 from kiln.passes.lower_paged_kv_cache import (
+    DECODE_KERNEL,
     PAGED_PREFILL_KERNEL,
     RAGGED_PREFILL_KERNEL,
     LowerPagedKVCache,
@@ -185,9 +186,13 @@ def test_module_without_abstract_ops_is_unchanged(lowered):
     assert LowerPagedKVCache(TARGET, lambda dtype, head_dim: EXTERNS)(expected).same_as(expected)
 
 
-# A fp16 cache of head_dim 64 on CUDA: what Kiln's prefill attention externs take.
-EXTERNS = {"ragged": "kiln.attention.prefill_ragged", "paged": "kiln.attention.prefill_paged"}
-KERNELS = {"ragged": RAGGED_PREFILL_KERNEL, "paged": PAGED_PREFILL_KERNEL}
+# A fp16 cache of head_dim 64 on CUDA: what Kiln's attention externs take.
+EXTERNS = {
+    "ragged": "kiln.attention.prefill_ragged",
+    "paged": "kiln.attention.prefill_paged",
+    "decode": "kiln.attention.decode_paged",
+}
+KERNELS = {"ragged": RAGGED_PREFILL_KERNEL, "paged": PAGED_PREFILL_KERNEL, "decode": DECODE_KERNEL}
 GPU_SPEC = AttentionSpec(
     num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=64, rope=RoPE(1e4), context_length=256
 )
@@ -223,11 +228,11 @@ def _create_args(mod: tvm.IRModule) -> list:
     return list(call.args[1:])
 
 
-def test_without_an_extern_the_cache_runs_tvms_prefill_kernels(cuda_lowered):
+def test_without_an_extern_the_cache_runs_tvms_kernels(cuda_lowered):
     _, without, expected = cuda_lowered
     assert _differing(_create_args(without), _create_args(expected)) == []
     names = {g.name_hint for g in without.get_global_vars()}
-    assert {RAGGED_PREFILL_KERNEL, PAGED_PREFILL_KERNEL} <= names
+    assert set(KERNELS.values()) <= names
     assert PAGED_PREFILL_KERNEL + "_sliding_window" in names
 
 
@@ -257,11 +262,12 @@ def _replaced(got: list, want: list) -> dict[str, str]:
     return replaced
 
 
-def test_the_externs_take_the_place_of_tvms_prefill_kernels(cuda_lowered):
-    """Expected: TVM's own creation call with ("tirx", batch_prefill_ragged_kv) and ("tirx",
-    batch_prefill_paged_kv) replaced by ("tirx", ExternFunc(...)), every other argument as it is
-    (the sliding-window paged kernel among them); the TIR kernels leave the module (nothing
-    compiles them), every other kernel stays; prefill and decode are untouched."""
+def test_the_externs_take_the_place_of_tvms_kernels(cuda_lowered):
+    """Expected: TVM's own creation call with ("tirx", batch_prefill_ragged_kv), ("tirx",
+    batch_prefill_paged_kv) and ("tirx", batch_decode_paged_kv) replaced by ("tirx",
+    ExternFunc(...)), every other argument as it is (the sliding-window kernels among them);
+    the TIR kernels leave the module (nothing compiles them), every other kernel stays; prefill
+    and decode are untouched."""
     ours, _, expected = cuda_lowered
     assert _replaced(_create_args(ours), _create_args(expected)) == {
         KERNELS[kind]: extern for kind, extern in EXTERNS.items()
@@ -272,7 +278,7 @@ def test_the_externs_take_the_place_of_tvms_prefill_kernels(cuda_lowered):
         tvm.ir.assert_structural_equal(ours[entry], expected[entry])
 
 
-@pytest.mark.parametrize("kind", ["ragged", "paged"])
+@pytest.mark.parametrize("kind", ["ragged", "paged", "decode"])
 def test_one_extern_replaces_only_its_kernel(kind):
     target = get_target("cuda").target("sm_90")
     before, _ = export(GPU_SPEC, False, "float16", target)

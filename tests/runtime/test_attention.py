@@ -1,9 +1,10 @@
-"""Kiln's prefill attention externs (kiln.runtime.attention): they build with the nvcc found
-here, and their library loads and registers its functions on a machine without a GPU or a
-compiler, checking their arguments with clear errors; an artifact that calls them loads its own
-copy, and fails with one clear message where the copy is missing and nothing can build it. The
-NumPy models of their contracts (attention_reference.py) equal TVM's CPU kernels here; on a GPU
-the kernels agree with those models and with TVM's kernels (tests/gpu/test_attention.py).
+"""Kiln's attention externs (kiln.runtime.attention: prefill ragged and paged, decode): they
+build with the nvcc found here, and their library loads and registers its functions on a
+machine without a GPU or a compiler, checking their arguments with clear errors; an artifact
+that calls them loads its own copy, and fails with one clear message where the copy is missing
+and nothing can build it. The NumPy models of their contracts (attention_reference.py) equal
+TVM's CPU kernels here; on a GPU the kernels agree with those models and with TVM's kernels
+(tests/gpu/test_attention.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import tvm_ffi
-from attention_reference import gather_pages, paged_reference, random_page_table, visible
+from attention_reference import EMPTY_LSE, gather_pages, paged_reference, random_page_table, visible
 from native_checks import run_without_compiler
 
 from kiln.runtime import attention
@@ -27,6 +28,8 @@ FUNCTIONS = {
     "kiln.attention.prefill_ragged_tiled",
     "kiln.attention.prefill_paged",
     "kiln.attention.prefill_paged_tiled",
+    "kiln.attention.decode_paged",
+    "kiln.attention.decode_paged_split",
 }
 ARCHS = ["sm_90"]  # one arch keeps the build short
 
@@ -65,6 +68,7 @@ load_attention(archs=["sm_90"])
 load_attention(archs=["sm_90"])  # once is enough; again is a no-op
 ragged = tvm_ffi.get_global_func("kiln.attention.prefill_ragged")
 paged = tvm_ffi.get_global_func("kiln.attention.prefill_paged")
+decode = tvm_ffi.get_global_func("kiln.attention.decode_paged")
 host = lambda shape, dtype: tvm_ffi.from_dlpack(np.zeros(shape, dtype))
 q = host((4, 2, 64), "float16")
 pages = host((3, 2, 1, 16, 64), "float16")
@@ -75,6 +79,8 @@ calls = {
     "ragged": lambda rotary: ragged(q, ptr, q, q, ptr, ptr, ptr, q, lse, 1, rotary, 1.0, 1e4, 0.1),
     "paged": lambda rotary: paged(q, ptr, pages, ptr, one, one, one, ptr, q, lse, 0, rotary, 1.0,
                                   1e4, 0.1),
+    "decode": lambda rotary: decode(q, pages, host((5,), "int32"), one, host((4,), "int32"),
+                                    one, one, q, lse, rotary, 1.0, 1e4, 0.1),
 }
 errors = {}
 for name, call in calls.items():
@@ -99,8 +105,9 @@ def test_loads_and_registers_without_gpu_or_compiler(built):
     cache, _ = built
     result = json.loads(run_without_compiler(LOAD_AND_CALL, cache).strip().splitlines()[-1])
     assert set(result["names"]) >= FUNCTIONS
-    for name in ("ragged", "paged"):
-        assert f"kiln.attention.prefill_{name} does not apply RoPE" in result["errors"][f"{name} 1"]
+    for name, fn in (("ragged", "prefill_ragged"), ("paged", "prefill_paged"),
+                     ("decode", "decode_paged")):  # fmt: skip
+        assert f"kiln.attention.{fn} does not apply RoPE" in result["errors"][f"{name} 1"]
         assert "q must be on cuda:0" in result["errors"][f"{name} 0"]
     assert result["relax"] == [] and not result["compiler_lib"]
 
@@ -152,7 +159,7 @@ def test_without_nvcc_an_artifact_without_its_copy_fails_clearly(monkeypatch, tm
 def test_every_extern_has_a_file_and_a_loader():
     assert set(EXTERNS) == {
         "kiln.cublas.matmul", attention.PREFILL_RAGGED, attention.PREFILL_PAGED,
-        "kiln.gemv.q4", "kiln.gemv.q4_swiglu", "kiln.gemv.f16_swiglu",
+        attention.DECODE_PAGED, "kiln.gemv.q4", "kiln.gemv.q4_swiglu", "kiln.gemv.f16_swiglu",
     }  # fmt: skip
     # Externs that share a library file build and load it alike (one library, both functions).
     by_file = {}
@@ -160,6 +167,7 @@ def test_every_extern_has_a_file_and_a_loader():
         by_file.setdefault(extern.artifact_file, set()).add((extern.build, extern.load))
     assert all(len(ways) == 1 for ways in by_file.values())
     assert EXTERNS[attention.PREFILL_PAGED] == EXTERNS[attention.PREFILL_RAGGED]
+    assert EXTERNS[attention.DECODE_PAGED] == EXTERNS[attention.PREFILL_RAGGED]
 
 
 @pytest.mark.parametrize("h_q,h_kv", [(4, 4), (8, 2), (8, 1)])
@@ -200,3 +208,34 @@ def test_the_paged_reference_equals_tvms_cpu_kernel(h_q, h_kv):
         pairs = zip(chunks, histories, strict=True)
         seen = np.concatenate([visible(n, h, bool(causal)).any(axis=1) for n, h in pairs])
         assert len(q) - seen.sum() == (59 if causal else 7)
+
+
+@pytest.mark.parametrize("h_q,h_kv", [(4, 4), (8, 2), (8, 1)])
+def test_the_decode_reference_equals_tvms_cpu_kernel(h_q, h_kv):
+    """The float64 model of batch_decode_paged_kv the GPU tests hold Kiln's decode kernel to
+    (the paged model with one query per sequence) equals TVM's CPU decode kernel on histories of
+    0, 1, 15, 16, 17, 100 and 40 keys in shuffled pages."""
+    import tvm
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+
+    d, page_size = 16, 16
+    func = _attention_decode_cpu(h_kv, h_q, d, "float32", False, {}, page_size=page_size)
+    kernel = tvm.compile(tvm.IRModule({"main": func}), "llvm")["main"]
+    rng = np.random.default_rng(1)
+    histories = [0, 1, 15, 16, 17, 100, 40]
+    num_pages, page_indptr, page_values, last = random_page_table(rng, histories, page_size)
+    pages = rng.standard_normal((num_pages, 2, h_kv, page_size, d)).astype("float32")
+    q = rng.standard_normal((len(histories), h_q, d)).astype("float32")
+    tensor = tvm.runtime.tensor
+    out = tensor(np.full(q.shape, np.nan, "float32"))
+    lse = tensor(np.full(q.shape[:2], np.nan, "float32"))
+    rope = [tensor(np.zeros(len(q), "int32")) for _ in range(2)]  # unused
+    kernel(tensor(q), tensor(pages), tensor(page_indptr), tensor(page_values), tensor(last),
+           *rope, out, lse, 0, 1.0, 1e4, d**-0.5)  # fmt: skip
+    q_indptr = np.arange(len(q) + 1, dtype="int32")
+    want_o, want_lse = paged_reference(
+        q, q_indptr, pages, page_indptr, page_values, last, False, d**-0.5
+    )
+    np.testing.assert_allclose(out.numpy(), want_o, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse.numpy(), want_lse, rtol=0, atol=1e-5)
+    assert (want_lse[0] == EMPTY_LSE).all() and (want_o[0] == 0).all()  # no history

@@ -172,9 +172,11 @@ def nvcc_found(monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_fp16_and_bf16_caches_of_head_dim_64_and_128_take_kilns_kernel(nvcc_found, dtype, head_dim):
     target = cuda.CUDA.target("sm_80,sm_90")
-    assert cuda.CUDA.prefill_attention(target, dtype, head_dim) == {
-        "ragged": attention.PREFILL_RAGGED, "paged": attention.PREFILL_PAGED
-    }  # fmt: skip
+    assert cuda.CUDA.attention_externs(target, dtype, head_dim) == {
+        "ragged": attention.PREFILL_RAGGED,
+        "paged": attention.PREFILL_PAGED,
+        "decode": attention.DECODE_PAGED,
+    }
 
 
 @pytest.mark.parametrize(
@@ -188,7 +190,7 @@ def test_fp16_and_bf16_caches_of_head_dim_64_and_128_take_kilns_kernel(nvcc_foun
     ],
 )
 def test_other_caches_keep_tvms_kernel(nvcc_found, arch, dtype, head_dim):
-    assert cuda.CUDA.prefill_attention(cuda.CUDA.target(arch), dtype, head_dim) == {}
+    assert cuda.CUDA.attention_externs(cuda.CUDA.target(arch), dtype, head_dim) == {}
 
 
 def test_other_targets_keep_tvms_kernel():
@@ -197,13 +199,13 @@ def test_other_targets_keep_tvms_kernel():
     for name, spec in TARGETS.items():
         if name != "cuda":
             arch = spec.split_arch(None)[0] if spec.split_arch else None
-            assert spec.prefill_attention(spec.target(arch), "float16", 128) == {}, name
+            assert spec.attention_externs(spec.target(arch), "float16", 128) == {}, name
 
 
 def test_without_nvcc_tvms_kernel_stays_with_a_note(monkeypatch):
     monkeypatch.setattr(attention, "find_nvcc", lambda: None)
-    with pytest.warns(UserWarning, match=r"TVM's kernel.*nvcc.*kiln\[cuda\]"):
-        assert cuda.CUDA.prefill_attention(cuda.CUDA.target("sm_90"), "float16", 128) == {}
+    with pytest.warns(UserWarning, match=r"TVM's kernels.*nvcc.*kiln\[cuda\]"):
+        assert cuda.CUDA.attention_externs(cuda.CUDA.target("sm_90"), "float16", 128) == {}
 
 
 def test_a_head_dim_32_model_keeps_tvms_prefill_kernels(tiny_cuda):
@@ -217,7 +219,7 @@ def test_a_head_dim_32_model_keeps_tvms_prefill_kernels(tiny_cuda):
 
 
 @needs_nvcc
-def test_a_head_dim_64_model_carries_kilns_prefill_attention(
+def test_a_head_dim_64_model_carries_kilns_attention_externs(
     custom_checkpoint, tmp_path, monkeypatch_module
 ):
     """The manifest lists the externs, the artifact carries their library built for its archs
@@ -231,14 +233,16 @@ def test_a_head_dim_64_model_carries_kilns_prefill_attention(
         str(ckpt), target="cuda", quantization="q0f16", output=tmp_path / "a", arch="sm_80,sm_90"
     )
     manifest = json.loads((art / "manifest.json").read_text())
-    assert {attention.PREFILL_RAGGED, attention.PREFILL_PAGED} <= set(manifest["target"]["externs"])
+    externs = {attention.PREFILL_RAGGED, attention.PREFILL_PAGED, attention.DECODE_PAGED}
+    assert externs <= set(manifest["target"]["externs"])
     assert manifest["files"][attention.ARTIFACT_FILE]
     kernels = manifest["target"]["device_code"]["kernels"]
     assert "batch_prefill_ragged_kv_kernel" not in kernels
     assert "batch_prefill_paged_kv_kernel" not in kernels
-    # the rest of the cache stays TVM's, the sliding-window paged prefill among it
+    assert "batch_decode_paged_kv_kernel" not in kernels
+    # the rest of the cache stays TVM's, the sliding-window kernels among it
     assert "batch_prefill_paged_kv_sliding_window_kernel" in kernels
-    assert "batch_decode_paged_kv_kernel" in kernels
+    assert "batch_decode_paged_kv_sliding_window_kernel" in kernels
     data = (art / attention.ARTIFACT_FILE).read_bytes()
     fatbin = data[data.index(struct.pack("<I", 0xBA55ED50)) :]
     images = {(kind, sm) for kind, sm, _ in cuda.fatbin_images(fatbin)}

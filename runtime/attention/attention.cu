@@ -1,10 +1,12 @@
-// Kiln's prefill attention: `kiln.attention.prefill_ragged` and `kiln.attention.prefill_paged`, a
-// FlashAttention-2 style kernel on the tensor cores (flash_prefill.cuh) that stands in for TVM's
-// `batch_prefill_ragged_kv` and `batch_prefill_paged_kv` in the paged KV cache.
+// Kiln's attention for TVM's paged KV cache: `kiln.attention.prefill_ragged` and
+// `kiln.attention.prefill_paged`, a FlashAttention-2 style kernel on the tensor cores
+// (flash_prefill.cuh) that stands in for TVM's `batch_prefill_ragged_kv` and
+// `batch_prefill_paged_kv`, and `kiln.attention.decode_paged`, a split-keys decode kernel
+// (flash_decode.cuh) in place of `batch_decode_paged_kv`.
 //
 // The contracts are those TIR kernels' argument lists, which TVM's C++ cache calls
-// (attn_backend.h, TIRRaggedPrefillFunc and TIRPagedPrefillFunc). prefill_ragged, whenever a
-// prefill chunk attends to its own keys:
+// (attn_backend.h, TIRRaggedPrefillFunc, TIRPagedPrefillFunc and TIRPagedDecodeFunc).
+// prefill_ragged, whenever a prefill chunk attends to its own keys:
 //
 //   (q (total_q, h_q, d), q_indptr (batch + 1) int32, k (total_kv, h_kv, d),
 //    v (total_kv, h_kv, d), kv_indptr (batch + 1) int32, q_rope_position (total_q) int32,
@@ -35,6 +37,17 @@
 // is refused: Kiln's caches apply RoPE as q/k enter the cache (RopeMode.NORMAL), so the cache
 // always passes 0, and the rope arguments are unused.
 //
+// decode_paged, whenever every sequence of a pass appends one token (after the cache wrote its
+// K/V into the pages):
+//
+//   (q (batch, h_q, d), pages, page_indptr (batch + 1) int32, page_values (nnz_pages) int32,
+//    length_info (batch) int32, k_rope_pos_offset (batch) int32, q_rope_position (batch) int32,
+//    output (batch, h_q, d), lse (batch, h_q) float32, int rotary_mode, float rope_scale,
+//    float rope_theta, float sm_scale)
+//
+// Query b sees every key of sequence b (the pages as for prefill_paged); the same lse and
+// "nothing seen" conventions.
+//
 // Runs on TVM's current stream for the device (TVMFFIEnvGetStream), as cublas.cc does.
 
 #include <dlpack/dlpack.h>
@@ -43,9 +56,12 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/reflection/registry.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 
+#include "flash_decode.cuh"
 #include "flash_prefill.cuh"
 
 namespace kiln {
@@ -305,15 +321,192 @@ void PrefillPaged(Tensor q, Tensor q_indptr, Tensor pages, Tensor page_indptr,
                     rope_theta, sm_scale);
 }
 
+// -- decode --------------------------------------------------------------------------------------
+
+constexpr const char* kDecode = "kiln.attention.decode_paged";
+constexpr int kMaxSplits = 64;
+constexpr int kMinSplitKeys = 32;  // fewer keys a block cost more in merging than they save
+
+// The split decode's scratch, one per device, grown as calls need and kept: the counters (zero
+// between calls: the merging block resets its own, and a call with more blocks than any before
+// finds the new ones zeroed) and each split's m/l and o. A call that needs more than any before
+// waits for the device once.
+struct DecodeScratch {
+  int* counters;
+  float* states;
+};
+
+void Grow(void** buffer, size_t* size, size_t bytes) {
+  if (*size >= bytes) return;
+  bytes = std::max(bytes, size_t{1} << 16);
+  CheckCuda(cudaDeviceSynchronize(), kDecode, "cudaDeviceSynchronize");  // the old one in use
+  if (*buffer != nullptr) CheckCuda(cudaFree(*buffer), kDecode, "cudaFree");
+  *buffer = nullptr, *size = 0;
+  CheckCuda(cudaMalloc(buffer, bytes), kDecode, "cudaMalloc");
+  CheckCuda(cudaMemset(*buffer, 0, bytes), kDecode, "cudaMemset");
+  *size = bytes;
+}
+
+DecodeScratch DecodeWorkspace(int device, size_t counters, size_t states) {
+  static std::mutex mu;
+  static void* buffers[64][2] = {};
+  static size_t sizes[64][2] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  const int i = device % 64;
+  Grow(&buffers[i][0], &sizes[i][0], counters * sizeof(int));
+  Grow(&buffers[i][1], &sizes[i][1], states * sizeof(float));
+  return {static_cast<int*>(buffers[i][0]), static_cast<float*>(buffers[i][1])};
+}
+
+// Splits of each sequence's keys so that the grid fills the GPU about twice over, each split
+// at least kMinSplitKeys keys of the batch's mean history.
+int AutoSplits(int64_t blocks, int64_t batch, int64_t nnz_pages, int64_t page_size, int sms) {
+  const int64_t want = (2 * int64_t{sms} + blocks - 1) / blocks;
+  const int64_t mean_keys = batch > 0 ? nnz_pages * page_size / batch : 0;
+  const int64_t most = std::max<int64_t>(1, mean_keys / kMinSplitKeys);
+  return static_cast<int>(std::clamp<int64_t>(std::min(want, most), 1, kMaxSplits));
+}
+
+template <typename T, int D, int H>
+void LaunchDecode(const DecodeParams& p, cudaStream_t stream) {
+  dim3 grid(p.splits, p.h_kv * p.slices, p.batch);
+  Decode<T, D, H><<<grid, kDecodeThreads, 0, stream>>>(p);
+  CheckCuda(cudaGetLastError(), kDecode, "the kernel launch");
+}
+
+template <typename T, int D>
+void LaunchDecodeHeads(const DecodeParams& p, int heads, cudaStream_t stream) {
+  switch (heads) {
+    case 1: return LaunchDecode<T, D, 1>(p, stream);
+    case 2: return LaunchDecode<T, D, 2>(p, stream);
+    case 4: return LaunchDecode<T, D, 4>(p, stream);
+    default: return LaunchDecode<T, D, 8>(p, stream);
+  }
+}
+
+// `splits`: runs of keys per sequence, or 0 to choose by the amount of work.
+void DecodePagedSplit(int64_t splits, Tensor q, Tensor pages, Tensor page_indptr,
+                      Tensor page_values, Tensor length_info, Tensor k_rope_pos_offset,
+                      Tensor q_rope_position, Tensor out, Tensor lse, int64_t rotary_mode,
+                      double rope_scale, double rope_theta, double sm_scale) {
+  (void)k_rope_pos_offset, (void)q_rope_position, (void)rope_scale, (void)rope_theta;
+  const char* name = kDecode;
+  TVM_FFI_CHECK(rotary_mode == 0, ValueError)
+      << name << " does not apply RoPE (rotary_mode " << rotary_mode
+      << "): Kiln's KV caches apply it as q and k enter the cache";
+  TVM_FFI_CHECK(splits >= 0 && splits <= kMaxSplits, ValueError)
+      << name << ": splits must be 0 (choose) to " << kMaxSplits << ", not " << splits;
+  const int device = q.device().device_id;
+  CheckTensor(name, q, "q", 3, device);
+  CheckTensor(name, out, "output", 3, device);
+  CheckTensor(name, lse, "lse", 2, device);
+  CheckTensor(name, pages, "pages", 5, device);
+  CheckTensor(name, page_indptr, "page_indptr", 1, device);
+  CheckTensor(name, page_values, "page_values", 1, device);
+  TVM_FFI_CHECK(length_info.ndim() == 1, ValueError)
+      << name << ": length_info must be (batch,), the last pages' lengths (a sliding-window "
+      << "cache's (3, batch) is TVM's kernel's)";
+  CheckTensor(name, length_info, "length_info", 1, device);
+  const DLDataType dt = q.dtype();
+  const bool fp16 = dt.code == kDLFloat && dt.bits == 16 && dt.lanes == 1;
+  const bool bf16 = dt.code == kDLBfloat && dt.bits == 16 && dt.lanes == 1;
+  TVM_FFI_CHECK(fp16 || bf16, TypeError) << name << " takes float16 or bfloat16 q and pages";
+  const auto code = static_cast<DLDataTypeCode>(dt.code);
+  CheckDtype(name, out, "output", code, 16);
+  CheckDtype(name, pages, "pages", code, 16);
+  CheckDtype(name, lse, "lse", kDLFloat, 32);
+  CheckDtype(name, page_indptr, "page_indptr", kDLInt, 32);
+  CheckDtype(name, page_values, "page_values", kDLInt, 32);
+  CheckDtype(name, length_info, "length_info", kDLInt, 32);
+  const int64_t batch = q.size(0), h_q = q.size(1), d = q.size(2);
+  TVM_FFI_CHECK(d == 64 || d == 128, ValueError) << name << " takes head_dim 64 or 128, not " << d;
+  const int64_t h_kv = pages.size(2);
+  TVM_FFI_CHECK(pages.size(1) == 2 && pages.size(3) > 0 && pages.size(4) == d, ValueError)
+      << name << ": pages must be (num_pages, 2, h_kv, page_size, " << d << ")";
+  TVM_FFI_CHECK(h_kv > 0 && h_q % h_kv == 0, ValueError)
+      << name << ": " << h_q << " query heads are not a multiple of " << h_kv << " KV heads";
+  TVM_FFI_CHECK(out.size(0) == batch && out.size(1) == h_q && out.size(2) == d, ValueError)
+      << name << ": output must be shaped as q";
+  TVM_FFI_CHECK(lse.size(0) == batch && lse.size(1) == h_q, ValueError)
+      << name << ": lse must be (batch, h_q)";
+  TVM_FFI_CHECK(page_indptr.size(0) == batch + 1 && length_info.size(0) == batch, ValueError)
+      << name << ": page_indptr must have batch + 1 entries, length_info batch";
+  CheckAligned(name, q, "q");
+  CheckAligned(name, out, "output");
+  CheckAligned(name, pages, "pages");
+  if (batch == 0 || h_q == 0) return;
+
+  int current = -1;
+  CheckCuda(cudaGetDevice(&current), name, "cudaGetDevice");
+  if (current != device) CheckCuda(cudaSetDevice(device), name, "cudaSetDevice");
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+
+  DecodeParams p{};
+  const int64_t group = h_q / h_kv;
+  // Query heads per block: the group, rounded up to a power of two, at most kMaxDecodeHeads.
+  int heads = 1;
+  while (heads < group && heads < kMaxDecodeHeads) heads *= 2;
+  p.q = DataOf(q);
+  p.out = DataOf(out);
+  p.lse = reinterpret_cast<float*>(DataOf(lse));
+  p.pages = DataOf(pages);
+  p.page_indptr = Int32s(page_indptr);
+  p.page_values = Int32s(page_values);
+  p.last_page_len = Int32s(length_info);
+  p.batch = static_cast<int>(batch);
+  p.h_q = static_cast<int>(h_q);
+  p.h_kv = static_cast<int>(h_kv);
+  p.group = static_cast<int>(group);
+  p.page_size = static_cast<int>(pages.size(3));
+  p.slices = static_cast<int>((group + heads - 1) / heads);
+  p.scale_log2 = static_cast<float>(sm_scale) * kLog2e;
+  const int64_t blocks = batch * h_kv * p.slices;
+  TVM_FFI_CHECK(batch <= 65535 && h_kv * p.slices <= 65535, ValueError)
+      << name << ": " << batch << " sequences of " << h_q << " heads are more than one call takes";
+  p.splits = splits ? static_cast<int>(splits)
+                    : AutoSplits(blocks, batch, page_values.size(0), p.page_size,
+                                 SmCount(name, device));
+  if (p.splits > 1) {
+    const size_t states = static_cast<size_t>(p.splits) * batch * h_q;
+    const DecodeScratch scratch = DecodeWorkspace(device, blocks, states * (2 + d));
+    p.counters = scratch.counters;
+    p.partial_ml = scratch.states;
+    p.partial_o = scratch.states + 2 * states;
+  }
+  using H = half;
+  using B = __nv_bfloat16;
+  if (!bf16 && d == 64) {
+    LaunchDecodeHeads<H, 64>(p, heads, stream);
+  } else if (!bf16) {
+    LaunchDecodeHeads<H, 128>(p, heads, stream);
+  } else if (d == 64) {
+    LaunchDecodeHeads<B, 64>(p, heads, stream);
+  } else {
+    LaunchDecodeHeads<B, 128>(p, heads, stream);
+  }
+}
+
+void DecodePaged(Tensor q, Tensor pages, Tensor page_indptr, Tensor page_values,
+                 Tensor length_info, Tensor k_rope_pos_offset, Tensor q_rope_position, Tensor out,
+                 Tensor lse, int64_t rotary_mode, double rope_scale, double rope_theta,
+                 double sm_scale) {
+  DecodePagedSplit(0, q, pages, page_indptr, page_values, length_info, k_rope_pos_offset,
+                   q_rope_position, out, lse, rotary_mode, rope_scale, rope_theta, sm_scale);
+}
+
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef()
-      // TVM's batch_prefill_ragged_kv and batch_prefill_paged_kv contracts (the cache calls them)
+      // TVM's batch_prefill_ragged_kv, batch_prefill_paged_kv and batch_decode_paged_kv
+      // contracts (the cache calls them)
       .def(kRagged, PrefillRagged)
       .def(kPaged, PrefillPaged)
-      // The same with the tile height fixed (64 or 128 rows; 0 chooses): for tests and benchmarks
+      .def(kDecode, DecodePaged)
+      // The same with the tile height (64 or 128 rows) or the splits fixed (0 chooses): for
+      // tests and benchmarks
       .def("kiln.attention.prefill_ragged_tiled", PrefillRaggedTiled)
-      .def("kiln.attention.prefill_paged_tiled", PrefillPagedTiled);
+      .def("kiln.attention.prefill_paged_tiled", PrefillPagedTiled)
+      .def("kiln.attention.decode_paged_split", DecodePagedSplit);
 }
 
 }  // namespace attention

@@ -1,0 +1,296 @@
+// Kiln's decode attention kernel (device code) for `kiln.attention.decode_paged`: one query per
+// sequence against the keys in the paged KV cache, split over the keys (flash-decoding).
+//
+// TVM's batch_decode_paged_kv gives each (sequence, KV head) one thread block, so a batch of one
+// on a 32-head model runs 32 blocks: a quarter of an H100's SMs, each walking the whole history.
+// Here each (sequence, KV head, slice of up to kHeads of its query heads) is cut into `splits`
+// equal runs of keys, one block each, chosen by the host so that the grid fills the GPU. A
+// block's 4 warps walk their run in key groups of D / 8 lanes: each lane holds 8 elements
+// (16 bytes) of a key row and of the query heads' rows, the group's lanes sum their products
+// with shuffles, and every group keeps its own online-softmax state (running max m, sum l, the
+// unnormalised output o), which the block merges at the end. Loads go 16 bytes a lane, kUnroll
+// keys' K and V rows at once, so a warp has 2 x kUnroll x 512 bytes in flight.
+//
+// With one split a block writes the output and lse itself. With more, each writes its state to
+// a workspace, and the last of a (sequence, slice)'s blocks to finish (an atomic counter, which
+// it resets) merges them: no second kernel. Scores are in the log2 domain (s = q.k * sm_scale *
+// log2(e), lse = m + log2(l)), as TVM's kernels and merge_state_inplace count them; a sequence
+// without keys gets output 0 and lse -5e4.
+
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace kiln {
+namespace attention {
+
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = kDecodeWarps * 32;
+constexpr int kMaxDecodeHeads = 8;  // query heads a block takes (a KV head's group, in slices)
+constexpr float kDecodeEmptyLse = -5e4f;  // TVM's "nothing seen" score
+
+struct DecodeParams {
+  const void* q;                 // (batch, h_q, d)
+  void* out;                     // (batch, h_q, d)
+  float* lse;                    // (batch, h_q)
+  const void* pages;             // (num_pages, 2, h_kv, page_size, d): K at [., 0], V at [., 1]
+  const int32_t* page_indptr;    // (batch + 1)
+  const int32_t* page_values;    // (nnz_pages)
+  const int32_t* last_page_len;  // (batch)
+  int batch, h_q, h_kv, group, page_size;
+  int slices;  // blocks a KV head's query heads are cut into: ceil(group / kHeads)
+  int splits;  // runs of keys a sequence is cut into
+  float scale_log2;  // sm_scale * log2(e)
+  float* partial_o;   // (splits, batch, h_q, d) when splits > 1
+  float* partial_ml;  // (splits, batch, h_q, 2)
+  int* counters;      // (batch, h_kv * slices): zero between calls
+};
+
+template <typename T>
+struct Float8;  // 8 elements (16 bytes) -> 8 floats
+
+template <>
+struct Float8<half> {
+  __device__ __forceinline__ static void Load(float (&f)[8], const uint4& u) {
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 x = __half22float2(h[i]);
+      f[2 * i] = x.x, f[2 * i + 1] = x.y;
+    }
+  }
+};
+
+template <>
+struct Float8<__nv_bfloat16> {
+  __device__ __forceinline__ static void Load(float (&f)[8], const uint4& u) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 x = __bfloat1622float2(h[i]);
+      f[2 * i] = x.x, f[2 * i + 1] = x.y;
+    }
+  }
+};
+
+__device__ __forceinline__ uint4 LoadStreaming(const void* p) {  // read once: skip L1
+  uint4 u;
+  asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+               : "l"(p));
+  return u;
+}
+
+__device__ __forceinline__ float Exp2Decode(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// One online-softmax state (m, l, o) absorbs another (m2, l2, o2).
+template <int H>
+__device__ __forceinline__ void MergeState(float (&m)[H], float (&l)[H], float (&o)[H][8],
+                                           const float (&m2)[H], const float (&l2)[H],
+                                           const float (&o2)[H][8]) {
+#pragma unroll
+  for (int h = 0; h < H; ++h) {
+    const float mx = fmaxf(m[h], m2[h]);
+    const float a = Exp2Decode(m[h] - mx), b = Exp2Decode(m2[h] - mx);
+    m[h] = mx;
+    l[h] = l[h] * a + l2[h] * b;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[h][j] = o[h][j] * a + o2[h][j] * b;
+  }
+}
+
+// grid (splits, h_kv * slices, batch), kDecodeThreads threads. H: query heads per block.
+template <typename T, int D, int H>
+__global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
+  constexpr int kLanes = D / 8;            // lanes per key row
+  constexpr int kGroups = 32 / kLanes;     // key groups per warp
+  constexpr int kBlockGroups = kGroups * kDecodeWarps;
+  constexpr int kUnroll = H >= 8 ? 2 : 4;  // keys per group per step (registers)
+  using F = Float8<T>;
+
+  __shared__ float s_o[kDecodeWarps][H][D];
+  __shared__ float s_ml[kDecodeWarps][H][2];
+  __shared__ int s_last;
+
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int kv_head = blockIdx.y / p.slices, slice = blockIdx.y % p.slices;
+  const int head0 = kv_head * p.group + slice * H;
+  const int heads = min(H, p.group - slice * H);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int sub = lane % kLanes;                    // which 8 elements of a row
+  const int grp = warp * kGroups + lane / kLanes;   // which key group
+
+  const int p0 = p.page_indptr[b], p1 = p.page_indptr[b + 1];
+  const int len = p1 > p0 ? (p1 - p0 - 1) * p.page_size + p.last_page_len[b] : 0;
+  const int per = (len + p.splits - 1) / p.splits;
+  const int start = split * per, end = min(len, start + per);
+
+  float q[H][8];
+#pragma unroll
+  for (int h = 0; h < H; ++h) {
+    if (h < heads) {
+      const T* row = static_cast<const T*>(p.q) + (int64_t(b) * p.h_q + head0 + h) * D + sub * 8;
+      F::Load(q[h], *reinterpret_cast<const uint4*>(row));
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[h][j] *= p.scale_log2;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[h][j] = 0.f;
+    }
+  }
+  float m[H], l[H], o[H][8];
+#pragma unroll
+  for (int h = 0; h < H; ++h) {
+    m[h] = kDecodeEmptyLse, l[h] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[h][j] = 0.f;
+  }
+
+  const T* pages = static_cast<const T*>(p.pages);
+  const int64_t kv_stride = int64_t(p.h_kv) * p.page_size * D;  // K -> V of a page
+  for (int base = start; base < end; base += kBlockGroups * kUnroll) {
+    uint4 kraw[kUnroll], vraw[kUnroll];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kBlockGroups + grp;
+      valid[u] = i < end;
+      if (valid[u]) {
+        const int page = p.page_values[p0 + i / p.page_size];
+        const T* k = pages + ((int64_t(page) * 2 * p.h_kv + kv_head) * p.page_size +
+                              i % p.page_size) * D + sub * 8;
+        kraw[u] = LoadStreaming(k);
+        vraw[u] = LoadStreaming(k + kv_stride);
+      } else {
+        kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    float s[kUnroll][H];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float k[8];
+      F::Load(k, kraw[u]);
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        float dot = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dot = fmaf(q[h][j], k[j], dot);
+#pragma unroll
+        for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(~0u, dot, off);
+        s[u][h] = valid[u] ? dot : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+      float mx = m[h];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) mx = fmaxf(mx, s[u][h]);
+      const float scale = Exp2Decode(m[h] - mx);
+      m[h] = mx;
+      l[h] *= scale;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o[h][j] *= scale;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float v[8];
+      F::Load(v, vraw[u]);
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        const float w = Exp2Decode(s[u][h] - m[h]);  // 0 for a missing key
+        l[h] += w;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[h][j] = fmaf(w, v[j], o[h][j]);
+      }
+    }
+  }
+
+  // The warp's groups: lanes with the same `sub` hold the same elements.
+#pragma unroll
+  for (int off = kLanes; off < 32; off *= 2) {
+    float m2[H], l2[H], o2[H][8];
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+      m2[h] = __shfl_xor_sync(~0u, m[h], off);
+      l2[h] = __shfl_xor_sync(~0u, l[h], off);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o2[h][j] = __shfl_xor_sync(~0u, o[h][j], off);
+    }
+    MergeState<H>(m, l, o, m2, l2, o2);
+  }
+  if (lane < kLanes) {
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) s_o[warp][h][sub * 8 + j] = o[h][j];
+      if (sub == 0) s_ml[warp][h][0] = m[h], s_ml[warp][h][1] = l[h];
+    }
+  }
+  __syncthreads();
+
+  // The block's warps, then (with splits) the sequence's blocks: thread t takes (head, element)
+  // pairs t, t + 128, ...
+  T* out = static_cast<T*>(p.out);
+  for (int idx = threadIdx.x; idx < H * D; idx += kDecodeThreads) {
+    const int h = idx / D, d = idx % D;
+    if (h >= heads) continue;
+    float mx = kDecodeEmptyLse;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) mx = fmaxf(mx, s_ml[w][h][0]);
+    float sum = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float a = Exp2Decode(s_ml[w][h][0] - mx);
+      sum += s_ml[w][h][1] * a;
+      acc += s_o[w][h][d] * a;
+    }
+    const int64_t row = int64_t(b) * p.h_q + head0 + h;
+    if (p.splits == 1) {
+      out[row * D + d] = static_cast<T>(sum > 0.f ? acc / sum : 0.f);
+      if (d == 0) p.lse[row] = sum > 0.f ? mx + log2f(sum) : kDecodeEmptyLse;
+    } else {
+      const int64_t at = int64_t(split) * p.batch * p.h_q + row;
+      p.partial_o[at * D + d] = acc;
+      if (d == 0) p.partial_ml[2 * at] = mx, p.partial_ml[2 * at + 1] = sum;
+    }
+  }
+  if (p.splits == 1) return;
+
+  // The last block of this (sequence, slice) to finish merges every split's state.
+  __threadfence();
+  __syncthreads();
+  int* counter = p.counters + int64_t(b) * gridDim.y + blockIdx.y;
+  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == p.splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int64_t stride = int64_t(p.batch) * p.h_q;
+  for (int idx = threadIdx.x; idx < H * D; idx += kDecodeThreads) {
+    const int h = idx / D, d = idx % D;
+    if (h >= heads) continue;
+    const int64_t row = int64_t(b) * p.h_q + head0 + h;
+    float mx = kDecodeEmptyLse;
+    for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, __ldcg(p.partial_ml + 2 * (s * stride + row)));
+    float sum = 0.f, acc = 0.f;
+    for (int s = 0; s < p.splits; ++s) {
+      const int64_t at = s * stride + row;
+      const float a = Exp2Decode(__ldcg(p.partial_ml + 2 * at) - mx);
+      sum += __ldcg(p.partial_ml + 2 * at + 1) * a;
+      acc += __ldcg(p.partial_o + at * D + d) * a;
+    }
+    out[row * D + d] = static_cast<T>(sum > 0.f ? acc / sum : 0.f);
+    if (d == 0) p.lse[row] = sum > 0.f ? mx + log2f(sum) : kDecodeEmptyLse;
+  }
+  if (threadIdx.x == 0) *counter = 0;
+}
+
+}  // namespace attention
+}  // namespace kiln
