@@ -11,22 +11,33 @@ kiln.runtime.cublas). The pass runs in the library_dispatch phase of the targets
 asks for it. By then the graph phase has folded each weight's transpose into a kernel
 (FoldWeightTranspose), so the pass matches a `call_tir` of a PrimFunc that computes exactly
 `x @ W^T` (checked against the kernel TVM's FuseTransposeMatmul writes for those operands), and a
-plain `R.matmul(x, R.permute_dims(W))` alike. Left alone: static shapes (the batch-1 decode's
-GEMVs, which TVM's GEMV schedule runs near the memory roofline), other dtypes, and quantized
-weights (their kernels dequantize, so they are not plain matmuls). An epilogue TVM would have
-fused into the kernel (a residual add, a cast) stays a separate op. Kernels left without a
-caller are dropped.
+plain `R.matmul(x, R.permute_dims(W))` alike. With `dequantize`, a quantized Linear's kernel
+(kiln.compiler.quantization.layers marks it `kiln.linear` with its scheme's key) on such rows
+becomes
+
+    w = R.call_tir(dequantize, stored, (n, k) model dtype)   # the weight the kernel multiplies
+    out = R.call_dps_packed(extern, (x, w), out_ty=...)
+
+which trades writing and reading the weight in the model dtype once a call for the library's
+GEMM (TVM's dequantizing GEMM schedules run far below the tensor cores' peak: prefill of a
+q4f16 7B at a quarter of it). Left alone: static shapes (the batch-1 decode's GEMVs, which TVM's
+GEMV schedule runs near the memory roofline), other dtypes, and quantized weights without
+`dequantize`. An epilogue TVM would have fused into the kernel (a residual add, a cast) stays a
+separate op. Kernels left without a caller are dropped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import tvm
 import tvm_ffi
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from kiln.compiler.quantization.layers import LINEAR_ATTR, dequantize_te, scheme_of
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -78,27 +89,46 @@ def _is_matrix(e: relax.Expr) -> bool:
 
 
 def _qualifies(x: relax.Expr, w: relax.Expr, out: relax.Type, dtypes: Sequence[str]) -> bool:
-    xt = x.ty
-    if not all(
-        isinstance(t, relax.TensorType) and isinstance(t.shape, relax.ShapeExpr) for t in (xt, out)
-    ):
+    if not (isinstance(out, relax.TensorType) and isinstance(out.shape, relax.ShapeExpr)):
         return False
-    if xt.dtype not in dtypes or w.ty.dtype != xt.dtype or out.dtype not in (xt.dtype, "float32"):
+    if w.ty.dtype != x.ty.dtype or out.dtype not in (x.ty.dtype, "float32"):
+        return False
+    return _symbolic_rows(x.ty, dtypes)
+
+
+def _symbolic_rows(xt: relax.Type, dtypes: Sequence[str]) -> bool:
+    """x's dtype is one of `dtypes` and its rows are not all static: all-static rows are the
+    batch-1 decode's GEMVs, which TVM's GEMV schedule keeps."""
+    if not (isinstance(xt, relax.TensorType) and isinstance(xt.shape, relax.ShapeExpr)):
         return False
     leading = xt.shape.values[:-1]
-    # All-static rows are the batch-1 decode's GEMVs: TVM's GEMV schedule keeps them.
-    return len(leading) >= 1 and not all(isinstance(d, tirx.IntImm) for d in leading)
+    return (
+        xt.dtype in dtypes
+        and len(leading) >= 1
+        and not all(isinstance(d, tirx.IntImm) for d in leading)
+    )
 
 
 def _swaps_last_two(call: relax.Call) -> bool:
     return call.attrs.axes is None or [int(a) for a in call.attrs.axes] == [1, 0]
 
 
-class _Planner:
-    """Finds the bindings to rewrite in one function: binding var -> (x, W)."""
+@dataclass(frozen=True)
+class _Quantized:
+    """A quantized Linear's operands: x, the stored tensors, the (rows, cols) weight's scheme."""
 
-    def __init__(self, mod: tvm.IRModule, dtypes: Sequence[str]):
-        self.mod, self.dtypes = mod, dtypes
+    x: relax.Expr
+    stored: tuple[relax.Expr, ...]
+    key: str
+    rows: int
+    cols: int
+
+
+class _Planner:
+    """Finds the bindings to rewrite in one function: binding var -> (x, W) or _Quantized."""
+
+    def __init__(self, mod: tvm.IRModule, dtypes: Sequence[str], dequantize: bool):
+        self.mod, self.dtypes, self.dequantize = mod, dtypes, dequantize
         self.kernels: dict[tuple, bool] = {}  # (kernel, operand types) -> computes x @ W^T?
 
     def plan(self, func: relax.Function) -> dict[relax.Var, tuple[relax.Expr, relax.Expr]]:
@@ -108,6 +138,10 @@ class _Planner:
         for block in getattr(func.body, "blocks", []):
             for binding in block.bindings:
                 bound[binding.var] = binding.value
+                quantized = self._quantized(binding.value) if self.dequantize else None
+                if quantized is not None:
+                    plan[binding.var] = quantized
+                    continue
                 operands = self._operands(binding.value, bound)
                 if operands is None:
                     continue
@@ -116,6 +150,25 @@ class _Planner:
                     if self._computes_nt_matmul(binding.value, x, w):
                         plan[binding.var] = operands
         return plan
+
+    def _quantized(self, value: relax.Expr) -> _Quantized | None:
+        """A quantized Linear's kernel call on rows that qualify, of a scheme known here."""
+        if not (isinstance(value, relax.Call) and value.op.same_as(_CALL_TIR)):
+            return None
+        callee = self.mod[value.args[0]]
+        if not isinstance(callee, tirx.PrimFunc) or LINEAR_ATTR not in (callee.attrs or {}):
+            return None
+        key = str(callee.attrs[LINEAR_ATTR])
+        x, *stored = value.args[1].fields
+        xt, out = x.ty, value.ty
+        if scheme_of(key) is None or not isinstance(out, relax.TensorType):
+            return None
+        if not _symbolic_rows(xt, self.dtypes) or out.dtype != xt.dtype:
+            return None
+        if str(scheme_of(key).model_dtype) != xt.dtype:
+            return None
+        rows, cols = out.shape.values[-1], xt.shape.values[-1]
+        return _Quantized(x, tuple(stored), key, int(rows), int(cols))
 
     def _operands(self, value: relax.Expr, bound: dict) -> tuple[relax.Expr, relax.Expr] | None:
         if not isinstance(value, relax.Call):
@@ -176,19 +229,27 @@ class _Dispatch(PlannedRewrite):
         super().__init__(mod)
         self.extern = relax.ExternFunc(extern)
 
-    def rewrite(self, var: relax.Var, planned: tuple[relax.Expr, relax.Expr]) -> relax.Expr:
-        x, w = (self.visit_expr(e) for e in planned)
+    def rewrite(self, var: relax.Var, planned: Any) -> relax.Expr:
+        if isinstance(planned, _Quantized):
+            q = planned
+            compute = dequantize_te(scheme_of(q.key), q.rows, q.cols)
+            stored = [self.visit_expr(e) for e in q.stored]
+            w = self.builder_.emit_te(compute, *stored, primfunc_name_hint="dequantize")
+            x = self.visit_expr(q.x)
+        else:
+            x, w = (self.visit_expr(e) for e in planned)
         return relax.call_dps_packed(self.extern, relax.Tuple([x, w]), var.ty)
 
 
 def DispatchMatmul(
-    extern: str, dtypes: Sequence[str] = ("float16", "bfloat16")
+    extern: str, dtypes: Sequence[str] = ("float16", "bfloat16"), dequantize: bool = False
 ) -> tvm.transform.Pass:
-    """Send `x @ W^T` GEMMs to `extern(x, W, out)` (see the module doc)."""
+    """Send `x @ W^T` GEMMs to `extern(x, W, out)`; with `dequantize`, quantized Linears'
+    too, after a kernel that dequantizes the weight (see the module doc)."""
 
     @tvm.transform.module_pass(opt_level=0, name="DispatchMatmul")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        planner = _Planner(mod, tuple(dtypes))
+        planner = _Planner(mod, tuple(dtypes), dequantize)
         plans = [
             (gv, f, planner.plan(f))
             for gv, f in mod.functions_items()

@@ -43,6 +43,7 @@ from kiln.targets.blob import (
     split_device_payload,
     write_blob_asm,
 )
+from kiln.targets.dequantize import DequantizeWeight
 from kiln.targets.gemv import DecodeGEMV
 from kiln.targets.gpu import dlight_schedule, gpu_legalize
 
@@ -52,19 +53,22 @@ _ARCH = re.compile(r"^sm_(\d+)(a?)$")
 
 
 def cuda_schedule(target: Target) -> list[tvm.transform.Pass]:
-    # Kiln's batch-1 GEMV of float weights (16-byte loads) ahead of dlight's rules.
-    return dlight_schedule(target, first=(DecodeGEMV(),))
+    # Kiln's batch-1 GEMV of float weights (16-byte loads) and the prefill's whole-weight
+    # dequantize (16-byte stores) ahead of dlight's rules.
+    return dlight_schedule(target, first=(DecodeGEMV(), DequantizeWeight()))
 
 
 def cuda_library_dispatch(target: Target) -> list[tvm.transform.Pass]:
     # TVM's sampling and sort/scan dispatch; the decode's int4 GEMVs (the MLP's gate/up with
     # SiLU*up as its epilogue) to Kiln's GEMV kernels (kiln.runtime.gemv); then the fp16/bf16
-    # GEMMs of prefill and batched decode (symbolic rows) to cuBLAS (kiln.runtime.cublas);
-    # dlight and Kiln's float GEMV schedule what is left.
+    # GEMMs of prefill and batched decode (symbolic rows), quantized ones after a dequantize
+    # kernel, to cuBLAS (kiln.runtime.cublas); dlight and Kiln's float GEMV schedule the rest.
     return [
         *cuda_pipeline.library_dispatch_passes(target),
         *_gemv_dispatch(target),
-        DispatchMatmul(CUBLAS_MATMUL),
+        # Quantized Linears left with symbolic rows (prefill's) too: a dequantize kernel, then
+        # cuBLAS, instead of dlight's dequantizing GEMM (a quarter of the tensor cores' peak).
+        DispatchMatmul(CUBLAS_MATMUL, dequantize=True),
     ]
 
 

@@ -50,8 +50,34 @@ LinearTE = Callable[..., te.Tensor]  # (x, *stored tensors) -> x @ W.T
 LinearKernels = Callable[[str, int, int], tuple[list[tuple[tuple[int, ...], str]], LinearTE]]
 
 
+# Every scheme a kernel was made for in this process, by key: passes that rebuild part of a
+# kernel (kiln.passes.dispatch_matmul's dequantize before a GEMM library) find it from the key.
+_SCHEMES: dict[str, WeightScheme] = {}
+
+
 def scheme_key(scheme: WeightScheme) -> str:
-    return repr(scheme)  # schemes are frozen dataclasses: their repr names every setting
+    key = repr(scheme)  # schemes are frozen dataclasses: their repr names every setting
+    _SCHEMES.setdefault(key, scheme)
+    return key
+
+
+def scheme_of(key: str) -> WeightScheme | None:
+    """The scheme a kernel's LINEAR_ATTR names, if a kernel was made for it in this process."""
+    return _SCHEMES.get(key)
+
+
+def dequantize_te(scheme: WeightScheme, rows: int, cols: int) -> Callable[..., te.Tensor]:
+    """The compute of a kernel that writes the (rows, cols) weight in the model dtype from its
+    stored tensors: bit for bit the weight a Linear's kernel multiplies by in a GEMM."""
+    suffixes = tuple(scheme.storage(rows, cols))
+
+    def compute(*stored: te.Tensor) -> te.Tensor:
+        tensors = dict(zip(suffixes, stored, strict=True))
+        return te.compute(
+            (rows, cols), lambda i, j: scheme.weight_te(tensors, i, j), name="dequantize"
+        )
+
+    return compute
 
 
 def linear_kernels(schemes: Iterable[WeightScheme]) -> LinearKernels:

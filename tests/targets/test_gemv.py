@@ -1,16 +1,21 @@
-"""Kiln's batch-1 GEMV schedule (kiln.targets.gemv): which kernels it takes, and what it makes
-of them. Its numbers are checked on a GPU (tests/gpu: every CUDA artifact's decode against
-transformers; bench/gemv.py: each kernel against NumPy)."""
+"""Kiln's CUDA schedule rules: the batch-1 GEMV (kiln.targets.gemv) and the prefill's
+whole-weight dequantize (kiln.targets.dequantize): which kernels each takes, and what it makes of
+them. Their numbers are checked on a GPU (tests/gpu/test_cuda.py: every CUDA artifact's decode,
+and every q4f16 one's prefill, whose Linears dequantize before cuBLAS, against transformers;
+bench/gemv.py: each GEMV against NumPy)."""
 
 from __future__ import annotations
 
 import pytest
 import tvm
+from tvm import te
 from tvm.relax.frontend import nn
 
 from kiln.compiler.quantization import get_quantization
+from kiln.compiler.quantization.layers import dequantize_te
 from kiln.passes.fold_weight_transpose import FoldWeightTranspose
 from kiln.targets import cuda
+from kiln.targets.dequantize import DequantizeWeight
 from kiln.targets.gemv import DecodeGEMV
 from kiln.targets.gpu import gpu_legalize
 
@@ -98,3 +103,43 @@ def _rules(spec, arch: str | None) -> list:
         mp.setattr(tvm.s_tir.dlight, "ApplyDefaultSchedule", record)
         spec.schedule(spec.target(arch))
     return seen
+
+
+# The whole-weight dequantize before cuBLAS
+
+
+def dequantize_kernel(preset: str, rows: int, cols: int) -> tvm.tirx.PrimFunc:
+    q = get_quantization(preset)
+    stored = [te.placeholder(s, d, name=n) for n, (s, d) in q.storage(rows, cols).items()]
+    out = dequantize_te(q, rows, cols)(*stored)
+    return te.create_prim_func([*stored, out], index_dtype_override="int64")
+
+
+@pytest.mark.parametrize("preset,rows,cols", [("q4f16", 4096, 4096), ("q4f16", 100, 96),
+                                               ("q4f16_fe", 64, 11008)])  # fmt: skip
+def test_each_thread_writes_16_bytes(preset, rows, cols):
+    with TARGET:
+        sch = DequantizeWeight().apply(dequantize_kernel(preset, rows, cols), TARGET, False)
+        assert sch is not None
+        mod = tvm.IRModule({"deq": sch.mod["main"].with_attr("global_symbol", "deq")})
+        source = tvm.compile(mod, target=TARGET).mod.imports[0].inspect_source()
+    assert "*(uint4*)(dequantize_ptr" in source  # 8 fp16 values in one store
+    assert "blockIdx.x" in source and "threadIdx.x" in source
+
+
+def test_declines_a_linears_own_kernel_and_a_row_no_store_divides():
+    with TARGET:
+        # the dequantize feeds a matmul in the same kernel: a GEMM or GEMV rule's
+        assert DequantizeWeight().apply(matmul_kernel("q4f16", 256, 512, 16), TARGET, False) is None
+        # fp8 weights of 100 columns: no whole number of 8-value stores a row
+        odd = dequantize_kernel("fp8e4m3", 64, 100)
+        assert DequantizeWeight().apply(odd, TARGET, False) is None
+        assert DequantizeWeight().apply(dequantize_kernel("fp8e4m3", 64, 96), TARGET, False)
+
+
+def test_the_cuda_build_schedules_with_it():
+    from kiln.targets import metal, rocm
+
+    assert any(isinstance(r, DequantizeWeight) for r in _rules(cuda.CUDA, "sm_90"))
+    assert not any(isinstance(r, DequantizeWeight) for r in _rules(rocm.ROCM, "gfx942"))
+    assert not any(isinstance(r, DequantizeWeight) for r in _rules(metal.METAL, None))
