@@ -1,10 +1,7 @@
 """DispatchGEMV: the decode's GEMVs -> a GEMV library's externs, SiLU*up as an epilogue.
 
 Where Linears multiply a few static rows (decode at batch 1: the rows of x are all static and at
-most 8; TVM's GEMV schedules are the alternative), and, for quantized weights, in the `batched`
-functions (a batched decode: one row per sequence, as many as the engine batches; the extern
-takes them 8 at a time, and TVM's dequantizing GEMM schedules are the alternative), the pass
-rewrites
+most 8; TVM's GEMV schedules are the alternative), the pass rewrites
 
 * a quantized Linear's kernel (kiln.compiler.quantization.layers marks it `kiln.linear` with
   its scheme's key) whose scheme `quantized` names:
@@ -15,6 +12,13 @@ rewrites
       g, u = split(gu, [I], axis=-1)
       y = multiply(silu(g), u)        ->  y = call_dps_packed(swiglu, (x, *weights))
   one kernel that computes both rows of each output and never writes the (..., 2I) product.
+
+In the `batched` functions (a batched decode: one row per sequence, as many as the engine
+batches, symbolic), a quantized Linear whose externs have a `batched` form becomes
+      y = call_dps_packed(batched, (x, *stored)) -> (y, w)[0]
+  where w (N, K) is scratch for the extern to dequantize the weight into when the rows are too
+  many for GEMVs (TVM's dequantizing GEMM schedules are the alternative); its SwiGLU stays an
+  op after the gate/up Linear.
 
 `extern(x, *weights, out)` computes the same numbers in float32 and rounds once (the unfused
 graph rounds the product to the model dtype before SiLU). A float Linear is the matmul kernel
@@ -51,17 +55,27 @@ class GEMVExterns:
     gemv: str  # (x, *stored, out): out = x @ W^T
     swiglu: str  # (x, *stored, out): SiLU(x @ Wg^T) * (x @ Wu^T), W = [Wg; Wu]
     cols_multiple: int = 1  # x's width must be a multiple of this (the extern's group size)
+    # (x, *stored, out, w): out = x @ W^T for a batch's symbolic rows, with w (N, K) in x's
+    # dtype as scratch (to dequantize W into, where many rows make a GEMM the faster way)
+    batched: str | None = None
 
 
-def _gemv_rows(x: relax.Expr, batched: bool = False) -> bool:
-    """Whether x's rows suit a GEMV: a few static ones, or, in a batched function, any."""
+def _gemv_rows(x: relax.Expr) -> bool:
+    """Whether x's rows are a few static ones."""
+    lead = _rows(x)
+    return lead is not None and _static(lead) and prod(int(d) for d in lead) <= MAX_ROWS
+
+
+def _rows(x: relax.Expr) -> list | None:
+    """x's leading dimensions, if its shape is known."""
     ty = x.ty
     if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        return False
-    lead = ty.shape.values[:-1]
-    if all(isinstance(d, tirx.IntImm) for d in lead):
-        return prod(int(d) for d in lead) <= MAX_ROWS
-    return batched
+        return None
+    return list(ty.shape.values[:-1])
+
+
+def _static(dims: list) -> bool:
+    return all(isinstance(d, tirx.IntImm) for d in dims)
 
 
 class _Function(Bindings):
@@ -106,21 +120,28 @@ def _plan(
     float_swiglu: Mapping[str, str],
     batched: bool,
 ) -> dict[relax.Var, tuple[str, list[relax.Expr]]]:
-    """binding var -> (extern, its operands)."""
+    """binding var -> (extern, its operands, the scratch's type or None)."""
 
     def takes(linear: tuple[str, list[relax.Expr]] | None) -> GEMVExterns | None:
-        if linear is None or linear[0] not in quantized or not _gemv_rows(linear[1][0], batched):
+        if linear is None or linear[0] not in quantized or _rows(linear[1][0]) is None:
             return None
-        externs, cols = quantized[linear[0]], linear[1][0].ty.shape.values[-1]
-        return externs if int(cols) % externs.cols_multiple == 0 else None
+        externs, x = quantized[linear[0]], linear[1][0]
+        if not (_gemv_rows(x) or (batched and externs.batched and not _static(_rows(x)))):
+            return None
+        return externs if int(x.ty.shape.values[-1]) % externs.cols_multiple == 0 else None
 
-    plan: dict[relax.Var, tuple[str, list[relax.Expr]]] = {}
+    plan: dict[relax.Var, tuple[str, list[relax.Expr], relax.TensorType | None]] = {}
     for var, value in fn.bound.items():
         if not isinstance(value, relax.Call):
             continue
         linear = fn.quantized(value)
         if (externs := takes(linear)) is not None:
-            plan[var] = (externs.gemv, linear[1])
+            x = linear[1][0]
+            if _gemv_rows(x):
+                plan[var] = (externs.gemv, linear[1], None)
+            else:  # a batch: scratch for the weight
+                rows, cols = var.ty.shape.values[-1], x.ty.shape.values[-1]
+                plan[var] = (externs.batched, linear[1], relax.TensorType([rows, cols], x.ty.dtype))
             continue
         gu = swiglu_product(fn, value)
         if gu is None:
@@ -128,6 +149,8 @@ def _plan(
         call = fn.bound.get(gu)
         linear = fn.quantized(call)
         if (externs := takes(linear)) is not None:
+            if not _gemv_rows(linear[1][0]):
+                continue  # a batch: its gate/up goes as a plain Linear, SiLU*up stays an op
             extern, operands = externs.swiglu, linear[1]
         elif linear is not None:
             continue
@@ -141,17 +164,22 @@ def _plan(
             extern = float_swiglu[dtype]
         if str(operands[0].ty.dtype) != str(gu.ty.dtype):
             continue
-        plan[var] = (extern, operands)
+        plan[var] = (extern, operands, None)
         plan.pop(gu, None)  # its Linear goes into the fused kernel
     return plan
 
 
 @mutator
 class _Dispatch(PlannedRewrite):
-    def rewrite(self, var: relax.Var, planned: tuple[str, list[relax.Expr]]) -> relax.Expr:
-        extern, operands = planned
+    def rewrite(self, var: relax.Var, planned: tuple) -> relax.Expr:
+        extern, operands, scratch = planned
         args = relax.Tuple([self.visit_expr(e) for e in operands])
-        return relax.call_dps_packed(relax.ExternFunc(extern), args, var.ty)
+        if scratch is None:
+            return relax.call_dps_packed(relax.ExternFunc(extern), args, var.ty)
+        outs = self.builder_.emit(
+            relax.call_dps_packed(relax.ExternFunc(extern), args, [var.ty, scratch])
+        )
+        return relax.TupleGetItem(outs, 0)
 
 
 def DispatchGEMV(

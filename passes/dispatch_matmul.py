@@ -131,7 +131,7 @@ class _Planner:
         self.mod, self.dtypes, self.dequantize = mod, dtypes, dequantize
         self.kernels: dict[tuple, bool] = {}  # (kernel, operand types) -> computes x @ W^T?
 
-    def plan(self, func: relax.Function) -> dict[relax.Var, tuple[relax.Expr, relax.Expr]]:
+    def plan(self, func: relax.Function) -> dict[relax.Var, Any]:
         weights = _weights(func)
         bound: dict[relax.Var, relax.Expr] = {}
         plan = {}
@@ -159,13 +159,15 @@ class _Planner:
         if not isinstance(callee, tirx.PrimFunc) or LINEAR_ATTR not in (callee.attrs or {}):
             return None
         key = str(callee.attrs[LINEAR_ATTR])
+        scheme = scheme_of(key)
         x, *stored = value.args[1].fields
         xt, out = x.ty, value.ty
-        if scheme_of(key) is None or not isinstance(out, relax.TensorType):
+        if scheme is None or not isinstance(out, relax.TensorType):
             return None
-        if not _symbolic_rows(xt, self.dtypes) or out.dtype != xt.dtype:
+        dtype = str(xt.dtype) if isinstance(xt, relax.TensorType) else None
+        if not _symbolic_rows(xt, self.dtypes) or out.dtype != dtype:
             return None
-        if str(scheme_of(key).model_dtype) != xt.dtype:
+        if str(scheme.model_dtype) != dtype:
             return None
         rows, cols = out.shape.values[-1], xt.shape.values[-1]
         return _Quantized(x, tuple(stored), key, int(rows), int(cols))

@@ -77,14 +77,17 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
     if not gemv.supports([str(target.attrs["arch"])]) or attention.find_nvcc() is None:
         return []
     int4 = {
-        scheme_key(q): GEMVExterns(gemv.Q4, gemv.Q4_SWIGLU, cols_multiple=GEMV_GROUP)
+        scheme_key(q): GEMVExterns(
+            gemv.Q4, gemv.Q4_SWIGLU, cols_multiple=GEMV_GROUP, batched=gemv.Q4_BATCHED
+        )
         for q in QUANTIZATIONS.values()
         if isinstance(q, Int4Group) and q.group_size == GEMV_GROUP and q.model_dtype == "float16"
     }
     # fp16 weights keep Kiln's TIR GEMV (98% of the copy bandwidth on a 7B gate/up against
     # 88% for kiln.gemv.f16_swiglu, bench/gemv.py), their SiLU*up a kernel of its own. The
-    # batched decode's int4 Linears go to the GEMVs too, 8 sequences a kernel (dlight's
-    # dequantizing GEMMs are the alternative: bench/RESULTS.md).
+    # batched decode's int4 Linears go to kiln.gemv.q4_batched: GEMVs up to 16 sequences,
+    # past that a dequantize and cuBLAS (dlight's dequantizing GEMMs are the alternative:
+    # bench/RESULTS.md).
     return [DispatchGEMV(int4, {}, batched=("decode",))]
 
 

@@ -1,4 +1,4 @@
-"""Kiln's batch-1 decode GEMV externs for CUDA artifacts (kiln.runtime.gemv.gemv)."""
+"""Kiln's decode GEMV externs for CUDA artifacts (kiln.runtime.gemv.gemv)."""
 
 from kiln.runtime.gemv.gemv import (
     ARTIFACT_FILE,
@@ -8,6 +8,7 @@ from kiln.runtime.gemv.gemv import (
     MAX_ROWS,
     MIN_SM,
     Q4,
+    Q4_BATCHED,
     Q4_SWIGLU,
     build,
     library_key,
@@ -24,6 +25,7 @@ __all__ = [
     "MAX_ROWS",
     "MIN_SM",
     "Q4",
+    "Q4_BATCHED",
     "Q4_SWIGLU",
     "build",
     "library_key",

@@ -522,7 +522,7 @@ void CheckPlacement(const char* name, const Tensor& t, const char* what, int dev
       << name << ": " << what << " must be 16-byte aligned";
 }
 
-// x and out: float16, M = the product of x's leading dimensions in 1..8, K a multiple of 32;
+// x and out: float16, M = the product of x's leading dimensions, K a multiple of 32;
 // out shaped as x with its last dimension `rows` (the weight's output rows).
 Args CheckActivations(const char* name, const Tensor& x, const Tensor& out, int64_t rows) {
   CheckDtype(name, x, "x", kDLFloat, 16, "float16");
@@ -667,6 +667,13 @@ constexpr const char* kQ4SwiGLUTiled = "kiln.gemv.q4_swiglu_tiled";
 constexpr const char* kQ4DefaultVariant = "kiln.gemv.q4_default_variant";
 constexpr const char* kQ4GraphTime = "kiln.gemv.q4_graph_time";
 constexpr const char* kF16SwiGLU = "kiln.gemv.f16_swiglu";
+constexpr const char* kQ4Batched = "kiln.gemv.q4_batched";
+constexpr const char* kQ4Dequantize = "kiln.gemv.q4_dequantize";
+constexpr const char* kGemm = "kiln.cublas.matmul";  // out = x @ w^T, w (N, K) float16
+// A batched decode's rows that still run as GEMVs (kMaxM a kernel, each reading the weight);
+// more dequantize the weight once and multiply on the GEMM library (H200, 7B q4f16: at 8 rows
+// the GEMVs took ~3.8 ms a step, twice that at 16; dequantizing took ~4.5 ms, cuBLAS ~3.7).
+constexpr int64_t kMaxGemvRows = 16;
 
 // A checked q4 call: its arguments, x's device, whether scales load 8 at a time.
 struct Q4Call {
@@ -778,6 +785,81 @@ double Q4GraphTime(int64_t variant, bool swiglu, Tensor x, tvm::ffi::Array<Tenso
   return 1e3 * ms / reps;
 }
 
+// w[n, k] = (nib - 8) * scale[n, k / 32] in fp16, as TVM's q4f16 dequantize computes it (so the
+// GEMM multiplies by the same weights as prefill's): a thread turns one packed word into 8
+// values and stores them at once.
+__global__ void __launch_bounds__(256) DequantizeQ4(const uint32_t* qweight, const half* scale,
+                                                    half* w, int64_t words, int k) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= words) return;
+  const int64_t row = i / (k / 8), col = i % (k / 8) * 8;
+  const uint32_t word = qweight[i];
+  const half s = scale[row * (k / 32) + col / 32];
+  alignas(16) half values[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    values[j] = __hmul(__int2half_rn(static_cast<int>((word >> (4 * j)) & 15) - 8), s);
+  }
+  *reinterpret_cast<uint4*>(w + row * k + col) = *reinterpret_cast<const uint4*>(values);
+}
+
+void CheckScratch(const char* name, const Tensor& w, int64_t n, int64_t k, int device) {
+  CheckDtype(name, w, "the dequantized weight", kDLFloat, 16, "float16");
+  TVM_FFI_CHECK(w.ndim() == 2 && w.size(0) == n && w.size(1) == k, ValueError)
+      << name << ": the dequantized weight must be (" << n << ", " << k << ")";
+  CheckPlacement(name, w, "the dequantized weight", device, true);
+}
+
+void LaunchDequantize(const char* name, const Q4Call& call, const Tensor& w,
+                      cudaStream_t stream) {
+  const int64_t words = static_cast<int64_t>(call.a.rows) * call.a.k / 8;
+  const unsigned blocks = static_cast<unsigned>((words + 255) / 256);
+  DequantizeQ4<<<blocks, 256, 0, stream>>>(static_cast<const uint32_t*>(call.a.w), call.a.scale,
+                                           reinterpret_cast<half*>(DataOf(w)), words, call.a.k);
+  CheckCuda(cudaGetLastError(), name, "the dequantize launch");
+}
+
+// q4 for a batched decode: up to kMaxGemvRows rows of x run the GEMVs; more dequantize the
+// weight into `w` (N, K) float16 (scratch the caller provides) and call the GEMM extern.
+void Q4Batched(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
+  const char* name = kQ4Batched;
+  const Q4Call call = CheckQ4(name, 0, false, x, qweight, scale, out);
+  CheckScratch(name, w, call.a.rows, call.a.k, call.device);
+  cudaStream_t stream = Prepare(name, call.device);
+  if (call.a.m_rows <= kMaxGemvRows) {
+    LaunchVariant(name, 0, false, call.a, call.vector_scales, call.device, stream);
+    return;
+  }
+  const auto gemm = tvm::ffi::Function::GetGlobal(kGemm);
+  TVM_FFI_CHECK(gemm.has_value(), RuntimeError)
+      << name << " multiplies " << call.a.m_rows << " rows on " << kGemm
+      << ", which is not loaded: load the artifact's externs (kiln.runtime.externs)";
+  LaunchDequantize(name, call, w, stream);
+  (*gemm)(x, w, out);
+}
+
+// For tests: the weight Q4Batched multiplies by past kMaxGemvRows rows.
+void Q4Dequantize(Tensor qweight, Tensor scale, Tensor w) {
+  const char* name = kQ4Dequantize;
+  TVM_FFI_CHECK(qweight.ndim() == 2, ValueError) << name << ": qweight must be (N, K / 8)";
+  Q4Call call{};
+  call.device = qweight.device().device_id;
+  CheckDtype(name, qweight, "qweight", kDLUInt, 32, "uint32");
+  CheckDtype(name, scale, "scale", kDLFloat, 16, "float16");
+  CheckPlacement(name, qweight, "qweight", call.device, false);
+  CheckPlacement(name, scale, "scale", call.device, false);
+  call.a.rows = static_cast<int>(qweight.size(0));
+  call.a.k = static_cast<int>(qweight.size(1) * 8);
+  TVM_FFI_CHECK(call.a.k % 32 == 0 && scale.ndim() == 2 && scale.size(0) == call.a.rows &&
+                    scale.size(1) == call.a.k / 32,
+                ValueError)
+      << name << ": scale must be (N, K / 32) for K a multiple of 32";
+  CheckScratch(name, w, call.a.rows, call.a.k, call.device);
+  call.a.w = DataOf(qweight);
+  call.a.scale = reinterpret_cast<const half*>(DataOf(scale));
+  LaunchDequantize(name, call, w, Prepare(name, call.device));
+}
+
 void F16SwiGLUEntry(Tensor x, Tensor w, Tensor out) {
   const char* name = kF16SwiGLU;
   const int64_t k = CheckK(name, x);
@@ -802,6 +884,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4, Q4)
       .def(kQ4SwiGLU, Q4SwiGLU)
       .def(kF16SwiGLU, F16SwiGLUEntry)
+      .def(kQ4Batched, Q4Batched)
+      .def(kQ4Dequantize, Q4Dequantize)
       // For benchmarks and tests: q4 and q4 SwiGLU with the variant fixed (0: the default; see
       // kVariants), the default's choice, and a variant's time in a CUDA graph
       .def(kQ4Tiled, Q4Tiled)

@@ -2,7 +2,7 @@
 
 TVM's GEMV schedules read an int4 weight at 40-65% of an H100's copy bandwidth (bench/gemv.py);
 these kernels read it with 16-byte loads, dequantize on the ALUs with the magic-number trick and
-multiply on the tensor cores (fp32 sums). Three destination-passing functions, `out` last:
+multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs last:
 
 - `kiln.gemv.q4(x, qweight, scale, out)`: x (..., K) float16 with M rows (the product of its
   leading dimensions; a kernel takes 8, a batched decode's more run 8 at a time), the q4f16
@@ -11,6 +11,9 @@ multiply on the tensor cores (fp32 sums). Three destination-passing functions, `
 - `kiln.gemv.q4_swiglu(x, qweight, scale, out)`: the MLP's gate and up projections in one
   weight of 2 I rows (gate first); out (..., I) = silu(x @ gate^T) * (x @ up^T).
 - `kiln.gemv.f16_swiglu(x, w, out)`: the same with a float16 weight w (2 I, K).
+- `kiln.gemv.q4_batched(x, qweight, scale, out, w)`: `q4` for a batched decode: up to 16 rows
+  of x as GEMVs; more dequantize the weight into `w` (N, K) float16 (scratch the caller
+  provides) and multiply on `kiln.cublas.matmul` (kiln.runtime.cublas, which must be loaded).
 
 K must be a multiple of 32; gemv.cu says how the kernels work and what they round.
 (For benchmarks: `kiln.gemv.q4_tiled(variant, ...)` and `q4_swiglu_tiled(variant, ...)` run
@@ -43,7 +46,8 @@ WHAT = "Kiln's decode GEMV kernels"
 Q4 = "kiln.gemv.q4"
 Q4_SWIGLU = "kiln.gemv.q4_swiglu"
 F16_SWIGLU = "kiln.gemv.f16_swiglu"
-FUNCTIONS = (Q4, Q4_SWIGLU, F16_SWIGLU)
+Q4_BATCHED = "kiln.gemv.q4_batched"
+FUNCTIONS = (Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED)
 ARTIFACT_FILE = "kiln-gemv.so"  # the built extern, inside an artifact compiled on its platform
 MAX_ROWS = 8  # of x: the MMA's N
 MIN_SM = 80  # mma.sync m16n8k16 with fp32 accumulators

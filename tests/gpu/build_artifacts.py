@@ -91,9 +91,11 @@ def main() -> None:
 
 
 def build_gemv(out: Path, arch: str) -> None:
-    from kiln.runtime import gemv
+    from kiln.runtime import cublas, gemv
 
     shutil.copyfile(gemv.build([arch]), out / gemv.ARTIFACT_FILE)
+    # kiln.gemv.q4_batched multiplies many rows on the cuBLAS extern
+    shutil.copyfile(cublas.build(), out / cublas.ARTIFACT_FILE)
 
 
 def build_attention(out: Path, arch: str) -> None:

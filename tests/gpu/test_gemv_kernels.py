@@ -31,8 +31,10 @@ import pytest
 import tvm
 import tvm_ffi
 
+from kiln.runtime import cublas
+from kiln.runtime.cublas import load_cublas
 from kiln.runtime.device import open_device
-from kiln.runtime.gemv import ARTIFACT_FILE, F16_SWIGLU, Q4, Q4_SWIGLU, load_gemv
+from kiln.runtime.gemv import ARTIFACT_FILE, F16_SWIGLU, Q4, Q4_BATCHED, Q4_SWIGLU, load_gemv
 
 pytestmark = pytest.mark.gpu
 
@@ -48,6 +50,8 @@ def dev():
     if library is not None and not library.is_file():
         pytest.fail(f"{library} is missing: run tests/gpu/build_artifacts.py again")
     load_gemv(library)
+    # kiln.gemv.q4_batched's GEMM path calls the cuBLAS extern
+    load_cublas(Path(prebuilt) / cublas.ARTIFACT_FILE if prebuilt else None)
     return device
 
 
@@ -164,6 +168,37 @@ def test_more_than_8_rows_run_8_at_a_time(dev, lead):
     w = (rng.standard_normal((2 * inter, k)) / np.sqrt(k)).astype(np.float16)
     want = swiglu(x.astype(np.float64) @ w.astype(np.float64).T)
     assert error(run(dev, tvm_ffi.get_global_func(F16_SWIGLU), x, [w], inter), want) <= TOL
+
+
+@pytest.mark.parametrize("lead", [(12,), (17,), (64,), (2, 40)])
+def test_q4_batched_equals_float64(dev, lead):
+    """The batched decode's q4: up to 16 rows as GEMVs, more through the dequantized weight
+    (written into the scratch it is given) and cuBLAS; Llama-2-7B's qkv and an odd shape."""
+    rng = np.random.default_rng(sum(lead) + 5)
+    batched = tvm_ffi.get_global_func(Q4_BATCHED)
+    for n, k in [(12288, 4096), (100, 96)]:
+        x = rng.standard_normal((*lead, k)).astype(np.float16)
+        qweight, scale = q4_weight(rng, n, k)
+        want = x.astype(np.float64) @ dequantize(qweight, scale).T
+        scratch = tvm.runtime.empty((n, k), "float16", dev)
+        out = tvm.runtime.empty((*lead, n), "float16", dev)
+        batched(*(tvm.runtime.tensor(a, dev) for a in (x, qweight, scale)), out, scratch)
+        assert error(out, want) <= TOL, (lead, n, k)
+
+
+def test_q4_dequantize_is_the_fp16_weight(dev):
+    """What the GEMM path multiplies by: (nib - 8) * scale rounded to fp16 once, bit for bit
+    as NumPy's fp16 product."""
+    rng = np.random.default_rng(6)
+    qweight, scale = q4_weight(rng, 48, 256)
+    w = tvm.runtime.empty((48, 256), "float16", dev)
+    tvm_ffi.get_global_func("kiln.gemv.q4_dequantize")(
+        tvm.runtime.tensor(qweight, dev), tvm.runtime.tensor(scale, dev), w
+    )
+    shifts = np.arange(8, dtype=np.uint32) * 4
+    nibbles = ((qweight[..., None] >> shifts) & 0xF).reshape(48, -1).astype(np.int32) - 8
+    want = nibbles.astype(np.float16) * np.repeat(scale, 32, axis=1)
+    np.testing.assert_array_equal(w.numpy(), want)
 
 
 def test_default_variant_is_one_of_them(dev):

@@ -24,7 +24,11 @@ from kiln.passes.fold_weight_transpose import FoldWeightTranspose
 K, INTER, OUT = 64, 48, 40
 PRESET = get_quantization("q4f32")  # float32 activations: exact numbers on the CPU
 KEY = scheme_key(PRESET)
-EXTERNS = {KEY: GEMVExterns("kiln.test.q4", "kiln.test.q4_swiglu", cols_multiple=32)}
+EXTERNS = {
+    KEY: GEMVExterns(
+        "kiln.test.q4", "kiln.test.q4_swiglu", cols_multiple=32, batched="kiln.test.q4_batched"
+    )
+}
 FLOAT = {"float32": "kiln.test.f32_swiglu"}
 
 
@@ -39,17 +43,32 @@ def _quantized(bb, x, weights, rows):
     )  # fmt: skip
 
 
-def _mlp_module(rows_dim, variant: str = "swiglu", dispatched: bool = False) -> tvm.IRModule:
+def _mlp_module(rows_dim, variant: str = "swiglu", dispatched: bool | str = False) -> tvm.IRModule:
     """main(x (rows, K), packed (gate_up stored, out stored)) -> (SwiGLU(x) (rows, I), out(x)).
 
-    `dispatched`: the module DispatchGEMV should make of it."""
+    `dispatched`: the module DispatchGEMV should make of it (True), or of it as a batched
+    function ("batched")."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([rows_dim, K], "float32"))
     packed = relax.Var("packed", relax.TupleType([*_stored(2 * INTER), *_stored(OUT)]))
     with bb.function("main", [x, packed], attrs={"num_input": 1}):
         with bb.dataflow():
             w = [bb.emit(relax.TupleGetItem(packed, i)) for i in range(4)]
-            if dispatched:
+            if dispatched == "batched":  # plain Linears with scratch; SiLU*up an op
+
+                def batched(i: int, n: int) -> relax.Var:
+                    call = relax.call_dps_packed(
+                        relax.ExternFunc(EXTERNS[KEY].batched), relax.Tuple([x, w[i], w[i + 1]]),
+                        [relax.TensorType([rows_dim, n], "float32"),
+                         relax.TensorType([n, K], "float32")],
+                    )  # fmt: skip
+                    return bb.emit(relax.TupleGetItem(bb.emit(call), 0))
+
+                parts = bb.emit(relax.op.split(batched(0, 2 * INTER), [INTER], axis=-1))
+                g, u = (bb.emit(relax.TupleGetItem(parts, i)) for i in range(2))
+                y = bb.emit(relax.op.multiply(bb.emit(relax.op.nn.silu(g)), u))
+                z = batched(2, OUT)
+            elif dispatched:
                 swiglu = relax.call_dps_packed(
                     relax.ExternFunc(EXTERNS[KEY].swiglu), relax.Tuple([x, w[0], w[1]]),
                     relax.TensorType([rows_dim, INTER], "float32"),
@@ -84,13 +103,16 @@ def test_gemvs_and_swiglu_become_the_externs():
 
 
 def test_in_a_batched_function_symbolic_rows_become_the_externs():
-    """A batched decode's rows (one per sequence, symbolic): dispatched where the function is
-    named batched, left to the GEMM schedules elsewhere (prefill's rows look the same)."""
+    """A batched decode's rows (one per sequence, symbolic): plain Linears to the batched extern
+    with (N, K) scratch, SiLU*up left an op, where the function is named batched and the scheme
+    has a batched extern; left to the GEMM schedules elsewhere (prefill's rows look the same)."""
     rows = tvm.tirx.Var("batch", "int64")
     before = _mlp_module(rows)
     after = DispatchGEMV(EXTERNS, FLOAT, batched=("main",))(before)
-    tvm.ir.assert_structural_equal(after, _mlp_module(rows, dispatched=True))
+    tvm.ir.assert_structural_equal(after, _mlp_module(rows, dispatched="batched"))
     assert DispatchGEMV(EXTERNS, FLOAT, batched=("decode",))(before).same_as(before)
+    plain = {KEY: GEMVExterns("kiln.test.q4", "kiln.test.q4_swiglu", cols_multiple=32)}
+    assert DispatchGEMV(plain, FLOAT, batched=("main",))(before).same_as(before)  # no batched form
 
 
 @pytest.mark.parametrize("variant", ["prefill rows", "other scheme", "width not a multiple",
@@ -122,6 +144,11 @@ def _register_numpy_externs() -> None:
     def q4(x, qweight, scale, out):
         out.copyfrom((x.numpy() @ dequantized([qweight, scale]).T).astype("float32"))
 
+    def q4_batched(x, qweight, scale, out, w):
+        weight = dequantized([qweight, scale])
+        w.copyfrom(weight.astype("float32"))
+        out.copyfrom((x.numpy() @ weight.T).astype("float32"))
+
     def q4_swiglu(x, qweight, scale, out):
         gu = x.numpy() @ dequantized([qweight, scale]).T
         half = gu.shape[-1] // 2
@@ -132,7 +159,9 @@ def _register_numpy_externs() -> None:
         half = gu.shape[-1] // 2
         out.copyfrom((silu(gu[..., :half]) * gu[..., half:]).astype("float32"))
 
-    for name, f in (("q4", q4), ("q4_swiglu", q4_swiglu), ("f32_swiglu", f32_swiglu)):
+    externs = (("q4", q4), ("q4_batched", q4_batched), ("q4_swiglu", q4_swiglu),
+               ("f32_swiglu", f32_swiglu))  # fmt: skip
+    for name, f in externs:
         tvm_ffi.register_global_func(f"kiln.test.{name}", f, override=True)
 
 
@@ -153,7 +182,7 @@ def test_dispatched_int4_module_gives_the_same_numbers_on_the_cpu(batch):
     ]
     before = _mlp_module(1 if batch == 1 else tvm.tirx.Var("batch", "int64"))
     after = DispatchGEMV(EXTERNS, FLOAT, batched=("main",))(before)
-    assert "kiln.test.q4_swiglu" in after.script()
+    assert ("kiln.test.q4_swiglu" if batch == 1 else "kiln.test.q4_batched") in after.script()
     x = rng.normal(0, 1, (batch, K)).astype("float32")
     for want, got in zip(_run(before, x, params), _run(after, x, params), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
