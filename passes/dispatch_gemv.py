@@ -119,7 +119,7 @@ def _plan(
     quantized: Mapping[str, GEMVExterns],
     float_swiglu: Mapping[str, str],
     batched: bool,
-) -> dict[relax.Var, tuple[str, list[relax.Expr]]]:
+) -> dict[relax.Var, tuple[str, list[relax.Expr], relax.TensorType | None]]:
     """binding var -> (extern, its operands, the scratch's type or None)."""
 
     def takes(linear: tuple[str, list[relax.Expr]] | None) -> GEMVExterns | None:
