@@ -148,6 +148,39 @@ void CheckAligned(const char* name, const Tensor& t, const char* what) {
 
 const int32_t* Int32s(const Tensor& t) { return reinterpret_cast<const int32_t*>(DataOf(t)); }
 
+// TVM's current stream for `device`, made the current device.
+cudaStream_t TvmStream(const char* name, int device) {
+  int current = -1;
+  CheckCuda(cudaGetDevice(&current), name, "cudaGetDevice");
+  if (current != device) CheckCuda(cudaSetDevice(device), name, "cudaSetDevice");
+  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+}
+
+// The paged cache's arguments, as prefill_paged and decode_paged take them: pages (num_pages,
+// 2, h_kv, page_size, d) of `code`, and the page table of `batch` sequences, on `device`.
+void CheckPageTable(const char* name, const Tensor& pages, const Tensor& page_indptr,
+                    const Tensor& page_values, const Tensor& length_info, int device,
+                    DLDataTypeCode code, int64_t d, int64_t batch) {
+  CheckTensor(name, pages, "pages", 5, device);
+  CheckTensor(name, page_indptr, "page_indptr", 1, device);
+  CheckTensor(name, page_values, "page_values", 1, device);
+  TVM_FFI_CHECK(length_info.ndim() == 1, ValueError)
+      << name << ": length_info must be (batch,), the last pages' lengths (a sliding-window "
+      << "cache's (3, batch) is TVM's kernel's)";
+  CheckTensor(name, length_info, "length_info", 1, device);
+  CheckDtype(name, pages, "pages", code, 16);
+  CheckDtype(name, page_indptr, "page_indptr", kDLInt, 32);
+  CheckDtype(name, page_values, "page_values", kDLInt, 32);
+  CheckDtype(name, length_info, "length_info", kDLInt, 32);
+  TVM_FFI_CHECK(pages.size(1) == 2 && pages.size(3) > 0 && pages.size(4) == d, ValueError)
+      << name << ": pages must be (num_pages, 2, " << pages.size(2) << ", page_size, " << d
+      << ")";
+  TVM_FFI_CHECK(page_indptr.size(0) == batch + 1 && length_info.size(0) == batch, ValueError)
+      << name << ": page_indptr must have " << batch + 1 << " entries and length_info "
+      << batch;
+  CheckAligned(name, pages, "pages");
+}
+
 // What both entry points take alike: q, q_indptr, output and lse, and the scalars. Checks them
 // (with h_kv KV heads and batch + 1 = q_indptr's length) and fills their part of `p`.
 struct Query {
@@ -210,10 +243,7 @@ void Run(const Query& query, const Params& p, int64_t tile_rows, int waves) {
   if (query.total_q == 0 || query.batch == 0 || query.h_q == 0) return;
   const char* name = query.name;
   const int device = query.device;
-  int current = -1;
-  CheckCuda(cudaGetDevice(&current), name, "cudaGetDevice");
-  if (current != device) CheckCuda(cudaSetDevice(device), name, "cudaSetDevice");
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  cudaStream_t stream = TvmStream(name, device);
   const int64_t n = query.total_q;
   const bool wide = (tile_rows ? tile_rows : AutoTileRows(name, n, p.h_q, device, waves)) == 128;
   using H = half;
@@ -287,23 +317,8 @@ void PrefillPagedTiled(int64_t tile_rows, Tensor q, Tensor q_indptr, Tensor page
   Params p{};
   const Query query =
       CheckQuery(name, q, q_indptr, out, lse, h_kv, tile_rows, causal, rotary_mode, sm_scale, &p);
-  CheckTensor(name, pages, "pages", 5, query.device);
-  CheckTensor(name, page_indptr, "page_indptr", 1, query.device);
-  CheckTensor(name, page_values, "page_values", 1, query.device);
-  TVM_FFI_CHECK(length_info.ndim() == 1, ValueError)
-      << name << ": length_info must be (batch,), the last pages' lengths (a sliding-window "
-      << "cache's (3, batch) is TVM's kernel's)";
-  CheckTensor(name, length_info, "length_info", 1, query.device);
-  CheckDtype(name, pages, "pages", query.bf16 ? kDLBfloat : kDLFloat, 16);
-  CheckDtype(name, page_indptr, "page_indptr", kDLInt, 32);
-  CheckDtype(name, page_values, "page_values", kDLInt, 32);
-  CheckDtype(name, length_info, "length_info", kDLInt, 32);
-  TVM_FFI_CHECK(pages.size(1) == 2 && pages.size(3) > 0 && pages.size(4) == query.d, ValueError)
-      << name << ": pages must be (num_pages, 2, " << h_kv << ", page_size, " << query.d << ")";
-  TVM_FFI_CHECK(page_indptr.size(0) == query.batch + 1 && length_info.size(0) == query.batch,
-                ValueError)
-      << name << ": page_indptr must have q_indptr's length, length_info one less";
-  CheckAligned(name, pages, "pages");
+  CheckPageTable(name, pages, page_indptr, page_values, length_info, query.device,
+                 query.bf16 ? kDLBfloat : kDLFloat, query.d, query.batch);
   p.pages = DataOf(pages);
   p.page_indptr = Int32s(page_indptr);
   p.page_values = Int32s(page_values);
@@ -400,46 +415,28 @@ void DecodePagedSplit(int64_t splits, Tensor q, Tensor pages, Tensor page_indptr
   CheckTensor(name, q, "q", 3, device);
   CheckTensor(name, out, "output", 3, device);
   CheckTensor(name, lse, "lse", 2, device);
-  CheckTensor(name, pages, "pages", 5, device);
-  CheckTensor(name, page_indptr, "page_indptr", 1, device);
-  CheckTensor(name, page_values, "page_values", 1, device);
-  TVM_FFI_CHECK(length_info.ndim() == 1, ValueError)
-      << name << ": length_info must be (batch,), the last pages' lengths (a sliding-window "
-      << "cache's (3, batch) is TVM's kernel's)";
-  CheckTensor(name, length_info, "length_info", 1, device);
   const DLDataType dt = q.dtype();
   const bool fp16 = dt.code == kDLFloat && dt.bits == 16 && dt.lanes == 1;
   const bool bf16 = dt.code == kDLBfloat && dt.bits == 16 && dt.lanes == 1;
   TVM_FFI_CHECK(fp16 || bf16, TypeError) << name << " takes float16 or bfloat16 q and pages";
   const auto code = static_cast<DLDataTypeCode>(dt.code);
   CheckDtype(name, out, "output", code, 16);
-  CheckDtype(name, pages, "pages", code, 16);
   CheckDtype(name, lse, "lse", kDLFloat, 32);
-  CheckDtype(name, page_indptr, "page_indptr", kDLInt, 32);
-  CheckDtype(name, page_values, "page_values", kDLInt, 32);
-  CheckDtype(name, length_info, "length_info", kDLInt, 32);
   const int64_t batch = q.size(0), h_q = q.size(1), d = q.size(2);
   TVM_FFI_CHECK(d == 64 || d == 128, ValueError) << name << " takes head_dim 64 or 128, not " << d;
+  CheckPageTable(name, pages, page_indptr, page_values, length_info, device, code, d, batch);
   const int64_t h_kv = pages.size(2);
-  TVM_FFI_CHECK(pages.size(1) == 2 && pages.size(3) > 0 && pages.size(4) == d, ValueError)
-      << name << ": pages must be (num_pages, 2, h_kv, page_size, " << d << ")";
   TVM_FFI_CHECK(h_kv > 0 && h_q % h_kv == 0, ValueError)
       << name << ": " << h_q << " query heads are not a multiple of " << h_kv << " KV heads";
   TVM_FFI_CHECK(out.size(0) == batch && out.size(1) == h_q && out.size(2) == d, ValueError)
       << name << ": output must be shaped as q";
   TVM_FFI_CHECK(lse.size(0) == batch && lse.size(1) == h_q, ValueError)
       << name << ": lse must be (batch, h_q)";
-  TVM_FFI_CHECK(page_indptr.size(0) == batch + 1 && length_info.size(0) == batch, ValueError)
-      << name << ": page_indptr must have batch + 1 entries, length_info batch";
   CheckAligned(name, q, "q");
   CheckAligned(name, out, "output");
-  CheckAligned(name, pages, "pages");
   if (batch == 0 || h_q == 0) return;
 
-  int current = -1;
-  CheckCuda(cudaGetDevice(&current), name, "cudaGetDevice");
-  if (current != device) CheckCuda(cudaSetDevice(device), name, "cudaSetDevice");
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  cudaStream_t stream = TvmStream(name, device);
 
   DecodeParams p{};
   const int64_t group = h_q / h_kv;
