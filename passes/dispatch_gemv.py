@@ -38,8 +38,12 @@ import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.expr_functor import mutator
 
-from kiln.compiler.quantization.layers import LINEAR_ATTR
-from kiln.passes.dispatch_matmul import PlannedRewrite, _drop_uncalled_kernels, nt_matmul_kernel
+from kiln.passes.dispatch_matmul import (
+    PlannedRewrite,
+    _drop_uncalled_kernels,
+    nt_matmul_kernel,
+    quantized_linear,
+)
 from kiln.passes.fuse_swiglu import Bindings, swiglu_product
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
@@ -87,12 +91,7 @@ class _Function(Bindings):
 
     def quantized(self, call: relax.Expr) -> tuple[str, list[relax.Expr]] | None:
         """(scheme key, [x, *stored]) of a quantized Linear's kernel call."""
-        if not (isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR)) or len(call.args) > 2:
-            return None
-        kernel = self.mod[call.args[0]]
-        if kernel.attrs is None or LINEAR_ATTR not in kernel.attrs:
-            return None
-        return str(kernel.attrs[LINEAR_ATTR]), list(call.args[1].fields)
+        return quantized_linear(self.mod, call)
 
     def float_linear(self, call: relax.Expr) -> list[relax.Expr] | None:
         """[x, W] of `x @ W^T` with W a static 2-D weight."""

@@ -113,6 +113,17 @@ def _swaps_last_two(call: relax.Call) -> bool:
     return call.attrs.axes is None or [int(a) for a in call.attrs.axes] == [1, 0]
 
 
+def quantized_linear(mod: tvm.IRModule, call: relax.Expr) -> tuple[str, list[relax.Expr]] | None:
+    """(scheme key, [x, *stored]) of a call of a quantized Linear's kernel (one that
+    kiln.compiler.quantization.layers marks with LINEAR_ATTR)."""
+    if not (isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR)) or len(call.args) > 2:
+        return None
+    kernel = mod[call.args[0]]
+    if not isinstance(kernel, tirx.PrimFunc) or LINEAR_ATTR not in (kernel.attrs or {}):
+        return None
+    return str(kernel.attrs[LINEAR_ATTR]), list(call.args[1].fields)
+
+
 @dataclass(frozen=True)
 class _Quantized:
     """A quantized Linear's operands: x, the stored tensors, the (rows, cols) weight's scheme."""
@@ -153,14 +164,11 @@ class _Planner:
 
     def _quantized(self, value: relax.Expr) -> _Quantized | None:
         """A quantized Linear's kernel call on rows that qualify, of a scheme known here."""
-        if not (isinstance(value, relax.Call) and value.op.same_as(_CALL_TIR)):
+        linear = quantized_linear(self.mod, value)
+        if linear is None:
             return None
-        callee = self.mod[value.args[0]]
-        if not isinstance(callee, tirx.PrimFunc) or LINEAR_ATTR not in (callee.attrs or {}):
-            return None
-        key = str(callee.attrs[LINEAR_ATTR])
+        key, (x, *stored) = linear
         scheme = scheme_of(key)
-        x, *stored = value.args[1].fields
         xt, out = x.ty, value.ty
         if scheme is None or not isinstance(out, relax.TensorType):
             return None
