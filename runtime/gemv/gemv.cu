@@ -50,8 +50,11 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/reflection/registry.h>
 
+#include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 namespace kiln {
@@ -442,6 +445,239 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Ge
 }
 
 // ---------------------------------------------------------------------------------------------
+// q4 for a batched decode's 9 to 64 rows of x: one kernel that reads each weight once for all of
+// them (the GEMV above reads it again for every 8). A block is 8 warps and owns 256 weight rows,
+// 32 a warp (two 16-row tiles: the MMA's A); all of them walk the same K a sub-step (128 values)
+// at a time, through a ring of kGemmStages stages in shared memory that cp.async fills
+// kGemmStages - 1 sub-steps ahead: the block's weights (16 KB a sub-step), their scales and x.
+// So x serves 256 rows (every 16 bytes of it a lane reads feed 2 tiles x 2 MMAs), each
+// dequantized weight feeds kNT MMAs (one per 8 rows of x), and 48 KB of weights a block are in
+// flight. A lane's weights and their k order are the GEMV's (group c of each sub-step, rows g and
+// g + 8 of each tile). Sub-steps past K (K % 128 != 0) read the last group again against x = 0
+// and scale 0. K is split over blockIdx.y (`splits`, so that the grid fills the GPU): each split
+// writes its fp32 sums to `partial` (splits, M, N) and the last of a column of blocks to finish
+// (an atomic counter, which it resets) adds them and writes out.
+
+constexpr int kGemmRowsPerWarp = 2 * kRows;
+constexpr int kGemmRows = kWarps * kGemmRowsPerWarp;  // weight rows a block
+constexpr int kGemmMaxM = 64;                         // rows of x a kernel: 8 MMA column tiles
+constexpr int kGemmStages = 4;
+// A stage's x: 128 values of each row. The lane (g, c) reads, for word w, the 16 bytes of values
+// 32 c + 8 w .. + 7 (the GEMV's order) of row g of a column tile: they sit at 16-byte unit
+// 4 w + c of the row, and rows are 20 units apart, so that the 8 lanes of a phase of a 16-byte
+// shared load (g = 2p, 2p + 1; c = 0..3) hit 8 distinct bank groups. The weights: 64 bytes a row
+// (4 groups), rows in order (a phase reads 2 whole rows); the scales: 4 a row.
+constexpr int kGemmXStride = 20 * 8;  // halves
+constexpr int kGemmWBytes = kGemmRows * 64, kGemmSBytes = kGemmRows * 8;
+
+struct GemmArgs {
+  const half* x;       // (M, K)
+  const uint4* w;      // (N, K / 32) groups of 32 nibbles
+  const half* scale;   // (N, K / 32)
+  half* out;           // (M, N)
+  float* partial;      // (splits, M, N) when splits > 1
+  int* counters;       // one per column of blocks, zero between calls
+  int m_rows, k, rows, splits;
+  bool scales8;     // K / 32 a multiple of 4 and scale 8-byte aligned: a row's 4 scales in one copy
+  bool vector_out;  // N a multiple of 4 and out 8-byte aligned: the splits added 4 outputs at once
+};
+
+template <int kNT>
+__host__ __device__ constexpr int GemmStageBytes() {
+  return kGemmWBytes + kGemmSBytes + 8 * kNT * kGemmXStride * 2;
+}
+
+// 16 and 8 bytes global -> shared, asynchronously, with L2 asked to fetch the 256 bytes around
+// them: the next sub-steps' pieces of a row (a sub-step reads 64 bytes of each weight row and 8
+// of its scales) are then in L2, and DRAM serves whole 256-byte pieces.
+__device__ __forceinline__ void CopyAsync16Row(void* dst, const void* src) {
+  const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(to), "l"(src));
+}
+
+__device__ __forceinline__ void CopyAsync8(void* dst, const void* src) {
+  const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], 8;\n" ::"r"(to), "l"(src));
+}
+
+template <int kNT>
+__global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) {
+  extern __shared__ uint4 dynamic_smem[];
+  char* smem = reinterpret_cast<char*>(dynamic_smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int groups = a.k / 32, steps = (groups + 3) / 4;
+  const int t0 = static_cast<int>(int64_t{blockIdx.y} * steps / a.splits);
+  const int t1 = static_cast<int>(int64_t{blockIdx.y + 1} * steps / a.splits);
+  const int block_first = blockIdx.x * kGemmRows;
+  const int n = t1 - t0;
+  // What this thread copies each sub-step, its addresses at sub-step 0: 16 bytes of each of 4
+  // weight rows (4 threads a row, a group each), the 4 scales of one row, and kXPieces pieces of
+  // 16 bytes of x (rows m past M: zeros).
+  constexpr int kWPieces = kGemmRows * 4 / kThreads, kXPieces = 8 * kNT * 16 / kThreads;
+  const int c4 = threadIdx.x % 4;
+  const uint4* wsrc[kWPieces];
+#pragma unroll
+  for (int i = 0; i < kWPieces; ++i) {
+    const int64_t row = min(block_first + static_cast<int>(threadIdx.x) / 4 + i * kThreads / 4,
+                            a.rows - 1);
+    wsrc[i] = a.w + row * groups + c4;
+  }
+  const half* ssrc = a.scale + min(block_first + static_cast<int>(threadIdx.x), a.rows - 1) *
+                                   static_cast<int64_t>(groups);
+  const half* xsrc[kXPieces];
+  int xk[kXPieces];  // the piece's first k at sub-step 0; past K (or m past M): -1
+#pragma unroll
+  for (int j = 0; j < kXPieces; ++j) {
+    const int i = threadIdx.x + j * kThreads, m = i / 16;
+    xk[j] = m < a.m_rows ? 8 * (i % 16) : -1;
+    xsrc[j] = a.x + static_cast<int64_t>(min(m, a.m_rows - 1)) * a.k + 8 * (i % 16);
+  }
+  auto copy = [&](int u) {  // sub-step t0 + u -> stage u % kGemmStages, one commit group
+    if (u < n) {
+      const int t = t0 + u;
+      char* stage = smem + (u % kGemmStages) * GemmStageBytes<kNT>();
+      const int w_at = min(4 * t, groups - 1 - c4);  // groups past K: the last one
+#pragma unroll
+      for (int i = 0; i < kWPieces; ++i) {
+        CopyAsync16Row(stage + 16 * (threadIdx.x + i * kThreads), wsrc[i] + w_at);
+      }
+      half* scales = reinterpret_cast<half*>(stage + kGemmWBytes) + 4 * threadIdx.x;
+      if (a.scales8) {
+        CopyAsync8(scales, ssrc + 4 * t);
+      } else {
+        for (int v = 0; v < 4; ++v) {
+          scales[v] = 4 * t + v < groups ? ssrc[4 * t + v] : __float2half(0);
+        }
+      }
+      half* xs = reinterpret_cast<half*>(stage + kGemmWBytes + kGemmSBytes);
+#pragma unroll
+      for (int j = 0; j < kXPieces; ++j) {
+        // piece p = (i % 16) = 4 c + w of row m = i / 16 -> unit 4 w + c of the row
+        const int i = threadIdx.x + j * kThreads, p = i % 16;
+        const bool valid = xk[j] >= 0 && 128 * t + xk[j] < a.k;
+        CopyAsync16(xs + (i / 16) * kGemmXStride + 8 * (4 * (p % 4) + p / 4),
+                    valid ? xsrc[j] + 128 * t : a.x, valid);
+      }
+    }
+    CommitAsync();
+  };
+  float acc[2][kNT][4] = {};
+#pragma unroll
+  for (int u = 0; u < kGemmStages - 1; ++u) copy(u);
+  for (int u = 0; u < n; ++u) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kGemmStages - 2));
+    {  // this thread's pieces of x, in: pair them up as the MMAs take them (PairUp), in place
+      half* xs = reinterpret_cast<half*>(smem + (u % kGemmStages) * GemmStageBytes<kNT>() +
+                                         kGemmWBytes + kGemmSBytes);
+#pragma unroll
+      for (int j = 0; j < kXPieces; ++j) {
+        const int i = threadIdx.x + j * kThreads, p = i % 16;
+        uint4* piece =
+            reinterpret_cast<uint4*>(xs + (i / 16) * kGemmXStride + 8 * (4 * (p % 4) + p / 4));
+        uint32_t b[4];
+        PairUp(*piece, b);
+        *piece = make_uint4(b[0], b[1], b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the u-th sub-step is in; every warp is done with stage (u - 1) % kGemmStages
+    copy(u + kGemmStages - 1);
+    const char* stage = smem + (u % kGemmStages) * GemmStageBytes<kNT>();
+    const uint4* ws = reinterpret_cast<const uint4*>(stage) + warp * kGemmRowsPerWarp * 4 + c;
+    const unsigned short* ss = reinterpret_cast<const unsigned short*>(stage + kGemmWBytes) +
+                               warp * kGemmRowsPerWarp * 4 + c;
+    const half* xg = reinterpret_cast<const half*>(stage + kGemmWBytes + kGemmSBytes) +
+                     g * kGemmXStride + 8 * c;
+    uint4 q[2][2];
+    uint32_t s2[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = kRows * i + 8 * h + g;  // the warp's row
+        q[i][h] = LoadShared(ws + 4 * r);
+        const uint32_t raw = ss[4 * r];
+        s2[i][h] = raw | (raw << 16);
+      }
+    }
+#pragma unroll
+    for (int word = 0; word < 4; ++word) {
+      uint32_t wl[2][4], wh[2][4];  // rows g and g + 8
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        Dequantize(reinterpret_cast<const uint32_t*>(&q[i][0])[word], s2[i][0], wl[i]);
+        Dequantize(reinterpret_cast<const uint32_t*>(&q[i][1])[word], s2[i][1], wh[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const uint4 b = LoadShared(xg + 8 * j * kGemmXStride + 32 * word);  // paired up
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          Mma(acc[i][j], wl[i][0], wh[i][0], wl[i][1], wh[i][1], b.x, b.y);
+          Mma(acc[i][j], wl[i][2], wh[i][2], wl[i][3], wh[i][3], b.z, b.w);
+        }
+      }
+    }
+  }
+  WaitAsync();  // (only empty groups are left)
+  // acc[i][j]: rows first + 16 i + g (+ 8 for [2], [3]), rows of x 8 j + 2 c (+ 1 for [1], [3])
+  const int first = block_first + warp * kGemmRowsPerWarp;
+  const bool alone = a.splits == 1;
+  float* mine = a.partial + static_cast<int64_t>(blockIdx.y) * a.m_rows * a.rows;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = first + kRows * i + g + 8 * (e / 2), m = 8 * j + 2 * c + e % 2;
+        if (m >= a.m_rows || n >= a.rows) continue;
+        const int64_t at = static_cast<int64_t>(m) * a.rows + n;
+        if (alone) {
+          a.out[at] = __float2half_rn(acc[i][j][e]);
+        } else {
+          mine[at] = acc[i][j][e];
+        }
+      }
+    }
+  }
+  if (alone) return;
+  __shared__ bool last;
+  __threadfence();  // this block's sums are visible before its count
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&a.counters[blockIdx.x], 1) == a.splits - 1;
+    if (last) a.counters[blockIdx.x] = 0;  // for the next call
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int width = min(kGemmRows, a.rows - block_first);
+  const int64_t split_stride = static_cast<int64_t>(a.m_rows) * a.rows;
+  if (a.vector_out) {  // 4 outputs a thread: float4 loads, one 8-byte store
+    for (int e = 4 * threadIdx.x; e < a.m_rows * width; e += 4 * kThreads) {
+      const int64_t at = static_cast<int64_t>(e / width) * a.rows + block_first + e % width;
+      float4 sum = make_float4(0, 0, 0, 0);
+#pragma unroll 8
+      for (int s = 0; s < a.splits; ++s) {
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(a.partial + s * split_stride + at));
+        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+      }
+      const __half2 lo = __floats2half2_rn(sum.x, sum.y), hi = __floats2half2_rn(sum.z, sum.w);
+      *reinterpret_cast<uint2*>(a.out + at) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
+                                                         *reinterpret_cast<const uint32_t*>(&hi));
+    }
+    return;
+  }
+  for (int e = threadIdx.x; e < a.m_rows * width; e += kThreads) {
+    const int64_t at = static_cast<int64_t>(e / width) * a.rows + block_first + e % width;
+    float sum = 0;
+#pragma unroll 8
+    for (int s = 0; s < a.splits; ++s) sum += __ldcg(a.partial + s * split_stride + at);
+    a.out[at] = __float2half_rn(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // f16 SwiGLU: the gate and up rows of 16 outputs per block; step s: lane c reads the values
 // 32 s + 8 c .. + 7 of its rows (the quad: 64 contiguous bytes) and of x, in natural order.
 
@@ -670,10 +906,13 @@ constexpr const char* kF16SwiGLU = "kiln.gemv.f16_swiglu";
 constexpr const char* kQ4Batched = "kiln.gemv.q4_batched";
 constexpr const char* kQ4Dequantize = "kiln.gemv.q4_dequantize";
 constexpr const char* kGemm = "kiln.cublas.matmul";  // out = x @ w^T, w (N, K) float16
-// A batched decode's rows that still run as GEMVs (kMaxM a kernel, each reading the weight);
-// more dequantize the weight once and multiply on the GEMM library (H200, 7B q4f16: at 8 rows
-// the GEMVs took ~3.8 ms a step, twice that at 16; dequantizing took ~4.5 ms, cuBLAS ~3.7).
-constexpr int64_t kMaxGemvRows = 16;
+constexpr const char* kQ4Gemm = "kiln.gemv.q4_gemm";
+// A batched decode's q4 (Q4Batched): up to kMaxM rows of x, the GEMV; up to kMaxGemmRows, Q4Gemm;
+// more, the weight dequantized once and multiplied on the GEMM library, whose cost does not grow
+// with the rows until its tiles fill. H200, the Llama-2-7B matrices (bench/q4_batched.py): at 16
+// rows Q4Gemm takes 13-45 us a matrix against the GEMV's 16-85, at 64 rows 25-79 us against
+// dequantize + cuBLAS's 24-166, at 128 rows 48-157 against 29-170.
+constexpr int64_t kMaxGemmRows = kGemmMaxM;
 
 // A checked q4 call: its arguments, x's device, whether scales load 8 at a time.
 struct Q4Call {
@@ -804,10 +1043,10 @@ __global__ void __launch_bounds__(256) DequantizeQ4(const uint32_t* qweight, con
 }
 
 void CheckScratch(const char* name, const Tensor& w, int64_t n, int64_t k, int device) {
-  CheckDtype(name, w, "the dequantized weight", kDLFloat, 16, "float16");
+  CheckDtype(name, w, "w (scratch)", kDLFloat, 16, "float16");
   TVM_FFI_CHECK(w.ndim() == 2 && w.size(0) == n && w.size(1) == k, ValueError)
-      << name << ": the dequantized weight must be (" << n << ", " << k << ")";
-  CheckPlacement(name, w, "the dequantized weight", device, true);
+      << name << ": w (scratch) must be (" << n << ", " << k << ")";
+  CheckPlacement(name, w, "w (scratch)", device, true);
 }
 
 void LaunchDequantize(const char* name, const Q4Call& call, const Tensor& w,
@@ -819,17 +1058,113 @@ void LaunchDequantize(const char* name, const Q4Call& call, const Tensor& w,
   CheckCuda(cudaGetLastError(), name, "the dequantize launch");
 }
 
-// q4 for a batched decode: up to kMaxGemvRows rows of x run the GEMVs; more dequantize the
-// weight into `w` (N, K) float16 (scratch the caller provides) and call the GEMM extern.
+int SmCount(const char* name, int device) {
+  static std::atomic<int> counts[64];
+  int n = counts[device % 64].load();
+  if (n == 0) {
+    CheckCuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), name,
+              "cudaDeviceGetAttribute");
+    counts[device % 64].store(n);
+  }
+  return n;
+}
+
+// Q4Gemm's split counters, per device: kGemmColumns, zeroed once and reset by the kernels.
+// Allocated on the first call that may (not while the stream is captured into a CUDA graph:
+// such a call runs unsplit); nullptr until then.
+constexpr int64_t kGemmColumns = 1 << 16;
+
+int* GemmCounters(const char* name, int device, cudaStream_t stream) {
+  static std::mutex mu;
+  static int* counters[64] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  int*& mine = counters[device % 64];
+  if (mine != nullptr) return mine;
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  CheckCuda(cudaStreamIsCapturing(stream, &capturing), name, "cudaStreamIsCapturing");
+  if (capturing != cudaStreamCaptureStatusNone) return nullptr;
+  void* buffer = nullptr;
+  CheckCuda(cudaMalloc(&buffer, kGemmColumns * sizeof(int)), name, "cudaMalloc");
+  CheckCuda(cudaMemset(buffer, 0, kGemmColumns * sizeof(int)), name, "cudaMemset");
+  mine = static_cast<int*>(buffer);
+  return mine;
+}
+
+// K's splits for Q4Gemm: the fewest that minimize the time in sub-steps of a block's weights,
+// (waves of blocks) x (a block's sub-steps + its fixed cost): filling the ring (kGemmStages - 1)
+// and, when split, writing its partial sums (M x 256 fp32) and reading them back, as much as M / 8
+// sub-steps' weights (16 KB each). A split keeps at least 4 sub-steps, and the partial sums
+// (splits x M x N fp32) fit in the scratch's N x K halves.
+int GemmSplits(int64_t columns, int64_t k, int m_rows, int64_t resident) {
+  const int64_t steps = (k / 32 + 3) / 4;
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>({steps / 4, k / (2 * m_rows), 64}));
+  int best = 1;
+  double best_cost = 0;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t waves = (columns * s + resident - 1) / resident;
+    const double per_block = (steps + s - 1) / s + (kGemmStages - 1) + (s > 1 ? m_rows / 8.0 : 0);
+    if (s == 1 || waves * per_block < best_cost) best = static_cast<int>(s), best_cost = waves * per_block;
+  }
+  return best;
+}
+
+template <int kNT>
+void LaunchGemm(const char* name, GemmArgs a, int device, cudaStream_t stream) {
+  auto kernel = Q4Gemm<kNT>;
+  constexpr int smem = kGemmStages * GemmStageBytes<kNT>();
+  if constexpr (smem > 48 * 1024) {  // opt in, once per device
+    static std::atomic<uint64_t> opted_in{0};
+    const uint64_t bit = uint64_t{1} << (device % 64);
+    if (!(opted_in.load() & bit)) {
+      CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                name, "cudaFuncSetAttribute");
+      opted_in.fetch_or(bit);
+    }
+  }
+  const int64_t columns = (a.rows + kGemmRows - 1) / kGemmRows;
+  const int64_t resident = int64_t{SmCount(name, device)} * (kNT > 4 ? 1 : 2);
+  a.splits = a.counters != nullptr && columns <= kGemmColumns
+                 ? GemmSplits(columns, a.k, a.m_rows, resident)
+                 : 1;
+  kernel<<<dim3(static_cast<unsigned>(columns), a.splits), kThreads, smem, stream>>>(a);
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+}
+
+// Q4Gemm over x's rows, kGemmMaxM a kernel; `w` (N, K) float16 scratch holds the splits' sums.
+void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t stream) {
+  GemmArgs a{};
+  a.w = static_cast<const uint4*>(call.a.w);
+  a.scale = call.a.scale;
+  a.scales8 = (call.a.k / 32) % 4 == 0 && reinterpret_cast<uintptr_t>(a.scale) % 8 == 0;
+  a.vector_out = call.a.rows % 4 == 0 && reinterpret_cast<uintptr_t>(call.a.out) % 8 == 0;
+  a.partial = reinterpret_cast<float*>(DataOf(w));
+  a.counters = GemmCounters(name, call.device, stream);
+  a.k = call.a.k;
+  a.rows = call.a.rows;
+  for (int first = 0; first < call.a.m_rows; first += kGemmMaxM) {
+    a.x = call.a.x + static_cast<int64_t>(first) * a.k;
+    a.out = call.a.out + static_cast<int64_t>(first) * a.rows;
+    a.m_rows = std::min(call.a.m_rows - first, kGemmMaxM);
+    switch ((a.m_rows + 7) / 8) {
+      case 1: case 2: LaunchGemm<2>(name, a, call.device, stream); break;
+      case 3: case 4: LaunchGemm<4>(name, a, call.device, stream); break;
+      default: LaunchGemm<8>(name, a, call.device, stream); break;
+    }
+  }
+}
+
+// q4 for a batched decode (the rows: kMaxGemmRows above); `w` (N, K) float16 is scratch the
+// caller provides: Q4Gemm's partial sums, or the dequantized weight for the GEMM extern.
 void Q4Batched(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
   const char* name = kQ4Batched;
   const Q4Call call = CheckQ4(name, 0, false, x, qweight, scale, out);
   CheckScratch(name, w, call.a.rows, call.a.k, call.device);
   cudaStream_t stream = Prepare(name, call.device);
-  if (call.a.m_rows <= kMaxGemvRows) {
+  if (call.a.m_rows <= kMaxM) {
     LaunchVariant(name, 0, false, call.a, call.vector_scales, call.device, stream);
     return;
   }
+  if (call.a.m_rows <= kMaxGemmRows) return RunGemm(name, call, w, stream);
   const auto gemm = tvm::ffi::Function::GetGlobal(kGemm);
   TVM_FFI_CHECK(gemm.has_value(), RuntimeError)
       << name << " multiplies " << call.a.m_rows << " rows on " << kGemm
@@ -838,7 +1173,15 @@ void Q4Batched(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
   (*gemm)(x, w, out);
 }
 
-// For tests: the weight Q4Batched multiplies by past kMaxGemvRows rows.
+// For tests and benchmarks: Q4Gemm for any rows of x.
+void Q4GemmEntry(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
+  const char* name = kQ4Gemm;
+  const Q4Call call = CheckQ4(name, 0, false, x, qweight, scale, out);
+  CheckScratch(name, w, call.a.rows, call.a.k, call.device);
+  RunGemm(name, call, w, Prepare(name, call.device));
+}
+
+// For tests: the weight Q4Batched multiplies by past kMaxGemmRows rows.
 void Q4Dequantize(Tensor qweight, Tensor scale, Tensor w) {
   const char* name = kQ4Dequantize;
   TVM_FFI_CHECK(qweight.ndim() == 2, ValueError) << name << ": qweight must be (N, K / 8)";
@@ -886,6 +1229,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kF16SwiGLU, F16SwiGLUEntry)
       .def(kQ4Batched, Q4Batched)
       .def(kQ4Dequantize, Q4Dequantize)
+      .def(kQ4Gemm, Q4GemmEntry)
       // For benchmarks and tests: q4 and q4 SwiGLU with the variant fixed (0: the default; see
       // kVariants), the default's choice, and a variant's time in a CUDA graph
       .def(kQ4Tiled, Q4Tiled)

@@ -5,7 +5,8 @@ K = 4096 and at small odd I (K with and without a partial last super-step, scale
 one or eight at a time, warps with one to three super-steps); each int4 form's default and every
 variant (kiln.gemv.q4_tiled, q4_swiglu_tiled: 16 or 32 weight rows a block, with and without
 prefetching), and in a CUDA graph (kiln.gemv.q4_graph_time); 8 rows of x, and 9 to 64 (a
-kernel per 8); arguments they refuse; and TVM's current stream.
+kernel per 8); the batched decode's q4 (kiln.gemv.q4_batched) and its kernel for 9 to 64 rows
+(kiln.gemv.q4_gemm); arguments they refuse; and TVM's current stream.
 
 Random data as a decode step sees it: x ~ N(0, 1), q4 scales ~ U(0.001, 0.02), nibbles uniform,
 f16 weights ~ N(0, 1 / K) (so that the gate's silu is not saturated).
@@ -170,20 +171,50 @@ def test_more_than_8_rows_run_8_at_a_time(dev, lead):
     assert error(run(dev, tvm_ffi.get_global_func(F16_SWIGLU), x, [w], inter), want) <= TOL
 
 
-@pytest.mark.parametrize("lead", [(12,), (17,), (64,), (2, 40)])
+def run_scratch(dev, fn, x: np.ndarray, qweight: np.ndarray, scale: np.ndarray):
+    """fn(x, qweight, scale, out, w) with w (N, K) float16 scratch: q4_batched, q4_gemm."""
+    n, k = len(qweight), x.shape[-1]
+    out = tvm.runtime.empty((*x.shape[:-1], n), "float16", dev)
+    scratch = tvm.runtime.empty((n, k), "float16", dev)
+    fn(*(tvm.runtime.tensor(a, dev) for a in (x, qweight, scale)), out, scratch)
+    return out
+
+
+@pytest.mark.parametrize("lead", [(5,), (12,), (17,), (64,), (2, 40), (130,)])
 def test_q4_batched_equals_float64(dev, lead):
-    """The batched decode's q4: up to 16 rows as GEMVs, more through the dequantized weight
-    (written into the scratch it is given) and cuBLAS; Llama-2-7B's qkv and an odd shape."""
+    """The batched decode's q4: up to 8 rows the GEMV, up to 64 kiln.gemv.q4_gemm, more the
+    dequantized weight (written into the scratch it is given) and cuBLAS; Llama-2-7B's qkv and an
+    odd shape."""
     rng = np.random.default_rng(sum(lead) + 5)
     batched = tvm_ffi.get_global_func(Q4_BATCHED)
     for n, k in [(12288, 4096), (100, 96)]:
         x = rng.standard_normal((*lead, k)).astype(np.float16)
         qweight, scale = q4_weight(rng, n, k)
         want = x.astype(np.float64) @ dequantize(qweight, scale).T
-        scratch = tvm.runtime.empty((n, k), "float16", dev)
-        out = tvm.runtime.empty((*lead, n), "float16", dev)
-        batched(*(tvm.runtime.tensor(a, dev) for a in (x, qweight, scale)), out, scratch)
-        assert error(out, want) <= TOL, (lead, n, k)
+        assert error(run_scratch(dev, batched, x, qweight, scale), want) <= TOL, (lead, n, k)
+
+
+# (rows of x, N, K): Llama-2-7B's o (K split over many blocks), down and qkv; N not a multiple of
+# a block's 256 rows, K with a partial last sub-step of 128 (4128 = 32 x 129), K of one group
+GEMM_CASES = [(m, 4096, 4096) for m in (9, 16, 24, 33, 64)] + [
+    (40, 4096, 11008), (64, 12288, 4096), (17, 300, 4128), (64, 1000, 4128), (70, 100, 32),
+    (128, 4096, 4096), (200, 520, 256),
+]
+
+
+@pytest.mark.parametrize("m,n,k", GEMM_CASES)
+def test_q4_gemm_equals_float64(dev, m, n, k):
+    """kiln.gemv.q4_gemm, the batched decode's kernel for 9 to 64 rows: 16, 32 or 64 rows of x
+    a kernel (for any more, as here: a kernel per 64, each reading the weight), K split over blocks whose sums meet
+    in the scratch; run twice, since the splits' counters must be back at zero after a call."""
+    rng = np.random.default_rng(m + n + k)
+    gemm = tvm_ffi.get_global_func("kiln.gemv.q4_gemm")
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    qweight, scale = q4_weight(rng, n, k)
+    want = x.astype(np.float64) @ dequantize(qweight, scale).T
+    first = run_scratch(dev, gemm, x, qweight, scale)
+    assert error(first, want) <= TOL, (m, n, k)
+    np.testing.assert_array_equal(run_scratch(dev, gemm, x, qweight, scale).numpy(), first.numpy())
 
 
 def test_q4_dequantize_is_the_fp16_weight(dev):

@@ -80,6 +80,7 @@ tiled = tvm_ffi.get_global_func("kiln.gemv.q4_tiled")
 swiglu_tiled = tvm_ffi.get_global_func("kiln.gemv.q4_swiglu_tiled")
 graph_time = tvm_ffi.get_global_func("kiln.gemv.q4_graph_time")
 batched = tvm_ffi.get_global_func("kiln.gemv.q4_batched")
+gemm = tvm_ffi.get_global_func("kiln.gemv.q4_gemm")
 pick = tvm_ffi.get_global_func("kiln.gemv.q4_default_variant")
 host = lambda shape, dtype="float16": tvm_ffi.from_dlpack(np.zeros(shape, dtype))
 w, s = host((10, 8), "uint32"), host((10, 2))
@@ -96,6 +97,7 @@ calls = {
     "swiglu out": lambda: q4_swiglu(host((1, 64)), w, s, host((1, 10))),
     "f16 w": lambda: f16_swiglu(host((1, 64)), host((10, 32)), host((1, 5))),
     "batched on the host": lambda: batched(host((20, 64)), w, s, host((20, 10)), host((10, 64))),
+    "gemm on the host": lambda: gemm(host((20, 64)), w, s, host((20, 10)), host((10, 64))),
     "f16 on the host": lambda: f16_swiglu(host((2, 64)), host((10, 64)), host((2, 5))),
     "variant 5": lambda: tiled(5, host((1, 64)), w, s, host((1, 10))),
     "variant on the host": lambda: swiglu_tiled(3, host((1, 64)), w, s, host((1, 5))),
@@ -132,6 +134,7 @@ ERRORS = {
     "swiglu out": ("ValueError", "q4_swiglu: out must be shaped as x with its last dimension 5"),
     "f16 w": ("ValueError", "f16_swiglu: w must be (2 I, K) with x's K = 64"),
     "batched on the host": ("ValueError", "kiln.gemv.q4_batched: x must be on cuda:0"),
+    "gemm on the host": ("ValueError", "kiln.gemv.q4_gemm: x must be on cuda:0"),
     "f16 on the host": ("ValueError", "kiln.gemv.f16_swiglu: x must be on cuda:0"),
     "variant 5": ("ValueError", "q4_tiled: the variant must be 0 (the default) to 4, not 5"),
     "variant on the host": ("ValueError", "kiln.gemv.q4_swiglu_tiled: x must be on cuda:0"),
@@ -147,7 +150,7 @@ def test_loads_and_checks_arguments_without_gpu_or_compiler(built):
     cache, _ = built
     result = json.loads(run_without_compiler(LOAD_AND_CALL, cache).strip().splitlines()[-1])
     bench = {f"kiln.gemv.{f}" for f in ("q4_tiled", "q4_swiglu_tiled", "q4_default_variant",
-                                        "q4_graph_time", "q4_dequantize")}  # fmt: skip
+                                        "q4_graph_time", "q4_dequantize", "q4_gemm")}  # fmt: skip
     assert {*gemv.FUNCTIONS, *bench} <= set(result["names"])
     assert set(result["picks"]) <= {1, 2, 3, 4}  # the default runs one of the variants
     assert set(result["errors"]) == set(ERRORS)
