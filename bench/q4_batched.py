@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemv import SHAPES  # noqa: E402
+from gemv import SHAPES
 
 ROWS = (8, 16, 32, 64, 128)
 
@@ -36,6 +36,16 @@ def _seconds(fn, copies, device, reps: int = 200) -> float:
         fn(*copies[i % len(copies)])
     device.sync()
     return (time.perf_counter() - start) / reps
+
+
+def _dequantize_then(dequantize, matmul):
+    """x, qweight, scale, out, w -> the weight dequantized into w, then out = x @ w^T."""
+
+    def fn(x, qweight, scale, out, w):
+        dequantize(qweight, scale, w)
+        matmul(x, w, out)
+
+    return fn
 
 
 def run(directory: Path, shape: str, json_out: Path | None) -> None:
@@ -72,33 +82,31 @@ def run(directory: Path, shape: str, json_out: Path | None) -> None:
             x = rng.standard_normal((m, k)).astype(np.float16)
             want = x.astype(np.float32) @ w.T
             xd, out = tvm.runtime.tensor(x, device), tvm.runtime.empty((m, n), "float16", device)
-            paths = {
-                "gemv": (q4, lambda q, s: (xd, q, s, out)),
-                "gemm": (gemm, lambda q, s: (xd, q, s, out, scratch)),
-                "dequant+cublas": (
-                    lambda xx, q, s, o, ww: (dequantize(q, s, ww), matmul(xx, ww, o)),
-                    lambda q, s: (xd, q, s, out, scratch),
-                ),
-            }
             nbytes = qweight.nbytes + scale.nbytes + x.nbytes + m * n * 2
             row = dict(matrix=name, rows=n, cols=k, m=m)
-            for label, (fn, args) in paths.items():
-                copies = [args(q, s) for q, s in weights]
+            # each way: the function and its argument lists, one per weight copy
+            with_scratch = [(xd, q, s, out, scratch) for q, s in weights]
+            paths = {
+                "gemv": (q4, [(xd, q, s, out) for q, s in weights]),
+                "gemm": (gemm, with_scratch),
+                "dequant+cublas": (_dequantize_then(dequantize, matmul), with_scratch),
+            }
+            for label, (fn, copies) in paths.items():
                 fn(*copies[0])
                 got = out.numpy().astype(np.float32)
                 err = float(np.abs(got - want).max() / np.abs(want).max())
                 seconds = _seconds(fn, copies, device)
                 row[label] = dict(us=seconds * 1e6, roofline=nbytes / bandwidth / seconds,
                                   tflops=2 * m * n * k / seconds / 1e12, error=err)  # fmt: skip
-            row["q4_batched"] = _seconds(batched, [(xd, q, s, out, scratch) for q, s in weights],
-                                         device) * 1e6  # fmt: skip
+            row["q4_batched"] = 1e6 * _seconds(batched, paths["gemm"][1], device)
             rows_out.append(row)
             cells = "  ".join(
                 f"{label} {row[label]['us']:7.1f} ({100 * row[label]['roofline']:4.1f}%, "
                 f"err {row[label]['error']:.0e})"
                 for label in paths
             )
-            print(f"{name:<8} {n:>5} x {k:<5} m={m:<4} {cells}  q4_batched {row['q4_batched']:7.1f}")
+            print(f"{name:<8} {n:>5} x {k:<5} m={m:<4} {cells}  "
+                  f"q4_batched {row['q4_batched']:7.1f}")  # fmt: skip
     if json_out:
         json_out.write_text(json.dumps({"bandwidth": bandwidth, "rows": rows_out}, indent=1))
 

@@ -85,9 +85,9 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
     }
     # fp16 weights keep Kiln's TIR GEMV (98% of the copy bandwidth on a 7B gate/up against
     # 88% for kiln.gemv.f16_swiglu, bench/gemv.py), their SiLU*up a kernel of its own. The
-    # batched decode's int4 Linears go to kiln.gemv.q4_batched: GEMVs up to 16 sequences,
-    # past that a dequantize and cuBLAS (dlight's dequantizing GEMMs are the alternative:
-    # bench/RESULTS.md).
+    # batched decode's int4 Linears go to kiln.gemv.q4_batched: GEMVs up to 8 sequences, an
+    # int4 tensor-core GEMM up to 64, past that a dequantize and cuBLAS (dlight's dequantizing
+    # GEMMs are the alternative: bench/RESULTS.md).
     return [DispatchGEMV(int4, {}, batched=("decode",))]
 
 

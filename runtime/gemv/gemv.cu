@@ -1,15 +1,17 @@
 // Kiln's decode GEMVs for CUDA (sm_80 and newer): `kiln.gemv.q4`, `kiln.gemv.q4_swiglu`
-// and `kiln.gemv.f16_swiglu`, destination-passing (the caller allocates `out`, passed last).
+// and `kiln.gemv.f16_swiglu`, destination-passing (the caller allocates `out`, passed last), and
+// the batched decode's q4, `kiln.gemv.q4_batched` (Q4Gemm below and Q4Batched say how).
 //
 //   q4(x (..., K) f16, qweight (N, K / 8) u32, scale (N, K / 32) f16, out (..., N) f16)
 //   q4_swiglu(x, qweight (2I, K / 8), scale (2I, K / 32), out (..., I) f16)
 //   f16_swiglu(x, w (2I, K) f16, out (..., I) f16)
+//   q4_batched(x, qweight, scale, out, w (N, K) f16 scratch)
 //
-// M = the product of x's leading dimensions; K % 32 == 0. A kernel takes 8 rows of x at most (the
-// MMA's 8 columns); more (a batched decode) run as one kernel per 8 rows, each reading the weight
-// again. The q4 weight is TVM's
-// q4f16 storage: w[n, k] = (nib - 8) * scale[n, k / 32], nib = (qweight[n, k / 8] >> 4 (k % 8))
-// & 15 (eight values per word, lowest nibble first, one fp16 scale per 32 values along K).
+// M = the product of x's leading dimensions; K % 32 == 0. A GEMV kernel takes 8 rows of x at most
+// (the MMA's 8 columns); more run as one kernel per 8 rows, each reading the weight again. The q4
+// weight is TVM's q4f16 storage: w[n, k] = (nib - 8) * scale[n, k / 32], nib = (qweight[n, k / 8]
+// >> 4 (k % 8)) & 15 (eight values per word, lowest nibble first, one fp16 scale per 32 values
+// along K).
 // q4: out[m, n] = sum_k x[m, k] w[n, k]. The SwiGLU forms read the MLP's gate rows [0, I) and up
 // rows [I, 2I) in one kernel (a block computes gate row j and up row I + j, nothing goes through
 // memory between them): out[m, j] = silu(a) b, a = x[m] . w[j], b = x[m] . w[I + j], silu(a) =
@@ -453,7 +455,8 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Ge
 // So x serves 256 rows (every 16 bytes of it a lane reads feed 2 tiles x 2 MMAs), each
 // dequantized weight feeds kNT MMAs (one per 8 rows of x), and 48 KB of weights a block are in
 // flight. A lane's weights and their k order are the GEMV's (group c of each sub-step, rows g and
-// g + 8 of each tile). Sub-steps past K (K % 128 != 0) read the last group again against x = 0
+// g + 8 of each tile); each thread pairs up the pieces of x it copied once they are in (PairUp's
+// order), so that a lane's B fragments are one 16-byte shared load. Sub-steps past K (K % 128 != 0) read the last group again against x = 0
 // and scale 0. K is split over blockIdx.y (`splits`, so that the grid fills the GPU): each split
 // writes its fp32 sums to `partial` (splits, M, N) and the last of a column of blocks to finish
 // (an atomic counter, which it resets) adds them and writes out.
@@ -509,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
   const int t0 = static_cast<int>(int64_t{blockIdx.y} * steps / a.splits);
   const int t1 = static_cast<int>(int64_t{blockIdx.y + 1} * steps / a.splits);
   const int block_first = blockIdx.x * kGemmRows;
-  const int n = t1 - t0;
+  const int count = t1 - t0;
   // What this thread copies each sub-step, its addresses at sub-step 0: 16 bytes of each of 4
   // weight rows (4 threads a row, a group each), the 4 scales of one row, and kXPieces pieces of
   // 16 bytes of x (rows m past M: zeros).
@@ -533,7 +536,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
     xsrc[j] = a.x + static_cast<int64_t>(min(m, a.m_rows - 1)) * a.k + 8 * (i % 16);
   }
   auto copy = [&](int u) {  // sub-step t0 + u -> stage u % kGemmStages, one commit group
-    if (u < n) {
+    if (u < count) {
       const int t = t0 + u;
       char* stage = smem + (u % kGemmStages) * GemmStageBytes<kNT>();
       const int w_at = min(4 * t, groups - 1 - c4);  // groups past K: the last one
@@ -564,7 +567,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
   float acc[2][kNT][4] = {};
 #pragma unroll
   for (int u = 0; u < kGemmStages - 1; ++u) copy(u);
-  for (int u = 0; u < n; ++u) {
+  for (int u = 0; u < count; ++u) {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kGemmStages - 2));
     {  // this thread's pieces of x, in: pair them up as the MMAs take them (PairUp), in place
       half* xs = reinterpret_cast<half*>(smem + (u % kGemmStages) * GemmStageBytes<kNT>() +
@@ -579,7 +582,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
         *piece = make_uint4(b[0], b[1], b[2], b[3]);
       }
     }
-    __syncthreads();  // the u-th sub-step is in; every warp is done with stage (u - 1) % kGemmStages
+    __syncthreads();  // sub-step u is in; every warp is done with the stage of u - 1
     copy(u + kGemmStages - 1);
     const char* stage = smem + (u % kGemmStages) * GemmStageBytes<kNT>();
     const uint4* ws = reinterpret_cast<const uint4*>(stage) + warp * kGemmRowsPerWarp * 4 + c;
@@ -1103,7 +1106,9 @@ int GemmSplits(int64_t columns, int64_t k, int m_rows, int64_t resident) {
   for (int64_t s = 1; s <= most; ++s) {
     const int64_t waves = (columns * s + resident - 1) / resident;
     const double per_block = (steps + s - 1) / s + (kGemmStages - 1) + (s > 1 ? m_rows / 8.0 : 0);
-    if (s == 1 || waves * per_block < best_cost) best = static_cast<int>(s), best_cost = waves * per_block;
+    if (s == 1 || waves * per_block < best_cost) {
+      best = static_cast<int>(s), best_cost = waves * per_block;
+    }
   }
   return best;
 }

@@ -11,14 +11,18 @@ multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs
 - `kiln.gemv.q4_swiglu(x, qweight, scale, out)`: the MLP's gate and up projections in one
   weight of 2 I rows (gate first); out (..., I) = silu(x @ gate^T) * (x @ up^T).
 - `kiln.gemv.f16_swiglu(x, w, out)`: the same with a float16 weight w (2 I, K).
-- `kiln.gemv.q4_batched(x, qweight, scale, out, w)`: `q4` for a batched decode: up to 16 rows
-  of x as GEMVs; more dequantize the weight into `w` (N, K) float16 (scratch the caller
-  provides) and multiply on `kiln.cublas.matmul` (kiln.runtime.cublas, which must be loaded).
+- `kiln.gemv.q4_batched(x, qweight, scale, out, w)`: `q4` for a batched decode, with `w` (N, K)
+  float16 scratch the caller provides: up to 8 rows of x, the GEMV; 9 to 64, one kernel that
+  reads the weight once for all of them (a tensor-core GEMM with the dequantize in its main
+  loop; its K splits add up in `w`); more, the weight dequantized into `w` and multiplied on
+  `kiln.cublas.matmul` (kiln.runtime.cublas, which must be loaded).
 
 K must be a multiple of 32; gemv.cu says how the kernels work and what they round.
 (For benchmarks: `kiln.gemv.q4_tiled(variant, ...)` and `q4_swiglu_tiled(variant, ...)` run
 one of the kernels' variants, `q4_default_variant(rows, K, swiglu)` names the default's, and
-`q4_graph_time(...)` times one in a CUDA graph; gemv.cu's kVariants lists them.)
+`q4_graph_time(...)` times one in a CUDA graph; gemv.cu's kVariants lists them.
+`q4_gemm(x, qweight, scale, out, w)` runs q4_batched's 9-to-64-row kernel for any rows, and
+`q4_dequantize(qweight, scale, w)` its dequantize: bench/q4_batched.py times each way.)
 
 The library is device code, so it is built with nvcc, as Kiln's prefill attention is
 (kiln.runtime.attention; kiln.runtime.native finds nvcc and builds both alike), for the

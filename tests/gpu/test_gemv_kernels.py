@@ -197,16 +197,21 @@ def test_q4_batched_equals_float64(dev, lead):
 # (rows of x, N, K): Llama-2-7B's o (K split over many blocks), down and qkv; N not a multiple of
 # a block's 256 rows, K with a partial last sub-step of 128 (4128 = 32 x 129), K of one group
 GEMM_CASES = [(m, 4096, 4096) for m in (9, 16, 24, 33, 64)] + [
-    (40, 4096, 11008), (64, 12288, 4096), (17, 300, 4128), (64, 1000, 4128), (70, 100, 32),
-    (128, 4096, 4096), (200, 520, 256),
+    (40, 4096, 11008),
+    (64, 12288, 4096),
+    (17, 300, 4128),
+    (64, 1000, 4128),
+    (70, 100, 32),
+    (128, 4096, 4096),
+    (200, 520, 256),
 ]
 
 
 @pytest.mark.parametrize("m,n,k", GEMM_CASES)
 def test_q4_gemm_equals_float64(dev, m, n, k):
-    """kiln.gemv.q4_gemm, the batched decode's kernel for 9 to 64 rows: 16, 32 or 64 rows of x
-    a kernel (for any more, as here: a kernel per 64, each reading the weight), K split over blocks whose sums meet
-    in the scratch; run twice, since the splits' counters must be back at zero after a call."""
+    """kiln.gemv.q4_gemm, the batched decode's kernel for 9 to 64 rows: 16, 32 or 64 rows of x a
+    kernel (any more, as here: a kernel per 64, each reading the weight), K split over blocks
+    whose sums meet in the scratch; run twice: the splits' counters must be back at zero."""
     rng = np.random.default_rng(m + n + k)
     gemm = tvm_ffi.get_global_func("kiln.gemv.q4_gemm")
     x = rng.standard_normal((m, k)).astype(np.float16)
