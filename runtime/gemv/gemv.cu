@@ -448,22 +448,22 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Ge
 
 // ---------------------------------------------------------------------------------------------
 // q4 for a batched decode's 9 to 64 rows of x: one kernel that reads each weight once for all of
-// them (the GEMV above reads it again for every 8). A block is 8 warps and owns 256 weight rows,
-// 32 a warp (two 16-row tiles: the MMA's A); all of them walk the same K a sub-step (128 values)
-// at a time, through a ring of kGemmStages stages in shared memory that cp.async fills
-// kGemmStages - 1 sub-steps ahead: the block's weights (16 KB a sub-step), their scales and x.
-// So x serves 256 rows (every 16 bytes of it a lane reads feed 2 tiles x 2 MMAs), each
-// dequantized weight feeds kNT MMAs (one per 8 rows of x), and 48 KB of weights a block are in
-// flight. A lane's weights and their k order are the GEMV's (group c of each sub-step, rows g and
-// g + 8 of each tile); each thread pairs up the pieces of x it copied once they are in (PairUp's
-// order), so that a lane's B fragments are one 16-byte shared load. Sub-steps past K (K % 128 != 0) read the last group again against x = 0
-// and scale 0. K is split over blockIdx.y (`splits`, so that the grid fills the GPU): each split
-// writes its fp32 sums to `partial` (splits, M, N) and the last of a column of blocks to finish
-// (an atomic counter, which it resets) adds them and writes out.
+// them (the GEMV above reads it again for every 8). A block owns 256 weight rows, kTiles 16-row
+// tiles (the MMA's A) a warp: 8 warps of 32 rows or 16 of 16. All of them walk the same K a
+// sub-step (128 values) at a time, through a ring of kGemmStages stages in shared memory that
+// cp.async fills kGemmStages - 1 sub-steps ahead: the block's weights (16 KB a sub-step), their
+// scales and x. So x serves 256 rows (every 16 bytes of it a lane reads feed kTiles x 2 MMAs),
+// each dequantized weight feeds kNT MMAs (one per 8 rows of x), and 48 KB of weights a block are
+// in flight. A lane's weights and their k order are the GEMV's (group c of each sub-step, rows g
+// and g + 8 of each tile); each thread pairs up the pieces of x it copied once they are in
+// (PairUp's order), so that a lane's B fragments are one 16-byte shared load. Sub-steps past K
+// (K % 128 != 0) read the last group again against x = 0 and scale 0. K is split over blockIdx.y
+// (`splits`, so that the grid fills the GPU): each split writes its fp32 sums to `partial`
+// (splits, M, N) and the last of a column of blocks to finish (an atomic counter, which it
+// resets) adds them and writes out.
 
-constexpr int kGemmRowsPerWarp = 2 * kRows;
-constexpr int kGemmRows = kWarps * kGemmRowsPerWarp;  // weight rows a block
-constexpr int kGemmMaxM = 64;                         // rows of x a kernel: 8 MMA column tiles
+constexpr int kGemmRows = 256;  // weight rows a block
+constexpr int kGemmMaxM = 64;   // rows of x a kernel: 8 MMA column tiles
 constexpr int kGemmStages = 4;
 // A stage's x: 128 values of each row. The lane (g, c) reads, for word w, the 16 bytes of values
 // 32 c + 8 w .. + 7 (the GEMV's order) of row g of a column tile: they sit at 16-byte unit
@@ -503,8 +503,22 @@ __device__ __forceinline__ void CopyAsync8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], 8;\n" ::"r"(to), "l"(src));
 }
 
-template <int kNT>
-__global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) {
+// kTiles 16-row tiles a warp: kGemmRows / (16 kTiles) warps a block.
+template <int kTiles>
+__host__ __device__ constexpr int GemmThreads() {
+  return 32 * kGemmRows / (kRows * kTiles);
+}
+
+// Blocks an SM holds (shared memory: 4 stages of x for 8 kNT rows, and registers).
+template <int kNT, int kTiles>
+__host__ __device__ constexpr int GemmBlocksPerSm() {
+  return kTiles == 2 && kNT <= 4 ? 2 : 1;
+}
+
+template <int kNT, int kTiles>
+__global__ void __launch_bounds__(GemmThreads<kTiles>(), GemmBlocksPerSm<kNT, kTiles>())
+    Q4Gemm(GemmArgs a) {
+  constexpr int kGemmThreads = GemmThreads<kTiles>(), kWarpRows = kTiles * kRows;
   extern __shared__ uint4 dynamic_smem[];
   char* smem = reinterpret_cast<char*>(dynamic_smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
@@ -516,12 +530,13 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
   // What this thread copies each sub-step, its addresses at sub-step 0: 16 bytes of each of 4
   // weight rows (4 threads a row, a group each), the 4 scales of one row, and kXPieces pieces of
   // 16 bytes of x (rows m past M: zeros).
-  constexpr int kWPieces = kGemmRows * 4 / kThreads, kXPieces = 8 * kNT * 16 / kThreads;
+  constexpr int kWPieces = kGemmRows * 4 / kGemmThreads, kXPieces = 8 * kNT * 16 / kGemmThreads;
+  static_assert(kXPieces >= 1 && kGemmThreads >= kGemmRows, "a thread copies x and a row's scales");
   const int c4 = threadIdx.x % 4;
   const uint4* wsrc[kWPieces];
 #pragma unroll
   for (int i = 0; i < kWPieces; ++i) {
-    const int64_t row = min(block_first + static_cast<int>(threadIdx.x) / 4 + i * kThreads / 4,
+    const int64_t row = min(block_first + static_cast<int>(threadIdx.x) / 4 + i * kGemmThreads / 4,
                             a.rows - 1);
     wsrc[i] = a.w + row * groups + c4;
   }
@@ -531,7 +546,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
   int xk[kXPieces];  // the piece's first k at sub-step 0; past K (or m past M): -1
 #pragma unroll
   for (int j = 0; j < kXPieces; ++j) {
-    const int i = threadIdx.x + j * kThreads, m = i / 16;
+    const int i = threadIdx.x + j * kGemmThreads, m = i / 16;
     xk[j] = m < a.m_rows ? 8 * (i % 16) : -1;
     xsrc[j] = a.x + static_cast<int64_t>(min(m, a.m_rows - 1)) * a.k + 8 * (i % 16);
   }
@@ -542,12 +557,12 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
       const int w_at = min(4 * t, groups - 1 - c4);  // groups past K: the last one
 #pragma unroll
       for (int i = 0; i < kWPieces; ++i) {
-        CopyAsync16Row(stage + 16 * (threadIdx.x + i * kThreads), wsrc[i] + w_at);
+        CopyAsync16Row(stage + 16 * (threadIdx.x + i * kGemmThreads), wsrc[i] + w_at);
       }
       half* scales = reinterpret_cast<half*>(stage + kGemmWBytes) + 4 * threadIdx.x;
-      if (a.scales8) {
+      if (threadIdx.x < kGemmRows && a.scales8) {
         CopyAsync8(scales, ssrc + 4 * t);
-      } else {
+      } else if (threadIdx.x < kGemmRows) {
         for (int v = 0; v < 4; ++v) {
           scales[v] = 4 * t + v < groups ? ssrc[4 * t + v] : __float2half(0);
         }
@@ -556,7 +571,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
 #pragma unroll
       for (int j = 0; j < kXPieces; ++j) {
         // piece p = (i % 16) = 4 c + w of row m = i / 16 -> unit 4 w + c of the row
-        const int i = threadIdx.x + j * kThreads, p = i % 16;
+        const int i = threadIdx.x + j * kGemmThreads, p = i % 16;
         const bool valid = xk[j] >= 0 && 128 * t + xk[j] < a.k;
         CopyAsync16(xs + (i / 16) * kGemmXStride + 8 * (4 * (p % 4) + p / 4),
                     valid ? xsrc[j] + 128 * t : a.x, valid);
@@ -564,7 +579,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
     }
     CommitAsync();
   };
-  float acc[2][kNT][4] = {};
+  float acc[kTiles][kNT][4] = {};
 #pragma unroll
   for (int u = 0; u < kGemmStages - 1; ++u) copy(u);
   for (int u = 0; u < count; ++u) {
@@ -574,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
                                          kGemmWBytes + kGemmSBytes);
 #pragma unroll
       for (int j = 0; j < kXPieces; ++j) {
-        const int i = threadIdx.x + j * kThreads, p = i % 16;
+        const int i = threadIdx.x + j * kGemmThreads, p = i % 16;
         uint4* piece =
             reinterpret_cast<uint4*>(xs + (i / 16) * kGemmXStride + 8 * (4 * (p % 4) + p / 4));
         uint32_t b[4];
@@ -585,15 +600,15 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
     __syncthreads();  // sub-step u is in; every warp is done with the stage of u - 1
     copy(u + kGemmStages - 1);
     const char* stage = smem + (u % kGemmStages) * GemmStageBytes<kNT>();
-    const uint4* ws = reinterpret_cast<const uint4*>(stage) + warp * kGemmRowsPerWarp * 4 + c;
+    const uint4* ws = reinterpret_cast<const uint4*>(stage) + warp * kWarpRows * 4 + c;
     const unsigned short* ss = reinterpret_cast<const unsigned short*>(stage + kGemmWBytes) +
-                               warp * kGemmRowsPerWarp * 4 + c;
+                               warp * kWarpRows * 4 + c;
     const half* xg = reinterpret_cast<const half*>(stage + kGemmWBytes + kGemmSBytes) +
                      g * kGemmXStride + 8 * c;
-    uint4 q[2][2];
-    uint32_t s2[2][2];
+    uint4 q[kTiles][2];
+    uint32_t s2[kTiles][2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = kRows * i + 8 * h + g;  // the warp's row
@@ -604,9 +619,9 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
     }
 #pragma unroll
     for (int word = 0; word < 4; ++word) {
-      uint32_t wl[2][4], wh[2][4];  // rows g and g + 8
+      uint32_t wl[kTiles][4], wh[kTiles][4];  // rows g and g + 8
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < kTiles; ++i) {
         Dequantize(reinterpret_cast<const uint32_t*>(&q[i][0])[word], s2[i][0], wl[i]);
         Dequantize(reinterpret_cast<const uint32_t*>(&q[i][1])[word], s2[i][1], wh[i]);
       }
@@ -614,7 +629,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
       for (int j = 0; j < kNT; ++j) {
         const uint4 b = LoadShared(xg + 8 * j * kGemmXStride + 32 * word);  // paired up
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < kTiles; ++i) {
           Mma(acc[i][j], wl[i][0], wh[i][0], wl[i][1], wh[i][1], b.x, b.y);
           Mma(acc[i][j], wl[i][2], wh[i][2], wl[i][3], wh[i][3], b.z, b.w);
         }
@@ -623,11 +638,11 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
   }
   WaitAsync();  // (only empty groups are left)
   // acc[i][j]: rows first + 16 i + g (+ 8 for [2], [3]), rows of x 8 j + 2 c (+ 1 for [1], [3])
-  const int first = block_first + warp * kGemmRowsPerWarp;
+  const int first = block_first + warp * kWarpRows;
   const bool alone = a.splits == 1;
   float* mine = a.partial + static_cast<int64_t>(blockIdx.y) * a.m_rows * a.rows;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
 #pragma unroll
@@ -657,7 +672,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
   const int width = min(kGemmRows, a.rows - block_first);
   const int64_t split_stride = static_cast<int64_t>(a.m_rows) * a.rows;
   if (a.vector_out) {  // 4 outputs a thread: float4 loads, one 8-byte store
-    for (int e = 4 * threadIdx.x; e < a.m_rows * width; e += 4 * kThreads) {
+    for (int e = 4 * threadIdx.x; e < a.m_rows * width; e += 4 * kGemmThreads) {
       const int64_t at = static_cast<int64_t>(e / width) * a.rows + block_first + e % width;
       float4 sum = make_float4(0, 0, 0, 0);
 #pragma unroll 8
@@ -671,7 +686,7 @@ __global__ void __launch_bounds__(kThreads, kNT > 4 ? 1 : 2) Q4Gemm(GemmArgs a) 
     }
     return;
   }
-  for (int e = threadIdx.x; e < a.m_rows * width; e += kThreads) {
+  for (int e = threadIdx.x; e < a.m_rows * width; e += kGemmThreads) {
     const int64_t at = static_cast<int64_t>(e / width) * a.rows + block_first + e % width;
     float sum = 0;
 #pragma unroll 8
@@ -1113,9 +1128,9 @@ int GemmSplits(int64_t columns, int64_t k, int m_rows, int64_t resident) {
   return best;
 }
 
-template <int kNT>
+template <int kNT, int kTiles>
 void LaunchGemm(const char* name, GemmArgs a, int device, cudaStream_t stream) {
-  auto kernel = Q4Gemm<kNT>;
+  auto kernel = Q4Gemm<kNT, kTiles>;
   constexpr int smem = kGemmStages * GemmStageBytes<kNT>();
   if constexpr (smem > 48 * 1024) {  // opt in, once per device
     static std::atomic<uint64_t> opted_in{0};
@@ -1127,11 +1142,12 @@ void LaunchGemm(const char* name, GemmArgs a, int device, cudaStream_t stream) {
     }
   }
   const int64_t columns = (a.rows + kGemmRows - 1) / kGemmRows;
-  const int64_t resident = int64_t{SmCount(name, device)} * (kNT > 4 ? 1 : 2);
+  const int64_t resident = int64_t{SmCount(name, device)} * GemmBlocksPerSm<kNT, kTiles>();
   a.splits = a.counters != nullptr && columns <= kGemmColumns
                  ? GemmSplits(columns, a.k, a.m_rows, resident)
                  : 1;
-  kernel<<<dim3(static_cast<unsigned>(columns), a.splits), kThreads, smem, stream>>>(a);
+  kernel<<<dim3(static_cast<unsigned>(columns), a.splits), GemmThreads<kTiles>(), smem, stream>>>(
+      a);
   CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
@@ -1151,9 +1167,12 @@ void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t
     a.out = call.a.out + static_cast<int64_t>(first) * a.rows;
     a.m_rows = std::min(call.a.m_rows - first, kGemmMaxM);
     switch ((a.m_rows + 7) / 8) {
-      case 1: case 2: LaunchGemm<2>(name, a, call.device, stream); break;
-      case 3: case 4: LaunchGemm<4>(name, a, call.device, stream); break;
-      default: LaunchGemm<8>(name, a, call.device, stream); break;
+      // 16-row warps for 32 rows of x, 32-row warps else: the faster on the 7B's matrices (H200,
+      // bench/q4_batched.py: 131.9 against 146.9 us for a layer's four at 32 rows, 218.8 against
+      // 190.0 at 64)
+      case 1: case 2: LaunchGemm<2, 2>(name, a, call.device, stream); break;
+      case 3: case 4: LaunchGemm<4, 1>(name, a, call.device, stream); break;
+      default: LaunchGemm<8, 2>(name, a, call.device, stream); break;
     }
   }
 }
