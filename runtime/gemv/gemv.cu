@@ -928,8 +928,8 @@ constexpr const char* kQ4Gemm = "kiln.gemv.q4_gemm";
 // A batched decode's q4 (Q4Batched): up to kMaxM rows of x, the GEMV; up to kMaxGemmRows, Q4Gemm;
 // more, the weight dequantized once and multiplied on the GEMM library, whose cost does not grow
 // with the rows until its tiles fill. H200, the Llama-2-7B matrices (bench/q4_batched.py): at 16
-// rows Q4Gemm takes 13-45 us a matrix against the GEMV's 16-85, at 64 rows 25-79 us against
-// dequantize + cuBLAS's 24-166, at 128 rows 48-157 against 29-170.
+// rows Q4Gemm takes 13-45 us a matrix against the GEMV's 16-83, at 64 rows 24-79 us against
+// dequantize + cuBLAS's 24-167, at 128 rows 47-158 against 29-170.
 constexpr int64_t kMaxGemmRows = kGemmMaxM;
 
 // A checked q4 call: its arguments, x's device, whether scales load 8 at a time.
