@@ -54,7 +54,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <climits>
 #include <cstdint>
 #include <mutex>
 #include <vector>
@@ -1087,7 +1086,8 @@ int SmCount(const char* name, int device) {
   return n;
 }
 
-// Q4Gemm's split counters, per device: kGemmColumns, zeroed once and reset by the kernels.
+// Q4Gemm's split counters, per device: kGemmColumns, zeroed once and reset by the kernels, so
+// split calls on one device must not run at once (Kiln runs a device's work on TVM's one stream).
 // Allocated on the first call that may (not while the stream is captured into a CUDA graph:
 // such a call runs unsplit); nullptr until then.
 constexpr int64_t kGemmColumns = 1 << 16;

@@ -195,10 +195,12 @@ def test_q4_batched_equals_float64(dev, lead):
 
 
 # (rows of x, N, K): Llama-2-7B's o (K split over many blocks), down and qkv; N not a multiple of
-# a block's 256 rows, K with a partial last sub-step of 128 (4128 = 32 x 129), K of one group
+# a block's 256 rows, or of 4 (the splits added one output a thread), K with a partial last
+# sub-step of 128 (4128 = 32 x 129), K of one group
 GEMM_CASES = [(m, 4096, 4096) for m in (9, 16, 24, 33, 64)] + [
     (40, 4096, 11008),
     (64, 12288, 4096),
+    (33, 4094, 4096),
     (17, 300, 4128),
     (64, 1000, 4128),
     (70, 100, 32),
