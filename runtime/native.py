@@ -30,6 +30,9 @@ from kiln.runtime.errors import KilnError
 
 FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-Wl,--no-undefined"]
 INSTALL_CUDA = "install the CUDA toolkit (or set CUDA_HOME), or pip install 'kiln[cuda]'"
+# Host helpers the nvcc-built extern libraries (runtime/attention, runtime/gemv) include: one of
+# each library's sources
+CUDA_EXTERN_HEADER = Path(__file__).resolve().parent / "cuda_extern.cuh"
 _ARCH = re.compile(r"^sm_(\d+)(a?)$")
 
 

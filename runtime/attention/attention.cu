@@ -61,6 +61,7 @@
 #include <cstdint>
 #include <mutex>
 
+#include "../cuda_extern.cuh"
 #include "flash_decode.cuh"
 #include "flash_prefill.cuh"
 
@@ -69,28 +70,13 @@ namespace attention {
 
 using tvm::ffi::Tensor;
 
-void CheckCuda(cudaError_t result, const char* name, const char* what) {
-  if (result != cudaSuccess) {
-    TVM_FFI_THROW(RuntimeError) << name << ": " << what
-                                << " failed: " << cudaGetErrorString(result);
-  }
-}
-
 template <typename T, int D, int kWarps, typename Keys>
 void Launch(const char* name, const Params& p, int64_t total_q, int device, cudaStream_t stream) {
   constexpr int kBlockM = 16 * kWarps;
   constexpr size_t kSmem = size_t{kBlockM + 2 * kBlockN} * (D + 8) * sizeof(T);
   auto kernel = Prefill<T, D, kWarps, Keys>;
-  if (kSmem > 48 * 1024) {  // past 48 KiB a block must opt in, once per device
-    static std::atomic<uint64_t> opted_in{0};
-    const uint64_t bit = uint64_t{1} << (device % 64);
-    if (!(opted_in.load() & bit)) {
-      CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(kSmem)),
-                name, "cudaFuncSetAttribute");
-      opted_in.fetch_or(bit);
-    }
-  }
+  static std::atomic<uint64_t> opted_in{0};
+  if (kSmem > 48 * 1024) OptInSharedMemory(kernel, kSmem, device, opted_in, name);
   // Each sequence's tiles, all together, number at most ceil(total_q / kBlockM) + batch.
   const int64_t slots = (total_q + kBlockM - 1) / kBlockM + p.batch;
   TVM_FFI_CHECK(slots <= 65535, ValueError)
@@ -99,17 +85,6 @@ void Launch(const char* name, const Params& p, int64_t total_q, int device, cuda
   dim3 grid(p.h_q, static_cast<unsigned>(slots));
   kernel<<<grid, kWarps * 32, kSmem, stream>>>(p);
   CheckCuda(cudaGetLastError(), name, "the kernel launch");
-}
-
-int SmCount(const char* name, int device) {
-  static std::atomic<int> counts[64];
-  int n = counts[device % 64].load();
-  if (n == 0) {
-    CheckCuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), name,
-              "cudaDeviceGetAttribute");
-    counts[device % 64].store(n);
-  }
-  return n;
 }
 
 // 128-row tiles halve the K/V traffic per query but make half as many blocks: take them only
@@ -139,22 +114,12 @@ void CheckDtype(const char* name, const Tensor& t, const char* what, DLDataTypeC
       << " bits=" << bits;
 }
 
-char* DataOf(const Tensor& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
-
 void CheckAligned(const char* name, const Tensor& t, const char* what) {
   TVM_FFI_CHECK(reinterpret_cast<uintptr_t>(DataOf(t)) % 16 == 0, ValueError)
       << name << ": " << what << " must be 16-byte aligned";
 }
 
 const int32_t* Int32s(const Tensor& t) { return reinterpret_cast<const int32_t*>(DataOf(t)); }
-
-// TVM's current stream for `device`, made the current device.
-cudaStream_t TvmStream(const char* name, int device) {
-  int current = -1;
-  CheckCuda(cudaGetDevice(&current), name, "cudaGetDevice");
-  if (current != device) CheckCuda(cudaSetDevice(device), name, "cudaSetDevice");
-  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-}
 
 // The paged cache's arguments, as prefill_paged and decode_paged take them: pages (num_pages,
 // 2, h_kv, page_size, d) of `code`, and the page table of `batch` sequences, on `device`.

@@ -35,8 +35,13 @@ from kiln.runtime.package import cache_root
 
 _HERE = Path(__file__).resolve().parent
 SOURCE = _HERE / "attention.cu"
-# the .cu includes the kernels' headers
-SOURCES = (SOURCE, _HERE / "flash_prefill.cuh", _HERE / "flash_decode.cuh")
+# the .cu includes the kernels' headers and the host helpers it shares with runtime/gemv
+SOURCES = (
+    SOURCE,
+    _HERE / "flash_prefill.cuh",
+    _HERE / "flash_decode.cuh",
+    native.CUDA_EXTERN_HEADER,
+)
 WHAT = "Kiln's attention kernels"
 PREFILL_RAGGED = "kiln.attention.prefill_ragged"  # TVM's batch_prefill_ragged_kv contract
 PREFILL_PAGED = "kiln.attention.prefill_paged"  # TVM's batch_prefill_paged_kv contract

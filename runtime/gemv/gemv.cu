@@ -41,7 +41,7 @@
 // row at once (for q4 at K = 4096, the whole row). Prefetching variants issue a warp's next
 // super-step's weight loads before the MMAs of the current one.
 //
-// Runs on TVM's current stream for the device (TVMFFIEnvGetStream), as flash_prefill.cu does.
+// Runs on TVM's current stream for the device (TVMFFIEnvGetStream), as attention.cu does.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -57,6 +57,8 @@
 #include <cstdint>
 #include <mutex>
 #include <vector>
+
+#include "../cuda_extern.cuh"
 
 namespace kiln {
 namespace gemv {
@@ -744,13 +746,6 @@ __global__ void __launch_bounds__(kThreads, 2) F16SwiGLU(Args a) {
 // Host side: argument checks and launches. Dtypes and shapes are checked first, then devices
 // and layout (so that a caller learns what is wrong with its arguments wherever they are).
 
-void CheckCuda(cudaError_t result, const char* name, const char* what) {
-  if (result != cudaSuccess) {
-    TVM_FFI_THROW(RuntimeError) << name << ": " << what
-                                << " failed: " << cudaGetErrorString(result);
-  }
-}
-
 void CheckDtype(const char* name, const Tensor& t, const char* what, DLDataTypeCode code,
                 int bits, const char* expected) {
   DLDataType d = t.dtype();
@@ -759,8 +754,6 @@ void CheckDtype(const char* name, const Tensor& t, const char* what, DLDataTypeC
       << static_cast<int>(d.code) << " bits=" << static_cast<int>(d.bits)
       << " lanes=" << static_cast<int>(d.lanes);
 }
-
-char* DataOf(const Tensor& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
 
 bool Aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(DataOf(t)) % 16 == 0; }
 
@@ -822,14 +815,6 @@ int64_t SwiGLURows(const char* name, int64_t n) {
   return n / 2;
 }
 
-// Runs on TVM's stream for the device.
-cudaStream_t Prepare(const char* name, int device) {
-  int current = -1;
-  CheckCuda(cudaGetDevice(&current), name, "cudaGetDevice");
-  if (current != device) CheckCuda(cudaSetDevice(device), name, "cudaSetDevice");
-  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-}
-
 // A kernel takes at most kMaxM rows of x (the MMA's 8 columns): `launch` runs once for each
 // kMaxM of them, every launch reading the whole weight again (what L2 keeps of it aside).
 template <typename Launch>
@@ -847,16 +832,8 @@ template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 void LaunchQ4(const char* name, const Args& a, int device, cudaStream_t stream) {
   auto kernel = Q4Gemv<kTiles, kSwiGLU, kVectorScales, kPrefetch>;
   const size_t smem = size_t{kXBytesPerRow} * a.m_rows;
-  if (smem > 32 * 1024) {  // with the static 4-8 KiB, past 48 KiB: opt in, once per device
-    static std::atomic<uint64_t> opted_in{0};
-    const uint64_t bit = uint64_t{1} << (device % 64);
-    if (!(opted_in.load() & bit)) {
-      CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     kXBytesPerRow * kMaxM),
-                name, "cudaFuncSetAttribute");
-      opted_in.fetch_or(bit);
-    }
-  }
+  static std::atomic<uint64_t> opted_in{0};  // with the static 4-8 KiB, past 48 KiB: all rows
+  if (smem > 32 * 1024) OptInSharedMemory(kernel, kXBytesPerRow * kMaxM, device, opted_in, name);
   constexpr int per_block = OutputsPerBlock<kTiles, kSwiGLU>();
   const unsigned blocks = static_cast<unsigned>((a.rows + per_block - 1) / per_block);
   kernel<<<blocks, kThreads, smem, stream>>>(a);
@@ -968,7 +945,7 @@ Q4Call CheckQ4(const char* name, int64_t variant, bool swiglu, const Tensor& x,
 void RunQ4(const char* name, int64_t variant, bool swiglu, const Tensor& x, const Tensor& qweight,
            const Tensor& scale, const Tensor& out) {
   const Q4Call call = CheckQ4(name, variant, swiglu, x, qweight, scale, out);
-  cudaStream_t stream = Prepare(name, call.device);
+  cudaStream_t stream = TvmStream(name, call.device);
   LaunchVariant(name, variant, swiglu, call.a, call.vector_scales, call.device, stream);
 }
 
@@ -1008,7 +985,7 @@ double Q4GraphTime(int64_t variant, bool swiglu, Tensor x, tvm::ffi::Array<Tenso
     calls.push_back(CheckQ4(name, variant, swiglu, x, qweights[i], scales[i], out));
   }
   const int device = calls[0].device;
-  Prepare(name, device);
+  TvmStream(name, device);
   cudaStream_t stream = nullptr;
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
@@ -1075,17 +1052,6 @@ void LaunchDequantize(const char* name, const Q4Call& call, const Tensor& w,
   CheckCuda(cudaGetLastError(), name, "the dequantize launch");
 }
 
-int SmCount(const char* name, int device) {
-  static std::atomic<int> counts[64];
-  int n = counts[device % 64].load();
-  if (n == 0) {
-    CheckCuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), name,
-              "cudaDeviceGetAttribute");
-    counts[device % 64].store(n);
-  }
-  return n;
-}
-
 // Q4Gemm's split counters, per device: kGemmColumns, zeroed once and reset by the kernels, so
 // split calls on one device must not run at once (Kiln runs a device's work on TVM's one stream).
 // Allocated on the first call that may (not while the stream is captured into a CUDA graph:
@@ -1132,15 +1098,8 @@ template <int kNT, int kTiles>
 void LaunchGemm(const char* name, GemmArgs a, int device, cudaStream_t stream) {
   auto kernel = Q4Gemm<kNT, kTiles>;
   constexpr int smem = kGemmStages * GemmStageBytes<kNT>();
-  if constexpr (smem > 48 * 1024) {  // opt in, once per device
-    static std::atomic<uint64_t> opted_in{0};
-    const uint64_t bit = uint64_t{1} << (device % 64);
-    if (!(opted_in.load() & bit)) {
-      CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-                name, "cudaFuncSetAttribute");
-      opted_in.fetch_or(bit);
-    }
-  }
+  static std::atomic<uint64_t> opted_in{0};
+  if constexpr (smem > 48 * 1024) OptInSharedMemory(kernel, smem, device, opted_in, name);
   const int64_t columns = (a.rows + kGemmRows - 1) / kGemmRows;
   const int64_t resident = int64_t{SmCount(name, device)} * GemmBlocksPerSm<kNT, kTiles>();
   a.splits = a.counters != nullptr && columns <= kGemmColumns
@@ -1183,7 +1142,7 @@ void Q4Batched(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
   const char* name = kQ4Batched;
   const Q4Call call = CheckQ4(name, 0, false, x, qweight, scale, out);
   CheckScratch(name, w, call.a.rows, call.a.k, call.device);
-  cudaStream_t stream = Prepare(name, call.device);
+  cudaStream_t stream = TvmStream(name, call.device);
   if (call.a.m_rows <= kMaxM) {
     LaunchVariant(name, 0, false, call.a, call.vector_scales, call.device, stream);
     return;
@@ -1202,7 +1161,7 @@ void Q4GemmEntry(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
   const char* name = kQ4Gemm;
   const Q4Call call = CheckQ4(name, 0, false, x, qweight, scale, out);
   CheckScratch(name, w, call.a.rows, call.a.k, call.device);
-  RunGemm(name, call, w, Prepare(name, call.device));
+  RunGemm(name, call, w, TvmStream(name, call.device));
 }
 
 // For tests: the weight Q4Batched multiplies by past kMaxGemmRows rows.
@@ -1224,7 +1183,7 @@ void Q4Dequantize(Tensor qweight, Tensor scale, Tensor w) {
   CheckScratch(name, w, call.a.rows, call.a.k, call.device);
   call.a.w = DataOf(qweight);
   call.a.scale = reinterpret_cast<const half*>(DataOf(scale));
-  LaunchDequantize(name, call, w, Prepare(name, call.device));
+  LaunchDequantize(name, call, w, TvmStream(name, call.device));
 }
 
 void F16SwiGLUEntry(Tensor x, Tensor w, Tensor out) {
@@ -1237,7 +1196,7 @@ void F16SwiGLUEntry(Tensor x, Tensor w, Tensor out) {
   const int device = PlaceActivations(name, x, out, &a);
   CheckPlacement(name, w, "w", device, true);
   a.w = DataOf(w);
-  cudaStream_t stream = Prepare(name, device);
+  cudaStream_t stream = TvmStream(name, device);
   ForEachChunk(a, [&](const Args& chunk) {
     F16SwiGLU<<<static_cast<unsigned>((a.rows + kRows - 1) / kRows), kThreads, 0, stream>>>(
         chunk);

@@ -45,7 +45,7 @@ from kiln.runtime.native import find_nvcc
 from kiln.runtime.package import cache_root
 
 SOURCE = Path(__file__).resolve().parent / "gemv.cu"
-SOURCES = (SOURCE,)
+SOURCES = (SOURCE, native.CUDA_EXTERN_HEADER)
 WHAT = "Kiln's decode GEMV kernels"
 Q4 = "kiln.gemv.q4"
 Q4_SWIGLU = "kiln.gemv.q4_swiglu"
