@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tvm
 import tvm_ffi
@@ -38,6 +38,9 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from kiln.compiler.quantization.layers import LINEAR_ATTR, dequantize_te, scheme_of
+
+if TYPE_CHECKING:
+    from kiln.compiler.quantization.base import WeightScheme
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
@@ -130,7 +133,7 @@ class _Quantized:
 
     x: relax.Expr
     stored: tuple[relax.Expr, ...]
-    key: str
+    scheme: WeightScheme
     rows: int
     cols: int
 
@@ -178,7 +181,7 @@ class _Planner:
         if str(scheme.model_dtype) != dtype:
             return None
         rows, cols = out.shape.values[-1], xt.shape.values[-1]
-        return _Quantized(x, tuple(stored), key, int(rows), int(cols))
+        return _Quantized(x, tuple(stored), scheme, int(rows), int(cols))
 
     def _operands(self, value: relax.Expr, bound: dict) -> tuple[relax.Expr, relax.Expr] | None:
         if not isinstance(value, relax.Call):
@@ -242,7 +245,7 @@ class _Dispatch(PlannedRewrite):
     def rewrite(self, var: relax.Var, planned: Any) -> relax.Expr:
         if isinstance(planned, _Quantized):
             q = planned
-            compute = dequantize_te(scheme_of(q.key), q.rows, q.cols)
+            compute = dequantize_te(q.scheme, q.rows, q.cols)
             stored = [self.visit_expr(e) for e in q.stored]
             w = self.builder_.emit_te(compute, *stored, primfunc_name_hint="dequantize")
             x = self.visit_expr(q.x)
