@@ -31,6 +31,7 @@ from kiln.compiler.quantization.int4_group import Int4Group
 from kiln.compiler.quantization.layers import scheme_key
 from kiln.passes.dispatch_gemv import DispatchGEMV, GEMVExterns
 from kiln.passes.dispatch_matmul import DispatchMatmul
+from kiln.passes.dispatch_moe import DispatchMoE, MoEExterns
 from kiln.runtime import attention, gemv
 from kiln.runtime.cublas import MATMUL as CUBLAS_MATMUL
 from kiln.runtime.errors import KilnError
@@ -87,8 +88,17 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
     # 88% for kiln.gemv.f16_swiglu, bench/gemv.py), their SiLU*up a kernel of its own. The
     # batched decode's int4 Linears go to kiln.gemv.q4_batched: GEMVs up to 8 sequences, an
     # int4 tensor-core GEMM up to 64, past that a dequantize and cuBLAS (dlight's dequantizing
-    # GEMMs are the alternative: bench/RESULTS.md).
-    return [DispatchGEMV(int4, {}, batched=("decode",))]
+    # GEMMs are the alternative: bench/RESULTS.md). A mixture of experts' MLP at batch 1 then
+    # reads only the routed experts' int4 weights (kiln.gemv.q4_moe_swiglu and q4_moe).
+    moe = MoEExterns(
+        gemv.Q4_SWIGLU,
+        gemv.Q4,
+        gemv.Q4_MOE_SWIGLU,
+        gemv.Q4_MOE,
+        max_experts=gemv.MAX_EXPERTS,
+        max_rows=gemv.MAX_ROWS,
+    )
+    return [DispatchGEMV(int4, {}, batched=("decode",)), DispatchMoE(moe)]
 
 
 def cuda_attention_externs(target: Target, dtype: str, head_dim: int) -> dict[str, str]:

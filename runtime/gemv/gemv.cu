@@ -1,11 +1,15 @@
 // Kiln's decode GEMVs for CUDA (sm_80 and newer): `kiln.gemv.q4`, `kiln.gemv.q4_swiglu`
 // and `kiln.gemv.f16_swiglu`, destination-passing (the caller allocates `out`, passed last), and
-// the batched decode's q4, `kiln.gemv.q4_batched` (Q4Gemm below and Q4Batched say how).
+// the batched decode's q4, `kiln.gemv.q4_batched` (Q4Gemm below and Q4Batched say how), and a
+// mixture of experts' MLP reading only the routed experts, `kiln.gemv.q4_moe_swiglu` and
+// `kiln.gemv.q4_moe` (Q4MoeSwiGLU, Q4MoeDown and CheckMoe say how).
 //
 //   q4(x (..., K) f16, qweight (N, K / 8) u32, scale (N, K / 32) f16, out (..., N) f16)
 //   q4_swiglu(x, qweight (2I, K / 8), scale (2I, K / 32), out (..., I) f16)
 //   f16_swiglu(x, w (2I, K) f16, out (..., I) f16)
 //   q4_batched(x, qweight, scale, out, w (N, K) f16 scratch)
+//   q4_moe_swiglu(x, gate (..., E) f16, qweight_0, scale_0, ..., out (E, ..., I) f16)
+//   q4_moe(h (E, ..., K), gate, qweight_0, scale_0, ..., out (..., N) f16)
 //
 // M = the product of x's leading dimensions; K % 32 == 0. A GEMV kernel takes 8 rows of x at most
 // (the MMA's 8 columns); more run as one kernel per 8 rows, each reading the weight again. The q4
@@ -382,14 +386,14 @@ constexpr int Q4MinBlocks(int tiles, bool prefetch) {
 // tile); x's next values go to xs after the MMAs (from L2, while the weights are on their way).
 // Without it, a warp loads a super-step and then computes it.
 // Dynamic shared memory: kXBytesPerRow a row of x.
+// A block's K loop: its warps' partial sums (one 16 x 8 tile each per weight tile) for the
+// weight rows of the outputs from `first`; `xs` is the warp's part of the dynamic shared memory.
 template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
-__global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Gemv(Args a) {
+__device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
+                                            float (&sums)[kTiles][4]) {
   constexpr int kChains = kTiles == 1 ? 2 : 1;  // independent MMA sums per tile
-  extern __shared__ uint4 dynamic_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  half* xs = reinterpret_cast<half*>(dynamic_smem) + warp * a.m_rows * kXStride;
   const int groups = a.k / 32;
-  const int first = blockIdx.x * OutputsPerBlock<kTiles, kSwiGLU>();
   const uint4* w[kTiles][2];  // rows g and g + 8 of each tile (one uint4 a group), at group c
   const half* srow[kTiles][2];
 #pragma unroll
@@ -434,7 +438,6 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Ge
       Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
   }
-  float sums[kTiles][4];
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
@@ -444,7 +447,92 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Ge
       for (int chain = 1; chain < kChains; ++chain) sums[i][j] += acc[i][chain][j];
     }
   }
+}
+
+// The warp's part of the dynamic shared memory (x's values of its super-step).
+__device__ __forceinline__ half* WarpXs(int m_rows) {
+  extern __shared__ uint4 dynamic_smem[];
+  return reinterpret_cast<half*>(dynamic_smem) + threadIdx.x / 32 * m_rows * kXStride;
+}
+
+template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
+__global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Gemv(Args a) {
+  const int first = blockIdx.x * OutputsPerBlock<kTiles, kSwiGLU>();
+  float sums[kTiles][4];
+  Q4BlockSums<kTiles, kSwiGLU, kVectorScales, kPrefetch>(a, first, WarpXs(a.m_rows), sums);
   Finish<kTiles, kSwiGLU>(sums, a.out, first, a.rows, a.m_rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A mixture of experts' MLP for a few rows of x (the batch-1 decode), reading only the weights of
+// the experts the rows are routed to. `gate` (M, E) holds each row's weight for each expert, 0
+// where the router did not choose it (Kiln's models compute it so; an expert whose every row has
+// weight 0 is skipped, which is exact: its output would be multiplied by 0). Two kernels, each
+// the GEMV above (16 weight rows a block, no prefetch) whose blocks walk the routed experts in
+// turn (a block per expert and output tile would launch mostly blocks that find their expert
+// unrouted: at batch 1, 6 of Mixtral's 8):
+//   Q4MoeSwiGLU: h[e] = silu(x @ gate_e^T) * (x @ up_e^T) for each routed e; h[e] of an expert
+//                no row is routed to is not written (nor read after).
+//   Q4MoeDown:   out[m] = sum over routed e of gate[m, e] (h[e][m] @ down_e^T): a block walks the
+//                routed experts' K loops in turn and adds their sums, weighted, in fp32 before
+//                its one rounding (the unfused graph rounds each expert's output to fp16).
+constexpr int kMaxExperts = 16;
+
+struct MoeArgs {
+  Args a;            // one expert's Linear: x (SwiGLU) or h (the down's, expert e's at e M K),
+                     // out (h: expert e's at e M rows), m_rows, k, rows; a.w, a.scale unused
+  const half* gate;  // (M, experts)
+  const void* w[kMaxExperts];
+  const half* scale[kMaxExperts];
+  int experts;
+};
+
+// Whether any row of x is routed to expert e (the same answer in every thread of the grid).
+__device__ __forceinline__ bool Routed(const MoeArgs& m, int e) {
+  bool routed = false;
+  for (int r = 0; r < m.a.m_rows; ++r) {
+    routed |= __half2float(m.gate[r * m.experts + e]) != 0.0f;
+  }
+  return routed;
+}
+
+template <bool kVectorScales>
+__global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeSwiGLU(MoeArgs m) {
+  const int first = blockIdx.x * OutputsPerBlock<1, true>();
+  for (int e = 0; e < m.experts; ++e) {
+    if (!Routed(m, e)) continue;
+    Args a = m.a;
+    a.w = m.w[e];
+    a.scale = m.scale[e];
+    a.out += static_cast<int64_t>(e) * a.m_rows * a.rows;
+    float sums[1][4];
+    Q4BlockSums<1, true, kVectorScales, false>(a, first, WarpXs(a.m_rows), sums);
+    Finish<1, true>(sums, a.out, first, a.rows, a.m_rows);
+    __syncthreads();  // Finish's shared sums are read before the next expert's are written
+  }
+}
+
+template <bool kVectorScales>
+__global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeDown(MoeArgs m) {
+  const int c = threadIdx.x % 32 % 4;
+  const int first = blockIdx.x * OutputsPerBlock<1, false>();
+  float total[1][4] = {};
+  for (int e = 0; e < m.experts; ++e) {
+    if (!Routed(m, e)) continue;
+    Args a = m.a;
+    a.x += static_cast<int64_t>(e) * a.m_rows * a.k;
+    a.w = m.w[e];
+    a.scale = m.scale[e];
+    float sums[1][4];
+    Q4BlockSums<1, false, kVectorScales, false>(a, first, WarpXs(a.m_rows), sums);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // the lane's sums are of the rows of x (columns) 2 c, 2 c + 1
+      const int row = 2 * c + (j & 1);
+      const float weight = row < a.m_rows ? __half2float(m.gate[row * m.experts + e]) : 0.0f;
+      total[0][j] += weight * sums[0][j];
+    }
+  }
+  Finish<1, false>(total, m.a.out, first, m.a.rows, m.a.m_rows);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -901,6 +989,8 @@ constexpr const char* kQ4Batched = "kiln.gemv.q4_batched";
 constexpr const char* kQ4Dequantize = "kiln.gemv.q4_dequantize";
 constexpr const char* kGemm = "kiln.cublas.matmul";  // out = x @ w^T, w (N, K) float16
 constexpr const char* kQ4Gemm = "kiln.gemv.q4_gemm";
+constexpr const char* kQ4MoeSwiGLU = "kiln.gemv.q4_moe_swiglu";
+constexpr const char* kQ4Moe = "kiln.gemv.q4_moe";
 // A batched decode's q4 (Q4Batched): up to kMaxM rows of x, the GEMV; up to kMaxGemmRows, Q4Gemm;
 // more, the weight dequantized once and multiplied on the GEMM library, whose cost does not grow
 // with the rows until its tiles fill. H200, the Llama-2-7B matrices (bench/q4_batched.py): at 16
@@ -1204,6 +1294,101 @@ void F16SwiGLUEntry(Tensor x, Tensor w, Tensor out) {
   });
 }
 
+// The mixture's kernels (Q4MoeSwiGLU, Q4MoeDown), packed arguments (x, gate, qweight_0,
+// scale_0, ..., qweight_E-1, scale_E-1, out), E = 1 .. kMaxExperts, every expert's weights of
+// one shape and x's rows M = 1 .. kMaxM (the product of `lead`, the dimensions below):
+//   q4_moe_swiglu: x (lead..., K), gate (lead..., E), qweight_e (2 I, K / 8), out (E, lead..., I)
+//   q4_moe:        x (E, lead..., K), gate (lead..., E), qweight_e (N, K / 8), out (lead..., N)
+MoeArgs CheckMoe(const char* name, bool swiglu, const tvm::ffi::PackedArgs& args, int* device,
+                 bool* vector_scales) {
+  const int n = args.size();
+  TVM_FFI_CHECK(n >= 5 && (n - 3) % 2 == 0 && (n - 3) / 2 <= kMaxExperts, ValueError)
+      << name << " takes (x, gate, qweight_0, scale_0, ..., out) for 1 to " << kMaxExperts
+      << " experts, not " << n << " arguments";
+  const Tensor x = args[0].cast<Tensor>(), gate = args[1].cast<Tensor>();
+  const Tensor out = args[n - 1].cast<Tensor>();
+  MoeArgs m{};
+  m.experts = (n - 3) / 2;
+  const int64_t k = CheckK(name, x);
+  CheckDtype(name, x, "x", kDLFloat, 16, "float16");
+  CheckDtype(name, gate, "gate", kDLFloat, 16, "float16");
+  CheckDtype(name, out, "out", kDLFloat, 16, "float16");
+  // x's and out's leading dimensions past the expert axis must be gate's (lead..., E)
+  const Tensor& stacked = swiglu ? out : x;  // the tensor with the expert axis first
+  const Tensor& flat = swiglu ? x : out;
+  bool same = gate.ndim() >= 1 && gate.size(gate.ndim() - 1) == m.experts &&
+              flat.ndim() == gate.ndim() && stacked.ndim() == gate.ndim() + 1 &&
+              stacked.size(0) == m.experts;
+  int64_t rows_of_x = 1;
+  for (int d = 0; same && d + 1 < gate.ndim(); ++d) {
+    same = flat.size(d) == gate.size(d) && stacked.size(d + 1) == gate.size(d);
+    rows_of_x *= gate.size(d);
+  }
+  TVM_FFI_CHECK(same, ValueError)
+      << name << ": gate must be (lead..., " << m.experts << "), "
+      << (swiglu ? "x (lead..., K) and out (E, lead..., I)" : "x (E, lead..., K) and out (lead..., N)")
+      << " with E = " << m.experts << " (one qweight and one scale an expert)";
+  TVM_FFI_CHECK(rows_of_x >= 1 && rows_of_x <= kMaxM, ValueError)
+      << name << " takes 1 to " << kMaxM << " rows of x, not " << rows_of_x;
+  const Tensor q0 = args[2].cast<Tensor>();
+  const int64_t weight_rows = q0.ndim() == 2 ? q0.size(0) : 0;
+  const int64_t rows = swiglu ? SwiGLURows(name, weight_rows) : weight_rows;
+  TVM_FFI_CHECK(rows >= 1 && rows < (int64_t{1} << 30) && out.size(out.ndim() - 1) == rows,
+                ValueError)
+      << name << ": out's last dimension must be the experts' output rows (" << rows << ")";
+  *device = x.device().device_id;
+  CheckPlacement(name, x, "x", *device, true);
+  CheckPlacement(name, gate, "gate", *device, false);
+  CheckPlacement(name, out, "out", *device, false);
+  *vector_scales = (k / 32) % 8 == 0;
+  for (int e = 0; e < m.experts; ++e) {
+    const Tensor qweight = args[2 + 2 * e].cast<Tensor>();
+    const Tensor scale = args[3 + 2 * e].cast<Tensor>();
+    CheckDtype(name, qweight, "qweight", kDLUInt, 32, "uint32");
+    CheckDtype(name, scale, "scale", kDLFloat, 16, "float16");
+    TVM_FFI_CHECK(qweight.ndim() == 2 && scale.ndim() == 2 && qweight.size(0) == weight_rows &&
+                      qweight.size(1) == k / 8 && scale.size(0) == weight_rows &&
+                      scale.size(1) == k / 32,
+                  ValueError)
+        << name << ": expert " << e << "'s qweight must be (" << weight_rows << ", " << k / 8
+        << ") and scale (" << weight_rows << ", " << k / 32 << "), as expert 0's and x's K";
+    CheckPlacement(name, qweight, "qweight", *device, true);
+    CheckPlacement(name, scale, "scale", *device, false);
+    m.w[e] = DataOf(qweight);
+    m.scale[e] = reinterpret_cast<const half*>(DataOf(scale));
+    *vector_scales = *vector_scales && Aligned16(scale);
+  }
+  m.gate = reinterpret_cast<const half*>(DataOf(gate));
+  m.a.x = reinterpret_cast<const half*>(DataOf(x));
+  m.a.out = reinterpret_cast<half*>(DataOf(out));
+  m.a.m_rows = static_cast<int>(rows_of_x);
+  m.a.k = static_cast<int>(k);
+  m.a.rows = static_cast<int>(rows);
+  return m;
+}
+
+template <bool kSwiGLU, bool kVectorScales>
+void LaunchMoe(const char* name, const MoeArgs& m, int device, cudaStream_t stream) {
+  auto kernel = kSwiGLU ? Q4MoeSwiGLU<kVectorScales> : Q4MoeDown<kVectorScales>;
+  const size_t smem = size_t{kXBytesPerRow} * m.a.m_rows;
+  static std::atomic<uint64_t> opted_in{0};
+  if (smem > 32 * 1024) OptInSharedMemory(kernel, kXBytesPerRow * kMaxM, device, opted_in, name);
+  constexpr int per_block = OutputsPerBlock<1, kSwiGLU>();
+  const unsigned blocks = static_cast<unsigned>((m.a.rows + per_block - 1) / per_block);
+  kernel<<<blocks, kThreads, smem, stream>>>(m);
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+}
+
+template <bool kSwiGLU>
+void RunMoe(const char* name, tvm::ffi::PackedArgs args) {
+  int device = 0;
+  bool vector_scales = false;
+  const MoeArgs m = CheckMoe(name, kSwiGLU, args, &device, &vector_scales);
+  cudaStream_t stream = TvmStream(name, device);
+  vector_scales ? LaunchMoe<kSwiGLU, true>(name, m, device, stream)
+                : LaunchMoe<kSwiGLU, false>(name, m, device, stream);
+}
+
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef()
@@ -1213,6 +1398,12 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4Batched, Q4Batched)
       .def(kQ4Dequantize, Q4Dequantize)
       .def(kQ4Gemm, Q4GemmEntry)
+      .def_packed(kQ4MoeSwiGLU,
+                  [](tvm::ffi::PackedArgs args, tvm::ffi::Any*) {
+                    RunMoe<true>(kQ4MoeSwiGLU, args);
+                  })
+      .def_packed(kQ4Moe,
+                  [](tvm::ffi::PackedArgs args, tvm::ffi::Any*) { RunMoe<false>(kQ4Moe, args); })
       // For benchmarks and tests: q4 and q4 SwiGLU with the variant fixed (0: the default; see
       // kVariants), the default's choice, and a variant's time in a CUDA graph
       .def(kQ4Tiled, Q4Tiled)

@@ -16,6 +16,12 @@ multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs
   reads the weight once for all of them (a tensor-core GEMM with the dequantize in its main
   loop; its K splits add up in `w`); more, the weight dequantized into `w` and multiplied on
   `kiln.cublas.matmul` (kiln.runtime.cublas, which must be loaded).
+- `kiln.gemv.q4_moe_swiglu(x, gate, qweight_0, scale_0, ..., qweight_E-1, scale_E-1, out)` and
+  `kiln.gemv.q4_moe(h, gate, qweight_0, scale_0, ..., out)`: a mixture of E experts' MLP for up
+  to 8 rows of x, reading only the experts some row is routed to. gate (..., E) float16 holds
+  each row's weight per expert (0: not routed); q4_moe_swiglu writes h (E, ..., I), expert e's
+  SwiGLU at e (not written where no row is routed to e); q4_moe writes out (..., N) = sum over
+  e of gate[..., e] * (h[e] @ down_e^T), the sum in float32.
 
 K must be a multiple of 32; gemv.cu says how the kernels work and what they round.
 (For benchmarks: `kiln.gemv.q4_tiled(variant, ...)` and `q4_swiglu_tiled(variant, ...)` run
@@ -51,9 +57,12 @@ Q4 = "kiln.gemv.q4"
 Q4_SWIGLU = "kiln.gemv.q4_swiglu"
 F16_SWIGLU = "kiln.gemv.f16_swiglu"
 Q4_BATCHED = "kiln.gemv.q4_batched"
-FUNCTIONS = (Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED)
+Q4_MOE_SWIGLU = "kiln.gemv.q4_moe_swiglu"
+Q4_MOE = "kiln.gemv.q4_moe"
+FUNCTIONS = (Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE)
 ARTIFACT_FILE = "kiln-gemv.so"  # the built extern, inside an artifact compiled on its platform
 MAX_ROWS = 8  # of x: the MMA's N
+MAX_EXPERTS = 16  # of the mixture externs (gemv.cu's kMaxExperts)
 MIN_SM = 80  # mma.sync m16n8k16 with fp32 accumulators
 DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 INSTALL_NVCC = native.INSTALL_CUDA

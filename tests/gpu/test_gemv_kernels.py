@@ -6,7 +6,8 @@ one or eight at a time, warps with one to three super-steps); each int4 form's d
 variant (kiln.gemv.q4_tiled, q4_swiglu_tiled: 16 or 32 weight rows a block, with and without
 prefetching), and in a CUDA graph (kiln.gemv.q4_graph_time); 8 rows of x, and 9 to 64 (a
 kernel per 8); the batched decode's q4 (kiln.gemv.q4_batched) and its kernel for 9 to 64 rows
-(kiln.gemv.q4_gemm); arguments they refuse; and TVM's current stream.
+(kiln.gemv.q4_gemm); a mixture of experts' MLP reading only the routed experts
+(kiln.gemv.q4_moe_swiglu, q4_moe); arguments they refuse; and TVM's current stream.
 
 Random data as a decode step sees it: x ~ N(0, 1), q4 scales ~ U(0.001, 0.02), nibbles uniform,
 f16 weights ~ N(0, 1 / K) (so that the gate's silu is not saturated).
@@ -35,7 +36,16 @@ import tvm_ffi
 from kiln.runtime import cublas
 from kiln.runtime.cublas import load_cublas
 from kiln.runtime.device import open_device
-from kiln.runtime.gemv import ARTIFACT_FILE, F16_SWIGLU, Q4, Q4_BATCHED, Q4_SWIGLU, load_gemv
+from kiln.runtime.gemv import (
+    ARTIFACT_FILE,
+    F16_SWIGLU,
+    Q4,
+    Q4_BATCHED,
+    Q4_MOE,
+    Q4_MOE_SWIGLU,
+    Q4_SWIGLU,
+    load_gemv,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -266,6 +276,80 @@ def test_graph_time_runs_the_kernels(dev, gated):
                         [s for _, s in on], out, 5)  # fmt: skip
         assert 0 < us < 1e4
         assert error(out, want) <= TOL, variant
+
+
+# (x's leading dimensions, experts, routed per row, I, K): Mixtral-8x7B's shape at batch 1, a
+# few rows, an odd I and N with partial super-steps, one expert, and two rows routed to the same
+# pair (so that some experts have no row)
+MOE_CASES = [
+    ((1, 1), 8, 2, 14336, 4096),
+    ((3,), 8, 2, 512, 1024),
+    ((8,), 4, 2, 200, 96),
+    ((2,), 1, 1, 64, 800),
+    ((2,), 6, 2, 160, 4352),
+]
+
+
+@pytest.mark.parametrize("lead,experts,top,inter,k", MOE_CASES)
+def test_q4_moe_equals_float64(dev, lead, experts, top, inter, k):
+    """h = q4_moe_swiglu(x, gate, gate_up_e...), out = q4_moe(h, gate, down_e...) against the
+    dense mixture in float64: sum over e of gate[m, e] * (swiglu(x @ gate_up_e^T) @ down_e^T).
+    h starts as NaN: the experts no row is routed to must stay unwritten and unread."""
+    rng = np.random.default_rng(experts + inter + k)
+    rows = int(np.prod(lead))
+    x = rng.standard_normal((*lead, k)).astype(np.float16)
+    gate = np.zeros((rows, experts))
+    for m in range(rows):
+        if m % 2 == 0:  # an odd row takes the row before's experts: some experts get no row
+            chosen = rng.choice(experts, top, replace=False)
+        gate[m, chosen] = rng.dirichlet(np.ones(top))
+    gate = gate.astype(np.float16)
+    routed = np.flatnonzero((gate != 0).any(axis=0))
+    gate_up = [q4_weight(rng, 2 * inter, k) for _ in range(experts)]
+    down = [q4_weight(rng, k, inter) for _ in range(experts)]
+    x64 = x.reshape(rows, k).astype(np.float64)
+    hidden = {e: swiglu(x64 @ dequantize(*gate_up[e]).T) for e in routed}
+    # the down reads h as the kernel rounded it, fp16
+    want = sum(
+        gate[:, e, None].astype(np.float64)
+        * (hidden[e].astype(np.float16).astype(np.float64) @ dequantize(*down[e]).T)
+        for e in routed
+    )
+
+    def on(a):
+        return tvm.runtime.tensor(a, dev)
+
+    h = on(np.full((experts, *lead, inter), np.nan, np.float16))
+    gate_dev = on(gate.reshape(*lead, experts))
+    tvm_ffi.get_global_func(Q4_MOE_SWIGLU)(on(x), gate_dev, *(on(a) for w in gate_up for a in w), h)
+    got_h = h.numpy().reshape(experts, rows, inter)
+    for e in range(experts):
+        if e in hidden:
+            assert error(on(got_h[e]), hidden[e]) <= TOL, e
+        else:
+            assert np.isnan(got_h[e]).all(), e
+    out = tvm.runtime.empty((*lead, k), "float16", dev)
+    tvm_ffi.get_global_func(Q4_MOE)(h, gate_dev, *(on(a) for w in down for a in w), out)
+    assert error(out, want.reshape(*lead, k)) <= TOL
+
+
+def test_q4_moe_refuses_wrong_arguments(dev):
+    moe = tvm_ffi.get_global_func(Q4_MOE)
+    swiglu_moe = tvm_ffi.get_global_func(Q4_MOE_SWIGLU)
+
+    def on_gpu(shape, dtype="float16"):
+        return tvm.runtime.tensor(np.zeros(shape, dtype), dev)
+
+    w, s = on_gpu((64, 8), "uint32"), on_gpu((64, 2))
+    with pytest.raises(ValueError, match=r"takes \(x, gate, qweight_0, scale_0, ..., out\)"):
+        moe(on_gpu((2, 1, 64)), on_gpu((1, 2)), w, s, w, on_gpu((1, 64)))
+    with pytest.raises(ValueError, match="gate must be"):
+        moe(on_gpu((2, 1, 64)), on_gpu((1, 3)), w, s, w, s, on_gpu((1, 64)))
+    with pytest.raises(ValueError, match="takes 1 to 8 rows of x, not 9"):
+        swiglu_moe(on_gpu((9, 64)), on_gpu((9, 1)), w, s, on_gpu((1, 9, 32)))
+    with pytest.raises(ValueError, match="expert 1's qweight must be"):
+        moe(on_gpu((2, 1, 64)), on_gpu((1, 2)), w, s, on_gpu((32, 8), "uint32"), s,
+            on_gpu((1, 64)))  # fmt: skip
 
 
 def test_refuses_wrong_arguments(dev):

@@ -1,0 +1,138 @@
+"""DispatchMoE: a dense mixture of experts after DispatchGEMV -> the two routed-experts externs.
+
+The module is what DispatchGEMV leaves of kiln.models.mixtral's MoE at batch 1: per expert a
+gate/up SwiGLU GEMV and a down GEMV, each output times that expert's split of the router weights,
+added up. On the CPU, with NumPy functions registered under the externs' names (the mixture
+ones honouring their contract: an expert no row is routed to is neither written nor read), the
+dispatched module gives the numbers of the original; what is not that pattern stays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.runtime import vm as tvm_vm
+
+from kiln.passes.dispatch_moe import DispatchMoE, MoEExterns
+
+K, INTER, EXPERTS = 32, 24, 4
+EXTERNS = MoEExterns(
+    "kiln.test.moe.swiglu", "kiln.test.moe.gemv", "kiln.test.moe.moe_swiglu",
+    "kiln.test.moe.moe", max_experts=8, max_rows=8,
+)  # fmt: skip
+
+
+def _moe_module(rows, variant: str = "") -> tvm.IRModule:
+    """main(x (rows, K), w (rows, E), packed (gate_up_e (2I, K), down_e (K, I) per expert))."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([rows, K], "float32"))
+    w = relax.Var("w", relax.TensorType([rows, EXPERTS], "float32"))
+    weights = [relax.TensorType([2 * INTER, K], "float32"), relax.TensorType([K, INTER], "float32")]
+    packed = relax.Var("packed", relax.TupleType(weights * EXPERTS))
+    with bb.function("main", [x, w, packed], attrs={"num_input": 2}):
+        with bb.dataflow():
+            parts = bb.emit(relax.op.split(w, EXPERTS, axis=-1))
+            out = None
+            experts = EXPERTS - 1 if variant == "an expert missing" else EXPERTS
+            for e in range(experts):
+                gu, down = (bb.emit(relax.TupleGetItem(packed, 2 * e + i)) for i in range(2))
+                h = bb.emit(
+                    relax.call_dps_packed(
+                        relax.ExternFunc(EXTERNS.swiglu), relax.Tuple([x, gu]),
+                        relax.TensorType([rows, INTER], "float32"),
+                    )
+                )  # fmt: skip
+                y = bb.emit(
+                    relax.call_dps_packed(
+                        relax.ExternFunc(EXTERNS.down), relax.Tuple([h, down]),
+                        relax.TensorType([rows, K], "float32"),
+                    )
+                )  # fmt: skip
+                part = bb.emit(relax.TupleGetItem(parts, e))
+                # the model's order (y * w), and the other one for expert 1
+                y = bb.emit(relax.op.multiply(part, y) if e == 1 else relax.op.multiply(y, part))
+                out = y if out is None else bb.emit(relax.op.add(out, y))
+                if variant == "a partial sum used elsewhere" and e == 1:
+                    extra = out
+            result = (out, extra) if variant == "a partial sum used elsewhere" else (out,)
+            gv = bb.emit_output(relax.Tuple(list(result)))
+        bb.emit_func_output(gv)
+    return relax.transform.DeadCodeElimination()(bb.get())
+
+
+def _register_numpy_externs() -> None:
+    def silu(a):
+        return a / (1 + np.exp(-a))
+
+    def swiglu(x, w, out):
+        gu = x.numpy().astype(np.float64) @ w.numpy().T
+        out.copyfrom((silu(gu[..., :INTER]) * gu[..., INTER:]).astype("float32"))
+
+    def gemv(h, w, out):
+        out.copyfrom((h.numpy().astype(np.float64) @ w.numpy().T).astype("float32"))
+
+    def moe_swiglu(x, gate, *args):
+        *weights, out = args
+        h = np.full(out.shape, np.nan, "float32")  # unrouted experts: left unwritten
+        for e, routed in enumerate((gate.numpy() != 0).any(axis=0)):
+            if routed:
+                gu = x.numpy().astype(np.float64) @ weights[e].numpy().T
+                h[e] = silu(gu[..., :INTER]) * gu[..., INTER:]
+        out.copyfrom(h)
+
+    def moe(h, gate, *args):
+        *weights, out = args
+        g = gate.numpy().astype(np.float64)
+        total = np.zeros(out.shape)
+        for e, routed in enumerate((g != 0).any(axis=0)):
+            if routed:  # never reads an unrouted expert's h
+                total += g[:, e : e + 1] * (h.numpy()[e].astype(np.float64) @ weights[e].numpy().T)
+        out.copyfrom(total.astype("float32"))
+
+    for name, f in (("swiglu", swiglu), ("gemv", gemv), ("moe_swiglu", moe_swiglu), ("moe", moe)):
+        tvm_ffi.register_global_func(f"kiln.test.moe.{name}", f, override=True)
+
+
+def _run(mod, x, w, params):
+    vm = tvm_vm.VirtualMachine(tvm.compile(mod, tvm.target.Target("llvm")), tvm.cpu())
+    out = vm["main"](
+        tvm.runtime.tensor(x), tvm.runtime.tensor(w), [tvm.runtime.tensor(p) for p in params]
+    )
+    return [o.numpy() for o in out]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_routed_experts_give_the_dense_numbers_on_the_cpu(rows):
+    _register_numpy_externs()
+    rng = np.random.default_rng(rows)
+    params = []
+    for _ in range(EXPERTS):
+        params += [rng.normal(0, K**-0.5, (2 * INTER, K)), rng.normal(0, INTER**-0.5, (K, INTER))]
+    params = [p.astype("float32") for p in params]
+    x = rng.normal(0, 1, (rows, K)).astype("float32")
+    w = np.zeros((rows, EXPERTS), "float32")  # top 2 of 4, renormalized; expert 3 never routed
+    for m in range(rows):
+        w[m, rng.choice(3, 2, replace=False)] = rng.dirichlet(np.ones(2))
+    before = _moe_module(rows)
+    after = DispatchMoE(EXTERNS)(before)
+    script = after.script()
+    assert script.count(EXTERNS.moe_swiglu) == 1 and script.count(f'{EXTERNS.moe}"') == 1
+    assert "kiln.test.moe.swiglu" not in script and "kiln.test.moe.gemv" not in script
+    assert "R.split" not in script
+    (want,), (got,) = _run(before, x, w, params), _run(after, x, w, params)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["an expert missing", "a partial sum used elsewhere", "symbolic rows", "too many rows"],
+)
+def test_what_is_not_a_routed_mixture_stays(variant):
+    rows = {"symbolic rows": tvm.tirx.Var("n", "int64"), "too many rows": 9}.get(variant, 1)
+    before = _moe_module(rows, variant)
+    after = DispatchMoE(EXTERNS)(before)
+    assert after.same_as(before)
