@@ -3,8 +3,9 @@
 Benchmarks compile a model shape on the build machine and carry the artifact without its
 weights (gigabytes); this writes weights of the right names, shapes and dtypes where the
 benchmark runs, and updates the manifest's sizes and checksums so the artifact verifies.
-Float matrices are N(0, 1/fan_in), vectors near 1, packed integer weights uniform bits (every
-4-bit code equally likely), scales at the size a quantizer would give such weights.
+Float matrices are N(0, 1/fan_in), vectors near 1, Kiln's int4 weights the codes 1..15 equally
+likely (-7..7) with scales that give them the float matrices' std, other packed integers
+uniform bits.
 
     python bench/random_weights.py ARTIFACT [--seed 0]
 """
@@ -43,11 +44,20 @@ def fill(artifact: Path, seed: int = 0) -> None:
 
 
 def _random(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    if dtype == "uint32" and name.endswith("qweight"):  # Kiln's int4: eight codes a word
+        return _int4_words(rng, shape)
     if dtype in ("uint32", "int32", "uint8", "int8"):
         info = np.iinfo(dtype)
         return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
-    if "scale" in name:  # per-group or per-channel scales of weights N(0, 1/fan_in)
-        return np.full(shape, 0.02, dtype=np.float32).astype(_float(dtype))
+    if "scale" in name:
+        # Scales that give the int4 codes (CODE_STD) the float weights' std,
+        # 1/sqrt(fan_in), so that activations keep their size layer after layer (a fixed 0.02
+        # made a 7B's down projection overflow fp16: inf, then NaN logits and, in a mixture of
+        # experts, NaN router weights that route every token to every expert). fan_in: 32 per
+        # group of a (rows, groups) scale (Kiln's int4 groups); per-channel scales, 4096.
+        fan_in = 32 * shape[-1] if len(shape) == 2 and shape[-1] > 1 else 4096
+        value = fan_in**-0.5 / CODE_STD
+        return np.full(shape, value, dtype=np.float32).astype(_float(dtype))
     scale = 0.1 if len(shape) == 1 else shape[-1] ** -0.5
     offset = 1.0 if len(shape) == 1 else 0.0
     if _torch_cuda() and dtype in ("float16", "float32"):  # seconds instead of minutes for 7B
@@ -58,6 +68,26 @@ def _random(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype: 
         return (values * scale + offset).to(getattr(torch, dtype)).cpu().numpy()
     values = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale) + np.float32(offset)
     return values.astype(_float(dtype))
+
+
+# Kiln's int4 codes are stored as nib = w / scale + 8: codes 1..15 equally likely give the values
+# -7..7, zero-mean as a symmetric quantizer's are (all 16 would add a mean of -0.5 to every
+# weight, the same for every row: a common component that grows activations layer by layer).
+CODE_STD = float(np.sqrt((15**2 - 1) / 12))  # of -7..7 uniform
+
+
+def _int4_words(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    count = int(np.prod(shape))
+    shifts = 4 * np.arange(8)
+    if _torch_cuda():
+        import torch
+
+        gen = torch.Generator("cuda").manual_seed(int(rng.integers(1 << 62)))
+        codes = torch.randint(1, 16, (count, 8), generator=gen, device="cuda", dtype=torch.int64)
+        words = (codes << torch.tensor(shifts, device="cuda")).sum(dim=1)
+        return words.cpu().numpy().astype(np.uint32).reshape(shape)
+    codes = rng.integers(1, 16, (count, 8), dtype=np.uint32)
+    return (codes << shifts.astype(np.uint32)).sum(axis=1, dtype=np.uint32).reshape(shape)
 
 
 def _torch_cuda() -> bool:

@@ -477,6 +477,7 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Ge
 //                routed experts' K loops in turn and adds their sums, weighted, in fp32 before
 //                its one rounding (the unfused graph rounds each expert's output to fp16).
 constexpr int kMaxExperts = 16;
+static_assert(kMaxExperts <= 32, "RoutedExperts gives each expert a lane");
 
 struct MoeArgs {
   Args a;            // one expert's Linear: x (SwiGLU) or h (the down's, expert e's at e M K),
@@ -487,20 +488,24 @@ struct MoeArgs {
   int experts;
 };
 
-// Whether any row of x is routed to expert e (the same answer in every thread of the grid).
-__device__ __forceinline__ bool Routed(const MoeArgs& m, int e) {
+// The experts some row of x is routed to, a bit each (the same in every warp of the grid): a
+// lane per expert reads its gate column, so that a block waits for one load, not one an expert.
+__device__ __forceinline__ uint32_t RoutedExperts(const MoeArgs& m) {
+  const int lane = threadIdx.x % 32;
   bool routed = false;
-  for (int r = 0; r < m.a.m_rows; ++r) {
-    routed |= __half2float(m.gate[r * m.experts + e]) != 0.0f;
+  if (lane < m.experts) {
+    for (int r = 0; r < m.a.m_rows; ++r) {
+      routed |= __half2float(m.gate[r * m.experts + lane]) != 0.0f;
+    }
   }
-  return routed;
+  return __ballot_sync(0xffffffffu, routed);
 }
 
 template <bool kVectorScales>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeSwiGLU(MoeArgs m) {
   const int first = blockIdx.x * OutputsPerBlock<1, true>();
-  for (int e = 0; e < m.experts; ++e) {
-    if (!Routed(m, e)) continue;
+  for (uint32_t routed = RoutedExperts(m); routed != 0; routed &= routed - 1) {
+    const int e = __ffs(routed) - 1;
     Args a = m.a;
     a.w = m.w[e];
     a.scale = m.scale[e];
@@ -517,8 +522,8 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeDown(Moe
   const int c = threadIdx.x % 32 % 4;
   const int first = blockIdx.x * OutputsPerBlock<1, false>();
   float total[1][4] = {};
-  for (int e = 0; e < m.experts; ++e) {
-    if (!Routed(m, e)) continue;
+  for (uint32_t routed = RoutedExperts(m); routed != 0; routed &= routed - 1) {
+    const int e = __ffs(routed) - 1;
     Args a = m.a;
     a.x += static_cast<int64_t>(e) * a.m_rows * a.k;
     a.w = m.w[e];
