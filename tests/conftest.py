@@ -66,7 +66,7 @@ CHECKPOINTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mixtral": (
         "MixtralConfig",
         "MixtralForCausalLM",
-        {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128},
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96},
     ),
 }
 

@@ -100,7 +100,7 @@ def test_logits_match_transformers_on_dequantized_weights(
 
 # AutoAWQ's order_map (WQLinear_GEMM.from_linear): nibble i of word w holds feature 8w + ORDER[i].
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-AWQ_GROUP = 16  # divides the tiny models' widths (64, 112)
+AWQ_GROUP = 16  # divides the tiny models' widths (64, 96, 112)
 
 
 def awq_pack(values: np.ndarray) -> np.ndarray:
