@@ -386,8 +386,10 @@ constexpr int Q4MinBlocks(int tiles, bool prefetch) {
 // tile); x's next values go to xs after the MMAs (from L2, while the weights are on their way).
 // Without it, a warp loads a super-step and then computes it.
 // Dynamic shared memory: kXBytesPerRow a row of x.
-// A block's K loop: its warps' partial sums (one 16 x 8 tile each per weight tile) for the
-// weight rows of the outputs from `first`; `xs` is the warp's part of the dynamic shared memory.
+//
+// Q4BlockSums is a block's K loop: its warps' partial sums (one 16 x 8 tile each per weight
+// tile) for the weight rows of the outputs from `first`; `xs` is the warp's part of the dynamic
+// shared memory. Q4Gemv adds them up and writes them (Finish).
 template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
                                             float (&sums)[kTiles][4]) {
@@ -1331,7 +1333,8 @@ MoeArgs CheckMoe(const char* name, bool swiglu, const tvm::ffi::PackedArgs& args
   }
   TVM_FFI_CHECK(same, ValueError)
       << name << ": gate must be (lead..., " << m.experts << "), "
-      << (swiglu ? "x (lead..., K) and out (E, lead..., I)" : "x (E, lead..., K) and out (lead..., N)")
+      << (swiglu ? "x (lead..., K) and out (E, lead..., I)"
+                 : "x (E, lead..., K) and out (lead..., N)")
       << " with E = " << m.experts << " (one qweight and one scale an expert)";
   TVM_FFI_CHECK(rows_of_x >= 1 && rows_of_x <= kMaxM, ValueError)
       << name << " takes 1 to " << kMaxM << " rows of x, not " << rows_of_x;
