@@ -65,6 +65,7 @@ def main() -> None:
             "allreduce_bandwidth": report.allreduce_bandwidth,
             "compile_seconds": manifest.get("build", {}).get("compile_seconds"),
             "bandwidth": report.bandwidth,
+            "finite_logits": report.finite_logits,
             "figures": [vars(f) | {"percent": f.percent} for f in report.figures],
         }
         del report

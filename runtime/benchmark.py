@@ -8,6 +8,9 @@ Figures (the H100 performance issue's list), all through `kiln.Engine`, the path
   device's memory pools; the transformers peer is timed the same way);
 - batched decode: tokens/s of B requests of 512-token prompts decoding together (128 new
   tokens each), counted over the steps in which every request decodes and none prefills.
+Before timing, a prompt's logits are checked: weights whose activations overflow (random ones
+of the wrong size) give NaN or inf, which a run says in a warning (and `finite_logits`), since
+work that depends on the values (a mixture of experts' routing) is then not the real work.
 
 Rooflines: a decode step must read every weight once (the embedding table excepted: a step
 reads one row of it per sequence; of a mixture of experts, the experts its tokens route to) plus
@@ -67,6 +70,7 @@ class Report:
     figures: list[Figure] = field(default_factory=list)
     tensor_parallel: int = 1
     allreduce_bandwidth: float | None = None  # bytes/s (bus), with tensor parallelism
+    finite_logits: bool | None = None  # of a prompt's prefill: False times overflowing weights
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         self.figures.append(Figure(*args, **kwargs))
@@ -81,6 +85,22 @@ class Report:
         if self.gemm_flops:
             head.append(f"dense GEMM peak: {self.gemm_flops / 1e12:.0f} TFLOP/s")
         return "\n".join(head + [f.line() for f in self.figures])
+
+
+NOT_FINITE = (
+    "warning: this artifact's logits are not finite (its weights overflow the model dtype): the "
+    "figures time NaN and inf, and a mixture of experts routes every token to every expert"
+)
+
+
+def finite_logits(runner: Any, prompt: list[int]) -> bool:
+    """Whether a prefill of `prompt` gives finite logits (a sequence of its own, removed after)."""
+    seq = 1 << 30  # an id the engine does not give
+    runner.kv.add(seq)
+    try:
+        return bool(np.isfinite(runner.prefill([seq], [prompt])).all())
+    finally:
+        runner.kv.remove(seq)
 
 
 def copy_bandwidth(device: Any, nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -201,6 +221,9 @@ def _measure(
 
     # Warm up every entry point once (first calls load kernels).
     engine.generate([prompt(16), prompt(16)], max_tokens=4, **GREEDY)
+    report.finite_logits = finite_logits(runner, prompt(16))
+    if not report.finite_logits:
+        say(NOT_FINITE)
 
     # Decode, batch 1: 128-token prompt, 256 new tokens.
     handle = engine.submit(prompt(128), max_tokens=256, **GREEDY)

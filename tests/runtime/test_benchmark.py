@@ -1,12 +1,19 @@
 """`kiln bench` (kiln.runtime.benchmark): the roofline inputs against independent counts, and
-the command end to end on a tiny CPU artifact."""
+the command end to end on a tiny CPU artifact; the random weights benchmarks fill artifacts
+with (bench/random_weights.py)."""
 
 from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import kiln
 from kiln.compiler.cli import main
 from kiln.runtime.benchmark import decode_weight_bytes, matmul_flops_per_token
 from kiln.runtime.runner import Runner
@@ -70,3 +77,56 @@ def test_kiln_bench_on_the_cpu(artifact):
     assert rate > 0 and "roofline" in lines["decode tokens/s, batch 1"]
     assert any(k.startswith("decode tokens/s, batch 2") for k in lines), result.output
     assert np.isfinite(rate)
+    assert "not finite" not in result.output
+
+
+def test_kiln_bench_warns_of_weights_that_give_nan(artifact, tmp_path):
+    """An artifact whose final norm weight is NaN (as overflowing random weights end up): the
+    run says so before its figures."""
+    from safetensors.numpy import save_file
+
+    from kiln.runtime.artifact import file_entry
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact("llama"), art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    (entry,) = [p for p in manifest["params"] if p["name"] == "norm.weight"]
+    tensors = load_safetensors(art / entry["file"])
+    tensors["norm.weight"] = np.full_like(tensors["norm.weight"], np.nan)
+    save_file(tensors, str(art / entry["file"]))
+    manifest["files"][entry["file"]] = file_entry(art / entry["file"])
+    (art / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    result = CliRunner().invoke(main, ["bench", str(art), "--device", "cpu", "--batches", "2"])
+    assert result.exit_code == 0, result.output
+    assert "logits are not finite" in result.output
+
+
+def test_random_benchmark_weights_are_zero_mean_int4_of_the_float_std(artifact, tmp_path):
+    """bench/random_weights.py fills a q4f16 artifact: every int4 code in 1..15 (values -7..7),
+    each dequantized matrix of std 1/sqrt(K) (as its N(0, 1/K) float matrices), the artifact
+    verifies and its logits are finite. (A fixed scale of 0.02 and all 16 codes made the 7B's
+    activations overflow fp16.)"""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from random_weights import fill
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact("llama", "q4f16"), art)
+    fill(art)
+    runner = Runner(art, kv_tokens=64)
+    tensors = {}
+    for f in {p["file"] for p in runner.manifest.params}:
+        tensors |= load_safetensors(runner.manifest.root / f)
+    shifts = 4 * np.arange(8, dtype=np.uint32)
+    matrices = [n for n in tensors if n.endswith("qweight")]
+    assert matrices
+    for name in matrices:
+        words = tensors[name]
+        codes = ((words[..., None] >> shifts) & 15).reshape(len(words), -1).astype(np.int64)
+        assert codes.min() >= 1 and codes.max() <= 15, name
+        scale = tensors[name.removesuffix("qweight") + "scale"].astype(np.float64)
+        weights = (codes - 8) * np.repeat(scale, 32, axis=1)
+        k = weights.shape[1]
+        assert weights.std() == pytest.approx(k**-0.5, rel=0.05), name
+        assert abs(weights.mean()) < 0.05 * k**-0.5, name
+    logits = kiln.load(art).prefill_logits([1, *range(3, 40)])
+    assert np.isfinite(logits).all()
