@@ -30,12 +30,10 @@ import tvm_ffi
 from kiln.runtime.artifact import Manifest, read_manifest
 from kiln.runtime.device import device_arch
 from kiln.runtime.errors import KilnError
-from kiln.runtime.executor import read_params
+from kiln.runtime.executor import Staging, read_params
 from kiln.runtime.externs import load_externs
 
 LOAD_EXTERNS = "kiln.disco.load_externs"
-# Input buffers reused round robin: more than the inputs of one pass (sampling takes five).
-STAGING_SLOTS = 8
 
 
 class DiscoExecutor:
@@ -63,8 +61,7 @@ class DiscoExecutor:
         self.vm = session.load_vm_module(str(library), None)  # each worker's own device
         self._tuple_getitem = session.get_global_func("vm.builtin.tuple_getitem")
         self._create_view = session.get_global_func("runtime.TVMTensorCreateView")
-        self._staging: list[tuple[Any, int]] = [(None, 0)] * STAGING_SLOTS  # (buffer, bytes)
-        self._slot = 0
+        self._staging = Staging(lambda nbytes: session.empty((nbytes,), "uint8"), self.view)
 
     def _load_externs(self, manifest: Manifest) -> None:
         # Here first: this process holds worker 0 (and every worker of a threaded session), and a
@@ -82,16 +79,8 @@ class DiscoExecutor:
         return self.session.get_global_func(name)
 
     def upload(self, array: np.ndarray) -> Any:
-        # Into a view of a staging buffer allocated once, not a fresh tensor per call: Disco's
-        # tensors come straight from the device API, and a CUDA free waits for the whole GPU.
         array = np.ascontiguousarray(array)
-        self._slot = (self._slot + 1) % STAGING_SLOTS  # a pass's inputs each get their own
-        buffer, capacity = self._staging[self._slot]
-        if array.nbytes > capacity:
-            capacity = max(array.nbytes, 2 * capacity, 1 << 16)
-            buffer = self.session.empty((capacity,), "uint8")
-            self._staging[self._slot] = (buffer, capacity)
-        staged = self.view(buffer, array.shape, str(array.dtype))
+        staged = self._staging.view(array)  # kiln.runtime.executor.Staging says why
         self.session.copy_to_worker_0(tvm.runtime.tensor(array), staged)
         self.session.broadcast_from_worker0(staged, staged)
         return staged
@@ -125,7 +114,7 @@ class DiscoExecutor:
         """Drop this executor's handles into the session (the runner has dropped its own): a
         session nobody else holds then shuts down."""
         self.vm = self._tuple_getitem = self._create_view = None
-        self._staging = []
+        self._staging.close()
         if self.session is not None:
             # Function handles the session caches on itself: a cycle that would keep it alive.
             for cached in ("_cache", "_import_python_module"):
