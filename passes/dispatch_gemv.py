@@ -43,6 +43,7 @@ from kiln.passes.dispatch_matmul import (
     _drop_uncalled_kernels,
     nt_matmul_kernel,
     quantized_linear,
+    rewrite_planned,
 )
 from kiln.passes.fuse_swiglu import Bindings, swiglu_product
 
@@ -191,17 +192,10 @@ def DispatchGEMV(
 
     @tvm.transform.module_pass(opt_level=0, name="DispatchGEMV")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        plans = [
-            (gv, f, _plan(_Function(mod, f), quantized, float_swiglu, gv.name_hint in batched))
-            for gv, f in mod.functions_items()
-            if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)
-        ]
-        if not any(plan for _, _, plan in plans):
-            return mod
-        dispatch = _Dispatch(mod)
-        for gv, func, plan in plans:
-            if plan:
-                dispatch.run(gv, func, plan)
-        return _drop_uncalled_kernels(dispatch.builder_.get(), before=mod)
+        def plan_of(gv: tvm.ir.GlobalVar, f: relax.Function) -> dict:
+            return _plan(_Function(mod, f), quantized, float_swiglu, gv.name_hint in batched)
+
+        out = rewrite_planned(mod, _Dispatch, plan_of)
+        return mod if out is None else _drop_uncalled_kernels(out, before=mod)
 
     return _run

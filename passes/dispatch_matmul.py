@@ -28,7 +28,7 @@ separate op. Kernels left without a caller are dropped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -216,6 +216,27 @@ class _Planner:
         return self.kernels[key]
 
 
+def rewrite_planned(
+    mod: tvm.IRModule,
+    rewriter: Callable[[tvm.IRModule], PlannedRewrite],
+    plan_of: Callable[[tvm.ir.GlobalVar, relax.Function], dict],
+) -> tvm.IRModule | None:
+    """Plan every Relax function of `mod` (`plan_of(gv, func)`: binding var -> what to put there)
+    and rewrite those with a plan through one `rewriter(mod)`; None when no function has one."""
+    plans = [
+        (gv, f, plan)
+        for gv, f in mod.functions_items()
+        if isinstance(f, relax.Function) and isinstance(f.body, relax.SeqExpr)
+        if (plan := plan_of(gv, f))
+    ]
+    if not plans:
+        return None
+    rewrite = rewriter(mod)
+    for gv, func, plan in plans:
+        rewrite.run(gv, func, plan)
+    return rewrite.builder_.get()
+
+
 class PlannedRewrite(PyExprMutator):
     """Rewrites the bindings a plan names, one function at a time: `rewrite(var, planned)` gives
     each one's new value; bindings left without a use (a matmul's permute_dims of its weight,
@@ -263,18 +284,8 @@ def DispatchMatmul(
     @tvm.transform.module_pass(opt_level=0, name="DispatchMatmul")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         planner = _Planner(mod, tuple(dtypes), dequantize)
-        plans = [
-            (gv, f, planner.plan(f))
-            for gv, f in mod.functions_items()
-            if isinstance(f, relax.Function)
-        ]
-        if not any(plan for _, _, plan in plans):
-            return mod
-        dispatch = _Dispatch(mod, extern)
-        for gv, func, plan in plans:
-            if plan:
-                dispatch.run(gv, func, plan)
-        return _drop_uncalled_kernels(dispatch.builder_.get(), before=mod)
+        out = rewrite_planned(mod, lambda m: _Dispatch(m, extern), lambda _gv, f: planner.plan(f))
+        return mod if out is None else _drop_uncalled_kernels(out, before=mod)
 
     return _run
 

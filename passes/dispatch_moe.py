@@ -31,7 +31,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import mutator
 
-from kiln.passes.dispatch_matmul import PlannedRewrite
+from kiln.passes.dispatch_matmul import PlannedRewrite, rewrite_planned
 from kiln.passes.fuse_swiglu import Bindings
 
 _ADD = tvm.ir.Op.get("relax.add")
@@ -166,23 +166,16 @@ class _Dispatch(PlannedRewrite):
 def DispatchMoE(externs: MoEExterns) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="DispatchMoE")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        plans = []
-        for gv, func in mod.functions_items():
-            if not (isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr)):
-                continue
+        def plan_of(_gv: tvm.ir.GlobalVar, func: relax.Function) -> dict:
             fn = Bindings(func)
             plan = {}
             for var, value in fn.bound.items():
                 if isinstance(value, relax.Call) and value.op.same_as(_ADD):
                     if (moe := _match(fn, var, externs)) is not None:
                         plan[var] = (externs, moe)
-            if plan:
-                plans.append((gv, func, plan))
-        if not plans:
-            return mod
-        dispatch = _Dispatch(mod)
-        for gv, func, plan in plans:
-            dispatch.run(gv, func, plan)
-        return dispatch.builder_.get()
+            return plan
+
+        out = rewrite_planned(mod, _Dispatch, plan_of)
+        return mod if out is None else out
 
     return _run

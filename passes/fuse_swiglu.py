@@ -26,7 +26,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import mutator
 
-from kiln.passes.dispatch_matmul import PlannedRewrite
+from kiln.passes.dispatch_matmul import PlannedRewrite, rewrite_planned
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _SPLIT = tvm.ir.Op.get("relax.split")
@@ -134,10 +134,7 @@ def FuseSwiGLU() -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="FuseSwiGLU")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        plans = []
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
-                continue
+        def plan_of(_gv: tvm.ir.GlobalVar, func: relax.Function) -> dict:
             fn = Bindings(func)
             plan = {}
             for var, value in fn.bound.items():
@@ -146,13 +143,9 @@ def FuseSwiGLU() -> tvm.transform.Pass:
                 if isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR):
                     if len(call.args) == 2:  # no symbolic-shape arguments
                         plan[var] = call
-            if plan:
-                plans.append((gv, func, plan))
-        if not plans:
-            return mod
-        fuse = _Fuse(mod)
-        for gv, func, plan in plans:
-            fuse.run(gv, func, plan)
-        return relax.transform.FuseTIR()(fuse.builder_.get())
+            return plan
+
+        out = rewrite_planned(mod, _Fuse, plan_of)
+        return mod if out is None else relax.transform.FuseTIR()(out)
 
     return _run
