@@ -11,6 +11,13 @@ Each `step()` does, under one lock:
 3. one ragged prefill pass for the chunks, one batched decode pass for the rest;
 4. sample each finished row with the request's own sampler, stream text, finish requests.
 
+When every running request decodes greedily and none prefills, a step runs up to
+`decode_steps` decode passes back to back instead (`Runner.decode_greedy`): each pass takes the
+argmax of the one before on the device, so the GPU never waits for the host between them, and
+the tokens come back together. A request that stops within them keeps only its tokens up to
+the stop (its sequence is removed with the rest); no request is taken past its max_tokens or
+the context.
+
 Run it from a background thread (`start()`, needed by asyncio callers) or let readers of a
 `RequestHandle` drive `step()` themselves. Pages are checked before every pass: TVM's cache
 cannot undo a pass that runs out of pages (see kiln.runtime.kv).
@@ -46,6 +53,10 @@ from kiln.runtime.sampler import SamplingParams, TokenSampler
 # cache through `Runner` (the tests do).
 SEQ_ID_BASE = 1 << 20
 
+# Greedy decode passes a GPU step runs back to back: the host waits once for them all. 8 passes
+# of a 7B batch-1 decode are ~20 ms, about how often a streaming reader notices text arrive.
+DECODE_STEPS = 8
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -78,6 +89,10 @@ class Engine:
     sliding window, among requests whose prompt + max_tokens fit the window).
     `devices`: the GPUs of a tensor-parallel artifact (default cuda:0..N-1 for device "cuda");
     `session`: a Disco session to run in, for tests (kiln.runtime.runner.Runner).
+    `decode_steps`: the most greedy decode passes a step runs back to back (default
+    DECODE_STEPS where the artifact samples on the device, a GPU; 1 on the CPU, whose passes
+    run in the host's own thread and so cannot overlap it). Tokens then stream in groups of up
+    to this many, and a new request waits up to as many passes to start.
     """
 
     def __init__(
@@ -93,8 +108,11 @@ class Engine:
         context_length: int | None = None,
         prefill_chunk: int | None = None,
         prefix_cache: bool = True,
+        decode_steps: int | None = None,
         verify: bool = True,
     ):
+        if decode_steps is not None and (not isinstance(decode_steps, int) or decode_steps < 1):
+            raise KilnError(f"decode_steps is {decode_steps!r}; it must be an integer >= 1")
         self.runner = Runner(
             path,
             device,
@@ -110,6 +128,9 @@ class Engine:
         self.kv = self.runner.kv
         self.tokenizer = self.runner.tokenizer
         self.max_batch_size = max_batch_size
+        if decode_steps is None:
+            decode_steps = DECODE_STEPS if self.runner.samples_on_device else 1
+        self.decode_steps = decode_steps
         self._seq_ids = itertools.count(SEQ_ID_BASE)
         self._request_ids = itertools.count()
         self.prefix_cache = PrefixCache(self.kv, self.new_seq_id) if prefix_cache else None
@@ -257,7 +278,11 @@ class Engine:
             if prefill:
                 self._run_prefill(prefill)
             if decode:
-                self._run_decode(decode)
+                steps = 1 if prefill else self._greedy_steps(decode)
+                if steps > 1:
+                    self._run_decode_greedy(decode, steps)
+                else:
+                    self._run_decode(decode)
             self._counters["steps"] += 1
             if decode or prefill:
                 elapsed = time.perf_counter() - start
@@ -432,6 +457,41 @@ class Engine:
         for request in requests:
             request.computed += 1
         self._sample(list(zip(requests, range(len(requests)), strict=True)), logits)
+
+    def _greedy_steps(self, requests: list[Request]) -> int:
+        """Decode passes this step may run back to back for `requests` (1: one, as usual):
+        all plain greedy, none taken past its max_tokens or the context, and pages for all
+        the passes free now (the first pass's are reserved already; none are evicted)."""
+        if self.decode_steps == 1 or not all(r.params.plain_greedy for r in requests):
+            return 1
+        steps = min(
+            self.decode_steps,
+            *(r.params.max_tokens - (len(r.tokens) - len(r.prompt)) for r in requests),
+            *(self.context_length - len(r.tokens) for r in requests),
+        )
+        more = sum(
+            self.kv.new_pages(r.computed, steps) - self.kv.new_pages(r.computed, 1)
+            for r in requests
+        )
+        if more > self.kv.free_pages() - self._reserved:
+            return 1
+        return steps
+
+    def _run_decode_greedy(self, requests: list[Request], steps: int) -> None:
+        try:
+            picked = self.runner.decode_greedy(
+                [r.seq_id for r in requests], [r.tokens[-1] for r in requests], steps
+            )
+        except Exception as e:
+            self._fail(requests, e)
+            return
+        for tokens in picked:
+            for request, token in zip(requests, tokens, strict=True):
+                if request.state != RUNNING:
+                    continue  # stopped at an earlier pass: later tokens are not its own
+                self._counters["decode_tokens"] += 1
+                request.computed += 1
+                self._accept(request, token, None)
 
     def _sample(self, rows: list[tuple[Request, int]], logits: Logits) -> None:
         """Choose the next token of each request from its row of `logits`, and accept it.

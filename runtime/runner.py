@@ -253,6 +253,35 @@ class Runner:
         )  # (logits (b, 1, vocab), the cache: updated in place)
         return self._finish_pass(out, len(seq_ids), start, on_device)
 
+    def decode_greedy(
+        self, seq_ids: Sequence[int], tokens: Sequence[int], steps: int
+    ) -> list[list[int]]:
+        """`steps` decode passes back to back, each fed the argmax of the one before it where
+        the pass left it, so the host queues pass n + 1 while pass n runs and waits once, for
+        all of them. Returns the greedy token ids (steps, batch). The caller has checked that
+        the cache holds `steps` more tokens of every sequence.
+
+        Safe to queue ahead: every input stays on the device, and TVM's KV cache copies each
+        pass's page tables on a stream of its own that waits for the work already queued (a
+        blocking stream against the legacy default stream, which runs the passes)."""
+        rows = len(seq_ids)
+        ex = self.executor
+        entry = self._decode_1 if rows == 1 else self._decode
+        ids = self._upload(np.array(tokens, dtype="int32")[:, None])  # (b, 1)
+        start = time.perf_counter()
+        picked = []
+        for _ in range(steps):
+            self.kv.begin(seq_ids, [1] * rows)
+            out = entry(ids, self.kv.cache, self.params)
+            self.kv.end()
+            logits = ex.view(ex.item(out, 0), (rows, self.vocab_size), "float32")
+            argmax = self._greedy(logits)  # (b,) int32
+            picked.append(argmax)
+            ids = ex.view(argmax, (rows, 1), "int32")
+        result = [ex.numpy(t, (rows,), "int32").tolist() for t in picked]
+        self.model_seconds += time.perf_counter() - start
+        return result
+
     def _finish_pass(self, out: Any, rows: int, start: float, on_device: bool) -> Any:
         ex = self.executor
         shape = (rows, self.vocab_size)

@@ -404,3 +404,49 @@ def test_runs_on_tvms_current_stream(dev):
     want = swiglu(src.double().cpu().numpy() @ host_w.astype(np.float64).T)
     got = out.double().cpu().numpy()
     assert np.abs(got - want).max() / np.abs(want).max() <= TOL
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_a_kernel_started_early_waits_for_the_one_before(dev, early):
+    """The GEMVs start before the kernel ahead of them ends (sm_90: programmatic dependent
+    launch; kiln.gemv.set_early_start(False) turns it off): queued behind a long kernel, y =
+    q4(x) then z = q4(y) (z must read y as written: y starts as NaN), then q4(b) -> c and
+    q4(d) -> b (the second must not write b before the first has read it)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    set_early_start = tvm_ffi.get_global_func("kiln.gemv.set_early_start")
+    q4 = tvm_ffi.get_global_func(Q4)
+    rng = np.random.default_rng(21)
+    n, k = 4096, 4096
+    weights = [q4_weight(rng, n, k) for _ in range(3)]
+    on = [[tvm.runtime.tensor(a, dev) for a in w] for w in weights]
+    host = {name: rng.standard_normal((1, k)).astype(np.float16) for name in ("x", "b", "d")}
+    t = {name: torch.tensor(a, device="cuda") for name, a in host.items()}
+    for name in ("y", "z", "c"):
+        t[name] = torch.full((1, n), float("nan"), dtype=torch.float16, device="cuda")
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    set_early_start(early)
+    try:
+        with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
+            torch.cuda._sleep(100_000_000)  # the launches below queue behind it
+            q4(t["x"], *on[0], t["y"])
+            q4(t["y"], *on[1], t["z"])
+            q4(t["b"], *on[1], t["c"])
+            q4(t["d"], *on[2], t["b"])
+        stream.synchronize()
+    finally:
+        set_early_start(True)
+    w = [dequantize(q, s) for q, s in weights]
+    y = host["x"].astype(np.float64) @ w[0].T
+    checks = {
+        "y": y,
+        "z": t["y"].double().cpu().numpy() @ w[1].T,  # from y as the kernel wrote it (fp16)
+        "c": host["b"].astype(np.float64) @ w[1].T,
+        "b": host["d"].astype(np.float64) @ w[2].T,
+    }
+    for name, want in checks.items():
+        got = t[name].double().cpu().numpy()
+        assert np.isfinite(got).all(), name
+        assert np.abs(got - want).max() / np.abs(want).max() <= TOL, name

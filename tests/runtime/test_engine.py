@@ -282,3 +282,101 @@ def test_bad_submissions(llama):
         kiln.Engine(llama, max_batch_size=0)
     with pytest.raises(KilnError, match="kv_tokens or kv_memory"):
         kiln.Engine(llama, kv_tokens=64, kv_memory=1 << 20)
+
+
+# -- greedy passes back to back (decode_steps) ------------------------------------------------
+
+
+def test_greedy_bursts_equal_single_passes_and_transformers(llama, alone, checkpoint, reference):
+    """Staggered requests with up to 4 passes a step: requests start between bursts, bursts
+    stop short of every request's max_tokens, and each request's tokens are its own."""
+    rng = np.random.default_rng(12)
+    schedule = [
+        (int(rng.integers(0, 20)), random_prompt(rng, int(rng.integers(1, 60))), int(n))
+        for n in rng.integers(1, 30, 12)
+    ]
+    engine = kiln.Engine(llama, max_batch_size=4, prefill_chunk=48, decode_steps=4)
+    calls = []
+    burst = engine.runner.decode_greedy
+    engine.runner.decode_greedy = lambda *a: calls.append(a[2]) or burst(*a)
+    outputs = run_staggered(engine, schedule)
+    ref = reference(checkpoint("llama"))
+    for i, (_, ids, n) in enumerate(schedule):
+        assert outputs[i].finish_reason == "length"
+        assert outputs[i].token_ids == alone(ids, n), f"request {i}"
+        assert outputs[i].token_ids == hf_greedy(ref, ids, n), f"request {i}"
+    assert calls and max(calls) == 4 and min(calls) < 4  # full bursts, and ones cut short
+    assert engine.stats.decode_tokens == sum(n - 1 for _, _, n in schedule)
+    engine.prefix_cache.clear()
+    assert engine.stats.free_pages == engine.stats.total_pages
+
+
+def test_greedy_bursts_take_fewer_steps_and_stop_within_a_burst(llama, alone):
+    rng = np.random.default_rng(13)
+    ids = random_prompt(rng, 20)
+    full = alone(ids, 9)
+    one = kiln.Engine(llama, max_batch_size=2, prefix_cache=False, decode_steps=1)
+    four = kiln.Engine(llama, max_batch_size=2, prefix_cache=False, decode_steps=4)
+    for engine in (one, four):
+        assert engine.submit(ids, max_tokens=9, **GREEDY).result().token_ids == full
+    assert one.stats.steps == 9  # the prefill's token, then one decode pass a step
+    assert four.stats.steps == 3  # the prefill's token, then 4 + 4
+    # A stop token that is the 3rd of a burst: the request ends there; the burst's 4th token
+    # is dropped, and its sequence (one token longer) is freed with it.
+    stop = full[3]
+    cut = four.submit(ids, max_tokens=9, temperature=0, stop_token_ids=[stop]).result()
+    assert cut.finish_reason == "stop" and cut.token_ids == full[: full.index(stop) + 1]
+    assert four.stats.decode_tokens == 8 + len(cut.token_ids) - 1  # none counted past the stop
+    assert four.stats.free_pages == four.stats.total_pages
+    # Another request goes on with its own tokens while one stops within a burst.
+    other = random_prompt(rng, 33)
+    handles = [
+        four.submit(ids, max_tokens=9, temperature=0, stop_token_ids=[stop]),
+        four.submit(other, max_tokens=12, **GREEDY),
+    ]
+    assert handles[0].result().token_ids == cut.token_ids
+    assert handles[1].result().token_ids == alone(other, 12)
+
+
+def test_greedy_bursts_fall_back_to_single_passes(llama, alone):
+    """No burst where its pages are not free (none are evicted for it) or where a request
+    samples; the tokens are the same either way."""
+    rng = np.random.default_rng(14)
+    ids, other = random_prompt(rng, 14), random_prompt(rng, 14)
+    # 3 pages of 16 tokens: after both prompts (a page each), a burst of 4 would need a page
+    # for each request, and one is free.
+    engine = kiln.Engine(llama, max_batch_size=2, kv_tokens=48, prefix_cache=False,
+                         decode_steps=4)  # fmt: skip
+    single = []
+    decode = engine.runner.decode
+    engine.runner.decode = lambda seq_ids, *a, **k: (
+        single.append(len(seq_ids)) or decode(seq_ids, *a, **k)
+    )
+    outs = engine.generate([ids, other], max_tokens=10, **GREEDY)
+    assert [o.token_ids for o in outs] == [alone(ids, 10), alone(other, 10)]
+    assert single[0] == 2  # both decode, greedy, far from max_tokens: one pass for the pages
+    sampled = kiln.Engine(llama, max_batch_size=2, prefix_cache=False, decode_steps=4)
+    handles = [
+        sampled.submit(ids, max_tokens=6, **GREEDY),
+        sampled.submit(ids, max_tokens=6, temperature=0.8, seed=1),
+    ]
+    assert handles[0].result().token_ids == alone(ids, 6)
+    assert len(handles[1].result().token_ids) == 6
+    assert sampled.stats.steps == 6  # a sampling request in the batch: one pass a step
+    with pytest.raises(KilnError, match="decode_steps"):
+        kiln.Engine(llama, decode_steps=0)
+
+
+def test_a_failing_burst_fails_its_requests_not_the_engine(llama, alone, monkeypatch):
+    engine = kiln.Engine(llama, max_batch_size=2, prefix_cache=False, decode_steps=4)
+    ids = random_prompt(np.random.default_rng(15), 20)
+
+    def broken(*args, **kwargs):
+        monkeypatch.undo()
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "decode_greedy", broken)
+    failed = engine.submit(ids, max_tokens=6, **GREEDY).result()
+    assert failed.finish_reason == "error" and "device lost" in failed.error
+    assert engine.stats.free_pages == engine.stats.total_pages
+    assert engine.submit(ids, max_tokens=6, **GREEDY).result().token_ids == alone(ids, 6)

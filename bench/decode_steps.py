@@ -1,0 +1,71 @@
+"""Greedy decode with 1 to N passes a step (`kiln.Engine(decode_steps=...)`): tokens/s at each
+batch size, one artifact in one process, each next to its memory roofline, and whether every
+setting gives the same tokens as one pass a step.
+
+    python bench/decode_steps.py ARTIFACT [--steps 1,2,4,8,16] [--batches 1,8,64] [--device cuda]
+                                          [--no-early-start]
+
+Batch 1 is `kiln bench`'s (a 128-token prompt, 256 new tokens), larger batches 512-token
+prompts and 128 new tokens each, timed over the steps in which every request decodes.
+`--no-early-start` launches Kiln's GEMVs the ordinary way (kiln.gemv.set_early_start(False),
+before the first pass captures its CUDA graphs): the A/B of their early start (gemv.cu).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import tvm_ffi
+
+import kiln
+from kiln.runtime.benchmark import batched_decode, copy_bandwidth, decode_weight_bytes
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", default="1,2,4,8,16")
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--no-early-start", action="store_true")
+    args = parser.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+
+    with kiln.Engine(args.artifact, args.device, max_batch_size=max(batches)) as engine:
+        runner = engine.runner
+        set_early_start = tvm_ffi.get_global_func("kiln.gemv.set_early_start", allow_missing=True)
+        if args.no_early_start:
+            if set_early_start is None:
+                raise SystemExit("--no-early-start: the artifact has no Kiln GEMVs")
+            set_early_start(False)
+        bandwidth = copy_bandwidth(runner.device)
+        print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; default decode_steps "
+              f"{engine.decode_steps}", flush=True)  # fmt: skip
+        rng = np.random.default_rng(0)
+        engine.generate([[1, 2, 3]] * 2, max_tokens=4, **GREEDY)  # warm-up
+        for batch in batches:
+            length, new = (128, 256) if batch == 1 else (512, 128)
+            prompts = [[1, *rng.integers(3, runner.vocab_size, length - 1).tolist()]
+                       for _ in range(batch)]  # fmt: skip
+            step_bytes = (
+                decode_weight_bytes(runner, batch)
+                + batch * (length + new // 2) * runner.kv_bytes_per_token
+            )
+            roof = batch / (step_bytes / bandwidth)
+            first = None
+            for n in steps:
+                engine.decode_steps = n
+                rate = batched_decode(engine, prompts, new)
+                tokens = [o.token_ids for o in engine.generate(prompts, max_tokens=new, **GREEDY)]
+                first = first or tokens
+                same = "same tokens" if tokens == first else "TOKENS DIFFER from the first setting"
+                print(f"batch {batch:3d}, {n:2d} passes a step: {rate:9.1f} tok/s "
+                      f"({100 * rate / roof:.1f}% of {roof:.0f}), {same}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
