@@ -90,9 +90,10 @@ class Engine:
     `devices`: the GPUs of a tensor-parallel artifact (default cuda:0..N-1 for device "cuda");
     `session`: a Disco session to run in, for tests (kiln.runtime.runner.Runner).
     `decode_steps`: the most greedy decode passes a step runs back to back (default
-    DECODE_STEPS where the artifact samples on the device, a GPU; 1 on the CPU, whose passes
-    run in the host's own thread and so cannot overlap it). Tokens then stream in groups of up
-    to this many, and a new request waits up to as many passes to start.
+    DECODE_STEPS on one CUDA GPU, where the host queues them ahead of the device; 1 on the CPU,
+    whose passes run in the host's own thread, and over several GPUs, where the host would wait
+    for each pass). Tokens then stream in groups of up to this many, and a new request waits
+    up to as many passes to start.
     """
 
     def __init__(
@@ -129,7 +130,8 @@ class Engine:
         self.tokenizer = self.runner.tokenizer
         self.max_batch_size = max_batch_size
         if decode_steps is None:
-            decode_steps = DECODE_STEPS if self.runner.samples_on_device else 1
+            ahead = self.runner.samples_on_device and self.runner.executor.fence is not None
+            decode_steps = DECODE_STEPS if ahead else 1
         self.decode_steps = decode_steps
         self._seq_ids = itertools.count(SEQ_ID_BASE)
         self._request_ids = itertools.count()

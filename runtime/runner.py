@@ -257,21 +257,32 @@ class Runner:
         self, seq_ids: Sequence[int], tokens: Sequence[int], steps: int
     ) -> list[list[int]]:
         """`steps` decode passes back to back, each fed the argmax of the one before it where
-        the pass left it, so the host queues pass n + 1 while pass n runs and waits once, for
-        all of them. Returns the greedy token ids (steps, batch). The caller has checked that
-        the cache holds `steps` more tokens of every sequence.
+        the pass left it, so that the host queues pass n + 1 while pass n runs and reads all
+        the tokens at the end. Returns the greedy token ids (steps, batch). The caller has
+        checked that the cache holds `steps` more tokens of every sequence.
 
-        Safe to queue ahead: every input stays on the device, and TVM's KV cache copies each
-        pass's page tables on a stream of its own that waits for the work already queued (a
-        blocking stream against the legacy default stream, which runs the passes)."""
+        What makes queuing ahead safe: every input stays on the device, and TVM's KV cache
+        copies a pass's page tables (kv.copy_tables) from one host buffer that the next pass's
+        begin overwrites, so the host waits at the executor's fence for that copy: the device
+        is then one pass behind, with the next queued. Without a fence (a Disco session) the
+        host waits for each pass to end instead."""
         rows = len(seq_ids)
         ex = self.executor
+        fence = ex.fence
         entry = self._decode_1 if rows == 1 else self._decode
         ids = self._upload(np.array(tokens, dtype="int32")[:, None])  # (b, 1)
         start = time.perf_counter()
         picked = []
-        for _ in range(steps):
+        for step in range(steps):
+            if step > 0:
+                if fence is not None:
+                    fence.wait()  # the last pass's page tables are on the device
+                else:
+                    ex.numpy(picked[-1], (rows,), "int32")
             self.kv.begin(seq_ids, [1] * rows)
+            self.kv.copy_tables()
+            if fence is not None:
+                fence.mark()
             out = entry(ids, self.kv.cache, self.params)
             self.kv.end()
             logits = ex.view(ex.item(out, 0), (rows, self.vocab_size), "float32")

@@ -119,7 +119,12 @@ def test_the_engine_over_disco_equals_the_engine_here(llama, session):
     with kiln.Engine(llama, max_batch_size=4, kv_tokens=512) as engine:
         here = run_engine(engine)
     with kiln.Engine(llama, session=session, max_batch_size=4, kv_tokens=512) as engine:
+        assert engine.decode_steps == 1  # Disco has no fence to queue passes ahead with
         assert run_engine(engine) == here
+    # Greedy passes back to back, here and over Disco (where the host waits for each pass)
+    for where in ({}, {"session": session}):
+        with kiln.Engine(llama, max_batch_size=4, kv_tokens=512, decode_steps=4, **where) as e:
+            assert run_engine(e) == here
 
 
 def test_a_tensor_parallel_build_equals_the_unsharded_one(llama, llama_tp2, session):
