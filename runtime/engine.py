@@ -12,11 +12,11 @@ Each `step()` does, under one lock:
 4. sample each finished row with the request's own sampler, stream text, finish requests.
 
 When every running request decodes greedily and none prefills, a step runs up to
-`decode_steps` decode passes back to back instead (`Runner.decode_greedy`): each pass takes the
-argmax of the one before on the device, so the GPU never waits for the host between them, and
-the tokens come back together. A request that stops within them keeps only its tokens up to
-the stop (its sequence is removed with the rest); no request is taken past its max_tokens or
-the context.
+`decode_steps` decode passes in a row instead (`Runner.decode_greedy`): each pass takes the
+argmax of the one before where it lies on the device, and none of a step's other work
+(scheduling, sampling, streaming text, counting) runs between them. A request that stops within
+them keeps only its tokens up to the stop (its sequence is removed with the rest); no request is
+taken past its max_tokens or the context.
 
 Run it from a background thread (`start()`, needed by asyncio callers) or let readers of a
 `RequestHandle` drive `step()` themselves. Pages are checked before every pass: TVM's cache
@@ -53,8 +53,8 @@ from kiln.runtime.sampler import SamplingParams, TokenSampler
 # cache through `Runner` (the tests do).
 SEQ_ID_BASE = 1 << 20
 
-# Greedy decode passes a GPU step runs back to back: the host waits once for them all. 8 passes
-# of a 7B batch-1 decode are ~20 ms, about how often a streaming reader notices text arrive.
+# Greedy decode passes a GPU step runs in a row. 8 passes of a 7B batch-1 decode are ~20 ms,
+# about how often a streaming reader notices text arrive.
 DECODE_STEPS = 8
 
 
@@ -89,11 +89,9 @@ class Engine:
     sliding window, among requests whose prompt + max_tokens fit the window).
     `devices`: the GPUs of a tensor-parallel artifact (default cuda:0..N-1 for device "cuda");
     `session`: a Disco session to run in, for tests (kiln.runtime.runner.Runner).
-    `decode_steps`: the most greedy decode passes a step runs back to back (default
-    DECODE_STEPS on one CUDA GPU, where the host queues them ahead of the device; 1 on the CPU,
-    whose passes run in the host's own thread, and over several GPUs, where the host would wait
-    for each pass). Tokens then stream in groups of up to this many, and a new request waits
-    up to as many passes to start.
+    `decode_steps`: the most greedy decode passes a step runs in a row (default DECODE_STEPS
+    on GPUs; 1 on the CPU, where a step's own work is small beside a pass). Tokens then stream
+    in groups of up to this many, and a new request waits up to as many passes to start.
     """
 
     def __init__(
@@ -130,8 +128,7 @@ class Engine:
         self.tokenizer = self.runner.tokenizer
         self.max_batch_size = max_batch_size
         if decode_steps is None:
-            ahead = self.runner.samples_on_device and self.runner.executor.fence is not None
-            decode_steps = DECODE_STEPS if ahead else 1
+            decode_steps = DECODE_STEPS if self.runner.samples_on_device else 1
         self.decode_steps = decode_steps
         self._seq_ids = itertools.count(SEQ_ID_BASE)
         self._request_ids = itertools.count()
@@ -461,7 +458,7 @@ class Engine:
         self._sample(list(zip(requests, range(len(requests)), strict=True)), logits)
 
     def _greedy_steps(self, requests: list[Request]) -> int:
-        """Decode passes this step may run back to back for `requests` (1: one, as usual):
+        """Decode passes this step may run in a row for `requests` (1: one, as usual):
         all plain greedy, none taken past its max_tokens or the context, and pages for all
         the passes free now (the first pass's are reserved already; none are evicted)."""
         if self.decode_steps == 1 or not all(r.params.plain_greedy for r in requests):

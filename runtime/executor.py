@@ -36,9 +36,6 @@ class Executor(Protocol):
     devices: list[Any]  # every worker's device
     vm: Any  # the loaded library: a VirtualMachine, or a Disco module
     single_caller: bool  # calls must come from one thread at a time (a Disco session)
-    # Where the host may queue passes ahead of the device (Runner.decode_greedy): a `Fence`,
-    # or None where it must wait for each pass instead.
-    fence: Fence | None
 
     def function(self, name: str) -> Callable[..., Any]:
         """The artifact's entry point `name`, run by every worker."""
@@ -100,36 +97,6 @@ class Staging:
         self._slots = []
 
 
-class Fence:
-    """How far the device has got, for a host that queues work ahead of it: `mark()` a point
-    of the stream the artifact runs on; `wait()` returns once the device has passed the last
-    mark, however much was queued after it. `synchronous`: every call has finished when it
-    returns (the CPU), so both do nothing."""
-
-    def __init__(self, device: Any, synchronous: bool = False):
-        self._device = device
-        self._stream = None
-        if not synchronous:
-            # A stream of our own waits for an event at the mark (TVM's StreamSyncFromTo:
-            # record on the compute stream, wait on ours); the host synchronizes with ours.
-            self._compute = tvm_ffi.get_raw_stream(device)
-            self._stream = device.create_raw_stream()
-            self._sync_from_to = tvm_ffi.get_global_func("runtime.Device_StreamSyncFromTo")
-
-    def mark(self) -> None:
-        if self._stream is not None:
-            self._sync_from_to(self._device, self._compute, self._stream)
-
-    def wait(self) -> None:
-        if self._stream is not None:
-            self._device.sync(self._stream)
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self._device.free_raw_stream(self._stream)
-            self._stream = None
-
-
 class LocalExecutor:
     """The artifact's VM on one device, in this process."""
 
@@ -138,13 +105,6 @@ class LocalExecutor:
     def __init__(self, manifest: Manifest, device: str):
         self.device = open_device(device)
         self.devices = [self.device]
-        # Queuing ahead is safe where TVM's KV cache copies its page tables on a stream that
-        # waits for the work queued before (docs/TVM.md): the CPU (no streams), and CUDA while
-        # the artifact runs on the legacy default stream (KV cache copies go on a blocking
-        # stream, ordered after it). Elsewhere the host waits for each pass.
-        kind = parse_device(device)[0]
-        legacy = kind == "cuda" and tvm_ffi.get_raw_stream(self.device) == 0
-        self.fence = Fence(self.device, kind == "cpu") if kind == "cpu" or legacy else None
         load_externs(manifest)
         library = tvm.runtime.load_module(str(manifest.library_for(device_arch(self.device))))
         self.vm = tvm_vm.VirtualMachine(library, self.device)
@@ -183,8 +143,7 @@ class LocalExecutor:
         return loaded
 
     def close(self) -> None:
-        if self.fence is not None:
-            self.fence.close()
+        pass
 
 
 def read_params(manifest: Manifest) -> Iterator[tuple[int, list[np.ndarray]]]:

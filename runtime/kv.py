@@ -40,9 +40,6 @@ class PagedKV:
         self._fork = get("vm.builtin.kv_state_fork_sequence")
         self._begin = get("vm.builtin.kv_state_begin_forward")
         self._end = get("vm.builtin.kv_state_end_forward")
-        # Returns the pass's query positions; on the way, TVM copies the page tables of the
-        # pass begun to the device (else the pass's first attention call does).
-        self._copy_tables = get("vm.builtin.attention_kv_cache_get_query_positions")
         self._free_pages = get("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.total_pages = self.free_pages()
 
@@ -60,13 +57,6 @@ class PagedKV:
     def begin(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         self._begin(self.cache, tvm_ffi.Shape(list(seq_ids)), tvm_ffi.Shape(list(lengths)))
 
-    def copy_tables(self) -> None:
-        """Have TVM copy the page tables of the pass begun to the device now. It copies them
-        from one host buffer, asynchronously, on a stream of its own that waits for the work
-        queued before (on CUDA), so a host that queues passes ahead must not begin the next
-        one before this copy is done (Runner.decode_greedy)."""
-        self._copy_tables(self.cache)
-
     def end(self) -> None:
         self._end(self.cache)
 
@@ -80,5 +70,4 @@ class PagedKV:
         """Let go of the cache and its functions (handles into a Disco session)."""
         self.cache = None
         self._add = self._remove = self._fork = self._begin = self._end = None
-        self._copy_tables = None
         self._free_pages = None

@@ -256,42 +256,31 @@ class Runner:
     def decode_greedy(
         self, seq_ids: Sequence[int], tokens: Sequence[int], steps: int
     ) -> list[list[int]]:
-        """`steps` decode passes back to back, each fed the argmax of the one before it where
-        the pass left it, so that the host queues pass n + 1 while pass n runs and reads all
-        the tokens at the end. Returns the greedy token ids (steps, batch). The caller has
-        checked that the cache holds `steps` more tokens of every sequence.
+        """`steps` decode passes in a row, each fed the argmax of the one before where the
+        pass left it (no upload, no sampling on the host): the greedy token ids (steps,
+        batch). The caller has checked that the cache holds `steps` more tokens of every
+        sequence.
 
-        What makes queuing ahead safe: every input stays on the device, and TVM's KV cache
-        copies a pass's page tables (kv.copy_tables) from one host buffer that the next pass's
-        begin overwrites, so the host waits at the executor's fence for that copy: the device
-        is then one pass behind, with the next queued. Without a fence (a Disco session) the
-        host waits for each pass to end instead."""
+        Each pass ends before the next begins: TVM's KV cache copies a pass's page tables into
+        one device buffer on a stream of its own that does not wait for the passes queued
+        before it, so a pass queued early overwrites the tables of the one still running
+        (docs/TVM.md). The host reads each pass's tokens as it waits."""
         rows = len(seq_ids)
         ex = self.executor
-        fence = ex.fence
         entry = self._decode_1 if rows == 1 else self._decode
         ids = self._upload(np.array(tokens, dtype="int32")[:, None])  # (b, 1)
         start = time.perf_counter()
         picked = []
-        for step in range(steps):
-            if step > 0:
-                if fence is not None:
-                    fence.wait()  # the last pass's page tables are on the device
-                else:
-                    ex.numpy(picked[-1], (rows,), "int32")
+        for _ in range(steps):
             self.kv.begin(seq_ids, [1] * rows)
-            self.kv.copy_tables()
-            if fence is not None:
-                fence.mark()
             out = entry(ids, self.kv.cache, self.params)
             self.kv.end()
             logits = ex.view(ex.item(out, 0), (rows, self.vocab_size), "float32")
             argmax = self._greedy(logits)  # (b,) int32
-            picked.append(argmax)
+            picked.append(ex.numpy(argmax, (rows,), "int32").tolist())
             ids = ex.view(argmax, (rows, 1), "int32")
-        result = [ex.numpy(t, (rows,), "int32").tolist() for t in picked]
         self.model_seconds += time.perf_counter() - start
-        return result
+        return picked
 
     def _finish_pass(self, out: Any, rows: int, start: float, on_device: bool) -> Any:
         ex = self.executor

@@ -41,7 +41,6 @@ class DiscoExecutor:
     default the artifact's device kind, index = worker)."""
 
     single_caller = True
-    fence = None  # the host waits for each pass (kiln.runtime.executor.Fence)
 
     def __init__(self, manifest: Manifest, session: Any, devices: Sequence[Any] | None = None):
         self.session = session

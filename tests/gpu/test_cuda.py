@@ -208,7 +208,7 @@ def test_nvrtc_built_artifact_runs_like_the_nvcc_one(gpu_build):
 def test_engine_on_gpu_equals_engine_on_cpu(gpu_build):
     """Continuous batching on the GPU gives the CPU's greedy tokens (fp32 on both): twelve
     requests of different lengths, submitted while others run. The GPU runs its greedy
-    decode passes back to back (DECODE_STEPS a step), the CPU one a step."""
+    decode passes in a row (DECODE_STEPS a step), the CPU one a step."""
     _, cuda_art = gpu_build("llama", "q0f32")
     cpu_art = cuda_art.parent / "llama-q0f32-cpu"
     if not os.environ.get("KILN_GPU_ARTIFACTS"):

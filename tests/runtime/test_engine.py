@@ -284,7 +284,7 @@ def test_bad_submissions(llama):
         kiln.Engine(llama, kv_tokens=64, kv_memory=1 << 20)
 
 
-# -- greedy passes back to back (decode_steps) ------------------------------------------------
+# -- greedy passes in a row (decode_steps) -----------------------------------------------------
 
 
 def test_greedy_bursts_equal_single_passes_and_transformers(llama, alone, checkpoint, reference):
