@@ -46,15 +46,6 @@
 // super-step's weight loads before the MMAs of the current one.
 //
 // Runs on TVM's current stream for the device (TVMFFIEnvGetStream), as attention.cu does.
-//
-// Early start (programmatic dependent launch, sm_90 and newer): the batch-1 GEMVs and the
-// mixture's kernels are launched so that they may start while the kernel ahead of them in the
-// stream (or the CUDA graph) still runs. A decode step is a chain of short kernels, each of
-// which used to wait for the one before to end and then ramp up from no loads in flight; now a
-// warp issues its first super-step's weight loads (the weights are not written by anyone),
-// then waits for the kernel before (WaitForPrior) before it reads x or writes out; and each of
-// these kernels lets the next start (AllowNext) once all its blocks run, so that the next one's
-// weights stream in while its last blocks finish.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -99,20 +90,6 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
-}
-
-// Programmatic dependent launch (see the top): wait until the kernel ahead has ended and its
-// writes are visible (at once when the launch was an ordinary one); let the next kernel start.
-__device__ __forceinline__ void WaitForPrior() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void AllowNext() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
 }
 
 __device__ __forceinline__ uint4 LoadCached(const void* p) {
@@ -260,7 +237,6 @@ __device__ __forceinline__ void Finish(float (&acc)[kTiles][4], half* out, int f
                                        int m_rows) {
   __shared__ float partial[kWarps][kTiles * kRows][kMaxM];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  WaitForPrior();  // out may be memory the kernel before reads (a warp with no steps is here)
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
     *reinterpret_cast<float2*>(&partial[warp][i * kRows + g][2 * c]) =
@@ -438,9 +414,8 @@ __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
     const int steps = (groups + 15) / 16;  // the last one maybe partial: all of them clamped
     Step current;
     if (warp < steps) {
-      Q4Load<kTiles, kVectorScales, false>(current, w, srow, warp, groups, c);
-      WaitForPrior();
       Q4CopyX<false>(xs, a.x, warp, a, lane);
+      Q4Load<kTiles, kVectorScales, false>(current, w, srow, warp, groups, c);
     }
     for (int t = warp; t < steps; t += kWarps) {
       const int next_t = t + kWarps;
@@ -451,20 +426,17 @@ __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
       current = next;
     }
   } else {
-    // The weights' loads first: they may be issued before the kernel ahead has ended.
     int t = warp;
     for (; t < full; t += kWarps) {
       Step s;
-      Q4Load<kTiles, kVectorScales, true>(s, w, srow, t, groups, c);
-      WaitForPrior();
       Q4CopyX<true>(xs, a.x, t, a, lane);
+      Q4Load<kTiles, kVectorScales, true>(s, w, srow, t, groups, c);
       Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
     if (t == full && 16 * full < groups) {
       Step s;
-      Q4Load<kTiles, kVectorScales, false>(s, w, srow, t, groups, c);
-      WaitForPrior();
       Q4CopyX<false>(xs, a.x, t, a, lane);
+      Q4Load<kTiles, kVectorScales, false>(s, w, srow, t, groups, c);
       Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
   }
@@ -487,7 +459,6 @@ __device__ __forceinline__ half* WarpXs(int m_rows) {
 
 template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Gemv(Args a) {
-  AllowNext();
   const int first = blockIdx.x * OutputsPerBlock<kTiles, kSwiGLU>();
   float sums[kTiles][4];
   Q4BlockSums<kTiles, kSwiGLU, kVectorScales, kPrefetch>(a, first, WarpXs(a.m_rows), sums);
@@ -534,8 +505,6 @@ __device__ __forceinline__ uint32_t RoutedExperts(const MoeArgs& m) {
 
 template <bool kVectorScales>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeSwiGLU(MoeArgs m) {
-  AllowNext();
-  WaitForPrior();  // gate (the router's) comes from the kernels before
   const int first = blockIdx.x * OutputsPerBlock<1, true>();
   for (uint32_t routed = RoutedExperts(m); routed != 0; routed &= routed - 1) {
     const int e = __ffs(routed) - 1;
@@ -553,8 +522,6 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeSwiGLU(M
 template <bool kVectorScales>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeDown(MoeArgs m) {
   const int c = threadIdx.x % 32 % 4;
-  AllowNext();
-  WaitForPrior();  // gate (the router's) comes from the kernels before
   const int first = blockIdx.x * OutputsPerBlock<1, false>();
   float total[1][4] = {};
   for (uint32_t routed = RoutedExperts(m); routed != 0; routed &= routed - 1) {
@@ -943,39 +910,6 @@ int64_t SwiGLURows(const char* name, int64_t n) {
   return n / 2;
 }
 
-// Whether kernels may start early (the top of this file), per device: sm_90 and newer, unless a
-// benchmark turned it off (kiln.gemv.set_early_start, before the launches it is to affect: a
-// CUDA graph keeps how its kernels were launched when it was captured).
-std::atomic<bool> early_start_on{true};
-
-bool EarlyStart(const char* name, int device) {
-  static std::atomic<int> majors[64];
-  int major = majors[device % 64].load();
-  if (major == 0) {
-    CheckCuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), name,
-              "cudaDeviceGetAttribute");
-    majors[device % 64].store(major);
-  }
-  return major >= 9 && early_start_on.load();
-}
-
-// kernel<<<blocks, kThreads, smem, stream>>>(args), started early where EarlyStart says so.
-template <typename Params>
-void LaunchEarly(void (*kernel)(Params), unsigned blocks, size_t smem, int device,
-                 cudaStream_t stream, const char* name, const Params& args) {
-  cudaLaunchAttribute early[1];
-  early[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  early[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = early;
-  config.numAttrs = EarlyStart(name, device) ? 1 : 0;
-  CheckCuda(cudaLaunchKernelEx(&config, kernel, args), name, "the kernel launch");
-}
-
 // A kernel takes at most kMaxM rows of x (the MMA's 8 columns): `launch` runs once for each
 // kMaxM of them, every launch reading the whole weight again (what L2 keeps of it aside).
 template <typename Launch>
@@ -997,7 +931,8 @@ void LaunchQ4(const char* name, const Args& a, int device, cudaStream_t stream) 
   if (smem > 32 * 1024) OptInSharedMemory(kernel, kXBytesPerRow * kMaxM, device, opted_in, name);
   constexpr int per_block = OutputsPerBlock<kTiles, kSwiGLU>();
   const unsigned blocks = static_cast<unsigned>((a.rows + per_block - 1) / per_block);
-  LaunchEarly(kernel, blocks, smem, device, stream, name, a);
+  kernel<<<blocks, kThreads, smem, stream>>>(a);
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
 template <int kTiles, bool kSwiGLU, bool kPrefetch>
@@ -1056,7 +991,6 @@ constexpr const char* kQ4SwiGLU = "kiln.gemv.q4_swiglu";
 constexpr const char* kQ4SwiGLUTiled = "kiln.gemv.q4_swiglu_tiled";
 constexpr const char* kQ4DefaultVariant = "kiln.gemv.q4_default_variant";
 constexpr const char* kQ4GraphTime = "kiln.gemv.q4_graph_time";
-constexpr const char* kSetEarlyStart = "kiln.gemv.set_early_start";
 constexpr const char* kF16SwiGLU = "kiln.gemv.f16_swiglu";
 constexpr const char* kQ4Batched = "kiln.gemv.q4_batched";
 constexpr const char* kQ4Dequantize = "kiln.gemv.q4_dequantize";
@@ -1449,7 +1383,8 @@ void LaunchMoe(const char* name, const MoeArgs& m, int device, cudaStream_t stre
   if (smem > 32 * 1024) OptInSharedMemory(kernel, kXBytesPerRow * kMaxM, device, opted_in, name);
   constexpr int per_block = OutputsPerBlock<1, kSwiGLU>();
   const unsigned blocks = static_cast<unsigned>((m.a.rows + per_block - 1) / per_block);
-  LaunchEarly(kernel, blocks, smem, device, stream, name, m);
+  kernel<<<blocks, kThreads, smem, stream>>>(m);
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
 template <bool kSwiGLU>
@@ -1482,8 +1417,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4Tiled, Q4Tiled)
       .def(kQ4SwiGLUTiled, Q4SwiGLUTiled)
       .def(kQ4DefaultVariant, Q4DefaultVariant)
-      .def(kQ4GraphTime, Q4GraphTime)
-      .def(kSetEarlyStart, [](bool on) { early_start_on.store(on); });
+      .def(kQ4GraphTime, Q4GraphTime);
 }
 
 }  // namespace gemv
