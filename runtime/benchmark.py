@@ -3,8 +3,8 @@
 Figures (the H100 performance issue's list), all through `kiln.Engine`, the path users run:
 - load: seconds to open the artifact (checksums, weights to the device, KV cache);
 - decode at batch 1: tokens/s of one greedy request after a 128-token prompt (256 new tokens);
-  greedy decodes run the engine's default passes a step (kiln.runtime.engine.DECODE_STEPS back
-  to back on a GPU);
+  greedy decodes run the engine's default passes a step (kiln.runtime.engine.DECODE_STEPS in
+  a row on a GPU);
 - prefill: tokens/s of a 512- and a 2048-token prompt in a single pass, and the time to first
   token: the best of 3 after one of the same length (the first pass of a length grows the
   device's memory pools; the transformers peer is timed the same way);

@@ -16,7 +16,8 @@ When every running request decodes greedily and none prefills, a step runs up to
 argmax of the one before where it lies on the device, and none of a step's other work
 (scheduling, sampling, streaming text, counting) runs between them. A request that stops within
 them keeps only its tokens up to the stop (its sequence is removed with the rest); no request is
-taken past its max_tokens or the context.
+taken past its max_tokens or the context, and the passes end when every request has met a stop
+token.
 
 Run it from a background thread (`start()`, needed by asyncio callers) or let readers of a
 `RequestHandle` drive `step()` themselves. Pages are checked before every pass: TVM's cache
@@ -479,7 +480,11 @@ class Engine:
     def _run_decode_greedy(self, requests: list[Request], steps: int) -> None:
         try:
             picked = self.runner.decode_greedy(
-                [r.seq_id for r in requests], [r.tokens[-1] for r in requests], steps
+                [r.seq_id for r in requests],
+                [r.tokens[-1] for r in requests],
+                steps,
+                # no more passes once every request has met a stop token
+                lambda tokens: all(t in r.stops for r, t in zip(requests, tokens, strict=True)),
             )
         except Exception as e:
             self._fail(requests, e)

@@ -12,7 +12,7 @@ vocabulary.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,11 +254,16 @@ class Runner:
         return self._finish_pass(out, len(seq_ids), start, on_device)
 
     def decode_greedy(
-        self, seq_ids: Sequence[int], tokens: Sequence[int], steps: int
+        self,
+        seq_ids: Sequence[int],
+        tokens: Sequence[int],
+        steps: int,
+        done: Callable[[list[int]], bool] | None = None,
     ) -> list[list[int]]:
-        """`steps` decode passes in a row, each fed the argmax of the one before where the
-        pass left it (no upload, no sampling on the host): the greedy token ids (steps,
-        batch). The caller has checked that the cache holds `steps` more tokens of every
+        """Up to `steps` decode passes in a row, each fed the argmax of the one before where
+        the pass left it (no upload, no sampling on the host): the greedy token ids (passes,
+        batch). `done(tokens)`, given a pass's tokens, ends the run early when it returns
+        True. The caller has checked that the cache holds `steps` more tokens of every
         sequence.
 
         Each pass ends before the next begins: TVM's KV cache copies a pass's page tables into
@@ -278,6 +283,8 @@ class Runner:
             logits = ex.view(ex.item(out, 0), (rows, self.vocab_size), "float32")
             argmax = self._greedy(logits)  # (b,) int32
             picked.append(ex.numpy(argmax, (rows,), "int32").tolist())
+            if done is not None and done(picked[-1]):
+                break
             ids = ex.view(argmax, (rows, 1), "int32")
         self.model_seconds += time.perf_counter() - start
         return picked

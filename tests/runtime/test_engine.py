@@ -321,14 +321,18 @@ def test_greedy_bursts_take_fewer_steps_and_stop_within_a_burst(llama, alone):
         assert engine.submit(ids, max_tokens=9, **GREEDY).result().token_ids == full
     assert one.stats.steps == 9  # the prefill's token, then one decode pass a step
     assert four.stats.steps == 3  # the prefill's token, then 4 + 4
-    # A stop token that is the 3rd of a burst: the request ends there; the burst's 4th token
-    # is dropped, and its sequence (one token longer) is freed with it.
+    # A stop token that is the 3rd of a burst: the request ends there, and so do the passes.
     stop = full[3]
+    passes = []
+    decode_1 = four.runner._decode_1
+    four.runner._decode_1 = lambda *args: passes.append(1) or decode_1(*args)
     cut = four.submit(ids, max_tokens=9, temperature=0, stop_token_ids=[stop]).result()
     assert cut.finish_reason == "stop" and cut.token_ids == full[: full.index(stop) + 1]
-    assert four.stats.decode_tokens == 8 + len(cut.token_ids) - 1  # none counted past the stop
+    assert len(passes) == full.index(stop)  # a pass for each token after the prefill's
+    assert four.stats.decode_tokens == 8 + len(cut.token_ids) - 1
     assert four.stats.free_pages == four.stats.total_pages
-    # Another request goes on with its own tokens while one stops within a burst.
+    # Another request goes on with its own tokens while one stops within a burst (whose later
+    # tokens are dropped, and its sequence, longer by them, freed).
     other = random_prompt(rng, 33)
     handles = [
         four.submit(ids, max_tokens=9, temperature=0, stop_token_ids=[stop]),
