@@ -54,9 +54,20 @@ from kiln.runtime.sampler import SamplingParams, TokenSampler
 # cache through `Runner` (the tests do).
 SEQ_ID_BASE = 1 << 20
 
-# Greedy decode passes a GPU step runs in a row. 8 passes of a 7B batch-1 decode are ~20 ms,
-# about how often a streaming reader notices text arrive.
+# Greedy decode passes a GPU step runs in a row by default: at most DECODE_STEPS, and no more
+# than take about STEP_SECONDS by the last passes' time (8 passes of a 7B at batch 1 are ~20 ms),
+# about as often as a reader of streamed text notices it arrive; a slow model's passes go one
+# a step, where a step's own work is small beside a pass anyway.
 DECODE_STEPS = 8
+STEP_SECONDS = 0.025
+
+
+def greedy_steps_cap(most: int, step_seconds: float | None, pass_seconds: float) -> int:
+    """Passes a step may run in a row: `most`, or as many as take `step_seconds` at
+    `pass_seconds` a pass (at least one; `most` while no pass has been timed)."""
+    if step_seconds is None or pass_seconds <= 0:
+        return most
+    return max(1, min(most, int(step_seconds / pass_seconds)))
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class EngineStats:
     free_pages: int
     total_pages: int
     prefix_entries: int
-    step_ms: float  # mean wall time of a step that ran a forward pass
+    step_ms: float  # mean wall time of a step that ran a forward pass (or several: decode_steps)
     host_ms: float  # mean host overhead of such a step
     last_host_ms: float
     max_host_ms: float
@@ -90,9 +101,10 @@ class Engine:
     sliding window, among requests whose prompt + max_tokens fit the window).
     `devices`: the GPUs of a tensor-parallel artifact (default cuda:0..N-1 for device "cuda");
     `session`: a Disco session to run in, for tests (kiln.runtime.runner.Runner).
-    `decode_steps`: the most greedy decode passes a step runs in a row (default DECODE_STEPS
-    on GPUs; 1 on the CPU, where a step's own work is small beside a pass). Tokens then stream
-    in groups of up to this many, and a new request waits up to as many passes to start.
+    `decode_steps`: the most greedy decode passes a step runs in a row. By default on GPUs
+    DECODE_STEPS, and only as many as take STEP_SECONDS at the last passes' speed
+    (`step_seconds`); on the CPU 1, where a step's own work is small beside a pass. Tokens then
+    stream in groups of up to this many, and a new request waits up to as many passes to start.
     """
 
     def __init__(
@@ -128,9 +140,14 @@ class Engine:
         self.kv = self.runner.kv
         self.tokenizer = self.runner.tokenizer
         self.max_batch_size = max_batch_size
+        # A number given is the number run; the default holds a GPU's steps to STEP_SECONDS.
+        self.step_seconds: float | None = None
         if decode_steps is None:
-            decode_steps = DECODE_STEPS if self.runner.samples_on_device else 1
+            decode_steps = 1
+            if self.runner.samples_on_device:
+                decode_steps, self.step_seconds = DECODE_STEPS, STEP_SECONDS
         self.decode_steps = decode_steps
+        self._pass_seconds = 0.0  # of the last decode step: its time over its passes
         self._seq_ids = itertools.count(SEQ_ID_BASE)
         self._request_ids = itertools.count()
         self.prefix_cache = PrefixCache(self.kv, self.new_seq_id) if prefix_cache else None
@@ -446,6 +463,7 @@ class Engine:
         self._sample(rows, logits)
 
     def _run_decode(self, requests: list[Request]) -> None:
+        start = time.perf_counter()
         try:
             logits = self.runner.decode(
                 [r.seq_id for r in requests], [r.tokens[-1] for r in requests], on_device=True
@@ -457,15 +475,17 @@ class Engine:
         for request in requests:
             request.computed += 1
         self._sample(list(zip(requests, range(len(requests)), strict=True)), logits)
+        self._pass_seconds = time.perf_counter() - start
 
     def _greedy_steps(self, requests: list[Request]) -> int:
         """Decode passes this step may run in a row for `requests` (1: one, as usual):
         all plain greedy, none taken past its max_tokens or the context, and pages for all
         the passes free now (the first pass's are reserved already; none are evicted)."""
-        if self.decode_steps == 1 or not all(r.params.plain_greedy for r in requests):
+        most = greedy_steps_cap(self.decode_steps, self.step_seconds, self._pass_seconds)
+        if most == 1 or not all(r.params.plain_greedy for r in requests):
             return 1
         steps = min(
-            self.decode_steps,
+            most,
             *(r.params.max_tokens - (len(r.tokens) - len(r.prompt)) for r in requests),
             *(self.context_length - len(r.tokens) for r in requests),
         )
@@ -478,6 +498,7 @@ class Engine:
         return steps
 
     def _run_decode_greedy(self, requests: list[Request], steps: int) -> None:
+        start = time.perf_counter()
         try:
             picked = self.runner.decode_greedy(
                 [r.seq_id for r in requests],
@@ -489,6 +510,7 @@ class Engine:
         except Exception as e:
             self._fail(requests, e)
             return
+        self._pass_seconds = (time.perf_counter() - start) / len(picked)
         for tokens in picked:
             for request, token in zip(requests, tokens, strict=True):
                 if request.state != RUNNING:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kiln
+from kiln.runtime.engine import STEP_SECONDS, greedy_steps_cap
 from kiln.runtime.errors import KilnError
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -369,6 +370,25 @@ def test_greedy_bursts_fall_back_to_single_passes(llama, alone):
     assert sampled.stats.steps == 6  # a sampling request in the batch: one pass a step
     with pytest.raises(KilnError, match="decode_steps"):
         kiln.Engine(llama, decode_steps=0)
+
+
+def test_greedy_steps_are_held_to_a_time_on_gpus(llama, alone):
+    """By default a GPU's steps run only as many passes as take STEP_SECONDS at the last
+    passes' speed; a number given is the number run (no time cap), and the CPU runs one."""
+    assert greedy_steps_cap(8, STEP_SECONDS, 0.0025) == 8  # a 7B at batch 1: 10 would fit
+    assert greedy_steps_cap(8, STEP_SECONDS, 0.01) == 2
+    assert greedy_steps_cap(8, STEP_SECONDS, 0.05) == 1  # a slow model: one a step
+    assert greedy_steps_cap(8, STEP_SECONDS, 0.0) == 8  # no pass timed yet
+    assert greedy_steps_cap(8, None, 1.0) == 8
+    default = kiln.Engine(llama)
+    assert (default.decode_steps, default.step_seconds) == (1, None)  # the CPU
+    engine = kiln.Engine(llama, max_batch_size=2, prefix_cache=False, decode_steps=8)
+    assert engine.step_seconds is None
+    engine.step_seconds = 1e-9  # as a GPU's default, with passes far slower than the budget
+    ids = random_prompt(np.random.default_rng(16), 20)
+    assert engine.submit(ids, max_tokens=14, **GREEDY).result().token_ids == alone(ids, 14)
+    # the prefill's token; 8 passes while none was timed; then one a step for the other 5
+    assert engine.stats.steps == 1 + 1 + 5
 
 
 def test_a_failing_burst_fails_its_requests_not_the_engine(llama, alone, monkeypatch):
