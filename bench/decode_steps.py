@@ -60,7 +60,7 @@ def main() -> None:
                 return [o.token_ids for o in engine.generate(prompts, max_tokens=new, **GREEDY)]
 
             for n in steps:
-                engine.decode_steps = n
+                engine.decode_steps, engine.step_seconds = n, None  # n passes, whatever they take
                 rate = max(batched_decode(engine, prompts, new) for _ in range(args.repeats))
                 got = tokens()
                 if first is None:

@@ -55,11 +55,11 @@ from kiln.runtime.sampler import SamplingParams, TokenSampler
 SEQ_ID_BASE = 1 << 20
 
 # Greedy decode passes a GPU step runs in a row by default: at most DECODE_STEPS, and no more
-# than take about STEP_SECONDS by the last passes' time (8 passes of a 7B at batch 1 are ~20 ms),
-# about as often as a reader of streamed text notices it arrive; a slow model's passes go one
-# a step, where a step's own work is small beside a pass anyway.
+# than take about STEP_SECONDS by the last passes' time, so that streamed text still arrives in
+# 20 groups a second or more (8 passes of a 7B are ~20 ms at batch 1; at batch 64, 3 passes of
+# ~14 ms); a slow model's passes go one a step, where a step's own work is small beside a pass.
 DECODE_STEPS = 8
-STEP_SECONDS = 0.025
+STEP_SECONDS = 0.05
 
 
 def greedy_steps_cap(most: int, step_seconds: float | None, pass_seconds: float) -> int:

@@ -375,10 +375,10 @@ def test_greedy_bursts_fall_back_to_single_passes(llama, alone):
 def test_greedy_steps_are_held_to_a_time_on_gpus(llama, alone):
     """By default a GPU's steps run only as many passes as take STEP_SECONDS at the last
     passes' speed; a number given is the number run (no time cap), and the CPU runs one."""
-    assert greedy_steps_cap(8, STEP_SECONDS, 0.0025) == 8  # a 7B at batch 1: 10 would fit
-    assert greedy_steps_cap(8, STEP_SECONDS, 0.01) == 2
-    assert greedy_steps_cap(8, STEP_SECONDS, 0.05) == 1  # a slow model: one a step
-    assert greedy_steps_cap(8, STEP_SECONDS, 0.0) == 8  # no pass timed yet
+    assert greedy_steps_cap(8, STEP_SECONDS, 0.0025) == 8  # a 7B at batch 1: 20 would fit
+    assert greedy_steps_cap(8, 0.05, 0.014) == 3
+    assert greedy_steps_cap(8, 0.05, 0.06) == 1  # a slow model: one a step
+    assert greedy_steps_cap(8, 0.05, 0.0) == 8  # no pass timed yet
     assert greedy_steps_cap(8, None, 1.0) == 8
     default = kiln.Engine(llama)
     assert (default.decode_steps, default.step_seconds) == (1, None)  # the CPU
