@@ -32,6 +32,7 @@ from kiln.compiler.quantization.layers import scheme_key
 from kiln.passes.dispatch_gemv import DispatchGEMV, GEMVExterns
 from kiln.passes.dispatch_matmul import DispatchMatmul
 from kiln.passes.dispatch_moe import DispatchMoE, MoEExterns
+from kiln.passes.fuse_norm_gemv import FuseNormGEMV
 from kiln.runtime import attention, gemv
 from kiln.runtime.cublas import MATMUL as CUBLAS_MATMUL
 from kiln.runtime.errors import KilnError
@@ -98,7 +99,14 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         max_experts=gemv.MAX_EXPERTS,
         max_rows=gemv.MAX_ROWS,
     )
-    return [DispatchGEMV(int4, {}, batched=("decode",)), DispatchMoE(moe)]
+    # Then, at batch 1, a sublayer's residual add and RMSNorm go into its first int4 GEMV
+    # (kiln.gemv.q4_norm): one kernel less each, and a layer's GEMVs back to back.
+    norm = {gemv.Q4: gemv.Q4_NORM, gemv.Q4_SWIGLU: gemv.Q4_SWIGLU_NORM}
+    return [
+        DispatchGEMV(int4, {}, batched=("decode",)),
+        DispatchMoE(moe),
+        FuseNormGEMV(norm, gemv.MAX_NORM_K),
+    ]
 
 
 def cuda_attention_externs(target: Target, dtype: str, head_dim: int) -> dict[str, str]:

@@ -2,7 +2,9 @@
 // and `kiln.gemv.f16_swiglu`, destination-passing (the caller allocates `out`, passed last), and
 // the batched decode's q4, `kiln.gemv.q4_batched` (Q4Gemm below and Q4Batched say how), and a
 // mixture of experts' MLP reading only the routed experts, `kiln.gemv.q4_moe_swiglu` and
-// `kiln.gemv.q4_moe` (Q4MoeSwiGLU, Q4MoeDown and CheckMoe say how).
+// `kiln.gemv.q4_moe` (Q4MoeSwiGLU, Q4MoeDown and CheckMoe say how), and q4 and q4_swiglu with the
+// residual add and RMSNorm before them, `kiln.gemv.q4_norm` and `kiln.gemv.q4_swiglu_norm`
+// (Q4NormGemv says how).
 //
 //   q4(x (..., K) f16, qweight (N, K / 8) u32, scale (N, K / 32) f16, out (..., N) f16)
 //   q4_swiglu(x, qweight (2I, K / 8), scale (2I, K / 32), out (..., I) f16)
@@ -10,6 +12,8 @@
 //   q4_batched(x, qweight, scale, out, w (N, K) f16 scratch)
 //   q4_moe_swiglu(x, gate (..., E) f16, qweight_0, scale_0, ..., out (E, ..., I) f16)
 //   q4_moe(h (E, ..., K), gate, qweight_0, scale_0, ..., out (..., N) f16)
+//   q4_norm(x (1, K) f16, r (1, K), norm (K) f16, qweight, scale, epsilon, s (1, K), out (1, N))
+//   q4_swiglu_norm(x, r, norm, qweight (2I, K / 8), scale, epsilon, s, out (1, I))
 //
 // M = the product of x's leading dimensions; K % 32 == 0. A GEMV kernel takes 8 rows of x at most
 // (the MMA's 8 columns); more run as one kernel per 8 rows, each reading the weight again. The q4
@@ -46,6 +50,15 @@
 // super-step's weight loads before the MMAs of the current one.
 //
 // Runs on TVM's current stream for the device (TVMFFIEnvGetStream), as attention.cu does.
+//
+// Early start (programmatic dependent launch, sm_90 and newer): the batch-1 GEMVs and the
+// mixture's kernels are launched so that they may start while the kernel ahead of them in the
+// stream (or the CUDA graph) still runs. A decode step is a chain of short kernels, each of
+// which used to wait for the one before to end and then ramp up from no loads in flight; now a
+// warp issues its first super-step's weight loads (the weights are not written by anyone),
+// then waits for the kernel before (WaitForPrior) before it reads x or writes out; and each of
+// these kernels lets the next start (AllowNext) once all its blocks run, so that the next one's
+// weights stream in while its last blocks finish.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -90,6 +103,20 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+}
+
+// Programmatic dependent launch (see the top): wait until the kernel ahead has ended and its
+// writes are visible (at once when the launch was an ordinary one); let the next kernel start.
+__device__ __forceinline__ void WaitForPrior() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void AllowNext() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ uint4 LoadCached(const void* p) {
@@ -237,6 +264,7 @@ __device__ __forceinline__ void Finish(float (&acc)[kTiles][4], half* out, int f
                                        int m_rows) {
   __shared__ float partial[kWarps][kTiles * kRows][kMaxM];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  WaitForPrior();  // out may be memory the kernel before reads (a warp with no steps is here)
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
     *reinterpret_cast<float2*>(&partial[warp][i * kRows + g][2 * c]) =
@@ -381,6 +409,40 @@ constexpr int Q4MinBlocks(int tiles, bool prefetch) {
   return prefetch ? (tiles == 1 ? 2 : 1) : (tiles == 1 ? 3 : 2);
 }
 
+// Independent MMA sums a warp keeps per tile (so that its MMAs overlap).
+__host__ __device__ constexpr int Q4Chains(int tiles) { return tiles == 1 ? 2 : 1; }
+
+// A lane's weight rows g and g + 8 of each tile (one uint4 a group, at its group c) and their
+// scales, for the block's outputs from `first`.
+template <int kTiles, bool kSwiGLU>
+__device__ __forceinline__ void Q4Rows(const Args& a, int first, const uint4* (&w)[kTiles][2],
+                                       const half* (&srow)[kTiles][2]) {
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4, groups = a.k / 32;
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = WeightRow<kTiles, kSwiGLU>(first, i, g + 8 * h, a.rows);
+      w[i][h] = static_cast<const uint4*>(a.w) + row * groups + c;
+      srow[i][h] = a.scale + row * groups;
+    }
+  }
+}
+
+template <int kTiles, int kChains>
+__device__ __forceinline__ void AddChains(const float (&acc)[kTiles][kChains][4],
+                                          float (&sums)[kTiles][4]) {
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sums[i][j] = acc[i][0][j];
+#pragma unroll
+      for (int chain = 1; chain < kChains; ++chain) sums[i][j] += acc[i][chain][j];
+    }
+  }
+}
+
 // kPrefetch: a warp issues the loads of its next super-step (t + kWarps) before the MMAs of
 // this one, so that its weights stream while it computes (two super-steps in flight: 8 KB a
 // tile); x's next values go to xs after the MMAs (from L2, while the weights are on their way).
@@ -393,20 +455,12 @@ constexpr int Q4MinBlocks(int tiles, bool prefetch) {
 template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
                                             float (&sums)[kTiles][4]) {
-  constexpr int kChains = kTiles == 1 ? 2 : 1;  // independent MMA sums per tile
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  constexpr int kChains = Q4Chains(kTiles);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane % 4;
   const int groups = a.k / 32;
-  const uint4* w[kTiles][2];  // rows g and g + 8 of each tile (one uint4 a group), at group c
+  const uint4* w[kTiles][2];
   const half* srow[kTiles][2];
-#pragma unroll
-  for (int i = 0; i < kTiles; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = WeightRow<kTiles, kSwiGLU>(first, i, g + 8 * h, a.rows);
-      w[i][h] = static_cast<const uint4*>(a.w) + row * groups + c;
-      srow[i][h] = a.scale + row * groups;
-    }
-  }
+  Q4Rows<kTiles, kSwiGLU>(a, first, w, srow);
   float acc[kTiles][kChains][4] = {};
   const int full = groups / 16;  // super-steps wholly in K
   using Step = Q4Step<kTiles, kVectorScales>;
@@ -414,8 +468,9 @@ __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
     const int steps = (groups + 15) / 16;  // the last one maybe partial: all of them clamped
     Step current;
     if (warp < steps) {
-      Q4CopyX<false>(xs, a.x, warp, a, lane);
       Q4Load<kTiles, kVectorScales, false>(current, w, srow, warp, groups, c);
+      WaitForPrior();
+      Q4CopyX<false>(xs, a.x, warp, a, lane);
     }
     for (int t = warp; t < steps; t += kWarps) {
       const int next_t = t + kWarps;
@@ -426,29 +481,24 @@ __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
       current = next;
     }
   } else {
+    // The weights' loads first: they may be issued before the kernel ahead has ended.
     int t = warp;
     for (; t < full; t += kWarps) {
       Step s;
-      Q4CopyX<true>(xs, a.x, t, a, lane);
       Q4Load<kTiles, kVectorScales, true>(s, w, srow, t, groups, c);
+      WaitForPrior();
+      Q4CopyX<true>(xs, a.x, t, a, lane);
       Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
     if (t == full && 16 * full < groups) {
       Step s;
-      Q4CopyX<false>(xs, a.x, t, a, lane);
       Q4Load<kTiles, kVectorScales, false>(s, w, srow, t, groups, c);
+      WaitForPrior();
+      Q4CopyX<false>(xs, a.x, t, a, lane);
       Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
   }
-#pragma unroll
-  for (int i = 0; i < kTiles; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      sums[i][j] = acc[i][0][j];
-#pragma unroll
-      for (int chain = 1; chain < kChains; ++chain) sums[i][j] += acc[i][chain][j];
-    }
-  }
+  AddChains(acc, sums);
 }
 
 // The warp's part of the dynamic shared memory (x's values of its super-step).
@@ -459,10 +509,110 @@ __device__ __forceinline__ half* WarpXs(int m_rows) {
 
 template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Gemv(Args a) {
+  AllowNext();
   const int first = blockIdx.x * OutputsPerBlock<kTiles, kSwiGLU>();
   float sums[kTiles][4];
   Q4BlockSums<kTiles, kSwiGLU, kVectorScales, kPrefetch>(a, first, WarpXs(a.m_rows), sums);
   Finish<kTiles, kSwiGLU>(sums, a.out, first, a.rows, a.m_rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The residual add and RMSNorm before a Linear, in the Linear's GEMV (one row of x: the batch-1
+// decode). What Kiln's add_rms_norm kernel (kiln.passes.fuse_add_rms_norm) and then the q4 GEMV
+// compute, in one kernel:
+//   s = x + r (fp16, rounded as the add rounds it); y = fp16(rsqrt(mean(s^2) + eps) * s * w)
+//   (float32, rounded once); out = q4(y) or q4_swiglu(y); block 0 writes s.
+// Every block computes y itself: x and r (2 K halves, from L2) once a block, the sum of squares
+// over its threads, y into shared memory (K rounded up to 512 halves, zeros past K), where the
+// warps' super-steps read it. A warp issues its first super-step's weight loads before it waits
+// for the kernel ahead (WaitForPrior), so that they stream while the kernel ahead ends and while
+// the block normalizes. The norm's kernel and its launch are gone from the step, and the GEMVs of
+// a layer follow one another (o -> gate/up -> down -> qkv), each able to start early.
+struct NormArgs {
+  Args a;                // x (1, K), the weight, out
+  const half* residual;  // r (1, K)
+  const half* norm;      // the norm's weight (K)
+  half* sum;             // s (1, K)
+  float epsilon;
+};
+
+constexpr int kMaxNormK = 16384;  // y in shared memory: 32 KB
+
+__host__ __device__ constexpr int NormPadded(int k) { return (k + 511) / 512 * 512; }
+
+__device__ __forceinline__ float SquaresOf(uint32_t pair) {
+  const float2 f = __half22float2(*reinterpret_cast<const half2*>(&pair));
+  return f.x * f.x + f.y * f.y;
+}
+
+// y -> xn (NormPadded(K) halves); s -> n.sum from block 0. Ends with the block synchronized.
+__device__ __forceinline__ void AddRmsNorm(const NormArgs& n, half* xn) {
+  __shared__ float warp_squares[kWarps];
+  const int k = n.a.k, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float squares = 0;
+  for (int i = 8 * threadIdx.x; i < k; i += 8 * kThreads) {
+    const uint4 x = LoadCached(n.a.x + i), r = LoadCached(n.residual + i);
+    const uint4 s = make_uint4(AddHalf2(x.x, r.x), AddHalf2(x.y, r.y), AddHalf2(x.z, r.z),
+                               AddHalf2(x.w, r.w));
+    *reinterpret_cast<uint4*>(xn + i) = s;
+    if (blockIdx.x == 0) *reinterpret_cast<uint4*>(n.sum + i) = s;
+    squares += SquaresOf(s.x) + SquaresOf(s.y) + SquaresOf(s.z) + SquaresOf(s.w);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    squares += __shfl_xor_sync(0xffffffff, squares, offset);
+  }
+  if (lane == 0) warp_squares[warp] = squares;
+  __syncthreads();
+  float total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += warp_squares[w];
+  const float inv = rsqrtf(total / static_cast<float>(k) + n.epsilon);
+  for (int i = 8 * threadIdx.x; i < NormPadded(k); i += 8 * kThreads) {
+    uint4 y = make_uint4(0, 0, 0, 0);
+    if (i < k) {  // this thread wrote s here above
+      const uint4 s = LoadShared(xn + i), w = LoadCached(n.norm + i);
+      const uint32_t* sp = &s.x;
+      const uint32_t* wp = &w.x;
+      uint32_t* yp = &y.x;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 sf = __half22float2(*reinterpret_cast<const half2*>(sp + j));
+        const float2 wf = __half22float2(*reinterpret_cast<const half2*>(wp + j));
+        const half2 h = __floats2half2_rn(inv * sf.x * wf.x, inv * sf.y * wf.y);
+        yp[j] = *reinterpret_cast<const uint32_t*>(&h);
+      }
+    }
+    *reinterpret_cast<uint4*>(xn + i) = y;
+  }
+  __syncthreads();
+}
+
+template <bool kSwiGLU, bool kVectorScales>
+__global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4NormGemv(NormArgs n) {
+  AllowNext();
+  const Args& a = n.a;
+  const int first = blockIdx.x * OutputsPerBlock<1, kSwiGLU>();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane % 4;
+  const int groups = a.k / 32, steps = (groups + 15) / 16;
+  const uint4* w[1][2];
+  const half* srow[1][2];
+  Q4Rows<1, kSwiGLU>(a, first, w, srow);
+  extern __shared__ uint4 dynamic_smem[];
+  half* xn = reinterpret_cast<half*>(dynamic_smem);
+  Q4Step<1, kVectorScales> s;
+  if (warp < steps) Q4Load<1, kVectorScales, false>(s, w, srow, warp, groups, c);
+  WaitForPrior();
+  AddRmsNorm(n, xn);
+  constexpr int kChains = Q4Chains(1);
+  float acc[1][kChains][4] = {};
+  for (int t = warp; t < steps; t += kWarps) {
+    if (t != warp) Q4Load<1, kVectorScales, false>(s, w, srow, t, groups, c);
+    Q4Compute<1, kChains, kVectorScales>(acc, s, xn + 512 * t, a, lane);
+  }
+  float sums[1][4];
+  AddChains(acc, sums);
+  Finish<1, kSwiGLU>(sums, a.out, first, a.rows, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -505,6 +655,8 @@ __device__ __forceinline__ uint32_t RoutedExperts(const MoeArgs& m) {
 
 template <bool kVectorScales>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeSwiGLU(MoeArgs m) {
+  AllowNext();
+  WaitForPrior();  // gate (the router's) comes from the kernels before
   const int first = blockIdx.x * OutputsPerBlock<1, true>();
   for (uint32_t routed = RoutedExperts(m); routed != 0; routed &= routed - 1) {
     const int e = __ffs(routed) - 1;
@@ -522,6 +674,8 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeSwiGLU(M
 template <bool kVectorScales>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeDown(MoeArgs m) {
   const int c = threadIdx.x % 32 % 4;
+  AllowNext();
+  WaitForPrior();  // gate (the router's) comes from the kernels before
   const int first = blockIdx.x * OutputsPerBlock<1, false>();
   float total[1][4] = {};
   for (uint32_t routed = RoutedExperts(m); routed != 0; routed &= routed - 1) {
@@ -910,6 +1064,39 @@ int64_t SwiGLURows(const char* name, int64_t n) {
   return n / 2;
 }
 
+// Whether kernels may start early (the top of this file), per device: sm_90 and newer, unless a
+// benchmark turned it off (kiln.gemv.set_early_start, before the launches it is to affect: a
+// CUDA graph keeps how its kernels were launched when it was captured).
+std::atomic<bool> early_start_on{true};
+
+bool EarlyStart(const char* name, int device) {
+  static std::atomic<int> majors[64];
+  int major = majors[device % 64].load();
+  if (major == 0) {
+    CheckCuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), name,
+              "cudaDeviceGetAttribute");
+    majors[device % 64].store(major);
+  }
+  return major >= 9 && early_start_on.load();
+}
+
+// kernel<<<blocks, kThreads, smem, stream>>>(args), started early where EarlyStart says so.
+template <typename Params>
+void LaunchEarly(void (*kernel)(Params), unsigned blocks, size_t smem, int device,
+                 cudaStream_t stream, const char* name, const Params& args) {
+  cudaLaunchAttribute early[1];
+  early[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = early;
+  config.numAttrs = EarlyStart(name, device) ? 1 : 0;
+  CheckCuda(cudaLaunchKernelEx(&config, kernel, args), name, "the kernel launch");
+}
+
 // A kernel takes at most kMaxM rows of x (the MMA's 8 columns): `launch` runs once for each
 // kMaxM of them, every launch reading the whole weight again (what L2 keeps of it aside).
 template <typename Launch>
@@ -931,8 +1118,7 @@ void LaunchQ4(const char* name, const Args& a, int device, cudaStream_t stream) 
   if (smem > 32 * 1024) OptInSharedMemory(kernel, kXBytesPerRow * kMaxM, device, opted_in, name);
   constexpr int per_block = OutputsPerBlock<kTiles, kSwiGLU>();
   const unsigned blocks = static_cast<unsigned>((a.rows + per_block - 1) / per_block);
-  kernel<<<blocks, kThreads, smem, stream>>>(a);
-  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+  LaunchEarly(kernel, blocks, smem, device, stream, name, a);
 }
 
 template <int kTiles, bool kSwiGLU, bool kPrefetch>
@@ -989,8 +1175,11 @@ constexpr const char* kQ4 = "kiln.gemv.q4";
 constexpr const char* kQ4Tiled = "kiln.gemv.q4_tiled";
 constexpr const char* kQ4SwiGLU = "kiln.gemv.q4_swiglu";
 constexpr const char* kQ4SwiGLUTiled = "kiln.gemv.q4_swiglu_tiled";
+constexpr const char* kQ4Norm = "kiln.gemv.q4_norm";
+constexpr const char* kQ4SwiGLUNorm = "kiln.gemv.q4_swiglu_norm";
 constexpr const char* kQ4DefaultVariant = "kiln.gemv.q4_default_variant";
 constexpr const char* kQ4GraphTime = "kiln.gemv.q4_graph_time";
+constexpr const char* kSetEarlyStart = "kiln.gemv.set_early_start";
 constexpr const char* kF16SwiGLU = "kiln.gemv.f16_swiglu";
 constexpr const char* kQ4Batched = "kiln.gemv.q4_batched";
 constexpr const char* kQ4Dequantize = "kiln.gemv.q4_dequantize";
@@ -1060,6 +1249,53 @@ void Q4SwiGLU(Tensor x, Tensor qweight, Tensor scale, Tensor out) {
 
 void Q4SwiGLUTiled(int64_t variant, Tensor x, Tensor qweight, Tensor scale, Tensor out) {
   RunQ4(kQ4SwiGLUTiled, variant, true, x, qweight, scale, out);
+}
+
+// q4_norm / q4_swiglu_norm (Q4NormGemv): x, residual and sum (1, K) float16 (one row), norm (K)
+// float16, K at most kMaxNormK.
+void RunQ4Norm(const char* name, bool swiglu, const Tensor& x, const Tensor& residual,
+               const Tensor& norm, const Tensor& qweight, const Tensor& scale, double epsilon,
+               const Tensor& sum, const Tensor& out) {
+  Q4Call call = CheckQ4(name, 0, swiglu, x, qweight, scale, out);
+  const int64_t k = call.a.k;
+  TVM_FFI_CHECK(call.a.m_rows == 1, ValueError)
+      << name << " takes one row of x (a batch-1 decode), not " << call.a.m_rows;
+  TVM_FFI_CHECK(k <= kMaxNormK, ValueError)
+      << name << ": K (" << k << ") must be at most " << kMaxNormK;
+  TVM_FFI_CHECK(epsilon >= 0, ValueError) << name << ": epsilon must be >= 0, not " << epsilon;
+  CheckDtype(name, residual, "residual", kDLFloat, 16, "float16");
+  CheckDtype(name, norm, "the norm's weight", kDLFloat, 16, "float16");
+  CheckDtype(name, sum, "sum", kDLFloat, 16, "float16");
+  bool same = residual.ndim() == x.ndim() && sum.ndim() == x.ndim();
+  for (int d = 0; same && d < x.ndim(); ++d) {
+    same = residual.size(d) == x.size(d) && sum.size(d) == x.size(d);
+  }
+  TVM_FFI_CHECK(same, ValueError) << name << ": residual and sum must be shaped as x";
+  TVM_FFI_CHECK(norm.ndim() == 1 && norm.size(0) == k, ValueError)
+      << name << ": the norm's weight must be (" << k << ",)";
+  CheckPlacement(name, residual, "residual", call.device, true);
+  CheckPlacement(name, norm, "the norm's weight", call.device, true);
+  CheckPlacement(name, sum, "sum", call.device, true);
+  NormArgs n{call.a, reinterpret_cast<const half*>(DataOf(residual)),
+             reinterpret_cast<const half*>(DataOf(norm)), reinterpret_cast<half*>(DataOf(sum)),
+             static_cast<float>(epsilon)};
+  cudaStream_t stream = TvmStream(name, call.device);
+  auto kernel = swiglu ? (call.vector_scales ? Q4NormGemv<true, true> : Q4NormGemv<true, false>)
+                       : (call.vector_scales ? Q4NormGemv<false, true> : Q4NormGemv<false, false>);
+  const int per_block = swiglu ? OutputsPerBlock<1, true>() : OutputsPerBlock<1, false>();
+  const unsigned blocks = static_cast<unsigned>((n.a.rows + per_block - 1) / per_block);
+  const size_t smem = size_t{2} * NormPadded(static_cast<int>(k));
+  LaunchEarly(kernel, blocks, smem, call.device, stream, name, n);
+}
+
+void Q4Norm(Tensor x, Tensor residual, Tensor norm, Tensor qweight, Tensor scale, double epsilon,
+            Tensor sum, Tensor out) {
+  RunQ4Norm(kQ4Norm, false, x, residual, norm, qweight, scale, epsilon, sum, out);
+}
+
+void Q4SwiGLUNorm(Tensor x, Tensor residual, Tensor norm, Tensor qweight, Tensor scale,
+                  double epsilon, Tensor sum, Tensor out) {
+  RunQ4Norm(kQ4SwiGLUNorm, true, x, residual, norm, qweight, scale, epsilon, sum, out);
 }
 
 int64_t Q4DefaultVariant(int64_t rows, int64_t k, bool swiglu) {
@@ -1383,8 +1619,7 @@ void LaunchMoe(const char* name, const MoeArgs& m, int device, cudaStream_t stre
   if (smem > 32 * 1024) OptInSharedMemory(kernel, kXBytesPerRow * kMaxM, device, opted_in, name);
   constexpr int per_block = OutputsPerBlock<1, kSwiGLU>();
   const unsigned blocks = static_cast<unsigned>((m.a.rows + per_block - 1) / per_block);
-  kernel<<<blocks, kThreads, smem, stream>>>(m);
-  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+  LaunchEarly(kernel, blocks, smem, device, stream, name, m);
 }
 
 template <bool kSwiGLU>
@@ -1402,6 +1637,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef()
       .def(kQ4, Q4)
       .def(kQ4SwiGLU, Q4SwiGLU)
+      .def(kQ4Norm, Q4Norm)
+      .def(kQ4SwiGLUNorm, Q4SwiGLUNorm)
       .def(kF16SwiGLU, F16SwiGLUEntry)
       .def(kQ4Batched, Q4Batched)
       .def(kQ4Dequantize, Q4Dequantize)
@@ -1417,7 +1654,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4Tiled, Q4Tiled)
       .def(kQ4SwiGLUTiled, Q4SwiGLUTiled)
       .def(kQ4DefaultVariant, Q4DefaultVariant)
-      .def(kQ4GraphTime, Q4GraphTime);
+      .def(kQ4GraphTime, Q4GraphTime)
+      .def(kSetEarlyStart, [](bool on) { early_start_on.store(on); });
 }
 
 }  // namespace gemv
