@@ -29,10 +29,10 @@ from tvm.target import Target
 from kiln.compiler.quantization import QUANTIZATIONS
 from kiln.compiler.quantization.int4_group import Int4Group
 from kiln.compiler.quantization.layers import scheme_key
+from kiln.passes.dispatch_add_rms_norm import DispatchAddRMSNorm
 from kiln.passes.dispatch_gemv import DispatchGEMV, GEMVExterns
 from kiln.passes.dispatch_matmul import DispatchMatmul
 from kiln.passes.dispatch_moe import DispatchMoE, MoEExterns
-from kiln.passes.fuse_norm_gemv import FuseNormGEMV
 from kiln.runtime import attention, gemv
 from kiln.runtime.cublas import MATMUL as CUBLAS_MATMUL
 from kiln.runtime.errors import KilnError
@@ -99,13 +99,11 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         max_experts=gemv.MAX_EXPERTS,
         max_rows=gemv.MAX_ROWS,
     )
-    # Then, at batch 1, a sublayer's residual add and RMSNorm go into its first int4 GEMV
-    # (kiln.gemv.q4_norm): one kernel less each, and a layer's GEMVs back to back.
-    norm = {gemv.Q4: gemv.Q4_NORM, gemv.Q4_SWIGLU: gemv.Q4_SWIGLU_NORM}
+    # And the batch-1 residual adds and RMSNorms as a kernel that starts early, as the GEMVs do.
     return [
         DispatchGEMV(int4, {}, batched=("decode",)),
         DispatchMoE(moe),
-        FuseNormGEMV(norm, gemv.MAX_NORM_K),
+        DispatchAddRMSNorm(gemv.ADD_RMS_NORM, gemv.MAX_NORM_K),
     ]
 
 

@@ -1,6 +1,7 @@
 """Kiln's decode GEMV externs for CUDA artifacts (kiln.runtime.gemv.gemv)."""
 
 from kiln.runtime.gemv.gemv import (
+    ADD_RMS_NORM,
     ARTIFACT_FILE,
     DEFAULT_ARCHS,
     F16_SWIGLU,
@@ -13,9 +14,7 @@ from kiln.runtime.gemv.gemv import (
     Q4_BATCHED,
     Q4_MOE,
     Q4_MOE_SWIGLU,
-    Q4_NORM,
     Q4_SWIGLU,
-    Q4_SWIGLU_NORM,
     build,
     library_key,
     library_path,
@@ -24,6 +23,7 @@ from kiln.runtime.gemv.gemv import (
 )
 
 __all__ = [
+    "ADD_RMS_NORM",
     "ARTIFACT_FILE",
     "DEFAULT_ARCHS",
     "F16_SWIGLU",
@@ -36,9 +36,7 @@ __all__ = [
     "Q4_BATCHED",
     "Q4_MOE",
     "Q4_MOE_SWIGLU",
-    "Q4_NORM",
     "Q4_SWIGLU",
-    "Q4_SWIGLU_NORM",
     "build",
     "library_key",
     "library_path",

@@ -2,9 +2,8 @@
 // and `kiln.gemv.f16_swiglu`, destination-passing (the caller allocates `out`, passed last), and
 // the batched decode's q4, `kiln.gemv.q4_batched` (Q4Gemm below and Q4Batched say how), and a
 // mixture of experts' MLP reading only the routed experts, `kiln.gemv.q4_moe_swiglu` and
-// `kiln.gemv.q4_moe` (Q4MoeSwiGLU, Q4MoeDown and CheckMoe say how), and q4 and q4_swiglu with the
-// residual add and RMSNorm before them, `kiln.gemv.q4_norm` and `kiln.gemv.q4_swiglu_norm`
-// (Q4NormGemv says how).
+// `kiln.gemv.q4_moe` (Q4MoeSwiGLU, Q4MoeDown and CheckMoe say how), and the batch-1 residual add
+// and RMSNorm before them, `kiln.gemv.add_rms_norm` (AddRmsNorm says why).
 //
 //   q4(x (..., K) f16, qweight (N, K / 8) u32, scale (N, K / 32) f16, out (..., N) f16)
 //   q4_swiglu(x, qweight (2I, K / 8), scale (2I, K / 32), out (..., I) f16)
@@ -12,8 +11,7 @@
 //   q4_batched(x, qweight, scale, out, w (N, K) f16 scratch)
 //   q4_moe_swiglu(x, gate (..., E) f16, qweight_0, scale_0, ..., out (E, ..., I) f16)
 //   q4_moe(h (E, ..., K), gate, qweight_0, scale_0, ..., out (..., N) f16)
-//   q4_norm(x (1, K) f16, r (1, K), norm (K) f16, qweight, scale, epsilon, s (1, K), out (1, N))
-//   q4_swiglu_norm(x, r, norm, qweight (2I, K / 8), scale, epsilon, s, out (1, I))
+//   add_rms_norm(x (1, K) f16, r (1, K) f16, w (K) f16, epsilon, s (1, K) f16, y (1, K) f16)
 //
 // M = the product of x's leading dimensions; K % 32 == 0. A GEMV kernel takes 8 rows of x at most
 // (the MMA's 8 columns); more run as one kernel per 8 rows, each reading the weight again. The q4
@@ -517,46 +515,56 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Ge
 }
 
 // ---------------------------------------------------------------------------------------------
-// The residual add and RMSNorm before a Linear, in the Linear's GEMV (one row of x: the batch-1
-// decode). What Kiln's add_rms_norm kernel (kiln.passes.fuse_add_rms_norm) and then the q4 GEMV
-// compute, in one kernel:
+// The residual add and RMSNorm of a batch-1 decode (one row), `kiln.gemv.add_rms_norm`: what
+// Kiln's add_rms_norm kernel (kiln.passes.fuse_add_rms_norm) computes,
 //   s = x + r (fp16, rounded as the add rounds it); y = fp16(rsqrt(mean(s^2) + eps) * s * w)
-//   (float32, rounded once); out = q4(y) or q4_swiglu(y); block 0 writes s.
-// Every block computes y itself: x and r (2 K halves, from L2) once a block, the sum of squares
-// over its threads, y into shared memory (K rounded up to 512 halves, zeros past K), where the
-// warps' super-steps read it. A warp issues its first super-step's weight loads before it waits
-// for the kernel ahead (WaitForPrior), so that they stream while the kernel ahead ends and while
-// the block normalizes. The norm's kernel and its launch are gone from the step, and the GEMVs of
-// a layer follow one another (o -> gate/up -> down -> qkv), each able to start early.
+//   (float32, rounded once),
+// as one block that starts early like the GEMVs: it issues its loads of w (a weight: nobody
+// writes it) and lets the next kernel start, then waits for the kernel before (which wrote x or
+// r). So the GEMV after it (qkv, gate/up) has its first weights on the way while the norm runs,
+// and a layer is one chain of early-starting kernels from the o projection to the qkv one. (A
+// GEMV that computed the norm itself, every block over the whole row, was slower: 3 K halves
+// more from L2 a block, 33 MB for the gate/up's 1376 blocks; bench/NOTES.md.)
 struct NormArgs {
-  Args a;                // x (1, K), the weight, out
-  const half* residual;  // r (1, K)
-  const half* norm;      // the norm's weight (K)
-  half* sum;             // s (1, K)
+  const half* x;
+  const half* r;
+  const half* w;
+  half* s;
+  half* y;
+  int k;
   float epsilon;
 };
 
-constexpr int kMaxNormK = 16384;  // y in shared memory: 32 KB
-
-__host__ __device__ constexpr int NormPadded(int k) { return (k + 511) / 512 * 512; }
+constexpr int kNormThreads = kThreads;  // one block, as LaunchEarly launches it
+constexpr int kMaxNormK = 16384;
+constexpr int kNormChunks = kMaxNormK / (8 * kNormThreads);  // 16 bytes of a row a chunk
 
 __device__ __forceinline__ float SquaresOf(uint32_t pair) {
   const float2 f = __half22float2(*reinterpret_cast<const half2*>(&pair));
   return f.x * f.x + f.y * f.y;
 }
 
-// y -> xn (NormPadded(K) halves); s -> n.sum from block 0. Ends with the block synchronized.
-__device__ __forceinline__ void AddRmsNorm(const NormArgs& n, half* xn) {
-  __shared__ float warp_squares[kWarps];
-  const int k = n.a.k, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+__global__ void __launch_bounds__(kNormThreads) AddRmsNorm(NormArgs n) {
+  __shared__ float warp_squares[kNormThreads / 32];
+  AllowNext();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  uint4 w[kNormChunks], s[kNormChunks];
+#pragma unroll
+  for (int c = 0; c < kNormChunks; ++c) {
+    const int i = 8 * (threadIdx.x + c * kNormThreads);
+    if (i < n.k) w[c] = LoadCached(n.w + i);
+  }
+  WaitForPrior();
   float squares = 0;
-  for (int i = 8 * threadIdx.x; i < k; i += 8 * kThreads) {
-    const uint4 x = LoadCached(n.a.x + i), r = LoadCached(n.residual + i);
-    const uint4 s = make_uint4(AddHalf2(x.x, r.x), AddHalf2(x.y, r.y), AddHalf2(x.z, r.z),
-                               AddHalf2(x.w, r.w));
-    *reinterpret_cast<uint4*>(xn + i) = s;
-    if (blockIdx.x == 0) *reinterpret_cast<uint4*>(n.sum + i) = s;
-    squares += SquaresOf(s.x) + SquaresOf(s.y) + SquaresOf(s.z) + SquaresOf(s.w);
+#pragma unroll
+  for (int c = 0; c < kNormChunks; ++c) {
+    const int i = 8 * (threadIdx.x + c * kNormThreads);
+    if (i >= n.k) continue;
+    const uint4 x = LoadCached(n.x + i), r = LoadCached(n.r + i);
+    s[c] = make_uint4(AddHalf2(x.x, r.x), AddHalf2(x.y, r.y), AddHalf2(x.z, r.z),
+                      AddHalf2(x.w, r.w));
+    *reinterpret_cast<uint4*>(n.s + i) = s[c];
+    squares += SquaresOf(s[c].x) + SquaresOf(s[c].y) + SquaresOf(s[c].z) + SquaresOf(s[c].w);
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
@@ -566,53 +574,25 @@ __device__ __forceinline__ void AddRmsNorm(const NormArgs& n, half* xn) {
   __syncthreads();
   float total = 0;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += warp_squares[w];
-  const float inv = rsqrtf(total / static_cast<float>(k) + n.epsilon);
-  for (int i = 8 * threadIdx.x; i < NormPadded(k); i += 8 * kThreads) {
-    uint4 y = make_uint4(0, 0, 0, 0);
-    if (i < k) {  // this thread wrote s here above
-      const uint4 s = LoadShared(xn + i), w = LoadCached(n.norm + i);
-      const uint32_t* sp = &s.x;
-      const uint32_t* wp = &w.x;
-      uint32_t* yp = &y.x;
+  for (int i = 0; i < kNormThreads / 32; ++i) total += warp_squares[i];
+  const float inv = rsqrtf(total / static_cast<float>(n.k) + n.epsilon);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 sf = __half22float2(*reinterpret_cast<const half2*>(sp + j));
-        const float2 wf = __half22float2(*reinterpret_cast<const half2*>(wp + j));
-        const half2 h = __floats2half2_rn(inv * sf.x * wf.x, inv * sf.y * wf.y);
-        yp[j] = *reinterpret_cast<const uint32_t*>(&h);
-      }
+  for (int c = 0; c < kNormChunks; ++c) {
+    const int i = 8 * (threadIdx.x + c * kNormThreads);
+    if (i >= n.k) continue;
+    const uint32_t* sp = &s[c].x;
+    const uint32_t* wp = &w[c].x;
+    uint4 y;
+    uint32_t* yp = &y.x;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 sf = __half22float2(*reinterpret_cast<const half2*>(sp + j));
+      const float2 wf = __half22float2(*reinterpret_cast<const half2*>(wp + j));
+      const half2 h = __floats2half2_rn(inv * sf.x * wf.x, inv * sf.y * wf.y);
+      yp[j] = *reinterpret_cast<const uint32_t*>(&h);
     }
-    *reinterpret_cast<uint4*>(xn + i) = y;
+    *reinterpret_cast<uint4*>(n.y + i) = y;
   }
-  __syncthreads();
-}
-
-template <bool kSwiGLU, bool kVectorScales>
-__global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4NormGemv(NormArgs n) {
-  AllowNext();
-  const Args& a = n.a;
-  const int first = blockIdx.x * OutputsPerBlock<1, kSwiGLU>();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane % 4;
-  const int groups = a.k / 32, steps = (groups + 15) / 16;
-  const uint4* w[1][2];
-  const half* srow[1][2];
-  Q4Rows<1, kSwiGLU>(a, first, w, srow);
-  extern __shared__ uint4 dynamic_smem[];
-  half* xn = reinterpret_cast<half*>(dynamic_smem);
-  Q4Step<1, kVectorScales> s;
-  if (warp < steps) Q4Load<1, kVectorScales, false>(s, w, srow, warp, groups, c);
-  WaitForPrior();
-  AddRmsNorm(n, xn);
-  constexpr int kChains = Q4Chains(1);
-  float acc[1][kChains][4] = {};
-  for (int t = warp; t < steps; t += kWarps) {
-    if (t != warp) Q4Load<1, kVectorScales, false>(s, w, srow, t, groups, c);
-    Q4Compute<1, kChains, kVectorScales>(acc, s, xn + 512 * t, a, lane);
-  }
-  float sums[1][4];
-  AddChains(acc, sums);
-  Finish<1, kSwiGLU>(sums, a.out, first, a.rows, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1175,8 +1155,7 @@ constexpr const char* kQ4 = "kiln.gemv.q4";
 constexpr const char* kQ4Tiled = "kiln.gemv.q4_tiled";
 constexpr const char* kQ4SwiGLU = "kiln.gemv.q4_swiglu";
 constexpr const char* kQ4SwiGLUTiled = "kiln.gemv.q4_swiglu_tiled";
-constexpr const char* kQ4Norm = "kiln.gemv.q4_norm";
-constexpr const char* kQ4SwiGLUNorm = "kiln.gemv.q4_swiglu_norm";
+constexpr const char* kAddRmsNorm = "kiln.gemv.add_rms_norm";
 constexpr const char* kQ4DefaultVariant = "kiln.gemv.q4_default_variant";
 constexpr const char* kQ4GraphTime = "kiln.gemv.q4_graph_time";
 constexpr const char* kSetEarlyStart = "kiln.gemv.set_early_start";
@@ -1251,51 +1230,37 @@ void Q4SwiGLUTiled(int64_t variant, Tensor x, Tensor qweight, Tensor scale, Tens
   RunQ4(kQ4SwiGLUTiled, variant, true, x, qweight, scale, out);
 }
 
-// q4_norm / q4_swiglu_norm (Q4NormGemv): x, residual and sum (1, K) float16 (one row), norm (K)
-// float16, K at most kMaxNormK.
-void RunQ4Norm(const char* name, bool swiglu, const Tensor& x, const Tensor& residual,
-               const Tensor& norm, const Tensor& qweight, const Tensor& scale, double epsilon,
-               const Tensor& sum, const Tensor& out) {
-  Q4Call call = CheckQ4(name, 0, swiglu, x, qweight, scale, out);
-  const int64_t k = call.a.k;
-  TVM_FFI_CHECK(call.a.m_rows == 1, ValueError)
-      << name << " takes one row of x (a batch-1 decode), not " << call.a.m_rows;
-  TVM_FFI_CHECK(k <= kMaxNormK, ValueError)
-      << name << ": K (" << k << ") must be at most " << kMaxNormK;
-  TVM_FFI_CHECK(epsilon >= 0, ValueError) << name << ": epsilon must be >= 0, not " << epsilon;
-  CheckDtype(name, residual, "residual", kDLFloat, 16, "float16");
-  CheckDtype(name, norm, "the norm's weight", kDLFloat, 16, "float16");
-  CheckDtype(name, sum, "sum", kDLFloat, 16, "float16");
-  bool same = residual.ndim() == x.ndim() && sum.ndim() == x.ndim();
-  for (int d = 0; same && d < x.ndim(); ++d) {
-    same = residual.size(d) == x.size(d) && sum.size(d) == x.size(d);
+// add_rms_norm (AddRmsNorm): x, r, s and y (1, K) float16 (one row: the product of the leading
+// dimensions is 1), w (K) float16, K a multiple of 8 and at most kMaxNormK.
+void AddRmsNormEntry(Tensor x, Tensor r, Tensor w, double epsilon, Tensor s, Tensor y) {
+  const char* name = kAddRmsNorm;
+  const Tensor* rows[] = {&x, &r, &s, &y};
+  const char* names[] = {"x", "r", "s", "y"};
+  for (int i = 0; i < 4; ++i) CheckDtype(name, *rows[i], names[i], kDLFloat, 16, "float16");
+  CheckDtype(name, w, "w", kDLFloat, 16, "float16");
+  TVM_FFI_CHECK(x.ndim() >= 1, ValueError) << name << ": x must have at least one dimension";
+  const int64_t k = x.size(x.ndim() - 1);
+  int64_t m = 1;
+  for (int d = 0; d + 1 < x.ndim(); ++d) m *= x.size(d);
+  TVM_FFI_CHECK(m == 1, ValueError) << name << " takes one row of x (a batch-1 decode), not " << m;
+  TVM_FFI_CHECK(k > 0 && k % 8 == 0 && k <= kMaxNormK, ValueError)
+      << name << ": K (x's last dimension, " << k << ") must be a multiple of 8 up to "
+      << kMaxNormK;
+  for (int i = 1; i < 4; ++i) {
+    bool same = rows[i]->ndim() == x.ndim();
+    for (int d = 0; same && d < x.ndim(); ++d) same = rows[i]->size(d) == x.size(d);
+    TVM_FFI_CHECK(same, ValueError) << name << ": " << names[i] << " must be shaped as x";
   }
-  TVM_FFI_CHECK(same, ValueError) << name << ": residual and sum must be shaped as x";
-  TVM_FFI_CHECK(norm.ndim() == 1 && norm.size(0) == k, ValueError)
-      << name << ": the norm's weight must be (" << k << ",)";
-  CheckPlacement(name, residual, "residual", call.device, true);
-  CheckPlacement(name, norm, "the norm's weight", call.device, true);
-  CheckPlacement(name, sum, "sum", call.device, true);
-  NormArgs n{call.a, reinterpret_cast<const half*>(DataOf(residual)),
-             reinterpret_cast<const half*>(DataOf(norm)), reinterpret_cast<half*>(DataOf(sum)),
-             static_cast<float>(epsilon)};
-  cudaStream_t stream = TvmStream(name, call.device);
-  auto kernel = swiglu ? (call.vector_scales ? Q4NormGemv<true, true> : Q4NormGemv<true, false>)
-                       : (call.vector_scales ? Q4NormGemv<false, true> : Q4NormGemv<false, false>);
-  const int per_block = swiglu ? OutputsPerBlock<1, true>() : OutputsPerBlock<1, false>();
-  const unsigned blocks = static_cast<unsigned>((n.a.rows + per_block - 1) / per_block);
-  const size_t smem = size_t{2} * NormPadded(static_cast<int>(k));
-  LaunchEarly(kernel, blocks, smem, call.device, stream, name, n);
-}
-
-void Q4Norm(Tensor x, Tensor residual, Tensor norm, Tensor qweight, Tensor scale, double epsilon,
-            Tensor sum, Tensor out) {
-  RunQ4Norm(kQ4Norm, false, x, residual, norm, qweight, scale, epsilon, sum, out);
-}
-
-void Q4SwiGLUNorm(Tensor x, Tensor residual, Tensor norm, Tensor qweight, Tensor scale,
-                  double epsilon, Tensor sum, Tensor out) {
-  RunQ4Norm(kQ4SwiGLUNorm, true, x, residual, norm, qweight, scale, epsilon, sum, out);
+  TVM_FFI_CHECK(w.ndim() == 1 && w.size(0) == k, ValueError)
+      << name << ": w must be (" << k << ",)";
+  TVM_FFI_CHECK(epsilon >= 0, ValueError) << name << ": epsilon must be >= 0, not " << epsilon;
+  const int device = x.device().device_id;
+  for (int i = 0; i < 4; ++i) CheckPlacement(name, *rows[i], names[i], device, true);
+  CheckPlacement(name, w, "w", device, true);
+  NormArgs n{reinterpret_cast<const half*>(DataOf(x)), reinterpret_cast<const half*>(DataOf(r)),
+             reinterpret_cast<const half*>(DataOf(w)), reinterpret_cast<half*>(DataOf(s)),
+             reinterpret_cast<half*>(DataOf(y)), static_cast<int>(k), static_cast<float>(epsilon)};
+  LaunchEarly(AddRmsNorm, 1, 0, device, TvmStream(name, device), name, n);
 }
 
 int64_t Q4DefaultVariant(int64_t rows, int64_t k, bool swiglu) {
@@ -1637,8 +1602,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef()
       .def(kQ4, Q4)
       .def(kQ4SwiGLU, Q4SwiGLU)
-      .def(kQ4Norm, Q4Norm)
-      .def(kQ4SwiGLUNorm, Q4SwiGLUNorm)
+      .def(kAddRmsNorm, AddRmsNormEntry)
       .def(kF16SwiGLU, F16SwiGLUEntry)
       .def(kQ4Batched, Q4Batched)
       .def(kQ4Dequantize, Q4Dequantize)

@@ -7,9 +7,9 @@ variant (kiln.gemv.q4_tiled, q4_swiglu_tiled: 16 or 32 weight rows a block, with
 prefetching), and in a CUDA graph (kiln.gemv.q4_graph_time); 8 rows of x, and 9 to 64 (a
 kernel per 8); the batched decode's q4 (kiln.gemv.q4_batched) and its kernel for 9 to 64 rows
 (kiln.gemv.q4_gemm); a mixture of experts' MLP reading only the routed experts
-(kiln.gemv.q4_moe_swiglu, q4_moe); the residual add and RMSNorm before a batch-1 GEMV in the
-GEMV (kiln.gemv.q4_norm, q4_swiglu_norm); arguments they refuse; TVM's current stream; and the
-kernels' early start (each may begin while the one ahead of it ends) in a chain of them.
+(kiln.gemv.q4_moe_swiglu, q4_moe); the batch-1 residual add and RMSNorm
+(kiln.gemv.add_rms_norm); arguments they refuse; TVM's current stream; and the kernels' early
+start (each may begin while the one ahead of it ends) in a decode layer's chain of them.
 
 Random data as a decode step sees it: x ~ N(0, 1), q4 scales ~ U(0.001, 0.02), nibbles uniform,
 f16 weights ~ N(0, 1 / K) (so that the gate's silu is not saturated).
@@ -39,15 +39,14 @@ from kiln.runtime import cublas
 from kiln.runtime.cublas import load_cublas
 from kiln.runtime.device import open_device
 from kiln.runtime.gemv import (
+    ADD_RMS_NORM,
     ARTIFACT_FILE,
     F16_SWIGLU,
     Q4,
     Q4_BATCHED,
     Q4_MOE,
     Q4_MOE_SWIGLU,
-    Q4_NORM,
     Q4_SWIGLU,
-    Q4_SWIGLU_NORM,
     load_gemv,
 )
 
@@ -365,66 +364,51 @@ def add_rms_norm(x, r, w, eps: float) -> tuple[np.ndarray, np.ndarray]:
     return s, (inv * s64 * w.astype(np.float64)).astype(np.float16)
 
 
-def run_norm(dev, fn, x, r, w, weights, eps, n):
-    """fn(x, r, w, *weights, eps, s, out) -> (s, out) on the host."""
-    s = tvm.runtime.empty(x.shape, "float16", dev)
-    out = tvm.runtime.empty((*x.shape[:-1], n), "float16", dev)
-    args = [tvm.runtime.tensor(a, dev) for a in (x, r, w, *weights)]
-    fn(*args, eps, s, out)
-    return s.numpy(), out
-
-
-# (rows N (q4) or I (SwiGLU), K): Llama-2-7B's qkv and gate/up; K of 3 groups (a partial
-# super-step), 136 (not a multiple of 512: y padded), 296 (warps with two and three super-steps)
-NORM_CASES = [(12288, 4096), (11008, 4096), (100, 96), (37, 4352), (45, 9472)]
-
-
-@pytest.mark.parametrize("swiglu", [False, True])
-@pytest.mark.parametrize("n,k", NORM_CASES)
-def test_q4_norm_equals_add_rms_norm_then_q4(dev, swiglu, n, k):
-    rng = np.random.default_rng(n + k + swiglu)
-    x, r = (rng.standard_normal((1, k)).astype(np.float16) for _ in range(2))
+# K: Llama-2-7B's, Llama-3-70B's, the most (kMaxNormK), an odd multiple of 8
+@pytest.mark.parametrize("k", [4096, 8192, 16384, 72])
+def test_add_rms_norm_equals_float64(dev, k):
+    rng = np.random.default_rng(k)
+    x, r = (rng.standard_normal((1, 1, k)).astype(np.float16) for _ in range(2))
     w = rng.uniform(0.5, 1.5, k).astype(np.float16)
-    rows = 2 * n if swiglu else n
-    qweight, scale = q4_weight(rng, rows, k)
-    eps = 1e-5
-    s, out = run_norm(dev, tvm_ffi.get_global_func(Q4_SWIGLU_NORM if swiglu else Q4_NORM),
-                      x, r, w, [qweight, scale], eps, n)  # fmt: skip
-    want_s, y = add_rms_norm(x, r, w, eps)
-    np.testing.assert_array_equal(s, want_s)
-    want = y.astype(np.float64) @ dequantize(qweight, scale).T
-    assert error(out, swiglu(want) if swiglu else want) <= TOL
+    s, y = (tvm.runtime.empty((1, 1, k), "float16", dev) for _ in range(2))
+    args = [tvm.runtime.tensor(a, dev) for a in (x, r, w)]
+    tvm_ffi.get_global_func(ADD_RMS_NORM)(*args, 1e-5, s, y)
+    want_s, want_y = add_rms_norm(x, r, w, 1e-5)
+    np.testing.assert_array_equal(s.numpy(), want_s)
+    # y: float32 against float64 for the scale, then one rounding: at most one ulp apart
+    got = y.numpy().astype(np.float64)
+    assert np.all(np.abs(got - want_y) <= np.spacing(np.abs(want_y).astype(np.float16)))
 
 
-def test_q4_norm_refuses_wrong_arguments(dev):
-    norm = tvm_ffi.get_global_func(Q4_NORM)
+def test_add_rms_norm_refuses_wrong_arguments(dev):
+    norm = tvm_ffi.get_global_func(ADD_RMS_NORM)
 
     def on_gpu(shape, dtype="float16"):
         return tvm.runtime.tensor(np.zeros(shape, dtype), dev)
 
-    w, s = on_gpu((64, 8), "uint32"), on_gpu((64, 2))
-    x = on_gpu((1, 64))
+    x, w = on_gpu((1, 64)), on_gpu((64,))
     with pytest.raises(ValueError, match="takes one row of x"):
-        norm(on_gpu((2, 64)), on_gpu((2, 64)), on_gpu((64,)), w, s, 1e-5, on_gpu((2, 64)),
-             on_gpu((2, 64)))  # fmt: skip
-    with pytest.raises(ValueError, match=r"the norm's weight must be \(64,\)"):
-        norm(x, x, on_gpu((32,)), w, s, 1e-5, on_gpu((1, 64)), on_gpu((1, 64)))
-    with pytest.raises(ValueError, match="residual and sum must be shaped as x"):
-        norm(x, on_gpu((1, 32)), on_gpu((64,)), w, s, 1e-5, on_gpu((1, 64)), on_gpu((1, 64)))
-    with pytest.raises(TypeError, match="residual must be float16"):
-        norm(x, on_gpu((1, 64), "float32"), on_gpu((64,)), w, s, 1e-5, on_gpu((1, 64)),
-             on_gpu((1, 64)))  # fmt: skip
+        norm(on_gpu((2, 64)), on_gpu((2, 64)), w, 1e-5, on_gpu((2, 64)), on_gpu((2, 64)))
+    with pytest.raises(ValueError, match=r"w must be \(64,\)"):
+        norm(x, x, on_gpu((32,)), 1e-5, on_gpu((1, 64)), on_gpu((1, 64)))
+    with pytest.raises(ValueError, match="r must be shaped as x"):
+        norm(x, on_gpu((1, 32)), w, 1e-5, on_gpu((1, 64)), on_gpu((1, 64)))
+    with pytest.raises(TypeError, match="r must be float16"):
+        norm(x, on_gpu((1, 64), "float32"), w, 1e-5, on_gpu((1, 64)), on_gpu((1, 64)))
+    with pytest.raises(ValueError, match="must be a multiple of 8 up to 16384"):
+        norm(on_gpu((1, 16392)), on_gpu((1, 16392)), on_gpu((16392,)), 1e-5,
+             on_gpu((1, 16392)), on_gpu((1, 16392)))  # fmt: skip
 
 
 @pytest.mark.parametrize("early", [True, False])
 def test_a_layers_gemvs_started_early_wait_for_the_one_before(dev, early):
-    """A decode layer's GEMVs as an artifact chains them, queued behind a long kernel on TVM's
+    """A decode layer's kernels as an artifact chains them, queued behind a long kernel on TVM's
     stream, with the early start on (sm_90: each may begin while the one ahead ends) and off
-    (kiln.gemv.set_early_start): o = q4(a); g = q4_swiglu_norm(h, o) (and s1 = h + o);
-    d = q4(g); q = q4_norm(s1, d) (and s2 = s1 + d). Each must read what the one before wrote
-    (the outputs start as NaN); then q4(b) -> c and q4(e) -> b, where the second must not write
-    b before the first has read it. Each result is checked against float64 from its inputs as
-    the kernels left them."""
+    (kiln.gemv.set_early_start): o = q4(a); (s1, y1) = add_rms_norm(h, o); g = q4_swiglu(y1);
+    d = q4(g); (s2, y2) = add_rms_norm(s1, d); q = q4(y2). Each must read what the one before
+    wrote (the outputs start as NaN); then q4(b) -> c and q4(e) -> b, where the second must not
+    write b before the first has read it. Each result is checked against float64 from its
+    inputs as the kernels left them."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
@@ -439,8 +423,8 @@ def test_a_layers_gemvs_started_early_wait_for_the_one_before(dev, early):
     host = {name: rng.standard_normal((1, k)).astype(np.float16) for name in ("a", "h", "b", "e")}
     t = {name: torch.tensor(a, device="cuda") for name, a in host.items()}
     t["w"] = torch.tensor(norm_w, device="cuda")
-    for name, n in (("o", k), ("g", inter), ("d", k), ("q", 3 * k), ("s1", k), ("s2", k),
-                    ("c", k)):  # fmt: skip
+    outputs = {"o": k, "g": inter, "d": k, "q": 3 * k, "c": k}
+    for name, n in {**outputs, "s1": k, "y1": k, "s2": k, "y2": k}.items():
         t[name] = torch.full((1, n), float("nan"), dtype=torch.float16, device="cuda")
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -449,9 +433,11 @@ def test_a_layers_gemvs_started_early_wait_for_the_one_before(dev, early):
         with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
             torch.cuda._sleep(100_000_000)  # the launches below queue behind it
             get(Q4)(t["a"], *on["o"], t["o"])
-            get(Q4_SWIGLU_NORM)(t["h"], t["o"], t["w"], *on["gu"], eps, t["s1"], t["g"])
+            get(ADD_RMS_NORM)(t["h"], t["o"], t["w"], eps, t["s1"], t["y1"])
+            get(Q4_SWIGLU)(t["y1"], *on["gu"], t["g"])
             get(Q4)(t["g"], *on["down"], t["d"])
-            get(Q4_NORM)(t["s1"], t["d"], t["w"], *on["qkv"], eps, t["s2"], t["q"])
+            get(ADD_RMS_NORM)(t["s1"], t["d"], t["w"], eps, t["s2"], t["y2"])
+            get(Q4)(t["y2"], *on["qkv"], t["q"])
             get(Q4)(t["b"], *on["o"], t["c"])
             get(Q4)(t["e"], *on["o"], t["b"])
         stream.synchronize()
@@ -459,17 +445,18 @@ def test_a_layers_gemvs_started_early_wait_for_the_one_before(dev, early):
         set_early_start(True)
     w = {name: dequantize(*pair) for name, pair in weights.items()}
     got = {name: v.cpu().numpy() for name, v in t.items()}
-    for name in ("o", "g", "d", "q", "s1", "s2", "c", "b"):
+    for name in (*outputs, "s1", "y1", "s2", "y2", "b"):
         assert np.isfinite(got[name]).all(), name
-    s1, y1 = add_rms_norm(host["h"], got["o"], norm_w, eps)
-    s2, y2 = add_rms_norm(got["s1"], got["d"], norm_w, eps)
-    np.testing.assert_array_equal(got["s1"], s1)
-    np.testing.assert_array_equal(got["s2"], s2)
+    for s, y, x, r in (("s1", "y1", host["h"], got["o"]), ("s2", "y2", got["s1"], got["d"])):
+        want_s, want_y = add_rms_norm(x, r, norm_w, eps)
+        np.testing.assert_array_equal(got[s], want_s)
+        ulp = np.spacing(np.abs(want_y).astype(np.float16))
+        assert np.all(np.abs(got[y].astype(np.float64) - want_y) <= ulp), y
     checks = {
         "o": (got["o"], host["a"].astype(np.float64) @ w["o"].T),
-        "g": (got["g"], swiglu(y1.astype(np.float64) @ w["gu"].T)),
+        "g": (got["g"], swiglu(got["y1"].astype(np.float64) @ w["gu"].T)),
         "d": (got["d"], got["g"].astype(np.float64) @ w["down"].T),
-        "q": (got["q"], y2.astype(np.float64) @ w["qkv"].T),
+        "q": (got["q"], got["y2"].astype(np.float64) @ w["qkv"].T),
         "c": (got["c"], host["b"].astype(np.float64) @ w["o"].T),
         "b": (got["b"], host["e"].astype(np.float64) @ w["o"].T),
     }
