@@ -3,13 +3,11 @@ batch size, one artifact in one process, each next to its memory roofline, and w
 setting gives the same tokens as one pass a step.
 
     python bench/decode_steps.py ARTIFACT [--steps 1,2,4,8,16] [--batches 1,8,64] [--device cuda]
-                                          [--repeats 3] [--no-early-start]
+                                          [--repeats 3]
 
 Batch 1 is `kiln bench`'s (a 128-token prompt, 256 new tokens), larger batches 512-token
 prompts and 128 new tokens each, timed over the steps in which every request decodes; each
 figure is the best of `--repeats` runs.
-`--no-early-start` launches Kiln's GEMVs the ordinary way (kiln.gemv.set_early_start(False),
-before the first pass captures its CUDA graphs): the A/B of their early start (gemv.cu).
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import tvm_ffi
 
 import kiln
 from kiln.runtime.benchmark import batched_decode, copy_bandwidth, decode_weight_bytes
@@ -32,7 +29,6 @@ def main() -> None:
     parser.add_argument("--steps", default="1,2,4,8,16")
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-early-start", action="store_true")
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -44,11 +40,6 @@ def main() -> None:
         args.artifact, args.device, max_batch_size=max(batches), prefix_cache=False
     ) as engine:
         runner = engine.runner
-        set_early_start = tvm_ffi.get_global_func("kiln.gemv.set_early_start", allow_missing=True)
-        if args.no_early_start:
-            if set_early_start is None:
-                raise SystemExit("--no-early-start: the artifact has no Kiln GEMVs")
-            set_early_start(False)
         bandwidth = copy_bandwidth(runner.device)
         print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; default decode_steps "
               f"{engine.decode_steps}", flush=True)  # fmt: skip

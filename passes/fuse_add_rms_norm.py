@@ -26,7 +26,6 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script import tirx as T
 
 _ADD = tvm.ir.Op.get("relax.add")
-EPSILON_ATTR = "kiln.rms_norm_epsilon"  # the kernel's epsilon, for passes that fuse it further
 _RMS_NORM = tvm.ir.Op.get("relax.nn.rms_norm")
 
 
@@ -69,7 +68,7 @@ def add_rms_norm_kernel(hidden: int, dtype: str, epsilon: float) -> tirx.PrimFun
                     * T.Cast("float32", w[vk]),
                 )
 
-    return add_rms_norm.with_attr(EPSILON_ATTR, tirx.FloatImm("float32", epsilon))
+    return add_rms_norm
 
 
 def _static_dim(sinfo: relax.TensorType, axis: int) -> int | None:

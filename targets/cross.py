@@ -34,7 +34,9 @@ def check_platform(platform: str | None, supported: tuple[str, ...], target: str
     host = host_platform()
     platform = platform or (host if host in supported else supported[0])
     if platform not in PLATFORMS:
-        raise KilnError(f"unknown platform {platform!r}: choose one of {', '.join(PLATFORMS)}")
+        raise KilnError(
+            f"unknown platform {platform!r}: choose one of {', '.join(PLATFORMS)}"
+        )
     if platform not in supported:
         raise KilnError(
             f"--target {target} does not run on {platform}: it runs on {', '.join(supported)}"
@@ -112,3 +114,4 @@ def linker(platform: str) -> Any:
 
     link.get_target_triple = lambda: triple  # type: ignore[attr-defined]
     return link
+

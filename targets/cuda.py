@@ -29,7 +29,6 @@ from tvm.target import Target
 from kiln.compiler.quantization import QUANTIZATIONS
 from kiln.compiler.quantization.int4_group import Int4Group
 from kiln.compiler.quantization.layers import scheme_key
-from kiln.passes.dispatch_add_rms_norm import DispatchAddRMSNorm
 from kiln.passes.dispatch_gemv import DispatchGEMV, GEMVExterns
 from kiln.passes.dispatch_matmul import DispatchMatmul
 from kiln.passes.dispatch_moe import DispatchMoE, MoEExterns
@@ -99,12 +98,7 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         max_experts=gemv.MAX_EXPERTS,
         max_rows=gemv.MAX_ROWS,
     )
-    # And the batch-1 residual adds and RMSNorms as a kernel that starts early, as the GEMVs do.
-    return [
-        DispatchGEMV(int4, {}, batched=("decode",)),
-        DispatchMoE(moe),
-        DispatchAddRMSNorm(gemv.ADD_RMS_NORM, gemv.MAX_NORM_K),
-    ]
+    return [DispatchGEMV(int4, {}, batched=("decode",)), DispatchMoE(moe)]
 
 
 def cuda_attention_externs(target: Target, dtype: str, head_dim: int) -> dict[str, str]:

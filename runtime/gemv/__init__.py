@@ -1,13 +1,11 @@
 """Kiln's decode GEMV externs for CUDA artifacts (kiln.runtime.gemv.gemv)."""
 
 from kiln.runtime.gemv.gemv import (
-    ADD_RMS_NORM,
     ARTIFACT_FILE,
     DEFAULT_ARCHS,
     F16_SWIGLU,
     FUNCTIONS,
     MAX_EXPERTS,
-    MAX_NORM_K,
     MAX_ROWS,
     MIN_SM,
     Q4,
@@ -23,13 +21,11 @@ from kiln.runtime.gemv.gemv import (
 )
 
 __all__ = [
-    "ADD_RMS_NORM",
     "ARTIFACT_FILE",
     "DEFAULT_ARCHS",
     "F16_SWIGLU",
     "FUNCTIONS",
     "MAX_EXPERTS",
-    "MAX_NORM_K",
     "MAX_ROWS",
     "MIN_SM",
     "Q4",

@@ -2,8 +2,7 @@
 // and `kiln.gemv.f16_swiglu`, destination-passing (the caller allocates `out`, passed last), and
 // the batched decode's q4, `kiln.gemv.q4_batched` (Q4Gemm below and Q4Batched say how), and a
 // mixture of experts' MLP reading only the routed experts, `kiln.gemv.q4_moe_swiglu` and
-// `kiln.gemv.q4_moe` (Q4MoeSwiGLU, Q4MoeDown and CheckMoe say how), and the batch-1 residual add
-// and RMSNorm before them, `kiln.gemv.add_rms_norm` (AddRmsNorm says why).
+// `kiln.gemv.q4_moe` (Q4MoeSwiGLU, Q4MoeDown and CheckMoe say how).
 //
 //   q4(x (..., K) f16, qweight (N, K / 8) u32, scale (N, K / 32) f16, out (..., N) f16)
 //   q4_swiglu(x, qweight (2I, K / 8), scale (2I, K / 32), out (..., I) f16)
@@ -11,7 +10,6 @@
 //   q4_batched(x, qweight, scale, out, w (N, K) f16 scratch)
 //   q4_moe_swiglu(x, gate (..., E) f16, qweight_0, scale_0, ..., out (E, ..., I) f16)
 //   q4_moe(h (E, ..., K), gate, qweight_0, scale_0, ..., out (..., N) f16)
-//   add_rms_norm(x (1, K) f16, r (1, K) f16, w (K) f16, epsilon, s (1, K) f16, y (1, K) f16)
 //
 // M = the product of x's leading dimensions; K % 32 == 0. A GEMV kernel takes 8 rows of x at most
 // (the MMA's 8 columns); more run as one kernel per 8 rows, each reading the weight again. The q4
@@ -48,15 +46,6 @@
 // super-step's weight loads before the MMAs of the current one.
 //
 // Runs on TVM's current stream for the device (TVMFFIEnvGetStream), as attention.cu does.
-//
-// Early start (programmatic dependent launch, sm_90 and newer): the batch-1 GEMVs and the
-// mixture's kernels are launched so that they may start while the kernel ahead of them in the
-// stream (or the CUDA graph) still runs. A decode step is a chain of short kernels, each of
-// which used to wait for the one before to end and then ramp up from no loads in flight; now a
-// warp issues its first super-step's weight loads (the weights are not written by anyone),
-// then waits for the kernel before (WaitForPrior) before it reads x or writes out; and each of
-// these kernels lets the next start (AllowNext) once all its blocks run, so that the next one's
-// weights stream in while its last blocks finish.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -101,20 +90,6 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
-}
-
-// Programmatic dependent launch (see the top): wait until the kernel ahead has ended and its
-// writes are visible (at once when the launch was an ordinary one); let the next kernel start.
-__device__ __forceinline__ void WaitForPrior() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void AllowNext() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
 }
 
 __device__ __forceinline__ uint4 LoadCached(const void* p) {
@@ -262,7 +237,6 @@ __device__ __forceinline__ void Finish(float (&acc)[kTiles][4], half* out, int f
                                        int m_rows) {
   __shared__ float partial[kWarps][kTiles * kRows][kMaxM];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  WaitForPrior();  // out may be memory the kernel before reads (a warp with no steps is here)
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
     *reinterpret_cast<float2*>(&partial[warp][i * kRows + g][2 * c]) =
@@ -407,40 +381,6 @@ constexpr int Q4MinBlocks(int tiles, bool prefetch) {
   return prefetch ? (tiles == 1 ? 2 : 1) : (tiles == 1 ? 3 : 2);
 }
 
-// Independent MMA sums a warp keeps per tile (so that its MMAs overlap).
-__host__ __device__ constexpr int Q4Chains(int tiles) { return tiles == 1 ? 2 : 1; }
-
-// A lane's weight rows g and g + 8 of each tile (one uint4 a group, at its group c) and their
-// scales, for the block's outputs from `first`.
-template <int kTiles, bool kSwiGLU>
-__device__ __forceinline__ void Q4Rows(const Args& a, int first, const uint4* (&w)[kTiles][2],
-                                       const half* (&srow)[kTiles][2]) {
-  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4, groups = a.k / 32;
-#pragma unroll
-  for (int i = 0; i < kTiles; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = WeightRow<kTiles, kSwiGLU>(first, i, g + 8 * h, a.rows);
-      w[i][h] = static_cast<const uint4*>(a.w) + row * groups + c;
-      srow[i][h] = a.scale + row * groups;
-    }
-  }
-}
-
-template <int kTiles, int kChains>
-__device__ __forceinline__ void AddChains(const float (&acc)[kTiles][kChains][4],
-                                          float (&sums)[kTiles][4]) {
-#pragma unroll
-  for (int i = 0; i < kTiles; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      sums[i][j] = acc[i][0][j];
-#pragma unroll
-      for (int chain = 1; chain < kChains; ++chain) sums[i][j] += acc[i][chain][j];
-    }
-  }
-}
-
 // kPrefetch: a warp issues the loads of its next super-step (t + kWarps) before the MMAs of
 // this one, so that its weights stream while it computes (two super-steps in flight: 8 KB a
 // tile); x's next values go to xs after the MMAs (from L2, while the weights are on their way).
@@ -453,12 +393,20 @@ __device__ __forceinline__ void AddChains(const float (&acc)[kTiles][kChains][4]
 template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
                                             float (&sums)[kTiles][4]) {
-  constexpr int kChains = Q4Chains(kTiles);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane % 4;
+  constexpr int kChains = kTiles == 1 ? 2 : 1;  // independent MMA sums per tile
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int groups = a.k / 32;
-  const uint4* w[kTiles][2];
+  const uint4* w[kTiles][2];  // rows g and g + 8 of each tile (one uint4 a group), at group c
   const half* srow[kTiles][2];
-  Q4Rows<kTiles, kSwiGLU>(a, first, w, srow);
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = WeightRow<kTiles, kSwiGLU>(first, i, g + 8 * h, a.rows);
+      w[i][h] = static_cast<const uint4*>(a.w) + row * groups + c;
+      srow[i][h] = a.scale + row * groups;
+    }
+  }
   float acc[kTiles][kChains][4] = {};
   const int full = groups / 16;  // super-steps wholly in K
   using Step = Q4Step<kTiles, kVectorScales>;
@@ -466,9 +414,8 @@ __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
     const int steps = (groups + 15) / 16;  // the last one maybe partial: all of them clamped
     Step current;
     if (warp < steps) {
-      Q4Load<kTiles, kVectorScales, false>(current, w, srow, warp, groups, c);
-      WaitForPrior();
       Q4CopyX<false>(xs, a.x, warp, a, lane);
+      Q4Load<kTiles, kVectorScales, false>(current, w, srow, warp, groups, c);
     }
     for (int t = warp; t < steps; t += kWarps) {
       const int next_t = t + kWarps;
@@ -479,24 +426,29 @@ __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
       current = next;
     }
   } else {
-    // The weights' loads first: they may be issued before the kernel ahead has ended.
     int t = warp;
     for (; t < full; t += kWarps) {
       Step s;
-      Q4Load<kTiles, kVectorScales, true>(s, w, srow, t, groups, c);
-      WaitForPrior();
       Q4CopyX<true>(xs, a.x, t, a, lane);
+      Q4Load<kTiles, kVectorScales, true>(s, w, srow, t, groups, c);
       Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
     if (t == full && 16 * full < groups) {
       Step s;
-      Q4Load<kTiles, kVectorScales, false>(s, w, srow, t, groups, c);
-      WaitForPrior();
       Q4CopyX<false>(xs, a.x, t, a, lane);
+      Q4Load<kTiles, kVectorScales, false>(s, w, srow, t, groups, c);
       Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
   }
-  AddChains(acc, sums);
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sums[i][j] = acc[i][0][j];
+#pragma unroll
+      for (int chain = 1; chain < kChains; ++chain) sums[i][j] += acc[i][chain][j];
+    }
+  }
 }
 
 // The warp's part of the dynamic shared memory (x's values of its super-step).
@@ -507,92 +459,10 @@ __device__ __forceinline__ half* WarpXs(int m_rows) {
 
 template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Gemv(Args a) {
-  AllowNext();
   const int first = blockIdx.x * OutputsPerBlock<kTiles, kSwiGLU>();
   float sums[kTiles][4];
   Q4BlockSums<kTiles, kSwiGLU, kVectorScales, kPrefetch>(a, first, WarpXs(a.m_rows), sums);
   Finish<kTiles, kSwiGLU>(sums, a.out, first, a.rows, a.m_rows);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The residual add and RMSNorm of a batch-1 decode (one row), `kiln.gemv.add_rms_norm`: what
-// Kiln's add_rms_norm kernel (kiln.passes.fuse_add_rms_norm) computes,
-//   s = x + r (fp16, rounded as the add rounds it); y = fp16(rsqrt(mean(s^2) + eps) * s * w)
-//   (float32, rounded once),
-// as one block that starts early like the GEMVs: it issues its loads of w (a weight: nobody
-// writes it) and lets the next kernel start, then waits for the kernel before (which wrote x or
-// r). So the GEMV after it (qkv, gate/up) has its first weights on the way while the norm runs,
-// and a layer is one chain of early-starting kernels from the o projection to the qkv one. (A
-// GEMV that computed the norm itself, every block over the whole row, was slower: 3 K halves
-// more from L2 a block, 33 MB for the gate/up's 1376 blocks; bench/NOTES.md.)
-struct NormArgs {
-  const half* x;
-  const half* r;
-  const half* w;
-  half* s;
-  half* y;
-  int k;
-  float epsilon;
-};
-
-constexpr int kNormThreads = kThreads;  // one block, as LaunchEarly launches it
-constexpr int kMaxNormK = 16384;
-constexpr int kNormChunks = kMaxNormK / (8 * kNormThreads);  // 16 bytes of a row a chunk
-
-__device__ __forceinline__ float SquaresOf(uint32_t pair) {
-  const float2 f = __half22float2(*reinterpret_cast<const half2*>(&pair));
-  return f.x * f.x + f.y * f.y;
-}
-
-__global__ void __launch_bounds__(kNormThreads) AddRmsNorm(NormArgs n) {
-  __shared__ float warp_squares[kNormThreads / 32];
-  AllowNext();
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  uint4 w[kNormChunks], s[kNormChunks];
-#pragma unroll
-  for (int c = 0; c < kNormChunks; ++c) {
-    const int i = 8 * (threadIdx.x + c * kNormThreads);
-    if (i < n.k) w[c] = LoadCached(n.w + i);
-  }
-  WaitForPrior();
-  float squares = 0;
-#pragma unroll
-  for (int c = 0; c < kNormChunks; ++c) {
-    const int i = 8 * (threadIdx.x + c * kNormThreads);
-    if (i >= n.k) continue;
-    const uint4 x = LoadCached(n.x + i), r = LoadCached(n.r + i);
-    s[c] = make_uint4(AddHalf2(x.x, r.x), AddHalf2(x.y, r.y), AddHalf2(x.z, r.z),
-                      AddHalf2(x.w, r.w));
-    *reinterpret_cast<uint4*>(n.s + i) = s[c];
-    squares += SquaresOf(s[c].x) + SquaresOf(s[c].y) + SquaresOf(s[c].z) + SquaresOf(s[c].w);
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    squares += __shfl_xor_sync(0xffffffff, squares, offset);
-  }
-  if (lane == 0) warp_squares[warp] = squares;
-  __syncthreads();
-  float total = 0;
-#pragma unroll
-  for (int i = 0; i < kNormThreads / 32; ++i) total += warp_squares[i];
-  const float inv = rsqrtf(total / static_cast<float>(n.k) + n.epsilon);
-#pragma unroll
-  for (int c = 0; c < kNormChunks; ++c) {
-    const int i = 8 * (threadIdx.x + c * kNormThreads);
-    if (i >= n.k) continue;
-    const uint32_t* sp = &s[c].x;
-    const uint32_t* wp = &w[c].x;
-    uint4 y;
-    uint32_t* yp = &y.x;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 sf = __half22float2(*reinterpret_cast<const half2*>(sp + j));
-      const float2 wf = __half22float2(*reinterpret_cast<const half2*>(wp + j));
-      const half2 h = __floats2half2_rn(inv * sf.x * wf.x, inv * sf.y * wf.y);
-      yp[j] = *reinterpret_cast<const uint32_t*>(&h);
-    }
-    *reinterpret_cast<uint4*>(n.y + i) = y;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -635,8 +505,6 @@ __device__ __forceinline__ uint32_t RoutedExperts(const MoeArgs& m) {
 
 template <bool kVectorScales>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeSwiGLU(MoeArgs m) {
-  AllowNext();
-  WaitForPrior();  // gate (the router's) comes from the kernels before
   const int first = blockIdx.x * OutputsPerBlock<1, true>();
   for (uint32_t routed = RoutedExperts(m); routed != 0; routed &= routed - 1) {
     const int e = __ffs(routed) - 1;
@@ -654,8 +522,6 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeSwiGLU(M
 template <bool kVectorScales>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeDown(MoeArgs m) {
   const int c = threadIdx.x % 32 % 4;
-  AllowNext();
-  WaitForPrior();  // gate (the router's) comes from the kernels before
   const int first = blockIdx.x * OutputsPerBlock<1, false>();
   float total[1][4] = {};
   for (uint32_t routed = RoutedExperts(m); routed != 0; routed &= routed - 1) {
@@ -1044,39 +910,6 @@ int64_t SwiGLURows(const char* name, int64_t n) {
   return n / 2;
 }
 
-// Whether kernels may start early (the top of this file), per device: sm_90 and newer, unless a
-// benchmark turned it off (kiln.gemv.set_early_start, before the launches it is to affect: a
-// CUDA graph keeps how its kernels were launched when it was captured).
-std::atomic<bool> early_start_on{true};
-
-bool EarlyStart(const char* name, int device) {
-  static std::atomic<int> majors[64];
-  int major = majors[device % 64].load();
-  if (major == 0) {
-    CheckCuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), name,
-              "cudaDeviceGetAttribute");
-    majors[device % 64].store(major);
-  }
-  return major >= 9 && early_start_on.load();
-}
-
-// kernel<<<blocks, kThreads, smem, stream>>>(args), started early where EarlyStart says so.
-template <typename Params>
-void LaunchEarly(void (*kernel)(Params), unsigned blocks, size_t smem, int device,
-                 cudaStream_t stream, const char* name, const Params& args) {
-  cudaLaunchAttribute early[1];
-  early[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  early[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = early;
-  config.numAttrs = EarlyStart(name, device) ? 1 : 0;
-  CheckCuda(cudaLaunchKernelEx(&config, kernel, args), name, "the kernel launch");
-}
-
 // A kernel takes at most kMaxM rows of x (the MMA's 8 columns): `launch` runs once for each
 // kMaxM of them, every launch reading the whole weight again (what L2 keeps of it aside).
 template <typename Launch>
@@ -1098,7 +931,8 @@ void LaunchQ4(const char* name, const Args& a, int device, cudaStream_t stream) 
   if (smem > 32 * 1024) OptInSharedMemory(kernel, kXBytesPerRow * kMaxM, device, opted_in, name);
   constexpr int per_block = OutputsPerBlock<kTiles, kSwiGLU>();
   const unsigned blocks = static_cast<unsigned>((a.rows + per_block - 1) / per_block);
-  LaunchEarly(kernel, blocks, smem, device, stream, name, a);
+  kernel<<<blocks, kThreads, smem, stream>>>(a);
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
 template <int kTiles, bool kSwiGLU, bool kPrefetch>
@@ -1155,10 +989,8 @@ constexpr const char* kQ4 = "kiln.gemv.q4";
 constexpr const char* kQ4Tiled = "kiln.gemv.q4_tiled";
 constexpr const char* kQ4SwiGLU = "kiln.gemv.q4_swiglu";
 constexpr const char* kQ4SwiGLUTiled = "kiln.gemv.q4_swiglu_tiled";
-constexpr const char* kAddRmsNorm = "kiln.gemv.add_rms_norm";
 constexpr const char* kQ4DefaultVariant = "kiln.gemv.q4_default_variant";
 constexpr const char* kQ4GraphTime = "kiln.gemv.q4_graph_time";
-constexpr const char* kSetEarlyStart = "kiln.gemv.set_early_start";
 constexpr const char* kF16SwiGLU = "kiln.gemv.f16_swiglu";
 constexpr const char* kQ4Batched = "kiln.gemv.q4_batched";
 constexpr const char* kQ4Dequantize = "kiln.gemv.q4_dequantize";
@@ -1228,39 +1060,6 @@ void Q4SwiGLU(Tensor x, Tensor qweight, Tensor scale, Tensor out) {
 
 void Q4SwiGLUTiled(int64_t variant, Tensor x, Tensor qweight, Tensor scale, Tensor out) {
   RunQ4(kQ4SwiGLUTiled, variant, true, x, qweight, scale, out);
-}
-
-// add_rms_norm (AddRmsNorm): x, r, s and y (1, K) float16 (one row: the product of the leading
-// dimensions is 1), w (K) float16, K a multiple of 8 and at most kMaxNormK.
-void AddRmsNormEntry(Tensor x, Tensor r, Tensor w, double epsilon, Tensor s, Tensor y) {
-  const char* name = kAddRmsNorm;
-  const Tensor* rows[] = {&x, &r, &s, &y};
-  const char* names[] = {"x", "r", "s", "y"};
-  for (int i = 0; i < 4; ++i) CheckDtype(name, *rows[i], names[i], kDLFloat, 16, "float16");
-  CheckDtype(name, w, "w", kDLFloat, 16, "float16");
-  TVM_FFI_CHECK(x.ndim() >= 1, ValueError) << name << ": x must have at least one dimension";
-  const int64_t k = x.size(x.ndim() - 1);
-  int64_t m = 1;
-  for (int d = 0; d + 1 < x.ndim(); ++d) m *= x.size(d);
-  TVM_FFI_CHECK(m == 1, ValueError) << name << " takes one row of x (a batch-1 decode), not " << m;
-  TVM_FFI_CHECK(k > 0 && k % 8 == 0 && k <= kMaxNormK, ValueError)
-      << name << ": K (x's last dimension, " << k << ") must be a multiple of 8 up to "
-      << kMaxNormK;
-  for (int i = 1; i < 4; ++i) {
-    bool same = rows[i]->ndim() == x.ndim();
-    for (int d = 0; same && d < x.ndim(); ++d) same = rows[i]->size(d) == x.size(d);
-    TVM_FFI_CHECK(same, ValueError) << name << ": " << names[i] << " must be shaped as x";
-  }
-  TVM_FFI_CHECK(w.ndim() == 1 && w.size(0) == k, ValueError)
-      << name << ": w must be (" << k << ",)";
-  TVM_FFI_CHECK(epsilon >= 0, ValueError) << name << ": epsilon must be >= 0, not " << epsilon;
-  const int device = x.device().device_id;
-  for (int i = 0; i < 4; ++i) CheckPlacement(name, *rows[i], names[i], device, true);
-  CheckPlacement(name, w, "w", device, true);
-  NormArgs n{reinterpret_cast<const half*>(DataOf(x)), reinterpret_cast<const half*>(DataOf(r)),
-             reinterpret_cast<const half*>(DataOf(w)), reinterpret_cast<half*>(DataOf(s)),
-             reinterpret_cast<half*>(DataOf(y)), static_cast<int>(k), static_cast<float>(epsilon)};
-  LaunchEarly(AddRmsNorm, 1, 0, device, TvmStream(name, device), name, n);
 }
 
 int64_t Q4DefaultVariant(int64_t rows, int64_t k, bool swiglu) {
@@ -1584,7 +1383,8 @@ void LaunchMoe(const char* name, const MoeArgs& m, int device, cudaStream_t stre
   if (smem > 32 * 1024) OptInSharedMemory(kernel, kXBytesPerRow * kMaxM, device, opted_in, name);
   constexpr int per_block = OutputsPerBlock<1, kSwiGLU>();
   const unsigned blocks = static_cast<unsigned>((m.a.rows + per_block - 1) / per_block);
-  LaunchEarly(kernel, blocks, smem, device, stream, name, m);
+  kernel<<<blocks, kThreads, smem, stream>>>(m);
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
 template <bool kSwiGLU>
@@ -1602,7 +1402,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef()
       .def(kQ4, Q4)
       .def(kQ4SwiGLU, Q4SwiGLU)
-      .def(kAddRmsNorm, AddRmsNormEntry)
       .def(kF16SwiGLU, F16SwiGLUEntry)
       .def(kQ4Batched, Q4Batched)
       .def(kQ4Dequantize, Q4Dequantize)
@@ -1618,8 +1417,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4Tiled, Q4Tiled)
       .def(kQ4SwiGLUTiled, Q4SwiGLUTiled)
       .def(kQ4DefaultVariant, Q4DefaultVariant)
-      .def(kQ4GraphTime, Q4GraphTime)
-      .def(kSetEarlyStart, [](bool on) { early_start_on.store(on); });
+      .def(kQ4GraphTime, Q4GraphTime);
 }
 
 }  // namespace gemv

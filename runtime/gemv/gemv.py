@@ -22,10 +22,6 @@ multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs
   each row's weight per expert (0: not routed); q4_moe_swiglu writes h (E, ..., I), expert e's
   SwiGLU at e (not written where no row is routed to e); q4_moe writes out (..., N) = sum over
   e of gate[..., e] * (h[e] @ down_e^T), the sum in float32.
-- `kiln.gemv.add_rms_norm(x, r, w, epsilon, s, y)`: a batch-1 decode's residual add and RMSNorm
-  (x, r, s, y (1, K) float16, w (K,) float16, K a multiple of 8 up to MAX_NORM_K): s = x + r,
-  y = rms_norm(s, w, epsilon) in float32 rounded once, as Kiln's add_rms_norm kernel computes
-  them; on sm_90 it starts early, as the GEMVs do, so that the GEMV after it overlaps it.
 
 K must be a multiple of 32; gemv.cu says how the kernels work and what they round.
 (For benchmarks: `kiln.gemv.q4_tiled(variant, ...)` and `q4_swiglu_tiled(variant, ...)` run
@@ -63,9 +59,7 @@ F16_SWIGLU = "kiln.gemv.f16_swiglu"
 Q4_BATCHED = "kiln.gemv.q4_batched"
 Q4_MOE_SWIGLU = "kiln.gemv.q4_moe_swiglu"
 Q4_MOE = "kiln.gemv.q4_moe"
-ADD_RMS_NORM = "kiln.gemv.add_rms_norm"
-FUNCTIONS = (Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE, ADD_RMS_NORM)
-MAX_NORM_K = 16384  # add_rms_norm's K at most (gemv.cu's kMaxNormK)
+FUNCTIONS = (Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE)
 ARTIFACT_FILE = "kiln-gemv.so"  # the built extern, inside an artifact compiled on its platform
 MAX_ROWS = 8  # of x: the MMA's N
 MAX_EXPERTS = 16  # of the mixture externs (gemv.cu's kMaxExperts)

@@ -7,9 +7,7 @@ variant (kiln.gemv.q4_tiled, q4_swiglu_tiled: 16 or 32 weight rows a block, with
 prefetching), and in a CUDA graph (kiln.gemv.q4_graph_time); 8 rows of x, and 9 to 64 (a
 kernel per 8); the batched decode's q4 (kiln.gemv.q4_batched) and its kernel for 9 to 64 rows
 (kiln.gemv.q4_gemm); a mixture of experts' MLP reading only the routed experts
-(kiln.gemv.q4_moe_swiglu, q4_moe); the batch-1 residual add and RMSNorm
-(kiln.gemv.add_rms_norm); arguments they refuse; TVM's current stream; and the kernels' early
-start (each may begin while the one ahead of it ends) in a decode layer's chain of them.
+(kiln.gemv.q4_moe_swiglu, q4_moe); arguments they refuse; and TVM's current stream.
 
 Random data as a decode step sees it: x ~ N(0, 1), q4 scales ~ U(0.001, 0.02), nibbles uniform,
 f16 weights ~ N(0, 1 / K) (so that the gate's silu is not saturated).
@@ -39,7 +37,6 @@ from kiln.runtime import cublas
 from kiln.runtime.cublas import load_cublas
 from kiln.runtime.device import open_device
 from kiln.runtime.gemv import (
-    ADD_RMS_NORM,
     ARTIFACT_FILE,
     F16_SWIGLU,
     Q4,
@@ -353,116 +350,6 @@ def test_q4_moe_refuses_wrong_arguments(dev):
     with pytest.raises(ValueError, match="expert 1's qweight must be"):
         moe(on_gpu((2, 1, 64)), on_gpu((1, 2)), w, s, on_gpu((32, 8), "uint32"), s,
             on_gpu((1, 64)))  # fmt: skip
-
-
-def add_rms_norm(x, r, w, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """(s, y): s = x + r rounded to fp16 (as fp16 adds round), y = fp16(rsqrt(mean(s^2) + eps)
-    * s * w), from float64."""
-    s = (x.astype(np.float32) + r.astype(np.float32)).astype(np.float16)
-    s64 = s.astype(np.float64)
-    inv = 1 / np.sqrt((s64 * s64).mean(axis=-1, keepdims=True) + eps)
-    return s, (inv * s64 * w.astype(np.float64)).astype(np.float16)
-
-
-# K: Llama-2-7B's, Llama-3-70B's, the most (kMaxNormK), an odd multiple of 8
-@pytest.mark.parametrize("k", [4096, 8192, 16384, 72])
-def test_add_rms_norm_equals_float64(dev, k):
-    rng = np.random.default_rng(k)
-    x, r = (rng.standard_normal((1, 1, k)).astype(np.float16) for _ in range(2))
-    w = rng.uniform(0.5, 1.5, k).astype(np.float16)
-    s, y = (tvm.runtime.empty((1, 1, k), "float16", dev) for _ in range(2))
-    args = [tvm.runtime.tensor(a, dev) for a in (x, r, w)]
-    tvm_ffi.get_global_func(ADD_RMS_NORM)(*args, 1e-5, s, y)
-    want_s, want_y = add_rms_norm(x, r, w, 1e-5)
-    np.testing.assert_array_equal(s.numpy(), want_s)
-    # y: float32 against float64 for the scale, then one rounding: at most one ulp apart
-    got = y.numpy().astype(np.float64)
-    assert np.all(np.abs(got - want_y) <= np.spacing(np.abs(want_y).astype(np.float16)))
-
-
-def test_add_rms_norm_refuses_wrong_arguments(dev):
-    norm = tvm_ffi.get_global_func(ADD_RMS_NORM)
-
-    def on_gpu(shape, dtype="float16"):
-        return tvm.runtime.tensor(np.zeros(shape, dtype), dev)
-
-    x, w = on_gpu((1, 64)), on_gpu((64,))
-    with pytest.raises(ValueError, match="takes one row of x"):
-        norm(on_gpu((2, 64)), on_gpu((2, 64)), w, 1e-5, on_gpu((2, 64)), on_gpu((2, 64)))
-    with pytest.raises(ValueError, match=r"w must be \(64,\)"):
-        norm(x, x, on_gpu((32,)), 1e-5, on_gpu((1, 64)), on_gpu((1, 64)))
-    with pytest.raises(ValueError, match="r must be shaped as x"):
-        norm(x, on_gpu((1, 32)), w, 1e-5, on_gpu((1, 64)), on_gpu((1, 64)))
-    with pytest.raises(TypeError, match="r must be float16"):
-        norm(x, on_gpu((1, 64), "float32"), w, 1e-5, on_gpu((1, 64)), on_gpu((1, 64)))
-    with pytest.raises(ValueError, match="must be a multiple of 8 up to 16384"):
-        norm(on_gpu((1, 16392)), on_gpu((1, 16392)), on_gpu((16392,)), 1e-5,
-             on_gpu((1, 16392)), on_gpu((1, 16392)))  # fmt: skip
-
-
-@pytest.mark.parametrize("early", [True, False])
-def test_a_layers_gemvs_started_early_wait_for_the_one_before(dev, early):
-    """A decode layer's kernels as an artifact chains them, queued behind a long kernel on TVM's
-    stream, with the early start on (sm_90: each may begin while the one ahead ends) and off
-    (kiln.gemv.set_early_start): o = q4(a); (s1, y1) = add_rms_norm(h, o); g = q4_swiglu(y1);
-    d = q4(g); (s2, y2) = add_rms_norm(s1, d); q = q4(y2). Each must read what the one before
-    wrote (the outputs start as NaN); then q4(b) -> c and q4(e) -> b, where the second must not
-    write b before the first has read it. Each result is checked against float64 from its
-    inputs as the kernels left them."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch without CUDA")
-    set_early_start = tvm_ffi.get_global_func("kiln.gemv.set_early_start")
-    get = tvm_ffi.get_global_func
-    rng = np.random.default_rng(21)
-    k, inter, eps = 4096, 11008, 1e-5
-    shapes = {"o": (k, k), "gu": (2 * inter, k), "down": (k, inter), "qkv": (3 * k, k)}
-    weights = {name: q4_weight(rng, *shape) for name, shape in shapes.items()}
-    on = {name: [tvm.runtime.tensor(a, dev) for a in w] for name, w in weights.items()}
-    norm_w = rng.uniform(0.5, 1.5, k).astype(np.float16)
-    host = {name: rng.standard_normal((1, k)).astype(np.float16) for name in ("a", "h", "b", "e")}
-    t = {name: torch.tensor(a, device="cuda") for name, a in host.items()}
-    t["w"] = torch.tensor(norm_w, device="cuda")
-    outputs = {"o": k, "g": inter, "d": k, "q": 3 * k, "c": k}
-    for name, n in {**outputs, "s1": k, "y1": k, "s2": k, "y2": k}.items():
-        t[name] = torch.full((1, n), float("nan"), dtype=torch.float16, device="cuda")
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    set_early_start(early)
-    try:
-        with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
-            torch.cuda._sleep(100_000_000)  # the launches below queue behind it
-            get(Q4)(t["a"], *on["o"], t["o"])
-            get(ADD_RMS_NORM)(t["h"], t["o"], t["w"], eps, t["s1"], t["y1"])
-            get(Q4_SWIGLU)(t["y1"], *on["gu"], t["g"])
-            get(Q4)(t["g"], *on["down"], t["d"])
-            get(ADD_RMS_NORM)(t["s1"], t["d"], t["w"], eps, t["s2"], t["y2"])
-            get(Q4)(t["y2"], *on["qkv"], t["q"])
-            get(Q4)(t["b"], *on["o"], t["c"])
-            get(Q4)(t["e"], *on["o"], t["b"])
-        stream.synchronize()
-    finally:
-        set_early_start(True)
-    w = {name: dequantize(*pair) for name, pair in weights.items()}
-    got = {name: v.cpu().numpy() for name, v in t.items()}
-    for name in (*outputs, "s1", "y1", "s2", "y2", "b"):
-        assert np.isfinite(got[name]).all(), name
-    for s, y, x, r in (("s1", "y1", host["h"], got["o"]), ("s2", "y2", got["s1"], got["d"])):
-        want_s, want_y = add_rms_norm(x, r, norm_w, eps)
-        np.testing.assert_array_equal(got[s], want_s)
-        ulp = np.spacing(np.abs(want_y).astype(np.float16))
-        assert np.all(np.abs(got[y].astype(np.float64) - want_y) <= ulp), y
-    checks = {
-        "o": (got["o"], host["a"].astype(np.float64) @ w["o"].T),
-        "g": (got["g"], swiglu(got["y1"].astype(np.float64) @ w["gu"].T)),
-        "d": (got["d"], got["g"].astype(np.float64) @ w["down"].T),
-        "q": (got["q"], got["y2"].astype(np.float64) @ w["qkv"].T),
-        "c": (got["c"], host["b"].astype(np.float64) @ w["o"].T),
-        "b": (got["b"], host["e"].astype(np.float64) @ w["o"].T),
-    }
-    for name, (value, want) in checks.items():
-        err = np.abs(value.astype(np.float64) - want).max() / np.abs(want).max()
-        assert err <= TOL, name
 
 
 def test_refuses_wrong_arguments(dev):
