@@ -199,7 +199,7 @@ def _measure(
 
 
 # kiln.gemv.q4's variants (gemv.cu's kVariants): 16 weight rows a block per tile, p: prefetching
-VARIANTS = {1: "w16", 2: "w32", 3: "w16p", 4: "w32p", 5: "ring2", 6: "ring4"}
+VARIANTS = {1: "w16", 2: "w32", 3: "w16p", 4: "w32p"}
 
 
 def _run_externs(path: Path, shape: str, rng, bandwidth: float, device) -> list[dict]:

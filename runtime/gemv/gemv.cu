@@ -336,7 +336,7 @@ __device__ __forceinline__ void Q4Load(Q4Step<kTiles, kVectorScales>& s,
 
 // The MMAs of a super-step whose loads Q4Load and Q4CopyX issued; waits for x (every cp.async
 // group of the warp) at its first use.
-template <int kTiles, int kChains, bool kVectorScales, bool kWaitX = true>
+template <int kTiles, int kChains, bool kVectorScales>
 __device__ __forceinline__ void Q4Compute(float (&acc)[kTiles][kChains][4],
                                           const Q4Step<kTiles, kVectorScales>& s,
                                           const half* xs, const Args& a, int lane) {
@@ -358,7 +358,7 @@ __device__ __forceinline__ void Q4Compute(float (&acc)[kTiles][kChains][4],
         Dequantize(reinterpret_cast<const uint32_t*>(&s.q[u][i][0])[word], s2[i][0][u], wl[i]);
         Dequantize(reinterpret_cast<const uint32_t*>(&s.q[u][i][1])[word], s2[i][1][u], wh[i]);
       }
-      if (kWaitX && u == 0 && word == 0) {  // x, loading since the start: waited for late
+      if (u == 0 && word == 0) {  // x, loading since the start: waited for as late as can be
         WaitAsync();
         __syncwarp();
       }
@@ -463,113 +463,6 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Ge
   float sums[kTiles][4];
   Q4BlockSums<kTiles, kSwiGLU, kVectorScales, kPrefetch>(a, first, WarpXs(a.m_rows), sums);
   Finish<kTiles, kSwiGLU>(sums, a.out, first, a.rows, a.m_rows);
-}
-
-// ---------------------------------------------------------------------------------------------
-// q4 (and q4 SwiGLU) for one row of x, streaming (the ring variants): a block walks several
-// 16-row tiles (tile blockIdx.x, + gridDim.x, ...; the grid is what fits on the GPU at once), its
-// 8 warps splitting each tile's K as Q4Gemv's do. A warp's work is a list of items (tile,
-// super-step); it copies the weights and scales of item j + kStages - 1 into its ring of
-// kStages stages in shared memory (cp.async: no registers held) before it computes item j, so
-// that its loads are in flight while it dequantizes and multiplies, across tiles too (Q4Gemv has
-// one super-step a warp at K = 4096, so nothing to stream ahead). Each lane copies the 16-byte
-// pieces it later reads itself (the layout of Q4Load), so a stage needs no warp barrier. x is in
-// shared memory whole (its K, zero-padded to whole super-steps), copied once a block. After its
-// items of a tile, every warp (an idle one too) adds its sums into the tile's (RingFinish).
-// Needs groups per row a multiple of 8 (scales 8 at a time); past K, the copies give zeros.
-struct RingStage {
-  uint4 q[kSubSteps][2][32];  // [sub-step][rows g, g + 8][lane]
-  uint4 scales[2][32];
-};
-
-constexpr int kMaxRingK = 16384;  // x's K at most (32 KB of shared memory)
-
-template <int kStages>
-__host__ __device__ constexpr int RingMinBlocks() {
-  return kStages <= 2 ? 2 : 1;
-}
-
-template <int kStages>
-__host__ __device__ constexpr size_t RingSmem(int k) {
-  return sizeof(RingStage) * kStages * kWarps + size_t{2} * ((k + 511) / 512 * 512);
-}
-
-template <int kStages>
-__device__ __forceinline__ void WaitRing() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 1));
-}
-
-// Adds the warps' sums of one tile and writes its outputs; the block's warps all call it.
-template <bool kSwiGLU>
-__device__ __forceinline__ void RingFinish(float (&acc)[2][4], half* out, int first, int rows) {
-  float sums[1][4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) sums[0][j] = acc[0][j] + acc[1][j];
-  Finish<1, kSwiGLU>(sums, out, first, rows, 1);
-  __syncthreads();  // every thread has read `partial` before the next tile writes it
-}
-
-template <bool kSwiGLU, int kStages>
-__global__ void __launch_bounds__(kThreads, RingMinBlocks<kStages>()) Q4GemvRing(Args a) {
-  extern __shared__ uint4 dynamic_smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  RingStage* ring = reinterpret_cast<RingStage*>(dynamic_smem) + warp * kStages;
-  half* xs = reinterpret_cast<half*>(reinterpret_cast<RingStage*>(dynamic_smem) + kWarps * kStages);
-  constexpr int kPerTile = OutputsPerBlock<1, kSwiGLU>();
-  const int groups = a.k / 32, steps = (groups + 15) / 16;
-  const int tiles = (a.rows + kPerTile - 1) / kPerTile;
-  const int my_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
-  const int mine = steps > warp ? (steps - warp + kWarps - 1) / kWarps : 0;  // items a tile
-  const int items = my_tiles * mine;
-  auto issue = [&](int j) {  // item j's copies into its stage, one commit group (maybe empty)
-    if (j < items) {
-      RingStage& st = ring[j % kStages];
-      const int first = (blockIdx.x + (j / mine) * gridDim.x) * kPerTile;
-      const int t = warp + kWarps * (j % mine);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t row = WeightRow<1, kSwiGLU>(first, 0, g + 8 * h, a.rows);
-        const uint4* w = static_cast<const uint4*>(a.w) + row * groups;
-#pragma unroll
-        for (int u = 0; u < kSubSteps; ++u) {
-          const int group = 16 * t + 4 * u + c;
-          CopyAsync16(&st.q[u][h][lane], w + min(group, groups - 1), group < groups);
-        }
-        const int sgroup = 16 * t + 8 * (c & 1);
-        CopyAsync16(&st.scales[h][lane], a.scale + row * groups + min(sgroup, groups - 8),
-                    sgroup < groups);
-      }
-    }
-    CommitAsync();
-  };
-  for (int j = 0; j + 1 < kStages; ++j) issue(j);
-  for (int i = threadIdx.x; i < steps * 64; i += kThreads) {  // x: 64 pieces a super-step
-    CopyAsync16(xs + 8 * i, a.x + min(8 * i, a.k - 8), 8 * i < a.k);
-  }
-  CommitAsync();
-  WaitAsync();
-  __syncthreads();
-  int j = 0;
-  for (int tile = 0; tile < my_tiles; ++tile) {
-    float acc[2][4] = {};
-    for (int q = 0; q < mine; ++q, ++j) {
-      issue(j + kStages - 1);
-      WaitRing<kStages>();
-      const RingStage& st = ring[j % kStages];
-      Q4Step<1, true> step;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int u = 0; u < kSubSteps; ++u) step.q[u][0][h] = LoadShared(&st.q[u][h][lane]);
-        const uint4 raw = LoadShared(&st.scales[h][lane]);
-        step.scales[0][h].raw[0] = raw.x, step.scales[0][h].raw[1] = raw.y;
-        step.scales[0][h].raw[2] = raw.z, step.scales[0][h].raw[3] = raw.w;
-      }
-      float (&chains)[1][2][4] = reinterpret_cast<float (&)[1][2][4]>(acc);
-      Q4Compute<1, 2, true, false>(chains, step, xs + 512 * (warp + kWarps * q), a, lane);
-    }
-    RingFinish<kSwiGLU>(acc, a.out, (blockIdx.x + tile * gridDim.x) * kPerTile, a.rows);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1049,38 +942,14 @@ void LaunchQ4(const char* name, const Args& a, bool vector_scales, int device,
                 : LaunchQ4<kTiles, kSwiGLU, false, kPrefetch>(name, a, device, stream);
 }
 
-// A ring variant (Q4GemvRing) where it runs: one row of x, scales 8 at a time, K up to kMaxRingK;
-// elsewhere variant 1, the kernel it streams like.
-template <bool kSwiGLU, int kStages>
-void LaunchRing(const char* name, const Args& a, bool vector_scales, int device,
-                cudaStream_t stream) {
-  if (a.m_rows != 1 || !vector_scales || a.k > kMaxRingK) {
-    return LaunchQ4<1, kSwiGLU, false>(name, a, vector_scales, device, stream);
-  }
-  auto kernel = Q4GemvRing<kSwiGLU, kStages>;
-  const size_t smem = RingSmem<kStages>(a.k);
-  static std::atomic<uint64_t> opted_in{0};
-  OptInSharedMemory(kernel, RingSmem<kStages>(kMaxRingK), device, opted_in, name);
-  int per_sm = 0;
-  CheckCuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem), name,
-            "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  constexpr int per_block = OutputsPerBlock<1, kSwiGLU>();
-  const int64_t tiles = (a.rows + per_block - 1) / per_block;
-  const int64_t resident = int64_t{SmCount(name, device)} * std::max(per_sm, 1);
-  const unsigned blocks = static_cast<unsigned>(std::min(tiles, resident));
-  kernel<<<blocks, kThreads, smem, stream>>>(a);
-  CheckCuda(cudaGetLastError(), name, "the kernel launch");
-}
-
 // The q4 kernels' variants, numbered as the bench-only hooks (kiln.gemv.q4_tiled,
 // q4_swiglu_tiled, q4_graph_time) take them: 16 tiles weight rows a block, tiles = 1 or 2, and
 // +2 where the warps prefetch (Q4Gemv's kPrefetch).
 //   1: 16 rows a block: q4, 16 outputs; SwiGLU, 8 (gate and up rows in one tile)
 //   2: 32 rows a block: q4, 32 outputs; SwiGLU, 16 (a gate tile and an up tile)
 //   3, 4: 1 and 2, prefetching
-//   5, 6: 1 streaming through a ring of 2 and 4 stages a warp (Q4GemvRing; one row of x)
 // Variant 0 is the default, DefaultVariant's.
-constexpr int kVariants = 6;
+constexpr int kVariants = 4;
 
 // The variant kiln.gemv.q4 and q4_swiglu run for `rows` outputs (N; I for SwiGLU) of K = `k`:
 // the one rule to change from bench/gemv.py's numbers (it prints what this picks per shape).
@@ -1100,14 +969,10 @@ void LaunchRows(const char* name, int64_t variant, bool swiglu, const Args& a,
     case 2: return LaunchQ4<2, false, false>(name, a, vector_scales, device, stream);
     case 3: return LaunchQ4<1, false, true>(name, a, vector_scales, device, stream);
     case 4: return LaunchQ4<2, false, true>(name, a, vector_scales, device, stream);
-    case 5: return LaunchRing<false, 2>(name, a, vector_scales, device, stream);
-    case 6: return LaunchRing<false, 4>(name, a, vector_scales, device, stream);
     case kVariants + 1: return LaunchQ4<1, true, false>(name, a, vector_scales, device, stream);
     case kVariants + 2: return LaunchQ4<2, true, false>(name, a, vector_scales, device, stream);
     case kVariants + 3: return LaunchQ4<1, true, true>(name, a, vector_scales, device, stream);
     case kVariants + 4: return LaunchQ4<2, true, true>(name, a, vector_scales, device, stream);
-    case kVariants + 5: return LaunchRing<true, 2>(name, a, vector_scales, device, stream);
-    case kVariants + 6: return LaunchRing<true, 4>(name, a, vector_scales, device, stream);
   }
   TVM_FFI_THROW(ValueError) << name << ": variant " << variant << " is not 1 to " << kVariants;
 }
