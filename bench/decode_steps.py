@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 
 import kiln
-from kiln.runtime.benchmark import batched_decode, copy_bandwidth, decode_weight_bytes
+from kiln.runtime.benchmark import batched_decode, copy_bandwidth, decode_step_bytes
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
@@ -49,11 +49,7 @@ def main() -> None:
             length, new = (128, 256) if batch == 1 else (512, 128)
             prompts = [[1, *rng.integers(3, runner.vocab_size, length - 1).tolist()]
                        for _ in range(batch)]  # fmt: skip
-            step_bytes = (
-                decode_weight_bytes(runner, batch)
-                + batch * (length + new // 2) * runner.kv_bytes_per_token
-            )
-            roof = batch / (step_bytes / bandwidth)
+            roof = batch / (decode_step_bytes(runner, batch, length, new) / bandwidth)
             first = None
 
             def tokens(prompts=prompts, new=new) -> list[list[int]]:

@@ -142,6 +142,14 @@ def decode_weight_bytes(artifact: Any, batch: int = 1) -> int:
     return int(total)
 
 
+def decode_step_bytes(runner: Any, batch: int, prompt: int, new: int) -> float:
+    """Bytes a decode step of `batch` sequences must read, each decoding `new` tokens after a
+    `prompt`-token prompt: the weights (decode_weight_bytes) and each sequence's K/V at its mean
+    length over those steps, prompt + new / 2."""
+    kv = batch * (prompt + new // 2) * runner.kv_bytes_per_token
+    return decode_weight_bytes(runner, batch) + kv
+
+
 def matmul_flops_per_token(config: dict[str, Any]) -> float:
     """2 x the multiply-adds of every projection a token goes through (MoE: the active
     experts), LM head included; attention scores are added per prompt length."""
@@ -200,8 +208,6 @@ def _measure(
     report.add("load", load, "s")
     say(report.text())
     config = runner.config
-    weights = decode_weight_bytes(runner)
-    kv_per_token = runner.kv_bytes_per_token
     ranks = runner.tensor_parallel
     # Seconds of all-reduce per token (none on one GPU): 2 per layer of the hidden state.
     reduce_per_token = 0.0
@@ -235,7 +241,7 @@ def _measure(
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
-    step_bytes = weights + (128 + 128) * kv_per_token
+    step_bytes = decode_step_bytes(runner, 1, 128, 256)
     figure("decode tokens/s, batch 1", 255 / (end - first), "tok/s",
            1 / (step_bytes / report.bandwidth + reduce_per_token))  # fmt: skip
     figure("time to first token, 128 tokens", 1e3 * (first - t0), "ms")
@@ -265,8 +271,7 @@ def _measure(
     length = min(512, engine.context_length - 128)
     for batch in batches:
         rate = batched_decode(engine, [prompt(length) for _ in range(batch)], 128)
-        # K/V read per step: each sequence's history, `length` to `length` + 128 tokens.
-        step_bytes = decode_weight_bytes(runner, batch) + batch * (length + 64) * kv_per_token
+        step_bytes = decode_step_bytes(runner, batch, length, 128)
         step_seconds = step_bytes / report.bandwidth + batch * reduce_per_token
         figure(f"decode tokens/s, batch {batch} ({length}+128)", rate, "tok/s",
                batch / step_seconds)  # fmt: skip

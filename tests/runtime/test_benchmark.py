@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import kiln
 from kiln.compiler.cli import main
-from kiln.runtime.benchmark import decode_weight_bytes, matmul_flops_per_token
+from kiln.runtime.benchmark import decode_step_bytes, decode_weight_bytes, matmul_flops_per_token
 from kiln.runtime.runner import Runner
 from kiln.runtime.safetensors import load_safetensors
 
@@ -63,6 +63,17 @@ def test_decode_bytes_of_a_mixture_count_the_routed_experts(artifact):
     assert decode_weight_bytes(runner) == pytest.approx(rest + experts * k / n, abs=1)
     # Many tokens route to nearly every expert.
     assert decode_weight_bytes(runner, 64) == pytest.approx(rest + experts, rel=1e-6)
+
+
+def test_a_decode_step_reads_the_weights_and_each_sequences_mean_history(artifact):
+    """4 sequences decoding 50 tokens after 100-token prompts: K/V at 125 tokens each, in the
+    cache's dtype (q0f32: 4 bytes), keys and values of every layer's KV heads."""
+    runner = Runner(artifact("llama3"), kv_tokens=64)
+    c = runner.config
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * 4
+    want = decode_weight_bytes(runner, 4) + 4 * 125 * per_token
+    assert decode_step_bytes(runner, 4, 100, 50) == want
 
 
 def test_kiln_bench_on_the_cpu(artifact):
