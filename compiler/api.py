@@ -51,6 +51,15 @@ class KilnWarning(UserWarning):
     """Something the user should know that does not stop the compile."""
 
 
+# Generic x86-64 has no F16C: LLVM converts each fp16 value through a compiler-rt call
+# (docs/TVM.md); the tiny code model's 512-token q0f16 prefill took 142 s against 8.4 s.
+GENERIC_X86_FP16 = (
+    "float16 compiled for generic x86-64 (no --arch) converts every value through a library call "
+    "(no F16C) and runs ~15x slower: add --arch native (this machine's CPU) or --arch x86-64-v3 "
+    "(any x86-64 with AVX2 and F16C) where the artifact will run on such a CPU"
+)
+
+
 def _prepare_output(output: Path) -> Path:
     """Never clobber what is not ours: an existing output must be empty or a Kiln artifact.
     The build goes to a staging folder that replaces `output` only once it is complete."""
@@ -107,6 +116,9 @@ def compile(
         )
     if tensor_parallel != 1:
         _check_tensor_parallel(tensor_parallel, spec.device, preset)
+    if spec.device == "cpu" and not arch and platform == "linux-x86_64":
+        if preset.model_dtype == "float16":
+            warnings.warn(GENERIC_X86_FP16, KilnWarning, stacklevel=2)
     model_dir = resolve_model(model)
     hf_config = read_hf_config(model_dir)
     # A pre-quantized checkpoint fixes the preset (and its group size): check the pairing.
