@@ -116,9 +116,6 @@ def compile(
         )
     if tensor_parallel != 1:
         _check_tensor_parallel(tensor_parallel, spec.device, preset)
-    if spec.device == "cpu" and not arch and platform == "linux-x86_64":
-        if preset.model_dtype == "float16":
-            warnings.warn(GENERIC_X86_FP16, KilnWarning, stacklevel=2)
     model_dir = resolve_model(model)
     hf_config = read_hf_config(model_dir)
     # A pre-quantized checkpoint fixes the preset (and its group size): check the pairing.
@@ -149,6 +146,10 @@ def compile(
     rank_maps = _rank_weight_maps(family, config, weight_map, groups, full)
     # Check the checkpoint against the model before spending time on codegen.
     plan(ckpt, param_shapes, rank_maps[0], family.ignore)
+    # Inputs are good (a mistake is one error, with no warning before it): what to know.
+    if spec.device == "cpu" and not arch and platform == "linux-x86_64":
+        if preset.model_dtype == "float16":
+            warnings.warn(GENERIC_X86_FP16, KilnWarning, stacklevel=2)
 
     staging = _prepare_output(out)
     try:
