@@ -147,9 +147,9 @@ def compile(
     # Check the checkpoint against the model before spending time on codegen.
     plan(ckpt, param_shapes, rank_maps[0], family.ignore)
     # Inputs are good (a mistake is one error, with no warning before it): what to know.
-    if spec.device == "cpu" and not arch and platform == "linux-x86_64":
-        if preset.model_dtype == "float16":
-            warnings.warn(GENERIC_X86_FP16, KilnWarning, stacklevel=2)
+    generic_x86 = spec.device == "cpu" and not arch and platform == "linux-x86_64"
+    if generic_x86 and preset.model_dtype == "float16":
+        warnings.warn(GENERIC_X86_FP16, KilnWarning, stacklevel=2)
 
     staging = _prepare_output(out)
     try:

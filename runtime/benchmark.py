@@ -142,7 +142,7 @@ def decode_weight_bytes(artifact: Any, batch: int = 1) -> int:
     return int(total)
 
 
-def decode_step_bytes(runner: Any, batch: int, prompt: int, new: int) -> float:
+def decode_step_bytes(runner: Any, batch: int, prompt: int, new: int) -> int:
     """Bytes a decode step of `batch` sequences must read, each decoding `new` tokens after a
     `prompt`-token prompt: the weights (decode_weight_bytes) and each sequence's K/V at its mean
     length over those steps, prompt + new / 2."""
