@@ -3,9 +3,13 @@
 No checkpoint can be downloaded where the benchmarks run, and all-zero weights would flatter
 every kernel (and give degenerate tokens), so `write_checkpoint` writes seeded random weights in
 the scale of a trained model's: N(0, 1/fan_in) matrices, unit norms. `layers` cuts the model to
-fewer layers of the same width: a per-layer figure needs only a couple of them.
+fewer layers of the same width: a per-layer figure needs only a couple of them. `sparse` writes
+zeros as sparse files instead (no disk space, no time), for compiling a shape whose checkpoint
+does not fit the build machine's disk (the whole Mixtral-8x7B: 93 GB); the compiled artifact is
+then carried without its weights and filled where it runs (bench/random_weights.py), as every
+benchmark artifact is.
 
-    python bench/shapes.py llama2-7b OUT [--layers 2]
+    python bench/shapes.py llama2-7b OUT [--layers 2] [--sparse]
 """
 
 from __future__ import annotations
@@ -93,10 +97,31 @@ def random_tensor(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
     return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float16)
 
 
+def write_sparse(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A safetensors file of fp16 zeros whose data is a hole: the header, then the file's size."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dims in shapes.items():
+        size = 2 * int(np.prod(dims))
+        header[name] = {"dtype": "F16", "shape": list(dims), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with path.open("wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + offset)
+
+
 def write_checkpoint(
-    shape: str, out: Path, layers: int | None = None, shard_bytes: int = 2 << 30, seed: int = 0
+    shape: str,
+    out: Path,
+    layers: int | None = None,
+    shard_bytes: int = 2 << 30,
+    seed: int = 0,
+    sparse: bool = False,
 ) -> Path:
-    """A random fp16 safetensors checkpoint of `shape`, sharded, with an index."""
+    """A random fp16 safetensors checkpoint of `shape` (`sparse`: of zeros, as sparse files),
+    sharded, with an index."""
     from safetensors.numpy import save_file
 
     config = config_of(shape, layers)
@@ -108,12 +133,15 @@ def write_checkpoint(
     names = tensor_shapes(config)
     weight_map: dict[str, str] = {}
     files: list[str] = []
-    shard: dict[str, np.ndarray] = {}
+    shard: dict[str, np.ndarray | tuple[int, ...]] = {}
     size = 0
 
     def flush() -> None:
         files.append(f"shard-{len(files) + 1:05d}.safetensors")
-        save_file(shard, str(out / files[-1]), metadata={"format": "pt"})
+        if sparse:
+            write_sparse(out / files[-1], shard)
+        else:
+            save_file(shard, str(out / files[-1]), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, files[-1]))
         shard.clear()
 
@@ -122,7 +150,7 @@ def write_checkpoint(
         if size and size + nbytes > shard_bytes:
             flush()
             size = 0
-        shard[name] = random_tensor(rng, dims)
+        shard[name] = dims if sparse else random_tensor(rng, dims)
         size += nbytes
     flush()
     final = {f: f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k, f in enumerate(files)}
@@ -139,5 +167,6 @@ if __name__ == "__main__":
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("out", type=Path)
     parser.add_argument("--layers", type=int)
+    parser.add_argument("--sparse", action="store_true", help="zeros, in no disk space")
     args = parser.parse_args()
-    print(write_checkpoint(args.shape, args.out, args.layers))
+    print(write_checkpoint(args.shape, args.out, args.layers, sparse=args.sparse))
