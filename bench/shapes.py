@@ -102,9 +102,9 @@ def write_sparse(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dims in shapes.items():
-        size = 2 * int(np.prod(dims))
-        header[name] = {"dtype": "F16", "shape": list(dims), "data_offsets": [offset, offset + size]}
-        offset += size
+        end = offset + 2 * int(np.prod(dims))
+        header[name] = {"dtype": "F16", "shape": list(dims), "data_offsets": [offset, end]}
+        offset = end
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with path.open("wb") as f:
