@@ -92,19 +92,6 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* p) {
   return v;
 }
 
-// EXPERIMENT: programmatic dependent launch.
-__device__ __forceinline__ void WaitForPrior() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void AllowNext() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ uint4 LoadCached(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
@@ -349,7 +336,7 @@ __device__ __forceinline__ void Q4Load(Q4Step<kTiles, kVectorScales>& s,
 
 // The MMAs of a super-step whose loads Q4Load and Q4CopyX issued; waits for x (every cp.async
 // group of the warp) at its first use.
-template <int kTiles, int kChains, bool kVectorScales, bool kWaitX = true>
+template <int kTiles, int kChains, bool kVectorScales>
 __device__ __forceinline__ void Q4Compute(float (&acc)[kTiles][kChains][4],
                                           const Q4Step<kTiles, kVectorScales>& s,
                                           const half* xs, const Args& a, int lane) {
@@ -371,7 +358,7 @@ __device__ __forceinline__ void Q4Compute(float (&acc)[kTiles][kChains][4],
         Dequantize(reinterpret_cast<const uint32_t*>(&s.q[u][i][0])[word], s2[i][0][u], wl[i]);
         Dequantize(reinterpret_cast<const uint32_t*>(&s.q[u][i][1])[word], s2[i][1][u], wh[i]);
       }
-      if (kWaitX && u == 0 && word == 0) {  // x, loading since the start: waited for late
+      if (u == 0 && word == 0) {  // x, loading since the start: waited for as late as can be
         WaitAsync();
         __syncwarp();
       }
@@ -403,7 +390,7 @@ constexpr int Q4MinBlocks(int tiles, bool prefetch) {
 // Q4BlockSums is a block's K loop: its warps' partial sums (one 16 x 8 tile each per weight
 // tile) for the weight rows of the outputs from `first`; `xs` is the warp's part of the dynamic
 // shared memory. Q4Gemv adds them up and writes them (Finish).
-template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch, bool kEarly = false>
+template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
                                             float (&sums)[kTiles][4]) {
   constexpr int kChains = kTiles == 1 ? 2 : 1;  // independent MMA sums per tile
@@ -442,26 +429,14 @@ __device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
     int t = warp;
     for (; t < full; t += kWarps) {
       Step s;
-      if constexpr (kEarly) {
-        Q4Load<kTiles, kVectorScales, true>(s, w, srow, t, groups, c);
-        if (t == warp) WaitForPrior();
-        Q4CopyX<true>(xs, a.x, t, a, lane);
-      } else {
-        Q4CopyX<true>(xs, a.x, t, a, lane);
-        Q4Load<kTiles, kVectorScales, true>(s, w, srow, t, groups, c);
-      }
+      Q4CopyX<true>(xs, a.x, t, a, lane);
+      Q4Load<kTiles, kVectorScales, true>(s, w, srow, t, groups, c);
       Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
     if (t == full && 16 * full < groups) {
       Step s;
-      if constexpr (kEarly) {
-        Q4Load<kTiles, kVectorScales, false>(s, w, srow, t, groups, c);
-        WaitForPrior();
-        Q4CopyX<false>(xs, a.x, t, a, lane);
-      } else {
-        Q4CopyX<false>(xs, a.x, t, a, lane);
-        Q4Load<kTiles, kVectorScales, false>(s, w, srow, t, groups, c);
-      }
+      Q4CopyX<false>(xs, a.x, t, a, lane);
+      Q4Load<kTiles, kVectorScales, false>(s, w, srow, t, groups, c);
       Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
   }
@@ -482,96 +457,12 @@ __device__ __forceinline__ half* WarpXs(int m_rows) {
   return reinterpret_cast<half*>(dynamic_smem) + threadIdx.x / 32 * m_rows * kXStride;
 }
 
-template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch, bool kEarly = false>
+template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, Q4MinBlocks(kTiles, kPrefetch)) Q4Gemv(Args a) {
-  if constexpr (kEarly) AllowNext();
   const int first = blockIdx.x * OutputsPerBlock<kTiles, kSwiGLU>();
   float sums[kTiles][4];
-  Q4BlockSums<kTiles, kSwiGLU, kVectorScales, kPrefetch, kEarly>(a, first, WarpXs(a.m_rows),
-                                                                 sums);
-  if constexpr (kEarly) WaitForPrior();  // a warp without steps: out may be read before
+  Q4BlockSums<kTiles, kSwiGLU, kVectorScales, kPrefetch>(a, first, WarpXs(a.m_rows), sums);
   Finish<kTiles, kSwiGLU>(sums, a.out, first, a.rows, a.m_rows);
-}
-
-
-// ---------------------------------------------------------------------------------------------
-// EXPERIMENT (ring, 3 blocks an SM): q4 for one row of x; a block walks tiles blockIdx.x,
-// + gridDim.x, ...; each warp copies its next item's weights into a 2-stage ring in shared
-// memory (cp.async: no registers held) and its scales into registers, then computes the current
-// item. x is in shared memory whole. Needs groups per row a multiple of 8.
-constexpr int kRingStages = 2;
-struct RingStage {
-  uint4 q[kSubSteps][2][32];  // [sub-step][rows g, g + 8][lane]
-};
-
-__host__ __device__ constexpr size_t RingSmem(int k) {
-  return sizeof(RingStage) * kRingStages * kWarps + size_t{2} * ((k + 511) / 512 * 512);
-}
-
-template <bool kSwiGLU>
-__global__ void __launch_bounds__(kThreads, 3) Q4GemvRing(Args a) {
-  extern __shared__ uint4 dynamic_smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  RingStage* ring = reinterpret_cast<RingStage*>(dynamic_smem) + warp * kRingStages;
-  half* xs = reinterpret_cast<half*>(reinterpret_cast<RingStage*>(dynamic_smem) +
-                                     kWarps * kRingStages);
-  constexpr int kPerTile = OutputsPerBlock<1, kSwiGLU>();
-  const int groups = a.k / 32, steps = (groups + 15) / 16;
-  const int tiles = (a.rows + kPerTile - 1) / kPerTile;
-  const int my_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
-  const int mine = steps > warp ? (steps - warp + kWarps - 1) / kWarps : 0;  // items a tile
-  const int items = my_tiles * mine;
-  Scales<true> cur[2], next[2];  // rows g, g + 8: the item computed now, the one issued
-  auto issue = [&](int j, Scales<true>(&sc)[2]) {  // item j's weight copies (one commit
-                                                    // group, maybe empty) and scales
-    if (j < items) {
-      RingStage& st = ring[j % kRingStages];
-      const int first = (blockIdx.x + (j / mine) * gridDim.x) * kPerTile;
-      const int t = warp + kWarps * (j % mine);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t row = WeightRow<1, kSwiGLU>(first, 0, g + 8 * h, a.rows);
-        const uint4* w = static_cast<const uint4*>(a.w) + row * groups;
-#pragma unroll
-        for (int u = 0; u < kSubSteps; ++u) {
-          const int group = 16 * t + 4 * u + c;
-          CopyAsync16(&st.q[u][h][lane], w + min(group, groups - 1), group < groups);
-        }
-        sc[h].Load(a.scale + row * groups, t, groups, c);
-      }
-    }
-    CommitAsync();
-  };
-  issue(0, cur);
-  for (int i = threadIdx.x; i < steps * 64; i += kThreads) {  // x: 64 pieces a super-step
-    CopyAsync16(xs + 8 * i, a.x + min(8 * i, a.k - 8), 8 * i < a.k);
-  }
-  CommitAsync();
-  WaitAsync();
-  __syncthreads();
-  int j = 0;
-  for (int tile = 0; tile < my_tiles; ++tile) {
-    float acc[1][2][4] = {};
-    for (int q = 0; q < mine; ++q, ++j) {
-      issue(j + 1, next);
-      asm volatile("cp.async.wait_group 1;\n" ::);
-      const RingStage& st = ring[j % kRingStages];
-      Q4Step<1, true> step;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int u = 0; u < kSubSteps; ++u) step.q[u][0][h] = LoadShared(&st.q[u][h][lane]);
-        step.scales[0][h] = cur[h];
-      }
-      Q4Compute<1, 2, true, false>(acc, step, xs + 512 * (warp + kWarps * q), a, lane);
-      cur[0] = next[0], cur[1] = next[1];
-    }
-    float sums[1][4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) sums[0][e] = acc[0][0][e] + acc[0][1][e];
-    Finish<1, kSwiGLU>(sums, a.out, (blockIdx.x + tile * gridDim.x) * kPerTile, a.rows, 1);
-    __syncthreads();  // every thread has read `partial` before the next tile writes it
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1051,53 +942,6 @@ void LaunchQ4(const char* name, const Args& a, bool vector_scales, int device,
                 : LaunchQ4<kTiles, kSwiGLU, false, kPrefetch>(name, a, device, stream);
 }
 
-
-// EXPERIMENT: the ring where it runs (one row of x, scales 8 at a time), else variant 1.
-template <bool kSwiGLU>
-void LaunchRing(const char* name, const Args& a, bool vector_scales, int device,
-                cudaStream_t stream) {
-  if (a.m_rows != 1 || !vector_scales) {
-    return LaunchQ4<1, kSwiGLU, false>(name, a, vector_scales, device, stream);
-  }
-  auto kernel = Q4GemvRing<kSwiGLU>;
-  const size_t smem = RingSmem(a.k);
-  CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(smem)), name, "cudaFuncSetAttribute");
-  int per_sm = 0;
-  CheckCuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem), name,
-            "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  constexpr int per_block = OutputsPerBlock<1, kSwiGLU>();
-  const int64_t tiles = (a.rows + per_block - 1) / per_block;
-  const int64_t resident = int64_t{SmCount(name, device)} * std::max(per_sm, 1);
-  const unsigned blocks = static_cast<unsigned>(std::min(tiles, resident));
-  kernel<<<blocks, kThreads, smem, stream>>>(a);
-  CheckCuda(cudaGetLastError(), name, "the kernel launch");
-}
-
-
-// EXPERIMENT: variant 1 started early (programmatic dependent launch).
-template <bool kSwiGLU>
-void LaunchEarlyQ4(const char* name, const Args& a, bool vector_scales, int device,
-                   cudaStream_t stream) {
-  auto kernel = vector_scales ? Q4Gemv<1, kSwiGLU, true, false, true>
-                              : Q4Gemv<1, kSwiGLU, false, false, true>;
-  const size_t smem = size_t{kXBytesPerRow} * a.m_rows;
-  CheckCuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(kXBytesPerRow * kMaxM)), name, "attr");
-  constexpr int per_block = OutputsPerBlock<1, kSwiGLU>();
-  cudaLaunchAttribute early[1];
-  early[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  early[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>((a.rows + per_block - 1) / per_block));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = early;
-  config.numAttrs = 1;
-  CheckCuda(cudaLaunchKernelEx(&config, kernel, a), name, "the kernel launch");
-}
-
 // The q4 kernels' variants, numbered as the bench-only hooks (kiln.gemv.q4_tiled,
 // q4_swiglu_tiled, q4_graph_time) take them: 16 tiles weight rows a block, tiles = 1 or 2, and
 // +2 where the warps prefetch (Q4Gemv's kPrefetch).
@@ -1105,7 +949,7 @@ void LaunchEarlyQ4(const char* name, const Args& a, bool vector_scales, int devi
 //   2: 32 rows a block: q4, 32 outputs; SwiGLU, 16 (a gate tile and an up tile)
 //   3, 4: 1 and 2, prefetching
 // Variant 0 is the default, DefaultVariant's.
-constexpr int kVariants = 6;
+constexpr int kVariants = 4;
 
 // The variant kiln.gemv.q4 and q4_swiglu run for `rows` outputs (N; I for SwiGLU) of K = `k`:
 // the one rule to change from bench/gemv.py's numbers (it prints what this picks per shape).
@@ -1125,14 +969,10 @@ void LaunchRows(const char* name, int64_t variant, bool swiglu, const Args& a,
     case 2: return LaunchQ4<2, false, false>(name, a, vector_scales, device, stream);
     case 3: return LaunchQ4<1, false, true>(name, a, vector_scales, device, stream);
     case 4: return LaunchQ4<2, false, true>(name, a, vector_scales, device, stream);
-    case 5: return LaunchRing<false>(name, a, vector_scales, device, stream);
-    case 6: return LaunchEarlyQ4<false>(name, a, vector_scales, device, stream);
     case kVariants + 1: return LaunchQ4<1, true, false>(name, a, vector_scales, device, stream);
     case kVariants + 2: return LaunchQ4<2, true, false>(name, a, vector_scales, device, stream);
     case kVariants + 3: return LaunchQ4<1, true, true>(name, a, vector_scales, device, stream);
     case kVariants + 4: return LaunchQ4<2, true, true>(name, a, vector_scales, device, stream);
-    case kVariants + 5: return LaunchRing<true>(name, a, vector_scales, device, stream);
-    case kVariants + 6: return LaunchEarlyQ4<true>(name, a, vector_scales, device, stream);
   }
   TVM_FFI_THROW(ValueError) << name << ": variant " << variant << " is not 1 to " << kVariants;
 }
