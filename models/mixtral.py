@@ -60,14 +60,21 @@ class MixtralMoE(nn.Module):
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         probs = op.softmax(self.gate(x).astype("float32"), axis=-1)  # (b, s, experts)
-        top_w, top_i = op.topk(probs, self.top_k, axis=-1, ret_type="both", dtype="int32")
-        top_w = top_w / op.sum(top_w, axis=-1, keepdims=True)  # (b, s, k)
-        # Dense combination: every expert runs on every token and unselected experts get weight
-        # 0. Exact, and simple; a gathered grouped-GEMM MoE kernel is the fast path to come.
+        # The top k without a sort: expert e is chosen when fewer than k others rank above it (a
+        # higher probability, or an equal one at a lower index: ties go to the lower index).
+        # Comparisons and sums over the experts fuse into a few small kernels; TVM's top-k was
+        # four on a GPU, and the one-hot weights after it three more.
         experts = op.arange(0, self.num_experts, dtype="int32")  # (experts,)
-        # (b, s, k, experts) one-hot of the chosen experts, weighted, summed over k
-        chosen = op.equal(op.unsqueeze(top_i, -1), experts).astype("float32")
-        weights = op.sum(chosen * op.unsqueeze(top_w, -1), axis=2).astype(x.dtype)
+        p_e, p_j = op.unsqueeze(probs, -1), op.unsqueeze(probs, -2)  # (b, s, e, 1), (b, s, 1, j)
+        lower = op.less(op.unsqueeze(experts, 0), op.unsqueeze(experts, 1))  # [e, j]: j < e
+        above = op.greater(p_j, p_e).astype("int32") + (
+            op.equal(p_j, p_e).astype("int32") * lower.astype("int32")
+        )
+        chosen = op.less(op.sum(above, axis=-1), op.full((1,), self.top_k, dtype="int32"))
+        top_w = op.where(chosen, probs, op.zeros((1,), dtype="float32"))  # 0 where not chosen
+        # Dense combination: every expert's weight, 0 for the unselected, renormalized over the
+        # chosen k (kiln.passes.dispatch_moe then reads only the chosen experts at batch 1).
+        weights = (top_w / op.sum(top_w, axis=-1, keepdims=True)).astype(x.dtype)
         per_expert = op.split(weights, self.num_experts, axis=-1)  # experts x (b, s, 1)
         out = None
         for w, expert in zip(per_expert, self.experts, strict=True):
