@@ -347,6 +347,24 @@ int AutoSplits(int64_t blocks, int64_t batch, int64_t nnz_pages, int64_t page_si
   return static_cast<int>(std::clamp<int64_t>(std::min(want, most), 1, kMaxSplits));
 }
 
+// Query heads a block takes: the group (rounded up to a power of two, at most kMaxDecodeHeads),
+// so that a block reads its KV head's keys once for all of them; but where a call has few keys,
+// one or two, so that the grid has 4-8x the blocks, each with a fraction of the work, and the
+// keys read again come from L2. H100, 32 query and 8 KV heads of 128 (bench/attention.py):
+// batch 1 after 128 keys 9.1 us with the group, 4.9 with one head a block; after 2048 keys 17.0
+// and 12.6 with two; 64 sequences of 576 keys 59.5 with the group, 74.5 with two, 97.1 with
+// one. `wanted` (1, 2, 4 or 8) overrides it for tests and benchmarks, at most the group.
+constexpr int64_t kOneHeadBytes = int64_t{4} << 20;   // K/V a call reads, at most
+constexpr int64_t kTwoHeadsBytes = int64_t{32} << 20;
+
+int DecodeHeads(int64_t group, int64_t kv_bytes, int64_t wanted) {
+  int heads = 1;
+  while (heads < group && heads < kMaxDecodeHeads) heads *= 2;
+  if (wanted > 0) return std::min(heads, static_cast<int>(wanted));
+  if (kv_bytes <= kOneHeadBytes) return 1;
+  return kv_bytes <= kTwoHeadsBytes ? std::min(heads, 2) : heads;
+}
+
 template <typename T, int D, int H>
 void LaunchDecode(const DecodeParams& p, cudaStream_t stream) {
   dim3 grid(p.splits, p.h_kv * p.slices, p.batch);
@@ -364,11 +382,13 @@ void LaunchDecodeHeads(const DecodeParams& p, int heads, cudaStream_t stream) {
   }
 }
 
-// `splits`: runs of keys per sequence, or 0 to choose by the amount of work.
-void DecodePagedSplit(int64_t splits, Tensor q, Tensor pages, Tensor page_indptr,
-                      Tensor page_values, Tensor length_info, Tensor k_rope_pos_offset,
-                      Tensor q_rope_position, Tensor out, Tensor lse, int64_t rotary_mode,
-                      double rope_scale, double rope_theta, double sm_scale) {
+// `heads`: query heads a block takes (1, 2, 4 or 8; 0 chooses), `splits`: runs of keys per
+// sequence (0 chooses by the amount of work).
+void DecodePagedTiled(int64_t heads_wanted, int64_t splits, Tensor q, Tensor pages,
+                      Tensor page_indptr, Tensor page_values, Tensor length_info,
+                      Tensor k_rope_pos_offset, Tensor q_rope_position, Tensor out, Tensor lse,
+                      int64_t rotary_mode, double rope_scale, double rope_theta,
+                      double sm_scale) {
   (void)k_rope_pos_offset, (void)q_rope_position, (void)rope_scale, (void)rope_theta;
   const char* name = kDecode;
   TVM_FFI_CHECK(rotary_mode == 0, ValueError)
@@ -376,6 +396,10 @@ void DecodePagedSplit(int64_t splits, Tensor q, Tensor pages, Tensor page_indptr
       << "): Kiln's KV caches apply it as q and k enter the cache";
   TVM_FFI_CHECK(splits >= 0 && splits <= kMaxSplits, ValueError)
       << name << ": splits must be 0 (choose) to " << kMaxSplits << ", not " << splits;
+  TVM_FFI_CHECK(heads_wanted >= 0 && heads_wanted <= kMaxDecodeHeads &&
+                    (heads_wanted & (heads_wanted - 1)) == 0,
+                ValueError)
+      << name << ": heads must be 0 (choose), 1, 2, 4 or 8, not " << heads_wanted;
   const int device = q.device().device_id;
   CheckTensor(name, q, "q", 3, device);
   CheckTensor(name, out, "output", 3, device);
@@ -405,9 +429,8 @@ void DecodePagedSplit(int64_t splits, Tensor q, Tensor pages, Tensor page_indptr
 
   DecodeParams p{};
   const int64_t group = h_q / h_kv;
-  // Query heads per block: the group, rounded up to a power of two, at most kMaxDecodeHeads.
-  int heads = 1;
-  while (heads < group && heads < kMaxDecodeHeads) heads *= 2;
+  const int64_t kv_bytes = page_values.size(0) * pages.size(3) * h_kv * d * 2 * 2;  // K and V
+  const int heads = DecodeHeads(group, kv_bytes, heads_wanted);
   p.q = DataOf(q);
   p.out = DataOf(out);
   p.lse = reinterpret_cast<float*>(DataOf(lse));
@@ -448,6 +471,14 @@ void DecodePagedSplit(int64_t splits, Tensor q, Tensor pages, Tensor page_indptr
   }
 }
 
+void DecodePagedSplit(int64_t splits, Tensor q, Tensor pages, Tensor page_indptr,
+                      Tensor page_values, Tensor length_info, Tensor k_rope_pos_offset,
+                      Tensor q_rope_position, Tensor out, Tensor lse, int64_t rotary_mode,
+                      double rope_scale, double rope_theta, double sm_scale) {
+  DecodePagedTiled(0, splits, q, pages, page_indptr, page_values, length_info, k_rope_pos_offset,
+                   q_rope_position, out, lse, rotary_mode, rope_scale, rope_theta, sm_scale);
+}
+
 void DecodePaged(Tensor q, Tensor pages, Tensor page_indptr, Tensor page_values,
                  Tensor length_info, Tensor k_rope_pos_offset, Tensor q_rope_position, Tensor out,
                  Tensor lse, int64_t rotary_mode, double rope_scale, double rope_theta,
@@ -468,7 +499,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       // tests and benchmarks
       .def("kiln.attention.prefill_ragged_tiled", PrefillRaggedTiled)
       .def("kiln.attention.prefill_paged_tiled", PrefillPagedTiled)
-      .def("kiln.attention.decode_paged_split", DecodePagedSplit);
+      .def("kiln.attention.decode_paged_split", DecodePagedSplit)
+      .def("kiln.attention.decode_paged_tiled", DecodePagedTiled);
 }
 
 }  // namespace attention

@@ -4,7 +4,8 @@
 // TVM's batch_decode_paged_kv gives each (sequence, KV head) one thread block, so a batch of one
 // on a 32-head model runs 32 blocks: a quarter of an H100's SMs, each walking the whole history.
 // Here each (sequence, KV head, slice of up to kHeads of its query heads) is cut into `splits`
-// equal runs of keys, one block each, chosen by the host so that the grid fills the GPU. A
+// equal runs of keys, one block each, chosen by the host so that the grid fills the GPU (and
+// where a call has few keys, slices of one or two heads: attention.cu's DecodeHeads). A
 // block's 4 warps walk their run in key groups of D / 8 lanes: each lane holds 8 elements
 // (16 bytes) of a key row and of the query heads' rows, the group's lanes sum their products
 // with shuffles, and every group keeps its own online-softmax state (running max m, sum l, the

@@ -400,6 +400,24 @@ def test_decode_other_group_sizes_equal_numpy(decode, h_q, h_kv):
         check(case.run(split, splits), want, "float16", f"decode {h_q}/{h_kv} splits={splits}")
 
 
+@pytest.mark.parametrize("heads", [1, 2, 4, 8])
+def test_decode_any_heads_a_block_equals_numpy(decode, heads):
+    """A block takes its KV head's whole group of query heads, or where a call has few keys one
+    or two of them (attention.cu's DecodeHeads); decode_paged_tiled(heads, splits, ...) picks
+    the count (at most the group's power of two). Each count and split equals NumPy; a count
+    that is not a power of two is refused."""
+    dev, _, _ = decode
+    tiled = tvm_ffi.get_global_func(DECODE_PAGED + "_tiled")
+    for h_q, h_kv in ((32, 8), (12, 4), (32, 2)):  # groups of 4, 3 and 16
+        case = DecodeCase(dev, "float16", 128, h_q, h_kv, [0, 3, 300, 1000], seed=27)
+        want = case.reference(False)
+        for splits in (1, 3, 0):
+            check(case.run(tiled, heads, splits), want, "float16",
+                  f"decode {h_q}/{h_kv} heads={heads} splits={splits}")  # fmt: skip
+    with pytest.raises(Exception, match="heads must be"):
+        case.run(tiled, 3, 0)
+
+
 @pytest.mark.parametrize("page_size", [1, 8, 32])
 def test_decode_other_page_sizes_equal_numpy(decode, page_size):
     dev, split, _ = decode
