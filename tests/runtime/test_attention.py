@@ -30,6 +30,7 @@ FUNCTIONS = {
     "kiln.attention.prefill_paged_tiled",
     "kiln.attention.decode_paged",
     "kiln.attention.decode_paged_split",
+    "kiln.attention.decode_paged_tiled",
 }
 ARCHS = ["sm_90"]  # one arch keeps the build short
 
