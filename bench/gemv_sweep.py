@@ -3,9 +3,9 @@ K = 4096, then K columns at N = 4096), each timed in a CUDA graph as an artifact
 straight line fitted through the K = 4096 points: time = fixed + bytes / rate. `rate` is the
 kernel's steady state (compare it with the copy bandwidth printed first), `fixed` what every
 launch costs whatever its size (the launch in the graph, the first loads' latency, the last
-blocks' arithmetic and reduction). "cold" reads the weights from HBM (copies that together
-exceed the L2 cache), "hot" one copy, from L2. Variants are gemv.cu's (kVariants; 0 is the
-default); every variant's output is checked against the first one's.
+blocks' arithmetic and reduction). "cold" reads the weights from HBM (bench/gemv.py's weight
+copies, together past the L2 cache), "hot" one copy, from L2. Variants are gemv.cu's
+(kVariants; 0 is the default); every variant's output is checked against the first one's.
 
     python bench/gemv_sweep.py [--library kiln-gemv.so] [--variants 0] [--json OUT]
 
@@ -19,10 +19,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from gemv import _weight_copies
 
 ROWS = (1024, 2048, 4096, 8192, 12288, 16384, 24576, 32768, 65536)  # at K = 4096
 COLS = (1024, 2048, 8192, 11008, 16384)  # at N = 4096
-COLD_BYTES = 160_000_000  # weight copies at least this large together: past the L2 cache
 
 
 def main() -> None:
@@ -50,12 +50,12 @@ def main() -> None:
     rows = []
     for n, k in [(n, 4096) for n in ROWS] + [(4096, k) for k in COLS]:
         nbytes = n * k // 2 + n * k // 32 * 2  # int4 codes and fp16 scales
-        copies = -(-COLD_BYTES // nbytes)
-        qweights = [tvm.runtime.tensor(rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32),
-                                       device) for _ in range(copies)]  # fmt: skip
-        scales = [tvm.runtime.tensor((rng.random((n, k // 32)) * 0.01).astype(np.float16),
-                                     device) for _ in range(copies)]  # fmt: skip
+        stored = [rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32),
+                  (rng.random((n, k // 32)) * 0.01).astype(np.float16)]  # fmt: skip
         x = tvm.runtime.tensor(rng.standard_normal((1, 1, k)).astype(np.float16), device)
+        args = [x, *(tvm.runtime.tensor(a, device) for a in stored)]
+        copies = _weight_copies(args, stored, device)
+        qweights, scales = [c[1] for c in copies], [c[2] for c in copies]
         out = tvm.runtime.empty((1, 1, n), "float16", device)
         first = None
         for v in variants:
