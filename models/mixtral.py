@@ -37,6 +37,28 @@ class MixtralConfig(LlamaConfig):
         )
 
 
+def route(logits: nn.Tensor, top_k: int, dtype: str) -> nn.Tensor:
+    """Each row's weight per expert (..., E) from the router's logits (..., E): the softmax in
+    float32, 0 outside the row's top k, renormalized over the k, in `dtype`. (On CUDA,
+    kiln.passes.dispatch_moe makes the batch-1 router one kernel, checking these ops.)"""
+    probs = op.softmax(logits.astype("float32"), axis=-1)
+    # The top k without a sort: expert e is chosen when fewer than k others rank above it (a
+    # higher probability, or an equal one at a lower index: ties go to the lower index).
+    # Comparisons and sums over the experts fuse into a few small kernels; TVM's top-k was
+    # four on a GPU, and the one-hot weights after it three more.
+    experts = op.arange(0, probs.shape[-1], dtype="int32")  # (experts,)
+    p_e, p_j = op.unsqueeze(probs, -1), op.unsqueeze(probs, -2)  # (..., e, 1), (..., 1, j)
+    lower = op.less(op.unsqueeze(experts, 0), op.unsqueeze(experts, 1))  # [e, j]: j < e
+    above = op.greater(p_j, p_e).astype("int32") + (
+        op.equal(p_j, p_e).astype("int32") * lower.astype("int32")
+    )
+    chosen = op.less(op.sum(above, axis=-1), op.full((1,), top_k, dtype="int32"))
+    top_w = op.where(chosen, probs, op.zeros((1,), dtype="float32"))  # 0 where not chosen
+    # Dense combination: every expert's weight, 0 for the unselected, renormalized over the
+    # chosen k (kiln.passes.dispatch_moe then reads only the chosen experts at batch 1).
+    return (top_w / op.sum(top_w, axis=-1, keepdims=True)).astype(dtype)
+
+
 class MixtralMoE(nn.Module):
     """Routes each token to its top-k experts exactly as transformers does: softmax over the
     router logits in float32, top-k, renormalize the k weights to sum to one."""
@@ -59,22 +81,7 @@ class MixtralMoE(nn.Module):
         )
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        probs = op.softmax(self.gate(x).astype("float32"), axis=-1)  # (b, s, experts)
-        # The top k without a sort: expert e is chosen when fewer than k others rank above it (a
-        # higher probability, or an equal one at a lower index: ties go to the lower index).
-        # Comparisons and sums over the experts fuse into a few small kernels; TVM's top-k was
-        # four on a GPU, and the one-hot weights after it three more.
-        experts = op.arange(0, self.num_experts, dtype="int32")  # (experts,)
-        p_e, p_j = op.unsqueeze(probs, -1), op.unsqueeze(probs, -2)  # (b, s, e, 1), (b, s, 1, j)
-        lower = op.less(op.unsqueeze(experts, 0), op.unsqueeze(experts, 1))  # [e, j]: j < e
-        above = op.greater(p_j, p_e).astype("int32") + (
-            op.equal(p_j, p_e).astype("int32") * lower.astype("int32")
-        )
-        chosen = op.less(op.sum(above, axis=-1), op.full((1,), self.top_k, dtype="int32"))
-        top_w = op.where(chosen, probs, op.zeros((1,), dtype="float32"))  # 0 where not chosen
-        # Dense combination: every expert's weight, 0 for the unselected, renormalized over the
-        # chosen k (kiln.passes.dispatch_moe then reads only the chosen experts at batch 1).
-        weights = (top_w / op.sum(top_w, axis=-1, keepdims=True)).astype(x.dtype)
+        weights = route(self.gate(x), self.top_k, x.dtype)  # (b, s, experts)
         per_expert = op.split(weights, self.num_experts, axis=-1)  # experts x (b, s, 1)
         out = None
         for w, expert in zip(per_expert, self.experts, strict=True):

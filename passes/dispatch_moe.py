@@ -20,6 +20,15 @@ the bytes. The result is the same sum; the extern adds the experts' outputs in f
 rounds once (the graph rounds each product and each partial sum to the model dtype). Only
 static rows (at most `max_rows`), the externs' own GEMVs and at most `max_experts` experts
 match; batched and prefill functions keep the dense form, where most experts are routed to.
+
+With a `route` extern, the router that computes w the way kiln.models.mixtral does (checked op
+by op: the float32 softmax of x @ gate^T, each expert's rank among the probabilities, the top
+k kept and renormalized, cast to x's dtype) becomes one call as well,
+
+    w = call_dps_packed(route, (x, gate, k))                                  # (..., E)
+
+instead of the seven kernels TVM makes of it (the matmul, the softmax's two, the ranking, the
+selection, the sum, the division); the router's matmul kernel goes if nothing else calls it.
 """
 
 from __future__ import annotations
@@ -28,16 +37,35 @@ from dataclasses import dataclass
 from math import prod
 
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.expr_functor import mutator
 
-from kiln.passes.dispatch_matmul import PlannedRewrite, rewrite_planned
+from kiln.passes.dispatch_matmul import (
+    PlannedRewrite,
+    _drop_uncalled_kernels,
+    nt_matmul_kernel,
+    rewrite_planned,
+)
 from kiln.passes.fuse_swiglu import Bindings
 
 _ADD = tvm.ir.Op.get("relax.add")
 _MULTIPLY = tvm.ir.Op.get("relax.multiply")
 _SPLIT = tvm.ir.Op.get("relax.split")
 _CALL_DPS = tvm.ir.Op.get("relax.call_dps_packed")
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+_ASTYPE = tvm.ir.Op.get("relax.astype")
+_DIVIDE = tvm.ir.Op.get("relax.divide")
+_SUM = tvm.ir.Op.get("relax.sum")
+_WHERE = tvm.ir.Op.get("relax.where")
+_LESS = tvm.ir.Op.get("relax.less")
+_GREATER = tvm.ir.Op.get("relax.greater")
+_EQUAL = tvm.ir.Op.get("relax.equal")
+_FULL = tvm.ir.Op.get("relax.full")
+_ZEROS = tvm.ir.Op.get("relax.zeros")
+_ARANGE = tvm.ir.Op.get("relax.arange")
+_EXPAND_DIMS = tvm.ir.Op.get("relax.expand_dims")
+_SOFTMAX = tvm.ir.Op.get("relax.nn.softmax")
 
 
 @dataclass(frozen=True)
@@ -48,6 +76,14 @@ class MoEExterns:
     moe: str  # (h (E, ..., I), w, *stored_0, ..., out (..., N))
     max_experts: int
     max_rows: int
+    route: str = ""  # the router: (x, gate (E, K), top_k, out (..., E)); "" keeps the graph's
+
+
+@dataclass(frozen=True)
+class _Router:
+    x: relax.Expr
+    gate: relax.Expr  # (E, K)
+    top_k: int
 
 
 @dataclass(frozen=True)
@@ -57,6 +93,7 @@ class _MoE:
     gate_up: list[list[relax.Expr]]  # per expert, the stored tensors
     down: list[list[relax.Expr]]
     hidden: relax.TensorType  # (E, ..., I)
+    router: _Router | None
 
 
 def _extern_call(fn: Bindings, e: relax.Expr, name: str) -> list[relax.Expr] | None:
@@ -75,7 +112,7 @@ def _terms(fn: Bindings, e: relax.Expr, root: bool) -> list[relax.Expr]:
     return [e]
 
 
-def _match(fn: Bindings, var: relax.Var, ext: MoEExterns) -> _MoE | None:
+def _match(mod: tvm.IRModule, fn: Bindings, var: relax.Var, ext: MoEExterns) -> _MoE | None:
     terms = _terms(fn, var, True)
     if not 2 <= len(terms) <= ext.max_experts:
         return None
@@ -128,7 +165,120 @@ def _match(fn: Bindings, var: relax.Var, ext: MoEExterns) -> _MoE | None:
         [experts[e][0] for e in range(count)],
         [experts[e][1] for e in range(count)],
         hidden,
+        _router(mod, fn, weights, count) if ext.route else None,
     )
+
+
+def _call(fn: Bindings, e: relax.Expr, op: tvm.ir.Op) -> relax.Call | None:
+    """The call of `op` bound to var `e` (however often it is used: nothing is removed here,
+    the rewrite only gives w another value)."""
+    v = fn.bound.get(e) if isinstance(e, relax.Var) else None
+    return v if isinstance(v, relax.Call) and v.op.same_as(op) else None
+
+
+def _cast_of(fn: Bindings, e: relax.Expr, dtype: str) -> relax.Expr | None:
+    """x when `e` is astype(x, dtype)."""
+    cast = _call(fn, e, _ASTYPE)
+    return cast.args[0] if cast is not None and str(cast.attrs.dtype) == dtype else None
+
+
+def _last_axis(call: relax.Call, keepdims: bool) -> bool:
+    """A reduction or softmax over the last axis only."""
+    axes = call.attrs.axis
+    axes = [int(axes)] if isinstance(axes, int | tirx.IntImm) else [int(a) for a in axes or []]
+    ndim = call.args[0].ty.ndim
+    if len(axes) != 1 or axes[0] not in (-1, ndim - 1):
+        return False
+    return not hasattr(call.attrs, "keepdims") or bool(call.attrs.keepdims) == keepdims
+
+
+def _expanded(fn: Bindings, e: relax.Expr, source: relax.Expr, axis: int) -> bool:
+    """`e` is expand_dims(source, axis) (axis counted from the end)."""
+    call = _call(fn, e, _EXPAND_DIMS)
+    if call is None or not call.args[0].same_as(source) or len(call.attrs.axis) != 1:
+        return False
+    ndim = e.ty.ndim
+    return int(call.attrs.axis[0]) % ndim == axis % ndim
+
+
+def _experts_index(fn: Bindings, e: relax.Expr, axis: int, count: int) -> bool:
+    """`e` is expand_dims(arange(0, count), axis) in int32."""
+    call = _call(fn, e, _EXPAND_DIMS)
+    arange = _call(fn, call.args[0], _ARANGE) if call is not None else None
+    if arange is None or not _expanded(fn, e, call.args[0], axis):
+        return False
+    bounds = [a.value for a in arange.args]
+    return [int(b) for b in bounds] == [0, count, 1] and str(arange.attrs.dtype) == "int32"
+
+
+def _ranks(fn: Bindings, rank: relax.Expr, probs: relax.Expr, count: int) -> bool:
+    """`rank` counts, for each expert e, the experts above it: sum over j of (p_j > p_e) + (p_j
+    == p_e) * (j < e), with p_j = expand_dims(probs, -2) and p_e = expand_dims(probs, -1)."""
+    total = _call(fn, rank, _SUM)
+    add = _call(fn, total.args[0], _ADD) if total is not None else None
+    if add is None or not _last_axis(total, keepdims=False):
+        return False
+    above = _call(fn, _cast_of(fn, add.args[0], "int32"), _GREATER)
+    tie = _call(fn, add.args[1], _MULTIPLY)
+    if above is None or tie is None:
+        return False
+    equal = _call(fn, _cast_of(fn, tie.args[0], "int32"), _EQUAL)
+    lower = _call(fn, _cast_of(fn, tie.args[1], "int32"), _LESS)
+    if equal is None or lower is None:
+        return False
+    p_j, p_e = above.args
+    if not (_expanded(fn, p_j, probs, -2) and _expanded(fn, p_e, probs, -1)):
+        return False
+    a, b = equal.args  # (p_j == p_e) in either order
+    if not ((a.same_as(p_j) and b.same_as(p_e)) or (a.same_as(p_e) and b.same_as(p_j))):
+        return False
+    j, e = lower.args  # lower[e, j] = j < e
+    return _experts_index(fn, j, 0, count) and _experts_index(fn, e, 1, count)
+
+
+def _router(mod: tvm.IRModule, fn: Bindings, weights: relax.Expr, count: int) -> _Router | None:
+    """x, the gate weight and k when `weights` is kiln.models.mixtral's router:
+    probs = softmax(astype(x @ gate^T, float32))
+    top = where(rank < full(k), probs, zeros)
+    weights = astype(top / sum(top, axis=-1, keepdims=True), x's dtype)"""
+    dtype = str(weights.ty.dtype)
+    divide = _call(fn, _cast_of(fn, weights, dtype), _DIVIDE)
+    if divide is None or dtype != "float16":
+        return None
+    top, norm = divide.args
+    total = _call(fn, norm, _SUM)
+    where = _call(fn, top, _WHERE)
+    if total is None or where is None or not total.args[0].same_as(top):
+        return None
+    if not _last_axis(total, keepdims=True):
+        return None
+    chosen, probs, zero = where.args
+    less = _call(fn, chosen, _LESS)
+    full = _call(fn, less.args[1], _FULL) if less is not None else None
+    zeros = _call(fn, zero, _ZEROS)
+    if full is None or zeros is None or str(zeros.attrs.dtype) != "float32":
+        return None
+    fill = full.args[1]
+    if not isinstance(fill, tvm.ir.expr.Constant) or fill.value.numpy().size != 1:
+        return None
+    top_k = int(fill.value.numpy().reshape(-1)[0])
+    softmax = _call(fn, probs, _SOFTMAX)
+    if softmax is None or not 1 <= top_k <= count or not _ranks(fn, less.args[0], probs, count):
+        return None
+    if not _last_axis(softmax, keepdims=False):
+        return None
+    logits = _call(fn, _cast_of(fn, softmax.args[0], "float32"), _CALL_TIR)
+    if logits is None or len(logits.args) != 2 or len(logits.args[1].fields) != 2:
+        return None
+    x, gate = logits.args[1].fields
+    if str(x.ty.dtype) != dtype or str(gate.ty.dtype) != dtype or str(logits.ty.dtype) != dtype:
+        return None
+    if _shape(gate) is None or len(_shape(gate)) != 2 or _shape(gate)[0] != count:
+        return None
+    expected = nt_matmul_kernel(x.ty, gate.ty, logits.ty)
+    if not tvm_ffi.structural_equal(expected, mod[logits.args[0]], map_free_vars=True):
+        return None
+    return _Router(x, gate, top_k)
 
 
 def _shape(e: relax.Expr) -> list[int] | None:
@@ -148,7 +298,16 @@ def _lead(x: relax.Expr) -> list[int] | None:
 class _Dispatch(PlannedRewrite):
     def rewrite(self, var: relax.Var, planned: tuple[MoEExterns, _MoE]) -> relax.Expr:
         ext, moe = planned
-        weights = self.visit_expr(moe.weights)
+        if moe.router is None:
+            weights = self.visit_expr(moe.weights)
+        else:
+            r = moe.router
+            operands = [self.visit_expr(r.x), self.visit_expr(r.gate), relax.prim_value(r.top_k)]
+            weights = self.builder_.emit(
+                relax.call_dps_packed(
+                    relax.ExternFunc(ext.route), relax.Tuple(operands), moe.weights.ty
+                )
+            )
 
         def operands(first: relax.Expr, stored: list[list[relax.Expr]]) -> relax.Tuple:
             return relax.Tuple([first, weights, *(self.visit_expr(t) for s in stored for t in s)])
@@ -171,11 +330,11 @@ def DispatchMoE(externs: MoEExterns) -> tvm.transform.Pass:
             plan = {}
             for var, value in fn.bound.items():
                 if isinstance(value, relax.Call) and value.op.same_as(_ADD):
-                    if (moe := _match(fn, var, externs)) is not None:
+                    if (moe := _match(mod, fn, var, externs)) is not None:
                         plan[var] = (externs, moe)
             return plan
 
         out = rewrite_planned(mod, _Dispatch, plan_of)
-        return mod if out is None else out
+        return mod if out is None else _drop_uncalled_kernels(out, before=mod)
 
     return _run

@@ -89,7 +89,8 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
     # batched decode's int4 Linears go to kiln.gemv.q4_batched: GEMVs up to 8 sequences, an
     # int4 tensor-core GEMM up to 64, past that a dequantize and cuBLAS (dlight's dequantizing
     # GEMMs are the alternative: bench/RESULTS.md). A mixture of experts' MLP at batch 1 then
-    # reads only the routed experts' int4 weights (kiln.gemv.q4_moe_swiglu and q4_moe).
+    # reads only the routed experts' int4 weights (kiln.gemv.q4_moe_swiglu and q4_moe), its
+    # router one kernel (kiln.gemv.moe_route).
     moe = MoEExterns(
         gemv.Q4_SWIGLU,
         gemv.Q4,
@@ -97,6 +98,7 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         gemv.Q4_MOE,
         max_experts=gemv.MAX_EXPERTS,
         max_rows=gemv.MAX_ROWS,
+        route=gemv.MOE_ROUTE,
     )
     return [DispatchGEMV(int4, {}, batched=("decode",)), DispatchMoE(moe)]
 

@@ -2,7 +2,8 @@
 // and `kiln.gemv.f16_swiglu`, destination-passing (the caller allocates `out`, passed last), and
 // the batched decode's q4, `kiln.gemv.q4_batched` (Q4Gemm below and Q4Batched say how), and a
 // mixture of experts' MLP reading only the routed experts, `kiln.gemv.q4_moe_swiglu` and
-// `kiln.gemv.q4_moe` (Q4MoeSwiGLU, Q4MoeDown and CheckMoe say how).
+// `kiln.gemv.q4_moe` (Q4MoeSwiGLU, Q4MoeDown and CheckMoe say how), and its router,
+// `kiln.gemv.moe_route` (MoeRoute).
 //
 //   q4(x (..., K) f16, qweight (N, K / 8) u32, scale (N, K / 32) f16, out (..., N) f16)
 //   q4_swiglu(x, qweight (2I, K / 8), scale (2I, K / 32), out (..., I) f16)
@@ -10,6 +11,7 @@
 //   q4_batched(x, qweight, scale, out, w (N, K) f16 scratch)
 //   q4_moe_swiglu(x, gate (..., E) f16, qweight_0, scale_0, ..., out (E, ..., I) f16)
 //   q4_moe(h (E, ..., K), gate, qweight_0, scale_0, ..., out (..., N) f16)
+//   moe_route(x (..., K) f16, gate (E, K) f16, top_k, out (..., E) f16): the router (MoeRoute)
 //
 // M = the product of x's leading dimensions; K % 32 == 0. A GEMV kernel takes 8 rows of x at most
 // (the MMA's 8 columns); more run as one kernel per 8 rows, each reading the weight again. The q4
@@ -542,6 +544,67 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeDown(Moe
   Finish<1, false>(total, m.a.out, first, m.a.rows, m.a.m_rows);
 }
 
+// The mixture's router for a row of x a block (kiln.models.mixtral's MixtralMoE): logits l =
+// x @ gate^T (fp32 sums, each rounded to fp16 as the graph's matmul writes them), p = softmax(l)
+// in fp32, the top k of p (ties to the lower index) renormalized over the k: out[m, e] = p_e /
+// (the sum of the chosen k p), 0 for the others. The block's warps take (expert, slice of K)
+// items, 16 bytes of x and of the gate row a lane a load; then one thread does the rest (E
+// values). One kernel for what the graph runs as seven (the matmul, the softmax's two, the
+// ranking, the selection, the sum, the division).
+constexpr int kRouteWarps = 16;
+
+__global__ void __launch_bounds__(kRouteWarps * 32)
+    MoeRoute(const half* __restrict__ x, const half* __restrict__ gate, half* __restrict__ out,
+             int k, int experts, int top_k, int slices) {
+  __shared__ float partial[kRouteWarps][kMaxExperts];  // [slice][expert]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const half* row = x + static_cast<int64_t>(blockIdx.x) * k;
+  const int span = k / slices;  // a multiple of 8: whole 16-byte pieces
+  for (int item = warp; item < experts * slices; item += kRouteWarps) {
+    const int e = item % experts, s = item / experts;
+    const half* a = row + s * span;
+    const half* b = gate + static_cast<int64_t>(e) * k + s * span;
+    float sum = 0.0f;
+#pragma unroll 4
+    for (int i = lane * 8; i < span; i += 32 * 8) {
+      const uint4 va = *reinterpret_cast<const uint4*>(a + i);
+      const uint4 vb = *reinterpret_cast<const uint4*>(b + i);
+      const half2* ha = reinterpret_cast<const half2*>(&va);
+      const half2* hb = reinterpret_cast<const half2*>(&vb);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 fa = __half22float2(ha[j]), fb = __half22float2(hb[j]);
+        sum += fa.x * fb.x + fa.y * fb.y;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) partial[s][e] = sum;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  float p[kMaxExperts];
+  float most = -INFINITY;
+  for (int e = 0; e < experts; ++e) {
+    float l = 0.0f;
+    for (int s = 0; s < slices; ++s) l += partial[s][e];
+    p[e] = __half2float(__float2half(l));
+    most = fmaxf(most, p[e]);
+  }
+  float total = 0.0f;
+  for (int e = 0; e < experts; ++e) total += (p[e] = expf(p[e] - most));
+  for (int e = 0; e < experts; ++e) p[e] /= total;
+  uint32_t chosen = 0;
+  float kept = 0.0f;
+  for (int e = 0; e < experts; ++e) {
+    int above = 0;
+    for (int j = 0; j < experts; ++j) above += p[j] > p[e] || (p[j] == p[e] && j < e);
+    if (above < top_k) chosen |= 1u << e, kept += p[e];
+  }
+  half* o = out + static_cast<int64_t>(blockIdx.x) * experts;
+  for (int e = 0; e < experts; ++e) o[e] = __float2half(chosen >> e & 1 ? p[e] / kept : 0.0f);
+}
+
 // ---------------------------------------------------------------------------------------------
 // q4 for a batched decode's 9 to 64 rows of x: one kernel that reads each weight once for all of
 // them (the GEMV above reads it again for every 8). A block owns 256 weight rows, kTiles 16-row
@@ -998,6 +1061,7 @@ constexpr const char* kGemm = "kiln.cublas.matmul";  // out = x @ w^T, w (N, K) 
 constexpr const char* kQ4Gemm = "kiln.gemv.q4_gemm";
 constexpr const char* kQ4MoeSwiGLU = "kiln.gemv.q4_moe_swiglu";
 constexpr const char* kQ4Moe = "kiln.gemv.q4_moe";
+constexpr const char* kMoeRoute = "kiln.gemv.moe_route";
 // A batched decode's q4 (Q4Batched): up to kMaxM rows of x, the GEMV; up to kMaxGemmRows, Q4Gemm;
 // more, the weight dequantized once and multiplied on the GEMM library, whose cost does not grow
 // with the rows until its tiles fill. H200, the Llama-2-7B matrices (bench/q4_batched.py): at 16
@@ -1397,6 +1461,31 @@ void RunMoe(const char* name, tvm::ffi::PackedArgs args) {
                 : LaunchMoe<kSwiGLU, false>(name, m, device, stream);
 }
 
+// moe_route(x (lead..., K) f16, gate (E, K) f16, top_k, out (lead..., E) f16): MoeRoute, a
+// block a row of x; E = 1 .. kMaxExperts, 1 <= top_k <= E.
+void MoeRouteEntry(Tensor x, Tensor gate, int64_t top_k, Tensor out) {
+  const char* name = kMoeRoute;
+  const int64_t k = CheckK(name, x);
+  CheckDtype(name, gate, "gate", kDLFloat, 16, "float16");
+  TVM_FFI_CHECK(gate.ndim() == 2 && gate.size(1) == k && gate.size(0) >= 1 &&
+                    gate.size(0) <= kMaxExperts,
+                ValueError)
+      << name << ": gate must be (E, K) with x's K = " << k << " and E = 1 .. " << kMaxExperts;
+  const int64_t experts = gate.size(0);
+  TVM_FFI_CHECK(top_k >= 1 && top_k <= experts, ValueError)
+      << name << ": top_k is " << top_k << "; it must be 1 .. " << experts << " (E)";
+  Args a = CheckActivations(name, x, out, experts);
+  const int device = PlaceActivations(name, x, out, &a);
+  CheckPlacement(name, gate, "gate", device, true);
+  int slices = std::max<int>(1, kRouteWarps / static_cast<int>(experts));
+  while (slices > 1 && k % (8 * slices) != 0) slices /= 2;
+  cudaStream_t stream = TvmStream(name, device);
+  MoeRoute<<<static_cast<unsigned>(a.m_rows), kRouteWarps * 32, 0, stream>>>(
+      a.x, reinterpret_cast<const half*>(DataOf(gate)), a.out, a.k, static_cast<int>(experts),
+      static_cast<int>(top_k), slices);
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+}
+
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef()
@@ -1412,6 +1501,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
                   })
       .def_packed(kQ4Moe,
                   [](tvm::ffi::PackedArgs args, tvm::ffi::Any*) { RunMoe<false>(kQ4Moe, args); })
+      .def(kMoeRoute, MoeRouteEntry)
       // For benchmarks and tests: q4 and q4 SwiGLU with the variant fixed (0: the default; see
       // kVariants), the default's choice, and a variant's time in a CUDA graph
       .def(kQ4Tiled, Q4Tiled)

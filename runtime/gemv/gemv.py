@@ -22,6 +22,10 @@ multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs
   each row's weight per expert (0: not routed); q4_moe_swiglu writes h (E, ..., I), expert e's
   SwiGLU at e (not written where no row is routed to e); q4_moe writes out (..., N) = sum over
   e of gate[..., e] * (h[e] @ down_e^T), the sum in float32.
+- `kiln.gemv.moe_route(x, gate, top_k, out)`: the mixture's router, the `gate` above from x
+  (..., K) float16 and the router's weight gate (E, K) float16: out (..., E) = softmax(x @
+  gate^T) (fp32, the logits rounded to fp16 first) at each row's top_k experts (ties to the lower
+  index), renormalized to sum to one over them, 0 elsewhere.
 
 K must be a multiple of 32; gemv.cu says how the kernels work and what they round.
 (For benchmarks: `kiln.gemv.q4_tiled(variant, ...)` and `q4_swiglu_tiled(variant, ...)` run
@@ -59,7 +63,8 @@ F16_SWIGLU = "kiln.gemv.f16_swiglu"
 Q4_BATCHED = "kiln.gemv.q4_batched"
 Q4_MOE_SWIGLU = "kiln.gemv.q4_moe_swiglu"
 Q4_MOE = "kiln.gemv.q4_moe"
-FUNCTIONS = (Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE)
+MOE_ROUTE = "kiln.gemv.moe_route"
+FUNCTIONS = (Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE, MOE_ROUTE)
 ARTIFACT_FILE = "kiln-gemv.so"  # the built extern, inside an artifact compiled on its platform
 MAX_ROWS = 8  # of x: the MMA's N
 MAX_EXPERTS = 16  # of the mixture externs (gemv.cu's kMaxExperts)

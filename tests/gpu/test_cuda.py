@@ -84,7 +84,7 @@ def test_cuda_quantized_matches_transformers_on_dequantized_weights(name, preset
         pytest.skip("the dequantized reference is built by tests/gpu/build_artifacts.py")
     if (name, preset) == ("mixtral", "q4f16"):  # its batch-1 decode reads the routed experts only
         externs = json.loads((art / "manifest.json").read_text())["target"]["externs"]
-        assert {gemv.Q4_MOE_SWIGLU, gemv.Q4_MOE} <= set(externs)
+        assert {gemv.Q4_MOE_SWIGLU, gemv.Q4_MOE, gemv.MOE_ROUTE} <= set(externs)
     if preset == "q4f16_awq":
         ref = reference(Path(root) / f"ckpt-{name}-awq" / "plain")
     else:

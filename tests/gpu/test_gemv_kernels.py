@@ -7,7 +7,8 @@ variant (kiln.gemv.q4_tiled, q4_swiglu_tiled: 16 or 32 weight rows a block, with
 prefetching), and in a CUDA graph (kiln.gemv.q4_graph_time); 8 rows of x, and 9 to 64 (a
 kernel per 8); the batched decode's q4 (kiln.gemv.q4_batched) and its kernel for 9 to 64 rows
 (kiln.gemv.q4_gemm); a mixture of experts' MLP reading only the routed experts
-(kiln.gemv.q4_moe_swiglu, q4_moe); arguments they refuse; and TVM's current stream.
+(kiln.gemv.q4_moe_swiglu, q4_moe) and its router (kiln.gemv.moe_route); arguments they refuse;
+and TVM's current stream.
 
 Random data as a decode step sees it: x ~ N(0, 1), q4 scales ~ U(0.001, 0.02), nibbles uniform,
 f16 weights ~ N(0, 1 / K) (so that the gate's silu is not saturated).
@@ -39,6 +40,7 @@ from kiln.runtime.device import open_device
 from kiln.runtime.gemv import (
     ARTIFACT_FILE,
     F16_SWIGLU,
+    MOE_ROUTE,
     Q4,
     Q4_BATCHED,
     Q4_MOE,
@@ -350,6 +352,75 @@ def test_q4_moe_refuses_wrong_arguments(dev):
     with pytest.raises(ValueError, match="expert 1's qweight must be"):
         moe(on_gpu((2, 1, 64)), on_gpu((1, 2)), w, s, on_gpu((32, 8), "uint32"), s,
             on_gpu((1, 64)))  # fmt: skip
+
+
+def route_reference(x: np.ndarray, gate: np.ndarray, top_k: int) -> np.ndarray:
+    """kiln.models.mixtral's router: the logits rounded to fp16, their softmax in float32, the
+    top k by rank (ties to the lower index) renormalized, 0 elsewhere."""
+    logits = (x.astype(np.float64) @ gate.astype(np.float64).T).astype(np.float16)
+    p = np.exp(logits.astype(np.float32) - logits.max(-1, keepdims=True).astype(np.float32))
+    p /= p.sum(-1, keepdims=True)
+    p_j, p_e = p[..., None, :], p[..., :, None]
+    lower = np.tri(p.shape[-1], k=-1, dtype=bool)  # [e, j]: j < e
+    top = np.where(((p_j > p_e) | ((p_j == p_e) & lower)).sum(-1) < top_k, p, 0)
+    return top / top.sum(-1, keepdims=True)
+
+
+def route(dev, x: np.ndarray, gate: np.ndarray, top_k: int) -> np.ndarray:
+    out = tvm.runtime.empty((*x.shape[:-1], len(gate)), "float16", dev)
+    on = [tvm.runtime.tensor(a, dev) for a in (x, gate)]
+    tvm_ffi.get_global_func(MOE_ROUTE)(*on, top_k, out)
+    return out.numpy().astype(np.float64)
+
+
+# (x's leading dimensions, experts, top k, K): Mixtral's, rows up to 8, 16 experts, odd counts
+ROUTE_CASES = [
+    ((1, 1), 8, 2, 4096),
+    ((3,), 8, 2, 4096),
+    ((8,), 16, 4, 1024),
+    ((2,), 6, 1, 4352),
+    ((1,), 1, 1, 96),
+    ((5,), 3, 3, 64),
+]
+
+
+@pytest.mark.parametrize("lead,experts,top,k", ROUTE_CASES)
+def test_moe_route_equals_the_router(dev, lead, experts, top, k):
+    rng = np.random.default_rng(experts * k + top)
+    x = rng.standard_normal((*lead, k)).astype(np.float16)
+    gate = rng.normal(0, 2 / np.sqrt(k), (experts, k)).astype(np.float16)  # logits ~ N(0, 4)
+    got, want = route(dev, x, gate, top), route_reference(x, gate, top)
+    assert np.isfinite(got).all()
+    assert ((got != 0) == (want != 0)).all()  # the same experts chosen in every row
+    assert (np.count_nonzero(got, axis=-1) == top).all()
+    np.testing.assert_allclose(got, want, atol=5e-3)
+
+
+def test_moe_route_breaks_ties_to_the_lower_index(dev):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 256)).astype(np.float16)
+    gate = rng.normal(0, 0.01, (8, 256)).astype(np.float16)
+    gate[5] = gate[2] = 4 * np.sign(x[0]) / 256  # experts 2 and 5: equal, and the largest
+    top1, top2 = route(dev, x, gate, 1), route(dev, x, gate, 2)
+    assert np.flatnonzero(top1[0]).tolist() == [2] and top1[0, 2] == 1
+    assert np.flatnonzero(top2[0]).tolist() == [2, 5]
+    np.testing.assert_allclose(top2, route_reference(x, gate, 2), atol=5e-3)
+
+
+def test_moe_route_refuses_wrong_arguments(dev):
+    fn = tvm_ffi.get_global_func(MOE_ROUTE)
+
+    def on_gpu(shape, dtype="float16"):
+        return tvm.runtime.tensor(np.zeros(shape, dtype), dev)
+
+    with pytest.raises(ValueError, match=r"gate must be \(E, K\) with x's K = 64"):
+        fn(on_gpu((1, 64)), on_gpu((8, 32)), 2, on_gpu((1, 8)))
+    with pytest.raises(ValueError, match=r"E = 1 \.\. 16"):
+        fn(on_gpu((1, 64)), on_gpu((17, 64)), 2, on_gpu((1, 17)))
+    with pytest.raises(ValueError, match=r"top_k is 9; it must be 1 \.\. 8"):
+        fn(on_gpu((1, 64)), on_gpu((8, 64)), 9, on_gpu((1, 8)))
+    with pytest.raises(ValueError, match="out must be shaped as x"):
+        fn(on_gpu((1, 64)), on_gpu((8, 64)), 2, on_gpu((1, 4)))
 
 
 def test_refuses_wrong_arguments(dev):
