@@ -548,9 +548,10 @@ __global__ void __launch_bounds__(kThreads, Q4MinBlocks(1, false)) Q4MoeDown(Moe
 // x @ gate^T (fp32 sums, each rounded to fp16 as the graph's matmul writes them), p = softmax(l)
 // in fp32, the top k of p (ties to the lower index) renormalized over the k: out[m, e] = p_e /
 // (the sum of the chosen k p), 0 for the others. The block's warps take (expert, slice of K)
-// items, 16 bytes of x and of the gate row a lane a load; then one thread does the rest (E
-// values). One kernel for what the graph runs as seven (the matmul, the softmax's two, the
-// ranking, the selection, the sum, the division).
+// items, 16 bytes of x and of the gate row a lane a load; then warp 0 does the rest, a lane an
+// expert, through shuffles (one thread over an array of E values took 7 us at E = 8). One
+// kernel for what the graph runs as seven (the matmul, the softmax's two, the ranking, the
+// selection, the sum, the division).
 constexpr int kRouteWarps = 16;
 
 __global__ void __launch_bounds__(kRouteWarps * 32)
@@ -582,27 +583,32 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
     if (lane == 0) partial[s][e] = sum;
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  float p[kMaxExperts];
-  float most = -INFINITY;
-  for (int e = 0; e < experts; ++e) {
-    float l = 0.0f;
-    for (int s = 0; s < slices; ++s) l += partial[s][e];
-    p[e] = __half2float(__float2half(l));
-    most = fmaxf(most, p[e]);
+  if (warp != 0) return;
+  // Warp 0, a lane an expert: its logit, the softmax and its rank through shuffles.
+  const bool mine = lane < experts;
+  float l = 0.0f;
+  for (int s = 0; mine && s < slices; ++s) l += partial[s][lane];
+  l = mine ? __half2float(__float2half(l)) : -INFINITY;
+  float most = l;
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) most = fmaxf(most, __shfl_xor_sync(0xffffffffu, most, o));
+  float p = mine ? expf(l - most) : 0.0f;
+  float total = p;
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffffu, total, o);
+  p /= total;
+  int above = 0;  // experts ranked above this one: a higher p, or an equal one at a lower index
+  for (int j = 0; j < experts; ++j) {
+    const float q = __shfl_sync(0xffffffffu, p, j);
+    above += q > p || (q == p && j < lane);
   }
-  float total = 0.0f;
-  for (int e = 0; e < experts; ++e) total += (p[e] = expf(p[e] - most));
-  for (int e = 0; e < experts; ++e) p[e] /= total;
-  uint32_t chosen = 0;
-  float kept = 0.0f;
-  for (int e = 0; e < experts; ++e) {
-    int above = 0;
-    for (int j = 0; j < experts; ++j) above += p[j] > p[e] || (p[j] == p[e] && j < e);
-    if (above < top_k) chosen |= 1u << e, kept += p[e];
+  const bool chosen = mine && above < top_k;
+  float kept = chosen ? p : 0.0f;
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) kept += __shfl_xor_sync(0xffffffffu, kept, o);
+  if (mine) {
+    out[static_cast<int64_t>(blockIdx.x) * experts + lane] = __float2half(chosen ? p / kept : 0.0f);
   }
-  half* o = out + static_cast<int64_t>(blockIdx.x) * experts;
-  for (int e = 0; e < experts; ++e) o[e] = __float2half(chosen >> e & 1 ? p[e] / kept : 0.0f);
 }
 
 // ---------------------------------------------------------------------------------------------
