@@ -237,10 +237,9 @@ def _ranks(fn: Bindings, rank: relax.Expr, probs: relax.Expr, count: int) -> boo
 
 
 def _router(mod: tvm.IRModule, fn: Bindings, weights: relax.Expr, count: int) -> _Router | None:
-    """x, the gate weight and k when `weights` is kiln.models.mixtral's router:
-    probs = softmax(astype(x @ gate^T, float32))
-    top = where(rank < full(k), probs, zeros)
-    weights = astype(top / sum(top, axis=-1, keepdims=True), x's dtype)"""
+    """x, the gate weight and k when `weights` is kiln.models.mixtral's router: probs =
+    softmax(astype(x @ gate^T, float32)), top = where(rank < full(k), probs, zeros), weights =
+    astype(top / sum(top, axis=-1, keepdims=True), x's dtype), with `rank` as _ranks says."""
     dtype = str(weights.ty.dtype)
     divide = _call(fn, _cast_of(fn, weights, dtype), _DIVIDE)
     if divide is None or dtype != "float16":
@@ -274,6 +273,8 @@ def _router(mod: tvm.IRModule, fn: Bindings, weights: relax.Expr, count: int) ->
     if str(x.ty.dtype) != dtype or str(gate.ty.dtype) != dtype or str(logits.ty.dtype) != dtype:
         return None
     if _shape(gate) is None or len(_shape(gate)) != 2 or _shape(gate)[0] != count:
+        return None
+    if _lead(x) != _shape(weights)[:-1]:  # a row of weights for each row of x
         return None
     expected = nt_matmul_kernel(x.ty, gate.ty, logits.ty)
     if not tvm_ffi.structural_equal(expected, mod[logits.args[0]], map_free_vars=True):
