@@ -140,6 +140,14 @@ def _register_numpy_externs() -> None:
         tvm_ffi.register_global_func(f"kiln.test.moe.{name}", f, override=True)
 
 
+def _expert_weights(rng, dtype: str) -> list[np.ndarray]:
+    """gate_up_e (2I, K) and down_e (K, I) for each expert."""
+    params = []
+    for _ in range(EXPERTS):
+        params += [rng.normal(0, K**-0.5, (2 * INTER, K)), rng.normal(0, INTER**-0.5, (K, INTER))]
+    return [p.astype(dtype) for p in params]
+
+
 def _run(mod, x, w, params):
     vm = tvm_vm.VirtualMachine(tvm.compile(mod, tvm.target.Target("llvm")), tvm.cpu())
     out = vm["main"](
@@ -152,10 +160,7 @@ def _run(mod, x, w, params):
 def test_routed_experts_give_the_dense_numbers_on_the_cpu(rows):
     _register_numpy_externs()
     rng = np.random.default_rng(rows)
-    params = []
-    for _ in range(EXPERTS):
-        params += [rng.normal(0, K**-0.5, (2 * INTER, K)), rng.normal(0, INTER**-0.5, (K, INTER))]
-    params = [p.astype("float32") for p in params]
+    params = _expert_weights(rng, "float32")
     x = rng.normal(0, 1, (rows, K)).astype("float32")
     w = np.zeros((rows, EXPERTS), "float32")  # top 2 of 4, renormalized; expert 3 never routed
     for m in range(rows):
@@ -186,10 +191,7 @@ def test_what_is_not_a_routed_mixture_stays(variant):
 def test_the_router_becomes_one_call_with_the_same_numbers(top_k):
     _register_numpy_externs()
     rng = np.random.default_rng(top_k)
-    params = []
-    for _ in range(EXPERTS):
-        params += [rng.normal(0, K**-0.5, (2 * INTER, K)), rng.normal(0, INTER**-0.5, (K, INTER))]
-    params = [p.astype("float16") for p in params]
+    params = _expert_weights(rng, "float16")
     x = rng.normal(0, 1, (1, K)).astype("float16")
     gate = rng.normal(0, 1, (EXPERTS, K)).astype("float16")
     before = _moe_module(1, "router", top_k, "float16")
