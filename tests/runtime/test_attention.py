@@ -162,6 +162,7 @@ def test_every_extern_has_a_file_and_a_loader():
         "kiln.cublas.matmul", attention.PREFILL_RAGGED, attention.PREFILL_PAGED,
         attention.DECODE_PAGED, "kiln.gemv.q4", "kiln.gemv.q4_swiglu", "kiln.gemv.f16_swiglu",
         "kiln.gemv.q4_batched", "kiln.gemv.q4_moe_swiglu", "kiln.gemv.q4_moe",
+        "kiln.gemv.moe_route",
     }  # fmt: skip
     # Externs that share a library file build and load it alike (one library, both functions).
     by_file = {}
