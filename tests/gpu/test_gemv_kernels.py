@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
+from moe_reference import route_reference
 
 from kiln.runtime import cublas
 from kiln.runtime.cublas import load_cublas
@@ -352,18 +353,6 @@ def test_q4_moe_refuses_wrong_arguments(dev):
     with pytest.raises(ValueError, match="expert 1's qweight must be"):
         moe(on_gpu((2, 1, 64)), on_gpu((1, 2)), w, s, on_gpu((32, 8), "uint32"), s,
             on_gpu((1, 64)))  # fmt: skip
-
-
-def route_reference(x: np.ndarray, gate: np.ndarray, top_k: int) -> np.ndarray:
-    """kiln.models.mixtral's router: the logits rounded to fp16, their softmax in float32, the
-    top k by rank (ties to the lower index) renormalized, 0 elsewhere."""
-    logits = (x.astype(np.float64) @ gate.astype(np.float64).T).astype(np.float16)
-    p = np.exp(logits.astype(np.float32) - logits.max(-1, keepdims=True).astype(np.float32))
-    p /= p.sum(-1, keepdims=True)
-    p_j, p_e = p[..., None, :], p[..., :, None]
-    lower = np.tri(p.shape[-1], k=-1, dtype=bool)  # [e, j]: j < e
-    top = np.where(((p_j > p_e) | ((p_j == p_e) & lower)).sum(-1) < top_k, p, 0)
-    return top / top.sum(-1, keepdims=True)
 
 
 def route(dev, x: np.ndarray, gate: np.ndarray, top_k: int) -> np.ndarray:
