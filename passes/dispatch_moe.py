@@ -204,11 +204,13 @@ def _expanded(fn: Bindings, e: relax.Expr, source: relax.Expr, axis: int) -> boo
 def _experts_index(fn: Bindings, e: relax.Expr, axis: int, count: int) -> bool:
     """`e` is expand_dims(arange(0, count), axis) in int32."""
     call = _call(fn, e, _EXPAND_DIMS)
-    arange = _call(fn, call.args[0], _ARANGE) if call is not None else None
-    if arange is None or not _expanded(fn, e, call.args[0], axis):
+    if call is None or not _expanded(fn, e, call.args[0], axis):
         return False
-    bounds = [a.value for a in arange.args]
-    return [int(b) for b in bounds] == [0, count, 1] and str(arange.attrs.dtype) == "int32"
+    arange = _call(fn, call.args[0], _ARANGE)
+    if arange is None:
+        return False
+    bounds = [int(a.value) for a in arange.args]
+    return bounds == [0, count, 1] and str(arange.attrs.dtype) == "int32"
 
 
 def _ranks(fn: Bindings, rank: relax.Expr, probs: relax.Expr, count: int) -> bool:
@@ -272,7 +274,8 @@ def _router(mod: tvm.IRModule, fn: Bindings, weights: relax.Expr, count: int) ->
     x, gate = logits.args[1].fields
     if str(x.ty.dtype) != dtype or str(gate.ty.dtype) != dtype or str(logits.ty.dtype) != dtype:
         return None
-    if _shape(gate) is None or len(_shape(gate)) != 2 or _shape(gate)[0] != count:
+    gate_shape = _shape(gate)  # (E, K)
+    if gate_shape is None or len(gate_shape) != 2 or gate_shape[0] != count:
         return None
     if _lead(x) != _shape(weights)[:-1]:  # a row of weights for each row of x
         return None
