@@ -253,6 +253,11 @@ def serve(
     type=float,
     help="the device's dense GEMM peak, for prefill rooflines (bench/llm.py measures it)",
 )
+@click.option(
+    "--step-graphs",
+    is_flag=True,
+    help="decode a lone request's steps as whole-step CUDA graphs (kiln.runtime.step_graph)",
+)
 @_tensor_parallel
 @_friendly
 def bench(
@@ -260,6 +265,7 @@ def bench(
     device: str,
     batches: str,
     gemm_tflops: float | None,
+    step_graphs: bool,
     tensor_parallel: int | None,
 ) -> None:
     """Measure ARTIFACT on DEVICE: load time, decode at batch 1 and batched, prefill and time
@@ -272,7 +278,7 @@ def bench(
         raise KilnError(f"--batches {batches!r}: give batch sizes such as 8,32,64") from None
     run_bench(
         artifact, device, devices=_gpus(tensor_parallel), batches=sizes,
-        gemm_flops=gemm_tflops and gemm_tflops * 1e12, say=click.echo,
+        gemm_flops=gemm_tflops and gemm_tflops * 1e12, step_graphs=step_graphs, say=click.echo,
     )  # fmt: skip
 
 

@@ -42,20 +42,31 @@ class PagedKV:
         self._end = get("vm.builtin.kv_state_end_forward")
         self._free_pages = get("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.total_pages = self.free_pages()
+        self.lengths: dict[int, int] = {}  # tokens each sequence holds (after `begin`)
+        # Sequences that are, or were forked from, a fork: their K/V spans more than one block
+        # (kiln.runtime.step_graph keys its graphs by page count for one block only).
+        self.forked: set[int] = set()
 
     def add(self, seq_id: int) -> None:
         self._add(self.cache, seq_id)
+        self.lengths[seq_id] = 0
 
     def remove(self, seq_id: int) -> None:
         self._remove(self.cache, seq_id)
+        self.lengths.pop(seq_id, None)
+        self.forked.discard(seq_id)
 
     def fork(self, parent: int, child: int, length: int) -> None:
         """New sequence `child` sharing the first `length` tokens of `parent`. At a page
         boundary this shares whole pages and allocates none."""
         self._fork(self.cache, parent, child, length)
+        self.lengths[child] = length
+        self.forked.update((parent, child))
 
     def begin(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         self._begin(self.cache, tvm_ffi.Shape(list(seq_ids)), tvm_ffi.Shape(list(lengths)))
+        for seq_id, n in zip(seq_ids, lengths, strict=True):
+            self.lengths[seq_id] = self.lengths.get(seq_id, 0) + n
 
     def end(self) -> None:
         self._end(self.cache)

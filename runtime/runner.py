@@ -24,6 +24,7 @@ from kiln.runtime.errors import KilnError
 from kiln.runtime.executor import LocalExecutor, open_executor
 from kiln.runtime.kv import PagedKV
 from kiln.runtime.package import is_package, open_package
+from kiln.runtime.step_graph import STEP_GRAPH_ENTRY, StepGraphs
 from kiln.runtime.tokenizer import Tokenizer
 
 # Without kv_memory / kv_tokens the cache holds max_batch_size full contexts, but at most this
@@ -48,6 +49,8 @@ class Runner:
     `kv_tokens` / `kv_memory`: the KV cache's size in tokens or bytes (one of them); with
     tensor parallelism, bytes per GPU.
     `prefill_chunk`: the most tokens one prefill pass takes, all sequences together.
+    `step_graphs`: run a lone sequence's decode steps as whole-step CUDA graphs
+    (kiln.runtime.step_graph; one CUDA GPU, an artifact with that entry point).
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class Runner:
         kv_tokens: int | None = None,
         kv_memory: int | None = None,
         prefill_chunk: int | None = None,
+        step_graphs: bool = False,
         verify: bool = True,
     ):
         if isinstance(path, Manifest):  # a package's library, already checked (kiln.load)
@@ -75,6 +79,7 @@ class Runner:
         self.executor = open_executor(self.manifest, device, devices, session)
         try:
             self._open(context_length, max_batch_size, kv_tokens, kv_memory, prefill_chunk)
+            self.step_graphs = self._open_step_graphs() if step_graphs else None
         except BaseException:
             self.executor.close()
             raise
@@ -132,6 +137,32 @@ class Runner:
         )
         self.kv = PagedKV(cache, self.page_size, ex)
         self.model_seconds = 0.0  # time spent inside the compiled entry points
+
+    def _open_step_graphs(self) -> StepGraphs:
+        where = f"{self.manifest.root} on {self.manifest.device}"
+        if self.manifest.device != "cuda" or not isinstance(self.executor, LocalExecutor):
+            raise KilnError(
+                f"whole-step CUDA graphs run on one CUDA GPU, not {where} with "
+                f"{len(self.executor.devices)} device(s): leave out step_graphs"
+            )
+        if self.sliding_window:
+            raise KilnError(
+                f"{self.manifest.root} has sliding-window attention, whose KV cache a "
+                "whole-step CUDA graph cannot key yet: leave out step_graphs"
+            )
+        if not self.vm.module.implements_function(STEP_GRAPH_ENTRY):
+            raise KilnError(
+                f"{self.manifest.root} has no {STEP_GRAPH_ENTRY} entry point (an artifact of "
+                "an older Kiln): compile it again, or leave out step_graphs"
+            )
+        return StepGraphs(self)
+
+    def _graph_pages(self, seq_ids: Sequence[int]) -> int | None:
+        """The page count a whole-step graph of this begun pass is keyed by, or None where
+        no graph takes it (several sequences; a forked one: kiln.runtime.step_graph)."""
+        if self.step_graphs is None or len(seq_ids) != 1 or seq_ids[0] in self.kv.forked:
+            return None
+        return -(-self.kv.lengths[seq_ids[0]] // self.page_size)
 
     def close(self) -> None:
         """Stop the Disco workers of a tensor-parallel runner, which cannot run after; a local
@@ -245,12 +276,16 @@ class Runner:
         """One token for each sequence -> float32 logits (batch, vocab), NumPy or `Logits`."""
         self.kv.begin(seq_ids, [1] * len(seq_ids))
         start = time.perf_counter()
-        entry = self._decode_1 if len(seq_ids) == 1 else self._decode
-        out = entry(
-            self._upload(np.array(tokens, dtype="int32")[:, None]),  # (b, 1)
-            self.kv.cache,
-            self.params,
-        )  # (logits (b, 1, vocab), the cache: updated in place)
+        if (pages := self._graph_pages(seq_ids)) is not None:
+            self.step_graphs.set_token(tokens[0])
+            out, _ = self.step_graphs.step(pages, greedy=False)
+        else:
+            entry = self._decode_1 if len(seq_ids) == 1 else self._decode
+            out = entry(
+                self._upload(np.array(tokens, dtype="int32")[:, None]),  # (b, 1)
+                self.kv.cache,
+                self.params,
+            )  # (logits (b, 1, vocab), the cache: updated in place)
         return self._finish_pass(out, len(seq_ids), start, on_device)
 
     def decode_greedy(
@@ -273,19 +308,26 @@ class Runner:
         rows = len(seq_ids)
         ex = self.executor
         entry = self._decode_1 if rows == 1 else self._decode
-        ids = self._upload(np.array(tokens, dtype="int32")[:, None])  # (b, 1)
+        graphs = self.step_graphs if self._graph_pages(seq_ids) is not None else None
+        if graphs is None:
+            ids = self._upload(np.array(tokens, dtype="int32")[:, None])  # (b, 1)
+        else:
+            graphs.set_token(tokens[0])  # each step leaves its argmax there for the next
         start = time.perf_counter()
         picked = []
         for _ in range(steps):
             self.kv.begin(seq_ids, [1] * rows)
-            out = entry(ids, self.kv.cache, self.params)
+            if graphs is None:
+                out = entry(ids, self.kv.cache, self.params)
+                logits = ex.view(ex.item(out, 0), (rows, self.vocab_size), "float32")
+                argmax = self._greedy(logits)  # (b,) int32
+                ids = ex.view(argmax, (rows, 1), "int32")
+            else:
+                argmax = graphs.step(self._graph_pages(seq_ids), greedy=True)[1]
             self.kv.end()
-            logits = ex.view(ex.item(out, 0), (rows, self.vocab_size), "float32")
-            argmax = self._greedy(logits)  # (b,) int32
             picked.append(ex.numpy(argmax, (rows,), "int32").tolist())
             if done is not None and done(picked[-1]):
                 break
-            ids = ex.view(argmax, (rows, 1), "int32")
         self.model_seconds += time.perf_counter() - start
         return picked
 

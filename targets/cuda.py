@@ -32,9 +32,11 @@ from kiln.compiler.quantization.layers import scheme_key
 from kiln.passes.dispatch_gemv import DispatchGEMV, GEMVExterns
 from kiln.passes.dispatch_matmul import DispatchMatmul
 from kiln.passes.dispatch_moe import DispatchMoE, MoEExterns
+from kiln.passes.step_graph_entry import AddStepGraphEntry, RewriteCUDAGraphExcept
 from kiln.runtime import attention, gemv
 from kiln.runtime.cublas import MATMUL as CUBLAS_MATMUL
 from kiln.runtime.errors import KilnError
+from kiln.runtime.step_graph import STEP_GRAPH_ENTRY
 from kiln.targets import nvrtc
 from kiln.targets.base import TargetSpec
 from kiln.targets.blob import (
@@ -57,6 +59,16 @@ def cuda_schedule(target: Target) -> list[tvm.transform.Pass]:
     # Kiln's batch-1 GEMV of float weights (16-byte loads) and the prefill's whole-weight
     # dequantize (16-byte stores) ahead of dlight's rules.
     return dlight_schedule(target, first=(DecodeGEMV(), DequantizeWeight()))
+
+
+def cuda_finalize(target: Target) -> list[tvm.transform.Pass]:
+    # TVM's, with a copy of decode_1 that Relax's CUDA graphs leave alone, for the runtime's
+    # capture of the whole batch-1 step (kiln.runtime.step_graph).
+    passes = [
+        RewriteCUDAGraphExcept([STEP_GRAPH_ENTRY]) if p.info.name == "RewriteCUDAGraph" else p
+        for p in cuda_pipeline.finalize_passes(target)
+    ]
+    return [AddStepGraphEntry("decode_1", STEP_GRAPH_ENTRY), *passes]
 
 
 def cuda_library_dispatch(target: Target) -> list[tvm.transform.Pass]:
@@ -323,7 +335,7 @@ CUDA = TargetSpec(
     legalize=gpu_legalize,
     schedule=cuda_schedule,
     dataflow_lower=cuda_pipeline.dataflow_lower_passes,
-    finalize=cuda_pipeline.finalize_passes,
+    finalize=cuda_finalize,
     export=export_library,
     toolchain=describe_compiler,
     # The finalize phase's RewriteCUDAGraph lifts each run of static-shape kernel launches

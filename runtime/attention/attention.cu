@@ -310,15 +310,24 @@ constexpr int kMinSplitKeys = 32;  // fewer keys a block cost more in merging th
 // The split decode's scratch, one per device, grown as calls need and kept: the counters (zero
 // between calls: the merging block resets its own, and a call with more blocks than any before
 // finds the new ones zeroed) and each split's m/l and o. A call that needs more than any before
-// waits for the device once.
+// waits for the device once; it takes room for any split count of its batch (up to
+// kReserveBytes), so that a batch-1 step captured into a CUDA graph after one uncaptured step
+// (kiln.runtime.step_graph) never has to grow it: a captured call cannot wait for the device.
 struct DecodeScratch {
   int* counters;
   float* states;
 };
 
-void Grow(void** buffer, size_t* size, size_t bytes) {
-  if (*size >= bytes) return;
-  bytes = std::max(bytes, size_t{1} << 16);
+constexpr size_t kReserveBytes = size_t{16} << 20;
+
+void Grow(void** buffer, size_t* size, size_t need, size_t reserve, cudaStream_t stream) {
+  if (*size >= need) return;
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  CheckCuda(cudaStreamIsCapturing(stream, &capturing), kDecode, "cudaStreamIsCapturing");
+  TVM_FFI_CHECK(capturing == cudaStreamCaptureStatusNone, RuntimeError)
+      << kDecode << ": the split scratch must grow to " << need << " bytes, which a call "
+      << "captured into a CUDA graph cannot do: run the same call once uncaptured first";
+  const size_t bytes = std::max({need, std::min(reserve, kReserveBytes), size_t{1} << 16});
   CheckCuda(cudaDeviceSynchronize(), kDecode, "cudaDeviceSynchronize");  // the old one in use
   if (*buffer != nullptr) CheckCuda(cudaFree(*buffer), kDecode, "cudaFree");
   *buffer = nullptr, *size = 0;
@@ -327,14 +336,17 @@ void Grow(void** buffer, size_t* size, size_t bytes) {
   *size = bytes;
 }
 
-DecodeScratch DecodeWorkspace(int device, size_t counters, size_t states) {
+// `states`: the floats this call needs; `most`: what the most splits of its batch would.
+DecodeScratch DecodeWorkspace(int device, size_t counters, size_t states, size_t most,
+                              cudaStream_t stream) {
   static std::mutex mu;
   static void* buffers[64][2] = {};
   static size_t sizes[64][2] = {};
   std::lock_guard<std::mutex> lock(mu);
   const int i = device % 64;
-  Grow(&buffers[i][0], &sizes[i][0], counters * sizeof(int));
-  Grow(&buffers[i][1], &sizes[i][1], states * sizeof(float));
+  const size_t ints = counters * sizeof(int);
+  Grow(&buffers[i][0], &sizes[i][0], ints, ints, stream);
+  Grow(&buffers[i][1], &sizes[i][1], states * sizeof(float), most * sizeof(float), stream);
   return {static_cast<int*>(buffers[i][0]), static_cast<float*>(buffers[i][1])};
 }
 
@@ -453,7 +465,9 @@ void DecodePagedTiled(int64_t heads_wanted, int64_t splits, Tensor q, Tensor pag
                                  SmCount(name, device));
   if (p.splits > 1) {
     const size_t states = static_cast<size_t>(p.splits) * batch * h_q;
-    const DecodeScratch scratch = DecodeWorkspace(device, blocks, states * (2 + d));
+    const size_t most = static_cast<size_t>(kMaxSplits) * batch * h_q;
+    const DecodeScratch scratch =
+        DecodeWorkspace(device, blocks, states * (2 + d), most * (2 + d), stream);
     p.counters = scratch.counters;
     p.partial_ml = scratch.states;
     p.partial_o = scratch.states + 2 * states;

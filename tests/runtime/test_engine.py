@@ -8,6 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
+import tvm_ffi
 
 import kiln
 from kiln.runtime.engine import STEP_SECONDS, greedy_steps_cap
@@ -404,3 +405,34 @@ def test_a_failing_burst_fails_its_requests_not_the_engine(llama, alone, monkeyp
     assert failed.finish_reason == "error" and "device lost" in failed.error
     assert engine.stats.free_pages == engine.stats.total_pages
     assert engine.submit(ids, max_tokens=6, **GREEDY).result().token_ids == alone(ids, 6)
+
+
+def test_kv_bookkeeping_follows_the_cache(llama):
+    """PagedKV's lengths and forked set (what a whole-step graph is keyed by) against TVM's own
+    query positions: a one-token pass of a sequence of n tokens asks position n. The engine's
+    prefix cache forks each request's sequence, which then counts as forked, as does its entry."""
+    positions = tvm_ffi.get_global_func("vm.builtin.attention_kv_cache_get_query_positions")
+    with kiln.Engine(llama, max_batch_size=2) as engine:
+        kv, runner = engine.kv, engine.runner
+        kv.add(100)
+        runner.prefill([100], [list(range(1, 21))])
+        kv.fork(100, 101, 16)
+        for seq, want in ((100, 20), (101, 16)):
+            assert kv.lengths[seq] == want
+            kv.begin([seq], [1])
+            assert positions(kv.cache).numpy().tolist() == [want]
+            kv.end()
+            assert kv.lengths[seq] == want + 1
+        assert kv.forked == {100, 101}
+        kv.remove(101)
+        assert kv.forked == {100} and 101 not in kv.lengths
+        kv.remove(100)
+
+        ids = random_prompt(np.random.default_rng(5), 40)
+        engine.generate([ids], max_tokens=3, **GREEDY)
+        assert kv.lengths and set(kv.lengths) == kv.forked  # the prefix cache's entry alone
+
+
+def test_step_graphs_are_refused_off_cuda(llama):
+    with pytest.raises(KilnError, match="one CUDA GPU"):
+        kiln.Engine(llama, step_graphs=True)

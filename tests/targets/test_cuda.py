@@ -4,6 +4,7 @@ requested arch (and PTX for the newest) inside the library; builds are cached by
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import kiln
 from kiln.runtime import attention
 from kiln.runtime.errors import KilnError
+from kiln.runtime.step_graph import STEP_GRAPH_ENTRY
 from kiln.targets import cuda, nvrtc
 from kiln.targets.blob import Blob, kernel_names, split_device_payload
 
@@ -37,8 +39,9 @@ def device_payload(library) -> tuple[str, bytes, bytes]:
 def tiny_cuda(checkpoint, tmp_path_factory, monkeypatch_module):
     out = tmp_path_factory.mktemp("cuda") / "tiny"
     return kiln.compile(
-        str(checkpoint("tiny-llama")), target="cuda", quantization="q0f16", output=out
-    )
+        str(checkpoint("tiny-llama")), target="cuda", quantization="q0f16", output=out,
+        dump_ir=out.parent / "ir",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +250,28 @@ def test_a_head_dim_64_model_carries_kilns_attention_externs(
     fatbin = data[data.index(struct.pack("<I", 0xBA55ED50)) :]
     images = {(kind, sm) for kind, sm, _ in cuda.fatbin_images(fatbin)}
     assert images == {("elf", 80), ("elf", 90), ("ptx", 90)}
+
+
+def relax_functions(script: str) -> dict[str, str]:
+    """The Relax functions of a module's TVMScript, by name."""
+    parts = re.split(r"\n    @R\.function[^\n]*\n    def ", script)[1:]
+    return {part.split("(", 1)[0]: part for part in parts}
+
+
+def test_decode_1_has_a_copy_without_relax_graphs_for_the_step_graph(tiny_cuda):
+    """The finalize phase keeps Relax's CUDA graphs in decode_1 and copies it, without them,
+    into the entry point kiln.runtime.step_graph captures whole: the same kernels, externs
+    and KV-cache calls as decode_1 and the graphs lifted out of it (each called once)."""
+    funcs = relax_functions((tiny_cuda.parent / "ir" / "5-finalize.py").read_text())
+    plain, graphed = funcs[STEP_GRAPH_ENTRY], funcs["decode_1"]
+    assert "cuda_graph" in graphed and "cuda_graph" not in plain
+    lifted = [f for name, f in funcs.items() if name.startswith("decode_1_cuda_graph_capture")]
+    assert lifted
+
+    def calls(*texts: str) -> list[str]:
+        found = re.findall(r"(?:cls\.|R\.call_packed\(\")([\w.]+)", "".join(texts))
+        checks = ("vm.builtin.check_", "vm.builtin.match_shape")  # each function its own
+        return sorted(c for c in found if "cuda_graph" not in c and not c.startswith(checks))
+
+    assert len(calls(plain)) > 20
+    assert calls(plain) == calls(graphed, *lifted)
