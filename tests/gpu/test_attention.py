@@ -34,6 +34,7 @@ import tvm_ffi
 from attention_reference import EMPTY_LSE, paged_reference, random_page_table, reference, visible
 from conftest import make_checkpoint
 from gpu.build_artifacts import ATTENTION_CONFIGS, ATTENTION_MODELS
+from step_graph_checks import check_step_graphs
 
 import kiln
 from kiln.runtime.attention import (
@@ -552,3 +553,10 @@ def test_artifacts_on_kilns_kernel_match_transformers(attention_model, name):
             err = float(np.abs(row - expect).max() / np.abs(expect).max())
             print(f"{name}: decode of sequence {seq} at {len(prompts[seq])}: max rel err {err:.2e}")
             assert err <= FP16_BOUND
+
+
+def test_whole_step_graphs_on_kilns_decode_attention(attention_model):
+    """kiln.runtime.step_graph where Kiln's decode attention runs (head_dim 128): its split
+    scratch, grown by a page count's uncaptured first step, serves the captured ones."""
+    _, art = attention_model("llama-hd128")
+    check_step_graphs(art, [1, *np.random.default_rng(4).integers(3, 320, 44).tolist()])
