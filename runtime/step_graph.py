@@ -82,16 +82,18 @@ class StepGraphs:
     """Batch-1 decode steps of `runner` (a kiln.runtime.runner.Runner on one CUDA GPU) through
     captured graphs. `step(pages, greedy)` runs the step the cache has begun and returns what it
     wrote: (the decode entry's result, the argmax (1,) int32 or None). The step's input token
-    is `self.ids` (1, 1) int32: `set_token` writes it; a greedy step writes its argmax there."""
+    is `self.ids` (1, 1) int32: `set_token` writes it; a greedy step writes its argmax there.
+    The tensors a graph writes are the same at every replay: read them before the next step.
+    `driver` and `entry`: the CUDA driver and the entry point captured (tests give others)."""
 
-    def __init__(self, runner: Any):
+    def __init__(self, runner: Any, driver: Any = None, entry: str = STEP_GRAPH_ENTRY):
         self._runner = runner
-        self._entry = runner.executor.function(STEP_GRAPH_ENTRY)
+        self._entry = runner.executor.function(entry)
         self._sync_tables = tvm_ffi.get_global_func(
             "vm.builtin.attention_kv_cache_get_query_positions"
         )
         self.ids = tvm.runtime.empty((1, 1), "int32", runner.device)
-        self._cu = CudaDriver()
+        self._cu = driver or CudaDriver()
         device = ctypes.c_int()
         self._cu("cuDeviceGet", ctypes.byref(device), runner.device.index)
         self._context = ctypes.c_void_p()
