@@ -89,6 +89,7 @@ class StepGraphs:
     def __init__(self, runner: Any, driver: Any = None, entry: str = STEP_GRAPH_ENTRY):
         self._runner = runner
         self._entry = runner.executor.function(entry)
+        self._decode_1 = runner._decode_1  # with Relax's graphs: the steps once capture is off
         self._sync_tables = tvm_ffi.get_global_func(
             "vm.builtin.attention_kv_cache_get_query_positions"
         )
@@ -118,16 +119,16 @@ class StepGraphs:
             graph = self._capture(key, greedy)
         self._seen.add(key)
         if graph is None:
-            return self._issue(greedy, None)
+            return self._issue(greedy, None, self._decode_1 if self.off else self._entry)
         self._graphs.move_to_end(key)
         self._cu("cuCtxSetCurrent", self._context)
         self._cu("cuGraphLaunch", graph.exe, self._stream)
         return graph.outputs
 
-    def _issue(self, greedy: bool, stream: ctypes.c_void_p | None) -> tuple[Any, Any]:
-        """The step's work, on TVM's current stream; the token copy on `stream`."""
+    def _issue(self, greedy: bool, stream: ctypes.c_void_p | None, entry: Any) -> tuple[Any, Any]:
+        """The step's work by `entry`, on TVM's current stream; the token copy on `stream`."""
         runner = self._runner
-        out = self._entry(self.ids, runner.kv.cache, runner.params)
+        out = entry(self.ids, runner.kv.cache, runner.params)
         if not greedy:
             return out, None
         ex = runner.executor
@@ -148,7 +149,7 @@ class StepGraphs:
             with tvm_ffi.use_raw_stream(self._runner.device, self._stream.value):
                 cu("cuStreamBeginCapture_v2", self._stream, _CAPTURE_RELAXED)
                 try:
-                    outputs = self._issue(greedy, self._stream)
+                    outputs = self._issue(greedy, self._stream, self._entry)
                 finally:  # ends the capture also when the step failed inside it
                     ended = cu.call("cuStreamEndCapture", self._stream, ctypes.byref(captured))
             cu.check("cuStreamEndCapture", ended)

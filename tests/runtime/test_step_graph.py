@@ -68,6 +68,9 @@ def test_lone_unforked_sequences_take_the_graph_path_keyed_by_page_count(llama):
             return step(pages, greedy)
 
         graphs.step = spy
+        relax_graphs = []  # steps on decode_1 itself, once capture is off
+        decode_1 = graphs._decode_1
+        graphs._decode_1 = lambda *args: relax_graphs.append(1) or decode_1(*args)
         with pytest.warns(UserWarning, match="whole-step CUDA graphs are off"):
             got = [run(engine, [p], max_tokens=40, **GREEDY)[0] for p in prompts]
         assert got == want
@@ -76,6 +79,7 @@ def test_lone_unforked_sequences_take_the_graph_path_keyed_by_page_count(llama):
         # the second step of the first page count, and none after
         assert len(keys) == 2 * 39 and all(greedy for _, greedy in keys)
         assert graphs._cu.calls.count("cuStreamBeginCapture_v2") == 1
+        assert len(relax_graphs) == 2 * 39 - 1  # all but the first step (before the capture)
         keys.clear()
         assert run(engine, prompts[:1], max_tokens=12, temperature=0.8, seed=5) == want_sampled
         assert len(keys) == 11 and not any(greedy for _, greedy in keys)
