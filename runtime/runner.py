@@ -50,7 +50,8 @@ class Runner:
     tensor parallelism, bytes per GPU.
     `prefill_chunk`: the most tokens one prefill pass takes, all sequences together.
     `step_graphs`: run a lone sequence's decode steps as whole-step CUDA graphs
-    (kiln.runtime.step_graph; one CUDA GPU, an artifact with that entry point).
+    (kiln.runtime.step_graph): True needs them (one CUDA GPU, an artifact with that entry
+    point, no sliding window) and says what is missing; None takes them where they run.
     """
 
     def __init__(
@@ -65,7 +66,7 @@ class Runner:
         kv_tokens: int | None = None,
         kv_memory: int | None = None,
         prefill_chunk: int | None = None,
-        step_graphs: bool = False,
+        step_graphs: bool | None = False,
         verify: bool = True,
     ):
         if isinstance(path, Manifest):  # a package's library, already checked (kiln.load)
@@ -79,7 +80,7 @@ class Runner:
         self.executor = open_executor(self.manifest, device, devices, session)
         try:
             self._open(context_length, max_batch_size, kv_tokens, kv_memory, prefill_chunk)
-            self.step_graphs = self._open_step_graphs() if step_graphs else None
+            self.step_graphs = self._open_step_graphs(step_graphs)
         except BaseException:
             self.executor.close()
             raise
@@ -138,24 +139,26 @@ class Runner:
         self.kv = PagedKV(cache, self.page_size, ex)
         self.model_seconds = 0.0  # time spent inside the compiled entry points
 
-    def _open_step_graphs(self) -> StepGraphs:
-        where = f"{self.manifest.root} on {self.manifest.device}"
+    def _open_step_graphs(self, wanted: bool | None) -> StepGraphs | None:
+        if wanted is False:
+            return None
+        root = self.manifest.root
+        fix = "leave out step_graphs"
         if self.manifest.device != "cuda" or not isinstance(self.executor, LocalExecutor):
-            raise KilnError(
-                f"whole-step CUDA graphs run on one CUDA GPU, not {where} with "
-                f"{len(self.executor.devices)} device(s): leave out step_graphs"
+            problem = (
+                f"whole-step CUDA graphs run on one CUDA GPU, not {root} on "
+                f"{self.manifest.device} with {len(self.executor.devices)} device(s)"
             )
-        if self.sliding_window:
-            raise KilnError(
-                f"{self.manifest.root} has sliding-window attention, whose KV cache a "
-                "whole-step CUDA graph cannot key yet: leave out step_graphs"
-            )
-        if not self.vm.module.implements_function(STEP_GRAPH_ENTRY):
-            raise KilnError(
-                f"{self.manifest.root} has no {STEP_GRAPH_ENTRY} entry point (an artifact of "
-                "an older Kiln): compile it again, or leave out step_graphs"
-            )
-        return StepGraphs(self)
+        elif self.sliding_window:
+            problem = f"{root} has sliding-window attention, which whole-step graphs cannot key yet"
+        elif not self.vm.module.implements_function(STEP_GRAPH_ENTRY):
+            problem = f"{root} has no {STEP_GRAPH_ENTRY} entry point (an older Kiln's artifact)"
+            fix = f"compile it again, or {fix}"
+        else:
+            return StepGraphs(self)
+        if wanted:
+            raise KilnError(f"{problem}: {fix}")
+        return None
 
     def _graph_pages(self, seq_ids: Sequence[int]) -> int | None:
         """The page count a whole-step graph of this begun pass is keyed by, or None where
