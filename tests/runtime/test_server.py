@@ -449,7 +449,14 @@ def wait_for(live: Live, check, timeout: float = 10.0) -> dict[str, float]:
         time.sleep(0.02)
 
 
-def test_disconnect_mid_stream_cancels_and_frees_pages(live, model):
+def test_disconnect_mid_stream_cancels_and_frees_pages(live, model, monkeypatch):
+    # Each pass 5 ms longer, so that the request outlives its client's leaving: the tiny model
+    # could otherwise finish its 480 tokens before the server hears of it on a busy machine
+    # (the engine's thread starving the event loop's of the GIL).
+    decode = live.engine.runner.decode
+    monkeypatch.setattr(
+        live.engine.runner, "decode", lambda *a, **k: time.sleep(0.005) or decode(*a, **k)
+    )
     before = wait_for(live, lambda m: m["kiln_requests_running"] == 0)
     # A prompt shorter than a page, so the prefix cache keeps none of it: every page the
     # request takes is its own.
