@@ -254,9 +254,10 @@ def serve(
     help="the device's dense GEMM peak, for prefill rooflines (bench/llm.py measures it)",
 )
 @click.option(
-    "--step-graphs",
-    is_flag=True,
-    help="decode a lone request's steps as whole-step CUDA graphs (kiln.runtime.step_graph)",
+    "--step-graphs/--no-step-graphs",
+    default=None,
+    help="decode a lone request's steps as whole-step CUDA graphs (kiln.runtime.step_graph); "
+    "default: where they run",
 )
 @_tensor_parallel
 @_friendly
@@ -265,7 +266,7 @@ def bench(
     device: str,
     batches: str,
     gemm_tflops: float | None,
-    step_graphs: bool,
+    step_graphs: bool | None,
     tensor_parallel: int | None,
 ) -> None:
     """Measure ARTIFACT on DEVICE: load time, decode at batch 1 and batched, prefill and time

@@ -178,7 +178,7 @@ def run(
     gemm_flops: float | None = None,
     batches: tuple[int, ...] = (8, 32, 64, 128),
     prefills: tuple[int, ...] = (512, 2048),
-    step_graphs: bool = False,
+    step_graphs: bool | None = None,
     say: Any = print,
 ) -> Report:
     start = time.perf_counter()

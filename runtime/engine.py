@@ -106,8 +106,8 @@ class Engine:
     (`step_seconds`); on the CPU 1, where a step's own work is small beside a pass. Tokens then
     stream in groups of up to this many, and a new request waits up to as many passes to start.
     `step_graphs`: a lone request's decode steps as whole-step CUDA graphs, where its KV is not
-    shared (prefix_cache=False, for now): True needs them, None takes them where they run
-    (kiln.runtime.runner.Runner).
+    shared (prefix_cache=False, for now): None (the default) takes them where they run, True
+    needs them, False turns them off (kiln.runtime.runner.Runner).
     """
 
     def __init__(
@@ -124,7 +124,7 @@ class Engine:
         prefill_chunk: int | None = None,
         prefix_cache: bool = True,
         decode_steps: int | None = None,
-        step_graphs: bool | None = False,
+        step_graphs: bool | None = None,
         verify: bool = True,
     ):
         if decode_steps is not None and (not isinstance(decode_steps, int) or decode_steps < 1):

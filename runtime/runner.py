@@ -50,8 +50,8 @@ class Runner:
     tensor parallelism, bytes per GPU.
     `prefill_chunk`: the most tokens one prefill pass takes, all sequences together.
     `step_graphs`: run a lone sequence's decode steps as whole-step CUDA graphs
-    (kiln.runtime.step_graph): True needs them (one CUDA GPU, an artifact with that entry
-    point, no sliding window) and says what is missing; None takes them where they run.
+    (kiln.runtime.step_graph): None (the default) where they run; True needs them (one CUDA
+    GPU, an artifact with that entry point, no sliding window) and says what is missing.
     """
 
     def __init__(
@@ -66,7 +66,7 @@ class Runner:
         kv_tokens: int | None = None,
         kv_memory: int | None = None,
         prefill_chunk: int | None = None,
-        step_graphs: bool | None = False,
+        step_graphs: bool | None = None,
         verify: bool = True,
     ):
         if isinstance(path, Manifest):  # a package's library, already checked (kiln.load)

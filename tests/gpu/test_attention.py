@@ -555,6 +555,38 @@ def test_artifacts_on_kilns_kernel_match_transformers(attention_model, name):
             assert err <= FP16_BOUND
 
 
+def test_forked_sequences_on_kilns_decode_kernel_match_transformers(attention_model):
+    """Decode of sequences forked from a prefilled one (the prefix cache's way): the cache
+    attends to each depth of its block tree apart (the shared block, then a child's own pages),
+    the decode kernel on each, and merges them by their lse. A fork on a page boundary and one
+    inside a page (the child's copy of that page), decoded together, alone and with their
+    parent, each row against transformers' logits."""
+    import torch
+    import transformers
+
+    ckpt, art = attention_model("llama-hd128")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype="float32").eval()
+    runner = Runner(art, "cuda", max_batch_size=4, kv_tokens=1024)
+    rng = np.random.default_rng(8)
+    prompt = [1, *rng.integers(3, runner.vocab_size, 99).tolist()]
+    runner.kv.add(0)
+    runner.prefill([0], [prompt])
+    histories = {0: prompt}
+    for child, at in ((1, 96), (2, 71)):  # page size 16: a boundary, then 7 tokens into a page
+        runner.kv.fork(0, child, at)
+        histories[child] = prompt[:at]
+    for seqs in ([1, 2], [1, 2], [2], [0, 1, 2], [1]):
+        tokens = rng.integers(3, runner.vocab_size, len(seqs)).tolist()
+        rows = runner.decode(seqs, tokens)
+        for seq, token, row in zip(seqs, tokens, rows, strict=True):
+            histories[seq] = [*histories[seq], token]
+            with torch.no_grad():
+                expect = ref(torch.tensor([histories[seq]])).logits[0, -1].numpy()
+            err = float(np.abs(row - expect).max() / np.abs(expect).max())
+            print(f"forked decode, sequence {seq} at {len(histories[seq])}: max rel err {err:.1e}")
+            assert err <= FP16_BOUND
+
+
 def test_whole_step_graphs_on_kilns_decode_attention(attention_model):
     """kiln.runtime.step_graph where Kiln's decode attention runs (head_dim 128): its split
     scratch, grown by a page count's uncaptured first step, serves the captured ones."""
