@@ -53,8 +53,8 @@ def main() -> None:
         stored = [rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32),
                   (rng.random((n, k // 32)) * 0.01).astype(np.float16)]  # fmt: skip
         x = tvm.runtime.tensor(rng.standard_normal((1, 1, k)).astype(np.float16), device)
-        args = [x, *(tvm.runtime.tensor(a, device) for a in stored)]
-        copies = _weight_copies(args, stored, device)
+        tensors = [x, *(tvm.runtime.tensor(a, device) for a in stored)]
+        copies = _weight_copies(tensors, stored, device)
         qweights, scales = [c[1] for c in copies], [c[2] for c in copies]
         out = tvm.runtime.empty((1, 1, n), "float16", device)
         first = None

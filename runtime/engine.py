@@ -106,7 +106,7 @@ class Engine:
     (`step_seconds`); on the CPU 1, where a step's own work is small beside a pass. Tokens then
     stream in groups of up to this many, and a new request waits up to as many passes to start.
     `step_graphs`: a lone request's decode steps as whole-step CUDA graphs, where its KV is not
-    shared (prefix_cache=False, for now): None (the default) takes them where they run, True
+    shared with a prefix-cache entry: None (the default) takes them where they run, True
     needs them, False turns them off (kiln.runtime.runner.Runner).
     """
 
@@ -368,7 +368,10 @@ class Engine:
             return self._fit(request.computed, min(request.pending, limit))
         if len(self._running) >= self.max_batch_size:
             return 0
-        match = self.prefix_cache.match(request.tokens) if self._shares_prefix(request) else None
+        match = None
+        if self._shares_prefix(request):
+            self._cache_running_prefixes()
+            match = self.prefix_cache.match(request.tokens)
         start = match[1] if match else 0
         # Admit a request only when its whole prompt fits next to the others, or when nothing
         # else runs: admitting more than fits would only get it (or others) preempted.
@@ -380,6 +383,19 @@ class Engine:
         # Forking costs no pages; from here on the entry may go, the fork keeps its pages.
         self._admit(request, match)
         return self._fit(request.computed, min(request.pending, limit))
+
+    def _cache_running_prefixes(self) -> None:
+        """Make the running requests' computed tokens prefix-cache entries, for the request
+        about to be admitted to find. Until one waits, a running request stays unforked (its
+        KV one block: kiln.runtime.step_graph keys whole-step graphs by it alone)."""
+        for request in self._running:
+            if (
+                not request.cached_prefix
+                and request.computed >= len(request.prompt)
+                and self._shares_prefix(request)
+            ):
+                request.cached_prefix = True
+                self.prefix_cache.insert(request.seq_id, request.tokens[: request.computed])
 
     def _shares_prefix(self, request: Request) -> bool:
         """Whether the request may fork from, or become, a prefix-cache entry. With a sliding
@@ -455,14 +471,6 @@ class Engine:
         rows = []
         for row, (request, n) in enumerate(chunks):
             request.computed += n
-            if (
-                self.prefix_cache is not None
-                and self._shares_prefix(request)
-                and not request.cached_prefix
-                and request.computed >= len(request.prompt)
-            ):
-                request.cached_prefix = True
-                self.prefix_cache.insert(request.seq_id, request.prompt)
             if request.pending == 0:
                 rows.append((request, row))
         self._sample(rows, logits)
@@ -589,6 +597,9 @@ class Engine:
             self._finish(request, "error", f"{type(error).__name__}: {error}")
 
     def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        if reason != "error" and request.seq_id is not None and self._shares_prefix(request):
+            # The whole conversation so far (prompt and reply), for a next turn to find
+            self.prefix_cache.insert(request.seq_id, request.tokens[: request.computed])
         self._release(request)
         if request.state == RUNNING:
             self._running.remove(request)

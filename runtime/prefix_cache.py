@@ -1,11 +1,12 @@
 """Prompt-prefix caching on top of the paged KV cache's fork.
 
-Each entry is a KV-cache sequence of its own that holds the K/V of a prompt prefix, a whole
-number of pages long. It is made by forking a request's sequence once its prompt is in the
-cache, which shares the request's pages and allocates none. A later request whose prompt starts
-with an entry's tokens forks the entry instead of recomputing them. Entries are evicted least
-recently used first, when the engine runs short of pages or holds `max_entries`; removing one
-frees only the pages no other sequence shares.
+Each entry is a KV-cache sequence of its own that holds the K/V of a token prefix, a whole
+number of pages long. The engine makes one by forking a request's sequence (which shares the
+request's pages and allocates none) when another request is about to be admitted, and when the
+request finishes, then with its reply (a conversation's next turn finds the whole last one).
+A later request whose prompt starts with an entry's tokens forks the entry instead of
+recomputing them. Entries are evicted least recently used first, when the engine runs short
+of pages or holds `max_entries`; removing one frees only the pages no other sequence shares.
 """
 
 from __future__ import annotations

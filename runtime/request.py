@@ -78,7 +78,7 @@ class Request:
     seq_id: int | None = None
     state: str = WAITING
     cached_tokens: int = 0
-    cached_prefix: bool = False  # its prompt prefix went into the prefix cache
+    cached_prefix: bool = False  # its computed tokens went into the prefix cache while running
     logprobs: list[TokenLogprob] = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None

@@ -12,9 +12,10 @@ of greedy steps never leaves the device but to read each token.
 What a graph bakes in, and so what it is keyed by (docs/TVM.md, "Capturing more"):
 - The KV cache's page tables live in one device buffer, at offsets that move with the arrays'
   sizes, and the decode attention's split count follows the page count: a graph is exact for
-  one page count of a sequence held in one block. A forked sequence (the prefix cache) spans
-  several blocks, and its steps run as before (Runner._graph_pages); a sliding window frees
-  pages, so Runner takes no graphs for such a model.
+  one page count of a sequence held in one block. A forked sequence (one that shares pages
+  with a prefix-cache entry: the engine forks a running request only when another is about to
+  start) spans several blocks, and its steps run as before (Runner._graph_pages); a sliding
+  window frees pages, so Runner takes no graphs for such a model.
 - The first step of a page count runs without capture and the second captures: the first grows
   the decode attention's scratch and the GEMVs' split counters (a capture cannot allocate and
   zero them), and fills the VM's memory pool, from which the captured step's intermediates come

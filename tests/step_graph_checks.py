@@ -26,7 +26,7 @@ def _sampled(engine: kiln.Engine, ids: list[int]) -> list[int]:
 def check_step_graphs(artifact: Path, ids: list[int]) -> None:
     """The same tokens with and without whole-step graphs, bit for bit (the same kernels run
     on the same inputs); a graph captured on a page count's second step and replayed after,
-    also by the next request; a request whose KV the prefix cache shares runs without them."""
+    also by the next request; a request whose KV a prefix-cache entry shares runs without them."""
     off = {"device": "cuda", "max_batch_size": 2, "step_graphs": False}
     with kiln.Engine(artifact, prefix_cache=False, **off) as engine:
         want = [_greedy(engine, ids), _sampled(engine, ids)]
@@ -46,13 +46,18 @@ def check_step_graphs(artifact: Path, ids: list[int]) -> None:
         assert graphs.captures > captured  # decode's own graphs (logits, no argmax)
         assert graphs.off is None
     assert [first, sampled] == want and again == want[0]
-    # With the prefix cache the request's KV is forked (two depths of blocks, merged by their
-    # lse: other arithmetic, so compared with the same engine without whole-step graphs).
+    # With the prefix cache, a lone request runs unforked (graphs), and its finished prompt and
+    # reply become an entry; the same prompt again forks that entry (two depths of blocks,
+    # merged by their lse: other arithmetic than one block), and runs without graphs.
     with kiln.Engine(artifact, **off) as engine:
-        want_shared = _greedy(engine, ids)
+        want_shared = [_greedy(engine, ids), _greedy(engine, ids)]
     with kiln.Engine(artifact, **on) as engine:
-        shared = _greedy(engine, ids)
-        assert engine.runner.step_graphs.captures == 0  # forked by the prefix cache
-    assert shared == want_shared
-    differ = [i for i, (a, b) in enumerate(zip(want_shared, want[0], strict=True)) if a != b]
-    print(f"prefix cache on against off: the greedy tokens first differ at {differ[:1]}")
+        graphs = engine.runner.step_graphs
+        shared = [_greedy(engine, ids)]
+        assert graphs.captures == sum(counts.count(c) >= 2 for c in set(counts))
+        captured = graphs.captures
+        shared.append(_greedy(engine, ids))
+        assert graphs.captures == captured and engine.stats.cached_tokens > 0
+    assert shared == want_shared and shared[0] == want[0]
+    differ = [i for i, (a, b) in enumerate(zip(want_shared[1], want[0], strict=True)) if a != b]
+    print(f"a prefix-cache hit against none: the greedy tokens first differ at {differ[:1]}")

@@ -232,8 +232,10 @@ def test_engine_on_gpu_equals_engine_on_cpu(gpu_build):
     assert steps["cuda"] < steps["cpu"]  # 20 against 46 where the CPU runs as many
 
 
-def test_whole_step_graphs_give_the_same_tokens(gpu_build):
-    """kiln.runtime.step_graph on an artifact with TVM's decode attention and Kiln's int4
-    GEMVs (tests/step_graph_checks.py; test_attention.py runs it on Kiln's attention)."""
-    _, art = gpu_build("llama", "q4f16")
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_whole_step_graphs_give_the_same_tokens(name, gpu_build):
+    """kiln.runtime.step_graph on artifacts with TVM's decode attention and Kiln's int4 GEMVs,
+    the mixture's routed ones too (tests/step_graph_checks.py; test_attention.py runs it on
+    Kiln's attention)."""
+    _, art = gpu_build(name, "q4f16")
     check_step_graphs(art, prompt(3))

@@ -155,6 +155,25 @@ def test_shared_prefix_uses_fewer_pages_and_same_outputs(llama, alone):
     assert b_with.token_ids == b_without.token_ids == alone(b, 10)
 
 
+def test_a_finished_turn_with_its_reply_is_the_next_turns_prefix(llama, alone):
+    """A lone request stays unforked while it runs (whole-step graphs need its KV in one
+    block); when it finishes, its prompt and reply become the entry that the conversation's
+    next turn forks: cached tokens past the first prompt, and the output of the whole prompt."""
+    rng = np.random.default_rng(12)
+    first = random_prompt(rng, 30)
+    engine = kiln.Engine(llama, max_batch_size=2)
+    handle = engine.submit(first, max_tokens=25, **GREEDY)
+    while engine.step():
+        assert not engine.kv.forked and len(engine.prefix_cache) == 0
+    reply = handle.result().token_ids
+    assert len(engine.prefix_cache) == 1
+    # 30 + 24 tokens computed (the last reply token was never fed): 3 whole pages of 16
+    second = first + reply + random_prompt(rng, 6)[1:]
+    out = engine.submit(second, max_tokens=8, **GREEDY).result()
+    assert out.usage.cached_tokens == 48
+    assert out.token_ids == alone(second, 8)
+
+
 def test_prefix_cache_evicts_least_recently_used_when_pages_run_out(llama, alone):
     rng = np.random.default_rng(4)
     engine = kiln.Engine(llama, max_batch_size=2, kv_tokens=160)  # 10 pages
