@@ -46,18 +46,20 @@ def check_step_graphs(artifact: Path, ids: list[int]) -> None:
         assert graphs.captures > captured  # decode's own graphs (logits, no argmax)
         assert graphs.off is None
     assert [first, sampled] == want and again == want[0]
-    # With the prefix cache, a lone request runs unforked (graphs), and its finished prompt and
-    # reply become an entry; the same prompt again forks that entry (two depths of blocks,
-    # merged by their lse: other arithmetic than one block), and runs without graphs.
+    # With the prefix cache (as `kiln serve` runs), a lone request runs unforked (graphs), its
+    # finished prompt and reply become an entry; the same prompt again forks that entry (two
+    # depths of blocks, merged by their lse: other arithmetic than one block), without graphs.
     with kiln.Engine(artifact, **off) as engine:
         want_shared = [_greedy(engine, ids), _greedy(engine, ids)]
     with kiln.Engine(artifact, **on) as engine:
+        engine.start()  # as the server runs it: steps (and captures) on the engine's thread
         graphs = engine.runner.step_graphs
         shared = [_greedy(engine, ids)]
         assert graphs.captures == sum(counts.count(c) >= 2 for c in set(counts))
         captured = graphs.captures
         shared.append(_greedy(engine, ids))
         assert graphs.captures == captured and engine.stats.cached_tokens > 0
+        assert graphs.off is None
     assert shared == want_shared and shared[0] == want[0]
     differ = [i for i, (a, b) in enumerate(zip(want_shared[1], want[0], strict=True)) if a != b]
     print(f"a prefix-cache hit against none: the greedy tokens first differ at {differ[:1]}")
