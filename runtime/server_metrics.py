@@ -103,7 +103,7 @@ class ServerMetrics:
         one(
             "kiln_prefix_cache_entries",
             "gauge",
-            "Prompt prefixes kept in the KV cache for reuse.",
+            "Prefixes (prompts, finished turns) kept in the KV cache for reuse.",
             stats.prefix_entries,
         )
         one(
