@@ -174,6 +174,24 @@ def test_a_finished_turn_with_its_reply_is_the_next_turns_prefix(llama, alone):
     assert out.token_ids == alone(second, 8)
 
 
+def test_a_request_admitted_later_shares_a_running_ones_reply_so_far(llama, alone):
+    """A request that arrives while another runs finds the other's computed tokens, its reply
+    so far included (they become an entry just before it is admitted); neither output moves."""
+    rng = np.random.default_rng(13)
+    a = random_prompt(rng, 20)
+    a_reply = alone(a, 40)
+    b = a + a_reply[:34] + random_prompt(rng, 4)[1:]
+    engine = kiln.Engine(llama, max_batch_size=2)
+    ha = engine.submit(a, max_tokens=40, **GREEDY)
+    while len(ha._deltas) < 34:  # a's 20 + 33 tokens computed, 3 whole pages
+        engine.step()
+    hb = engine.submit(b, max_tokens=6, **GREEDY)
+    engine.run_until_idle()
+    assert ha.result().token_ids == a_reply
+    assert hb.result().usage.cached_tokens == 48
+    assert hb.result().token_ids == alone(b, 6)
+
+
 def test_prefix_cache_evicts_least_recently_used_when_pages_run_out(llama, alone):
     rng = np.random.default_rng(4)
     engine = kiln.Engine(llama, max_batch_size=2, kv_tokens=160)  # 10 pages
