@@ -389,13 +389,14 @@ class Engine:
         about to be admitted to find. Until one waits, a running request stays unforked (its
         KV one block: kiln.runtime.step_graph keys whole-step graphs by it alone)."""
         for request in self._running:
-            if (
-                not request.cached_prefix
-                and request.computed >= len(request.prompt)
-                and self._shares_prefix(request)
-            ):
+            if not request.cached_prefix and request.computed >= len(request.prompt):
                 request.cached_prefix = True
-                self.prefix_cache.insert(request.seq_id, request.tokens[: request.computed])
+                self._cache_computed(request)
+
+    def _cache_computed(self, request: Request) -> None:
+        """The request's computed tokens (prompt and reply so far) as a prefix-cache entry."""
+        if self._shares_prefix(request):
+            self.prefix_cache.insert(request.seq_id, request.tokens[: request.computed])
 
     def _shares_prefix(self, request: Request) -> bool:
         """Whether the request may fork from, or become, a prefix-cache entry. With a sliding
@@ -597,9 +598,8 @@ class Engine:
             self._finish(request, "error", f"{type(error).__name__}: {error}")
 
     def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
-        if reason != "error" and request.seq_id is not None and self._shares_prefix(request):
-            # The whole conversation so far (prompt and reply), for a next turn to find
-            self.prefix_cache.insert(request.seq_id, request.tokens[: request.computed])
+        if reason != "error" and request.seq_id is not None:
+            self._cache_computed(request)  # the whole conversation, for a next turn to find
         self._release(request)
         if request.state == RUNNING:
             self._running.remove(request)
