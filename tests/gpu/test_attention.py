@@ -544,14 +544,24 @@ def test_artifacts_on_kilns_kernel_match_transformers(attention_model, name):
 
     # Decode (Kiln's decode kernel): the four sequences a token each in one pass, three times,
     # then sequence 1 alone (the batch-1 entry point), three times.
-    for seqs in [[0, 1, 2, 3]] * 3 + [[1]] * 3:
+    check_decodes(runner, ref, prompts, [[0, 1, 2, 3]] * 3 + [[1]] * 3, rng, name)
+
+
+def check_decodes(runner, ref, histories, batches, rng, what: str) -> None:
+    """A decode pass of each batch of sequences in `batches`, a random token each; every row's
+    logits against transformers (`ref`) on the sequence's history, which the token extends."""
+    import torch
+
+    for seqs in batches:
         tokens = rng.integers(3, runner.vocab_size, len(seqs)).tolist()
         rows = runner.decode(seqs, tokens)
         for seq, token, row in zip(seqs, tokens, rows, strict=True):
-            prompts[seq].append(token)
-            expect = theirs(prompts[seq])[-1]
+            history = histories[seq]
+            history.append(token)
+            with torch.no_grad():
+                expect = ref(torch.tensor([history])).logits[0, -1].numpy()
             err = float(np.abs(row - expect).max() / np.abs(expect).max())
-            print(f"{name}: decode of sequence {seq} at {len(prompts[seq])}: max rel err {err:.2e}")
+            print(f"{what}: decode of sequence {seq} at {len(history)}: max rel err {err:.2e}")
             assert err <= FP16_BOUND
 
 
@@ -561,7 +571,6 @@ def test_forked_sequences_on_kilns_decode_kernel_match_transformers(attention_mo
     the decode kernel on each, and merges them by their lse. A fork on a page boundary and one
     inside a page (the child's copy of that page), decoded together, alone and with their
     parent, each row against transformers' logits."""
-    import torch
     import transformers
 
     ckpt, art = attention_model("llama-hd128")
@@ -575,16 +584,7 @@ def test_forked_sequences_on_kilns_decode_kernel_match_transformers(attention_mo
     for child, at in ((1, 96), (2, 71)):  # page size 16: a boundary, then 7 tokens into a page
         runner.kv.fork(0, child, at)
         histories[child] = prompt[:at]
-    for seqs in ([1, 2], [1, 2], [2], [0, 1, 2], [1]):
-        tokens = rng.integers(3, runner.vocab_size, len(seqs)).tolist()
-        rows = runner.decode(seqs, tokens)
-        for seq, token, row in zip(seqs, tokens, rows, strict=True):
-            histories[seq] = [*histories[seq], token]
-            with torch.no_grad():
-                expect = ref(torch.tensor([histories[seq]])).logits[0, -1].numpy()
-            err = float(np.abs(row - expect).max() / np.abs(expect).max())
-            print(f"forked decode, sequence {seq} at {len(histories[seq])}: max rel err {err:.1e}")
-            assert err <= FP16_BOUND
+    check_decodes(runner, ref, histories, [[1, 2], [1, 2], [2], [0, 1, 2], [1]], rng, "forked")
 
 
 def test_whole_step_graphs_on_kilns_decode_attention(attention_model):
