@@ -15,9 +15,14 @@ extern functions that take the place of TVM's attention kernels, each taking its
 arguments as they are: "ragged" for `batch_prefill_ragged_kv` (a prefill chunk attending to its
 own keys), "paged" for `batch_prefill_paged_kv` (the chunk attending to the keys its sequences
 already have in the pages), "decode" for `batch_decode_paged_kv` (one new token per sequence
-against its pages); their sliding-window variants stay TVM's. The cache is then created with
-those functions, and TVM's kernels they replace are left out of the module. A kind it does not
-name keeps TVM's kernel.
+against its pages); their sliding-window variants stay TVM's. "rope" for `fused_rope` (q/k/v
+out of the fused rows, q and k rotated) and "append" for `tir_kv_cache_transpose_append` (k/v
+into the pages) are for externs that leave that work to the attention extern called next
+(Kiln's decode kernel does both itself): they are taken only where the other three are too,
+the model has no sliding window and its RoPE has no frequency scaling of its own (none, or
+linear, which is the cache's rope_scale, an argument of every attention call). The cache is
+then created with those functions, and TVM's kernels they replace are left out of the module. A
+kind it does not name keeps TVM's kernel.
 
 A module without the abstract ops comes back unchanged.
 """
@@ -47,6 +52,8 @@ ATTENTION_KERNELS = {
     "ragged": RAGGED_PREFILL_KERNEL,
     "paged": PAGED_PREFILL_KERNEL,
     "decode": DECODE_KERNEL,
+    "rope": "fused_rope",
+    "append": "tir_kv_cache_transpose_append",
 }
 
 
@@ -86,6 +93,7 @@ class LowerPagedKVCache:
             chosen = (
                 self.attention_externs(dtype.value, spec.head_dim) if self.attention_externs else {}
             )
+            chosen = _deferred_only_where_possible(chosen, spec)
             if chosen:
                 externs[gvar.name_hint] = chosen
         lowered = bb.finalize()
@@ -95,6 +103,19 @@ class LowerPagedKVCache:
                     lowered, lowered.get_global_var(name), ATTENTION_KERNELS[kind], extern
                 )
         return lowered
+
+
+def _deferred_only_where_possible(chosen: dict[str, str], spec: AttentionSpec) -> dict[str, str]:
+    """Without "rope" and "append" unless their work is sure to reach a Kiln attention call
+    that can do it (the module docstring)."""
+    scaling = (spec.rope.scaling or {}).get("rope_type")
+    if (
+        {"ragged", "paged", "decode"} <= chosen.keys()
+        and not spec.sliding_window
+        and scaling in (None, "linear")
+    ):
+        return chosen
+    return {kind: name for kind, name in chosen.items() if kind not in ("rope", "append")}
 
 
 def _create_call(func: relax.Function) -> relax.Call | None:

@@ -116,10 +116,11 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
 
 
 def cuda_attention_externs(target: Target, dtype: str, head_dim: int) -> dict[str, str]:
-    """Kiln's attention kernels (kiln.runtime.attention: tensor-core prefill, split-keys decode)
-    in place of TVM's ragged and paged prefill kernels and its decode kernel, for the caches
-    they handle on sm_80 and newer (the target's arch is the oldest built for), when there is
-    an nvcc to build them with."""
+    """Kiln's attention kernels (kiln.runtime.attention: tensor-core prefill, split-keys decode
+    that also does RoPE and the KV append) in place of TVM's ragged and paged prefill kernels,
+    its decode kernel, RoPE and append (where the cache allows it:
+    kiln.passes.lower_paged_kv_cache), for the caches they handle on sm_80 and newer (the
+    target's arch is the oldest built for), when there is an nvcc to build them with."""
     if dtype not in attention.DTYPES or head_dim not in attention.HEAD_DIMS:
         return {}
     if not attention.supports([str(target.attrs["arch"])]):
@@ -135,6 +136,8 @@ def cuda_attention_externs(target: Target, dtype: str, head_dim: int) -> dict[st
         "ragged": attention.PREFILL_RAGGED,
         "paged": attention.PREFILL_PAGED,
         "decode": attention.DECODE_PAGED,
+        "rope": attention.SPLIT_ROPE,
+        "append": attention.APPEND_KV,
     }
 
 

@@ -1,6 +1,7 @@
 """Kiln's attention externs for CUDA artifacts (kiln.runtime.attention.attention)."""
 
 from kiln.runtime.attention.attention import (
+    APPEND_KV,
     ARTIFACT_FILE,
     DECODE_PAGED,
     DTYPES,
@@ -9,6 +10,7 @@ from kiln.runtime.attention.attention import (
     INSTALL_NVCC,
     PREFILL_PAGED,
     PREFILL_RAGGED,
+    SPLIT_ROPE,
     build,
     find_nvcc,
     load_attention,
@@ -16,6 +18,7 @@ from kiln.runtime.attention.attention import (
 )
 
 __all__ = [
+    "APPEND_KV",
     "ARTIFACT_FILE",
     "DECODE_PAGED",
     "DTYPES",
@@ -24,6 +27,7 @@ __all__ = [
     "INSTALL_NVCC",
     "PREFILL_PAGED",
     "PREFILL_RAGGED",
+    "SPLIT_ROPE",
     "build",
     "find_nvcc",
     "load_attention",

@@ -58,6 +58,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <mutex>
 
@@ -144,6 +145,174 @@ void CheckPageTable(const char* name, const Tensor& pages, const Tensor& page_in
       << name << ": page_indptr must have " << batch + 1 << " entries and length_info "
       << batch;
   CheckAligned(name, pages, "pages");
+}
+
+// -- RoPE and the KV append, deferred -------------------------------------------------------------
+//
+// For each layer of a pass, TVM's cache runs f_split_rotary(qkv, positions, q, k, v, apply_rope)
+// (q and k rotated, v copied out of the fused rows); then, for a pass whose every sequence
+// appends one token, f_transpose_append(pages, k, v, slots) and the attention kernels, and for
+// a prefill, the attention kernels and then the append (paged_kv_cache.cc,
+// AttentionWithFusedQKV). As `kiln.attention.split_rope` and `kiln.attention.append_kv` (a
+// cache gets them only where every attention kernel it runs is Kiln's:
+// kiln.passes.lower_paged_kv_cache) they record their arguments, per host thread, and the next
+// attention call runs them: decode_paged inside its own kernel (two kernels a layer and their
+// hand-overs gone from a decode step), the prefill kernels as one kernel (SplitRope) before
+// theirs. An append with nothing pending (a prefill's, after its attention) copies at once. The
+// RoPE arguments are the attention call's: the cache passes its rope_scale and rope_theta to
+// every attention kernel, and bakes the same into the kernel split_rope stands in for.
+//
+//   split_rope(qkv (tokens, h_q + 2 h_kv, d), positions (tokens) int32, q (tokens, h_q, d),
+//              k (tokens, h_kv, d), v (tokens, h_kv, d), int apply_rope)
+//   append_kv(pages (num_pages, 2, h_kv, page_size, d), k, v, slots (tokens) int32)
+//
+// slots[t] is page * page_size + row of token t's K/V, -1 for none (TVM's position map).
+
+constexpr const char* kSplitRope = "kiln.attention.split_rope";
+constexpr const char* kAppendKV = "kiln.attention.append_kv";
+
+struct Pending {
+  bool split = false, append = false;
+  Tensor qkv, positions, q, k, v;  // split_rope's (held until run: the caller may drop them)
+  bool rope = false;
+  Tensor pages, slots;  // append_kv's
+};
+
+thread_local Pending pending;
+
+void CheckRows(const char* name, const Tensor& t, const char* what, int64_t tokens, int64_t heads,
+               int64_t d, int device, DLDataTypeCode code) {
+  CheckTensor(name, t, what, 3, device);
+  CheckDtype(name, t, what, code, 16);
+  CheckAligned(name, t, what);
+  TVM_FFI_CHECK(t.size(0) == tokens && t.size(1) == heads && t.size(2) == d, ValueError)
+      << name << ": " << what << " must be (" << tokens << ", " << heads << ", " << d << ")";
+}
+
+void CheckSlots(const char* name, const Tensor& t, const char* what, int64_t tokens, int device) {
+  CheckTensor(name, t, what, 1, device);
+  CheckDtype(name, t, what, kDLInt, 32);
+  TVM_FFI_CHECK(t.size(0) >= tokens, ValueError)
+      << name << ": " << what << " has " << t.size(0) << " entries for " << tokens << " tokens";
+}
+
+void SplitRopeDeferred(Tensor qkv, Tensor positions, Tensor q, Tensor k, Tensor v,
+                       int64_t apply_rope) {
+  const char* name = kSplitRope;
+  const int device = qkv.device().device_id;
+  CheckTensor(name, qkv, "qkv", 3, device);
+  const DLDataType dt = qkv.dtype();
+  const bool fp16 = dt.code == kDLFloat && dt.bits == 16 && dt.lanes == 1;
+  const bool bf16 = dt.code == kDLBfloat && dt.bits == 16 && dt.lanes == 1;
+  TVM_FFI_CHECK(fp16 || bf16, TypeError) << name << " takes float16 or bfloat16 rows";
+  const auto code = static_cast<DLDataTypeCode>(dt.code);
+  const int64_t tokens = qkv.size(0), d = qkv.size(2);
+  TVM_FFI_CHECK(d == 64 || d == 128, ValueError) << name << " takes head_dim 64 or 128, not " << d;
+  TVM_FFI_CHECK(q.ndim() == 3 && k.ndim() == 3, ValueError) << name << ": q and k must be 3-D";
+  const int64_t h_q = q.size(1), h_kv = k.size(1);
+  CheckRows(name, qkv, "qkv", tokens, h_q + 2 * h_kv, d, device, code);
+  CheckRows(name, q, "q", tokens, h_q, d, device, code);
+  CheckRows(name, k, "k", tokens, h_kv, d, device, code);
+  CheckRows(name, v, "v", tokens, h_kv, d, device, code);
+  CheckSlots(name, positions, "positions", tokens, device);
+  pending = Pending{};
+  pending.split = true;
+  pending.qkv = qkv, pending.positions = positions;
+  pending.q = q, pending.k = k, pending.v = v;
+  pending.rope = apply_rope != 0;
+}
+
+template <typename T, int D>
+void LaunchAppend(const AppendParams& p, cudaStream_t stream) {
+  const dim3 grid(p.tokens, (p.h_kv * D / 8 + kRopeThreads - 1) / kRopeThreads);
+  AppendKV<T, D><<<grid, kRopeThreads, 0, stream>>>(p);
+  CheckCuda(cudaGetLastError(), kAppendKV, "the kernel launch");
+}
+
+void AppendDeferred(Tensor pages, Tensor k, Tensor v, Tensor slots) {
+  const char* name = kAppendKV;
+  const int device = k.device().device_id;
+  CheckTensor(name, k, "k", 3, device);
+  const DLDataType dt = k.dtype();
+  const auto code = static_cast<DLDataTypeCode>(dt.code);
+  const int64_t tokens = k.size(0), h_kv = k.size(1), d = k.size(2);
+  TVM_FFI_CHECK((code == kDLFloat || code == kDLBfloat) && dt.bits == 16 && (d == 64 || d == 128),
+                ValueError)
+      << name << " takes float16 or bfloat16 k and v of head_dim 64 or 128";
+  CheckRows(name, k, "k", tokens, h_kv, d, device, code);
+  CheckRows(name, v, "v", tokens, h_kv, d, device, code);
+  CheckTensor(name, pages, "pages", 5, device);
+  CheckDtype(name, pages, "pages", code, 16);
+  CheckAligned(name, pages, "pages");
+  TVM_FFI_CHECK(pages.size(1) == 2 && pages.size(2) == h_kv && pages.size(4) == d, ValueError)
+      << name << ": pages must be (num_pages, 2, " << h_kv << ", page_size, " << d << ")";
+  CheckSlots(name, slots, "slots", tokens, device);
+  const int page_size = static_cast<int>(pages.size(3));
+  if (pending.split && DataOf(pending.k) == DataOf(k) && DataOf(pending.v) == DataOf(v)) {
+    pending.append = true;
+    pending.pages = pages, pending.slots = slots;
+    return;
+  }
+  if (tokens == 0) return;
+  const AppendParams p{DataOf(k), DataOf(v), DataOf(pages), Int32s(slots),
+                       static_cast<int>(tokens), static_cast<int>(h_kv), page_size};
+  cudaStream_t stream = TvmStream(name, device);
+  if (code == kDLFloat) {
+    d == 64 ? LaunchAppend<half, 64>(p, stream) : LaunchAppend<half, 128>(p, stream);
+  } else {
+    d == 64 ? LaunchAppend<__nv_bfloat16, 64>(p, stream)
+            : LaunchAppend<__nv_bfloat16, 128>(p, stream);
+  }
+}
+
+template <typename T, int D>
+void LaunchSplitRope(const SplitRopeParams& p, cudaStream_t stream) {
+  const int threads = (p.h_q + 2 * p.h_kv) * D / 8;
+  const dim3 grid(p.tokens, (threads + kRopeThreads - 1) / kRopeThreads);
+  SplitRope<T, D><<<grid, kRopeThreads, 0, stream>>>(p);
+  CheckCuda(cudaGetLastError(), kSplitRope, "the kernel launch");
+}
+
+// inv_freq[i] = rope_scale / rope_theta^(2i / d), kept for the last (scale, theta, d) asked.
+const RopeTable& Frequencies(double rope_scale, double rope_theta, int d) {
+  thread_local RopeTable table{};
+  thread_local double last[3] = {0, 0, 0};
+  if (last[0] != rope_scale || last[1] != rope_theta || last[2] != d) {
+    for (int i = 0; i < d / 2; ++i) {
+      table.inv_freq[i] = static_cast<float>(rope_scale / std::pow(rope_theta, 2.0 * i / d));
+    }
+    last[0] = rope_scale, last[1] = rope_theta, last[2] = d;
+  }
+  return table;
+}
+
+// Runs what split_rope and append_kv left pending (one kernel), for the attention call `name`.
+void RunPending(const char* name, double rope_scale, double rope_theta) {
+  if (!pending.split) return;
+  const Pending w = pending;
+  pending = Pending{};
+  const int tokens = static_cast<int>(w.qkv.size(0)), d = static_cast<int>(w.qkv.size(2));
+  if (tokens == 0) return;
+  const SplitRopeParams p{DataOf(w.qkv),
+                          Int32s(w.positions),
+                          DataOf(w.q),
+                          DataOf(w.k),
+                          DataOf(w.v),
+                          w.append ? DataOf(w.pages) : nullptr,
+                          w.append ? Int32s(w.slots) : nullptr,
+                          tokens,
+                          static_cast<int>(w.q.size(1)),
+                          static_cast<int>(w.k.size(1)),
+                          w.append ? static_cast<int>(w.pages.size(3)) : 0,
+                          w.rope,
+                          Frequencies(rope_scale, rope_theta, d)};
+  cudaStream_t stream = TvmStream(name, w.qkv.device().device_id);
+  if (w.qkv.dtype().code == kDLFloat) {
+    d == 64 ? LaunchSplitRope<half, 64>(p, stream) : LaunchSplitRope<half, 128>(p, stream);
+  } else {
+    d == 64 ? LaunchSplitRope<__nv_bfloat16, 64>(p, stream)
+            : LaunchSplitRope<__nv_bfloat16, 128>(p, stream);
+  }
 }
 
 // What both entry points take alike: q, q_indptr, output and lse, and the scalars. Checks them
@@ -236,8 +405,9 @@ void PrefillRaggedTiled(int64_t tile_rows, Tensor q, Tensor q_indptr, Tensor k, 
                         Tensor kv_indptr, Tensor q_rope_position, Tensor k_rope_pos_offset,
                         Tensor out, Tensor lse, int64_t causal, int64_t rotary_mode,
                         double rope_scale, double rope_theta, double sm_scale) {
-  (void)q_rope_position, (void)k_rope_pos_offset, (void)rope_scale, (void)rope_theta;
+  (void)q_rope_position, (void)k_rope_pos_offset;
   const char* name = kRagged;
+  RunPending(name, rope_scale, rope_theta);
   const int64_t h_kv = k.ndim() == 3 ? k.size(1) : 1;  // (k's shape is checked below)
   Params p{};
   const Query query =
@@ -276,8 +446,9 @@ void PrefillPagedTiled(int64_t tile_rows, Tensor q, Tensor q_indptr, Tensor page
                        Tensor k_rope_pos_offset, Tensor q_rope_position, Tensor out, Tensor lse,
                        int64_t causal, int64_t rotary_mode, double rope_scale, double rope_theta,
                        double sm_scale) {
-  (void)q_rope_position, (void)k_rope_pos_offset, (void)rope_scale, (void)rope_theta;
+  (void)q_rope_position, (void)k_rope_pos_offset;
   const char* name = kPaged;
+  RunPending(name, rope_scale, rope_theta);
   const int64_t h_kv = pages.ndim() == 5 ? pages.size(2) : 1;  // (checked below)
   Params p{};
   const Query query =
@@ -384,7 +555,11 @@ int DecodeHeads(int64_t group, int64_t kv_bytes, int64_t wanted) {
 template <typename T, int D, int H>
 void LaunchDecode(const DecodeParams& p, cudaStream_t stream) {
   dim3 grid(p.splits, p.h_kv * p.slices, p.batch);
-  Decode<T, D, H><<<grid, kDecodeThreads, 0, stream>>>(p);
+  if (p.qkv != nullptr) {
+    Decode<T, D, H, true><<<grid, kDecodeThreads, 0, stream>>>(p);
+  } else {
+    Decode<T, D, H, false><<<grid, kDecodeThreads, 0, stream>>>(p);
+  }
   CheckCuda(cudaGetLastError(), kDecode, "the kernel launch");
 }
 
@@ -405,7 +580,7 @@ void DecodePagedTiled(int64_t heads_wanted, int64_t splits, Tensor q, Tensor pag
                       Tensor k_rope_pos_offset, Tensor q_rope_position, Tensor out, Tensor lse,
                       int64_t rotary_mode, double rope_scale, double rope_theta,
                       double sm_scale) {
-  (void)k_rope_pos_offset, (void)q_rope_position, (void)rope_scale, (void)rope_theta;
+  (void)k_rope_pos_offset, (void)q_rope_position;
   const char* name = kDecode;
   TVM_FFI_CHECK(rotary_mode == 0, ValueError)
       << name << " does not apply RoPE (rotary_mode " << rotary_mode
@@ -439,11 +614,28 @@ void DecodePagedTiled(int64_t heads_wanted, int64_t splits, Tensor q, Tensor pag
       << name << ": lse must be (batch, h_q)";
   CheckAligned(name, q, "q");
   CheckAligned(name, out, "output");
+  DecodeParams p{};
+  // RoPE and the append pending for exactly this call's q and pages: done by the kernel itself
+  // (`held` keeps their tensors until it is queued).
+  const Pending held = pending;
+  const bool fused = held.split && held.append && held.rope && DataOf(held.q) == DataOf(q) &&
+                     DataOf(held.pages) == DataOf(pages) && held.qkv.size(0) == batch &&
+                     held.qkv.size(1) == h_q + 2 * h_kv && held.qkv.size(2) == d &&
+                     held.qkv.dtype().code == dt.code;
+  if (fused) {
+    pending = Pending{};
+    p.qkv = DataOf(held.qkv);
+    p.position = Int32s(held.positions);
+    p.slot = Int32s(held.slots);
+    p.q_rotated = DataOf(q);
+    p.rope = Frequencies(rope_scale, rope_theta, static_cast<int>(d));
+  } else {
+    RunPending(name, rope_scale, rope_theta);
+  }
   if (batch == 0 || h_q == 0) return;
 
   cudaStream_t stream = TvmStream(name, device);
 
-  DecodeParams p{};
   const int64_t group = h_q / h_kv;
   const int64_t kv_bytes = page_values.size(0) * pages.size(3) * h_kv * d * 2 * 2;  // K and V
   const int heads = DecodeHeads(group, kv_bytes, heads_wanted);
@@ -513,6 +705,10 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kRagged, PrefillRagged)
       .def(kPaged, PrefillPaged)
       .def(kDecode, DecodePaged)
+      // TVM's fused_rope and tir_kv_cache_transpose_append contracts, run by the attention
+      // call after them (the "deferred" section)
+      .def(kSplitRope, SplitRopeDeferred)
+      .def(kAppendKV, AppendDeferred)
       // The same with the tile height (64 or 128 rows) or the splits fixed (0 chooses): for
       // tests and benchmarks
       .def("kiln.attention.prefill_ragged_tiled", PrefillRaggedTiled)

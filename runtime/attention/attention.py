@@ -40,13 +40,18 @@ SOURCES = (
     SOURCE,
     _HERE / "flash_prefill.cuh",
     _HERE / "flash_decode.cuh",
+    _HERE / "rope_append.cuh",
     native.CUDA_EXTERN_HEADER,
 )
 WHAT = "Kiln's attention kernels"
 PREFILL_RAGGED = "kiln.attention.prefill_ragged"  # TVM's batch_prefill_ragged_kv contract
 PREFILL_PAGED = "kiln.attention.prefill_paged"  # TVM's batch_prefill_paged_kv contract
 DECODE_PAGED = "kiln.attention.decode_paged"  # TVM's batch_decode_paged_kv contract
-FUNCTIONS = (PREFILL_RAGGED, PREFILL_PAGED, DECODE_PAGED)
+# TVM's fused_rope and tir_kv_cache_transpose_append contracts, deferred into the next attention
+# call (attention.cu): a decode pass's RoPE and append run inside the decode kernel
+SPLIT_ROPE = "kiln.attention.split_rope"
+APPEND_KV = "kiln.attention.append_kv"
+FUNCTIONS = (PREFILL_RAGGED, PREFILL_PAGED, DECODE_PAGED, SPLIT_ROPE, APPEND_KV)
 ARTIFACT_FILE = "kiln-attention.so"  # the built extern, inside an artifact compiled on its platform
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (64, 128)

@@ -17,6 +17,10 @@
 // it resets) merges them: no second kernel. Scores are in the log2 domain (s = q.k * sm_scale *
 // log2(e), lse = m + log2(l)), as TVM's kernels and merge_state_inplace count them; a sequence
 // without keys gets output 0 and lse -5e4.
+//
+// Fused (kFused), the kernel also does what the cache would have run before it as two kernels:
+// RoPE of the new token's q and k and the append of its k and v to the pages (attention.cu's
+// "deferred" section).
 
 #pragma once
 
@@ -25,6 +29,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "rope_append.cuh"
 
 namespace kiln {
 namespace attention {
@@ -49,33 +55,15 @@ struct DecodeParams {
   float* partial_o;   // (splits, batch, h_q, d) when splits > 1
   float* partial_ml;  // (splits, batch, h_q, 2)
   int* counters;      // (batch, h_kv * slices): zero between calls
-};
-
-template <typename T>
-struct Float8;  // 8 elements (16 bytes) -> 8 floats
-
-template <>
-struct Float8<half> {
-  __device__ __forceinline__ static void Load(float (&f)[8], const uint4& u) {
-    const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float2 x = __half22float2(h[i]);
-      f[2 * i] = x.x, f[2 * i + 1] = x.y;
-    }
-  }
-};
-
-template <>
-struct Float8<__nv_bfloat16> {
-  __device__ __forceinline__ static void Load(float (&f)[8], const uint4& u) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float2 x = __bfloat1622float2(h[i]);
-      f[2 * i] = x.x, f[2 * i + 1] = x.y;
-    }
-  }
+  // kFused (attention.cu's deferred RoPE and append): the new token's q, k and v come from its
+  // qkv row and are rotated here; the rotated q also goes to q_rotated (the cache's q, which a
+  // forked sequence's later depths read), k and v to their slot in the pages, and the key in
+  // that slot is taken from registers, not read back.
+  const void* qkv;           // (batch, h_q + 2 h_kv, d)
+  const int32_t* position;   // (batch): RoPE positions
+  const int32_t* slot;       // (batch): page * page_size + row of the new K/V, -1 for none
+  void* q_rotated;           // (batch, h_q, d)
+  RopeTable rope;
 };
 
 __device__ __forceinline__ uint4 LoadStreaming(const void* p) {  // read once: skip L1
@@ -109,13 +97,13 @@ __device__ __forceinline__ void MergeState(float (&m)[H], float (&l)[H], float (
 }
 
 // grid (splits, h_kv * slices, batch), kDecodeThreads threads. H: query heads per block.
-template <typename T, int D, int H>
+template <typename T, int D, int H, bool kFused>
 __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
   constexpr int kLanes = D / 8;            // lanes per key row
   constexpr int kGroups = 32 / kLanes;     // key groups per warp
   constexpr int kBlockGroups = kGroups * kDecodeWarps;
   constexpr int kUnroll = H >= 8 ? 2 : 4;  // keys per group per step (registers)
-  using F = Float8<T>;
+  using F = Half8<T>;
 
   __shared__ float s_o[kDecodeWarps][H][D];
   __shared__ float s_ml[kDecodeWarps][H][2];
@@ -134,19 +122,59 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
   const int per = (len + p.splits - 1) / p.splits;
   const int start = split * per, end = min(len, start + per);
 
-  float q[H][8];
+  // kFused: the new token's rows of qkv (loaded here), its position and slot. Rotating them waits
+  // until the first keys' loads are issued (prepare), so that the arithmetic, and the wait for
+  // the position it needs, overlap the loads' round trip instead of delaying them (a warp issues
+  // in order). Then the first key group of each (sequence, KV head)'s first block writes the
+  // new k and v to their slot, and each first block its rotated q to q_rotated.
+  const bool writer = kFused && split == 0 && grp == 0;
+  uint4 qraw[H], knew = make_uint4(0, 0, 0, 0), vnew = knew;
+  int pos = 0, slot = -1;
+  if constexpr (kFused) {
+    const T* row = static_cast<const T*>(p.qkv) + int64_t(b) * (p.h_q + 2 * p.h_kv) * D + sub * 8;
+    pos = p.position[b], slot = p.slot[b];
 #pragma unroll
-  for (int h = 0; h < H; ++h) {
-    if (h < heads) {
+    for (int h = 0; h < H; ++h) {
+      qraw[h] = h < heads ? *reinterpret_cast<const uint4*>(row + (head0 + h) * D) : knew;
+    }
+    knew = *reinterpret_cast<const uint4*>(row + (p.h_q + kv_head) * D);
+    vnew = *reinterpret_cast<const uint4*>(row + (p.h_q + p.h_kv + kv_head) * D);
+  } else {
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
       const T* row = static_cast<const T*>(p.q) + (int64_t(b) * p.h_q + head0 + h) * D + sub * 8;
-      F::Load(q[h], *reinterpret_cast<const uint4*>(row));
-#pragma unroll
-      for (int j = 0; j < 8; ++j) q[h][j] *= p.scale_log2;
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) q[h][j] = 0.f;
+      qraw[h] = h < heads ? *reinterpret_cast<const uint4*>(row) : knew;
     }
   }
+  float q[H][8];
+  auto prepare = [&]() {
+    if constexpr (kFused) {
+      const RopeFactors<D> rope(sub, pos, p.rope);
+      knew = rope.template Rotate<T>(knew, ShuffleXor(knew, kLanes / 2));
+      if (writer && slice == 0 && slot >= 0) {
+        T* at = static_cast<T*>(const_cast<void*>(p.pages)) +
+                SlotOffset(slot, kv_head, p.h_kv, p.page_size, D) + sub * 8;
+        *reinterpret_cast<uint4*>(at) = knew;
+        *reinterpret_cast<uint4*>(at + int64_t(p.h_kv) * p.page_size * D) = vnew;
+      }
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        qraw[h] = rope.template Rotate<T>(qraw[h], ShuffleXor(qraw[h], kLanes / 2));
+        if (writer && h < heads) {
+          T* at = static_cast<T*>(p.q_rotated) + (int64_t(b) * p.h_q + head0 + h) * D + sub * 8;
+          *reinterpret_cast<uint4*>(at) = qraw[h];
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+      F::Load(q[h], qraw[h]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[h][j] = h < heads ? q[h][j] * p.scale_log2 : 0.f;
+    }
+  };
+  bool ready = !kFused;
+  if (!kFused) prepare();
   float m[H], l[H], o[H][8];
 #pragma unroll
   for (int h = 0; h < H; ++h) {
@@ -159,19 +187,29 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
   const int64_t kv_stride = int64_t(p.h_kv) * p.page_size * D;  // K -> V of a page
   for (int base = start; base < end; base += kBlockGroups * kUnroll) {
     uint4 kraw[kUnroll], vraw[kUnroll];
-    bool valid[kUnroll];
+    bool valid[kUnroll], fresh[kUnroll];  // fresh: the new token's slot (kFused)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kBlockGroups + grp;
       valid[u] = i < end;
+      fresh[u] = false;
+      kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
       if (valid[u]) {
         const int page = p.page_values[p0 + i / p.page_size];
-        const T* k = pages + ((int64_t(page) * 2 * p.h_kv + kv_head) * p.page_size +
-                              i % p.page_size) * D + sub * 8;
-        kraw[u] = LoadStreaming(k);
-        vraw[u] = LoadStreaming(k + kv_stride);
-      } else {
-        kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
+        fresh[u] = kFused && page * p.page_size + i % p.page_size == slot;
+        if (!fresh[u]) {
+          const T* k = pages + ((int64_t(page) * 2 * p.h_kv + kv_head) * p.page_size +
+                                i % p.page_size) * D + sub * 8;
+          kraw[u] = LoadStreaming(k);
+          vraw[u] = LoadStreaming(k + kv_stride);
+        }
+      }
+    }
+    if constexpr (kFused) {
+      if (!ready) prepare(), ready = true;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (fresh[u]) kraw[u] = knew, vraw[u] = vnew;
       }
     }
     float s[kUnroll][H];
@@ -213,6 +251,8 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
       }
     }
   }
+
+  if (!ready) prepare();  // a block without keys still writes what it owns
 
   // The warp's groups: lanes with the same `sub` hold the same elements.
 #pragma unroll

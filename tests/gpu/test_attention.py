@@ -38,10 +38,12 @@ from step_graph_checks import check_step_graphs
 
 import kiln
 from kiln.runtime.attention import (
+    APPEND_KV,
     ARTIFACT_FILE,
     DECODE_PAGED,
     PREFILL_PAGED,
     PREFILL_RAGGED,
+    SPLIT_ROPE,
     load_attention,
 )
 from kiln.runtime.device import open_device
@@ -360,11 +362,12 @@ class DecodeCase(PagedCase):
                          page_size, seed)  # fmt: skip
         del self.args[1]  # no q_indptr: one query each
 
-    def run(self, fn, *lead) -> tuple[np.ndarray, np.ndarray]:
-        """fn(*lead, q, pages, ..., output, lse, rotary_mode 0, ...) into NaN-filled outputs."""
+    def run(self, fn, *lead, rope=(1.0, 1e4)) -> tuple[np.ndarray, np.ndarray]:
+        """fn(*lead, q, pages, ..., output, lse, rotary_mode 0, *rope (scale, theta), sm_scale)
+        into NaN-filled outputs."""
         out = upload(np.full(self.q.shape, np.nan, np.float32), self.dtype, self.dev)
         lse = tvm.runtime.tensor(np.full(self.q.shape[:2], np.nan, np.float32), self.dev)
-        fn(*lead, *self.args, out, lse, 0, 1.0, 1e4, self.sm_scale)
+        fn(*lead, *self.args, out, lse, 0, *rope, self.sm_scale)
         return download(out, self.dtype), lse.numpy()
 
 
@@ -476,6 +479,148 @@ def test_decode_contract_entry_point_equals_the_split_one(decode):
     assert empty.run(split, 0)[0].shape == (0, 4, 64)
 
 
+# RoPE and the KV append: kiln.attention.split_rope and append_kv record their arguments, and
+# the next attention call does their work (the decode kernel itself, a prefill kernel first).
+
+ROPE_THETA, ROPE_SCALE = 1e4, 0.5
+ROPE_TOL = {"float16": 4e-3, "bfloat16": 3e-2}  # a rounding or two of values up to ~4
+
+
+def rope_reference(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """TVM's fused_rope in float64: rotate-half RoPE of (tokens, heads, d) rows at `positions`
+    (multiplied by ROPE_SCALE), frequencies ROPE_THETA^-((2i mod d) / d)."""
+    d = x.shape[-1]
+    exponent = (2 * np.arange(d) % d) / d
+    angle = positions[:, None].astype(np.float64) * ROPE_SCALE / ROPE_THETA**exponent
+    partner = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], axis=-1)
+    return x * np.cos(angle)[:, None] + partner * np.sin(angle)[:, None]
+
+
+def nan_rows(shape, dtype, dev):
+    return upload(np.full(shape, np.nan, np.float32), dtype, dev)
+
+
+class NewTokens:
+    """A pass of one new token per sequence as the cache hands it over: the fused q/k/v rows
+    (before RoPE), RoPE positions up to 5000, and each token's slot in `case`'s pages (the last
+    key of its history, left NaN: not written yet), or for `elsewhere` sequences a slot in a
+    spare page (a forked sequence's depth-0 call, whose new key is in a later depth's page)."""
+
+    def __init__(self, case: PagedCase, h_q: int, h_kv: int, elsewhere=(), seed=0):
+        rng = np.random.default_rng(seed)
+        batch, d, ps = len(case.histories), case.q.shape[-1], case.pages.shape[3]
+        self.h_q, self.h_kv = h_q, h_kv
+        self.qkv = rounded(rng.standard_normal((batch, h_q + 2 * h_kv, d)), case.dtype)
+        self.positions = rng.integers(0, 5000, batch).astype("int32")
+        spare = sorted(set(range(case.pages.shape[0])) - set(case.page_values.tolist()))
+        self.slots = np.zeros(batch, "int32")
+        for b, n in enumerate(case.histories):
+            if b in elsewhere:
+                self.slots[b] = spare[0] * ps + b % ps
+            else:
+                self.slots[b] = case.page_values[case.page_indptr[b] + (n - 1) // ps] * ps
+                self.slots[b] += (n - 1) % ps
+            page, row = divmod(int(self.slots[b]), ps)
+            case.pages[page, :, :, row] = np.nan
+        rotated = rope_reference(self.qkv[:, : h_q + h_kv], self.positions)
+        self.q, self.k = rotated[:, :h_q], rotated[:, h_q:]
+        self.v = self.qkv[:, h_q + h_kv :]
+
+    def split_rope(self, case: PagedCase):
+        """split_rope's call; returns the q, k and v buffers it was given (NaN)."""
+        dev, dtype, d = case.dev, case.dtype, self.qkv.shape[-1]
+        bufs = [
+            nan_rows((len(self.qkv), h, d), dtype, dev) for h in (self.h_q, self.h_kv, self.h_kv)
+        ]
+        positions = tvm.runtime.tensor(self.positions, dev)
+        tvm_ffi.get_global_func(SPLIT_ROPE)(upload(self.qkv, dtype, dev), positions, *bufs, 1)
+        return bufs
+
+    def appended(self, pages: np.ndarray) -> np.ndarray:
+        """`pages` with each token's K/V (rotated K, rounded) in its slot."""
+        pages = pages.copy()
+        for b, slot in enumerate(self.slots):
+            page, row = divmod(int(slot), pages.shape[3])
+            pages[page, 0, :, row] = self.k[b]
+            pages[page, 1, :, row] = self.v[b]
+        return pages
+
+
+def assert_close_or_both_nan(got, want, tol, what):
+    assert (np.isnan(got) == np.isnan(want)).all(), f"{what}: NaN where not expected, or not"
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), rtol=tol, atol=tol,
+                               err_msg=what)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,head_dim,h_q,h_kv", CONFIGS)
+def test_decode_does_the_deferred_rope_and_append_itself(decode, dtype, head_dim, h_q, h_kv):
+    """split_rope and append_kv as the cache calls them before a decode pass, then decode_paged
+    in 1, 3 and the chosen splits: the output is attention of the rotated q over the history and
+    the rotated new key; the kernel wrote the rotated q into q, k and v into their slots (one
+    sequence's slot in a page its call does not read: written, not attended to), and nothing
+    into the k and v buffers, which only a separate append would have read."""
+    dev, split, _ = decode
+    histories = [1, 15, 16, 17, 100, 1000, 40]
+    for splits in (1, 3, 0):
+        case = DecodeCase(dev, dtype, head_dim, h_q, h_kv, histories, seed=29)
+        new = NewTokens(case, h_q, h_kv, elsewhere=(6,), seed=30)
+        q, k, v = new.split_rope(case)
+        pages = upload(case.pages, dtype, dev)
+        tvm_ffi.get_global_func(APPEND_KV)(pages, k, v, tvm.runtime.tensor(new.slots, dev))
+        case.args[0], case.args[1] = q, pages
+        what = f"fused decode {dtype} d{head_dim} {h_q}/{h_kv} splits={splits}"
+        got = case.run(split, splits, rope=(ROPE_SCALE, ROPE_THETA))
+        q_got, pages_got = download(q, dtype), download(pages, dtype)
+        tol = ROPE_TOL[dtype]
+        assert_close_or_both_nan(q_got, new.q, tol, f"{what}: q")
+        assert_close_or_both_nan(pages_got, new.appended(case.pages), tol, f"{what}: pages")
+        assert np.isnan(download(k, dtype)).all() and np.isnan(download(v, dtype)).all()
+        # the attention, on the very q and keys the kernel rotated and rounded
+        want = paged_reference(q_got, np.arange(len(histories) + 1), pages_got, case.page_indptr,
+                               case.page_values, case.last, False, case.sm_scale)  # fmt: skip
+        check(got, want, dtype, what)
+
+
+def test_prefill_runs_the_deferred_rope_first_and_appends_after(kernels):
+    """A prefill pass: split_rope, then the ragged prefill kernel (which rotates q and k into
+    their buffers first, as one kernel), then append_kv (nothing pending: it copies k and v into
+    their slots at once); then a decode pass whose attention call is the paged prefill kernel
+    (a depth the cache runs it on): it does the pending RoPE and append before its own work."""
+    dev, ragged, _ = kernels
+    dtype, d, h_q, h_kv = "float16", 128, 8, 2
+    case = DecodeCase(dev, dtype, d, h_q, h_kv, [5, 16, 33], seed=31)
+    new = NewTokens(case, h_q, h_kv, seed=32)
+    q, k, v = new.split_rope(case)
+    indptr = tvm.runtime.tensor(np.arange(4, dtype="int32"), dev)
+    out, lse = nan_rows(new.q.shape, dtype, dev), tvm.runtime.tensor(
+        np.full(new.q.shape[:2], np.nan, np.float32), dev)  # fmt: skip
+    ragged(0, q, indptr, k, v, indptr, *case.args[5:7], out, lse, 1, 0, ROPE_SCALE, ROPE_THETA,
+           case.sm_scale)  # fmt: skip
+    tol = ROPE_TOL[dtype]
+    for buf, want, what in ((q, new.q, "q"), (k, new.k, "k"), (v, new.v, "v")):
+        assert_close_or_both_nan(download(buf, dtype), want, tol, f"prefill: {what}")
+    q_got, k_got, v_got = (download(buf, dtype) for buf in (q, k, v))
+    want = reference(q_got, k_got, v_got, np.arange(4), np.arange(4), True, case.sm_scale)
+    check((download(out, dtype), lse.numpy()), want, dtype, "prefill of the rotated rows")
+    pages = upload(case.pages, dtype, dev)
+    tvm_ffi.get_global_func(APPEND_KV)(pages, k, v, tvm.runtime.tensor(new.slots, dev))
+    assert_close_or_both_nan(download(pages, dtype), new.appended(case.pages), tol, "appended")
+
+    later = NewTokens(case, h_q, h_kv, seed=33)  # the same slots, new rows
+    q, k, v = later.split_rope(case)
+    tvm_ffi.get_global_func(APPEND_KV)(pages, k, v, tvm.runtime.tensor(later.slots, dev))
+    paged = tvm_ffi.get_global_func(PREFILL_PAGED)
+    out = nan_rows(later.q.shape, dtype, dev)
+    paged(q, indptr, pages, *case.args[2:5], *case.args[5:7], out, lse, 0, 0, ROPE_SCALE,
+          ROPE_THETA, case.sm_scale)  # fmt: skip
+    pages_got = download(pages, dtype)
+    assert_close_or_both_nan(pages_got, later.appended(case.pages), tol, "appended before paged")
+    assert_close_or_both_nan(download(k, dtype), later.k, tol, "k before paged")
+    want = paged_reference(download(q, dtype), np.arange(4), pages_got, case.page_indptr,
+                           case.page_values, case.last, False, case.sm_scale)  # fmt: skip
+    check((download(out, dtype), lse.numpy()), want, dtype, "paged prefill after the pending work")
+
+
 @pytest.fixture(scope="module")
 def attention_model(tmp_path_factory):
     """attention_model(name) -> (checkpoint, q0f16 CUDA artifact) of ATTENTION_MODELS[name]."""
@@ -505,7 +650,7 @@ def test_artifacts_on_kilns_kernel_match_transformers(attention_model, name):
 
     ckpt, art = attention_model(name)
     externs = json.loads((art / "manifest.json").read_text())["target"]["externs"]
-    assert {PREFILL_RAGGED, PREFILL_PAGED, DECODE_PAGED} <= set(externs)
+    assert {PREFILL_RAGGED, PREFILL_PAGED, DECODE_PAGED, SPLIT_ROPE, APPEND_KV} <= set(externs)
     ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype="float32").eval()
     runner = Runner(art, "cuda", max_batch_size=4, kv_tokens=1024)
     rng = np.random.default_rng(6)

@@ -11,6 +11,8 @@ sliding window.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tvm
@@ -191,8 +193,17 @@ EXTERNS = {
     "ragged": "kiln.attention.prefill_ragged",
     "paged": "kiln.attention.prefill_paged",
     "decode": "kiln.attention.decode_paged",
+    "rope": "kiln.attention.split_rope",
+    "append": "kiln.attention.append_kv",
 }
-KERNELS = {"ragged": RAGGED_PREFILL_KERNEL, "paged": PAGED_PREFILL_KERNEL, "decode": DECODE_KERNEL}
+KERNELS = {
+    "ragged": RAGGED_PREFILL_KERNEL,
+    "paged": PAGED_PREFILL_KERNEL,
+    "decode": DECODE_KERNEL,
+    "rope": "fused_rope",
+    "append": "tir_kv_cache_transpose_append",
+}
+ATTENTION = ("ragged", "paged", "decode")
 GPU_SPEC = AttentionSpec(
     num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=64, rope=RoPE(1e4), context_length=256
 )
@@ -251,21 +262,25 @@ def _differing(got: list, want: list) -> list[int]:
 
 
 def _replaced(got: list, want: list) -> dict[str, str]:
-    """{TVM kernel: the extern in its place} over the creation call's ("tirx", f) arguments;
-    every other argument must be equal."""
+    """{TVM kernel: the extern in its place} over the creation call's kernel arguments (the
+    attention kernels as ("tirx", f), RoPE and the append as f); every other argument must be
+    equal."""
     replaced = {}
     for i in _differing(got, want):
         new, original = got[i], want[i]
-        assert [f.value for f in (new.fields[0], original.fields[0])] == ["tirx", "tirx"]
-        assert isinstance(new.fields[1], relax.ExternFunc)
-        replaced[original.fields[1].name_hint] = new.fields[1].global_symbol
+        if isinstance(original, relax.Tuple):
+            assert [f.value for f in (new.fields[0], original.fields[0])] == ["tirx", "tirx"]
+            new, original = new.fields[1], original.fields[1]
+        assert isinstance(new, relax.ExternFunc)
+        replaced[original.name_hint] = new.global_symbol
     return replaced
 
 
 def test_the_externs_take_the_place_of_tvms_kernels(cuda_lowered):
     """Expected: TVM's own creation call with ("tirx", batch_prefill_ragged_kv), ("tirx",
     batch_prefill_paged_kv) and ("tirx", batch_decode_paged_kv) replaced by ("tirx",
-    ExternFunc(...)), every other argument as it is (the sliding-window kernels among them);
+    ExternFunc(...)), fused_rope and tir_kv_cache_transpose_append by ExternFunc(...), every
+    other argument as it is (the sliding-window kernels among them);
     the TIR kernels leave the module (nothing compiles them), every other kernel stays; prefill
     and decode are untouched."""
     ours, _, expected = cuda_lowered
@@ -278,16 +293,46 @@ def test_the_externs_take_the_place_of_tvms_kernels(cuda_lowered):
         tvm.ir.assert_structural_equal(ours[entry], expected[entry])
 
 
-@pytest.mark.parametrize("kind", ["ragged", "paged", "decode"])
-def test_one_extern_replaces_only_its_kernel(kind):
+def _lowered_with(spec: AttentionSpec, chosen: dict[str, str]) -> dict[str, str]:
+    """{TVM kernel: extern} that LowerPagedKVCache put in a CUDA cache for `spec` when the
+    target offers `chosen`; the module keeps every other kernel."""
     target = get_target("cuda").target("sm_90")
-    before, _ = export(GPU_SPEC, False, "float16", target)
-    expected, _ = export(GPU_SPEC, True, "float16", target)
+    before, _ = export(spec, False, "float16", target)
+    expected, _ = export(spec, True, "float16", target)
     with target:
-        ours = LowerPagedKVCache(target, lambda dtype, head_dim: {kind: EXTERNS[kind]})(before)
-    assert _replaced(_create_args(ours), _create_args(expected)) == {KERNELS[kind]: EXTERNS[kind]}
+        ours = LowerPagedKVCache(target, lambda dtype, head_dim: chosen)(before)
+    replaced = _replaced(_create_args(ours), _create_args(expected))
     names = {g.name_hint for g in ours.get_global_vars()}
-    assert names == {g.name_hint for g in expected.get_global_vars()} - {KERNELS[kind]}
+    assert names == {g.name_hint for g in expected.get_global_vars()} - set(replaced)
+    return replaced
+
+
+@pytest.mark.parametrize("kind", ATTENTION)
+def test_one_extern_replaces_only_its_kernel(kind):
+    assert _lowered_with(GPU_SPEC, {kind: EXTERNS[kind]}) == {KERNELS[kind]: EXTERNS[kind]}
+
+
+def test_rope_and_append_go_to_externs_only_where_attention_can_do_them():
+    """The RoPE and append externs leave their work to the next attention call, which must be
+    Kiln's and know the rotation: taken with all three attention externs and RoPE without
+    scaling or with linear scaling (the cache's rope_scale); refused without one of the three,
+    with llama3 scaling (frequencies the attention call is not told) or a sliding window
+    (TVM's kernels)."""
+    every = {KERNELS[kind]: extern for kind, extern in EXTERNS.items()}
+    attention_only = {KERNELS[kind]: EXTERNS[kind] for kind in ATTENTION}
+    linear = dataclasses.replace(GPU_SPEC, rope=RoPE(1e4, {"rope_type": "linear", "factor": 2.0}))
+    assert _lowered_with(linear, EXTERNS) == every
+    llama3 = dataclasses.replace(GPU_SPEC, rope=RoPE(5e5, {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }))  # fmt: skip
+    assert _lowered_with(llama3, EXTERNS) == attention_only
+    sliding = dataclasses.replace(GPU_SPEC, sliding_window=32)
+    assert _lowered_with(sliding, EXTERNS) == attention_only
+    no_ragged = {kind: name for kind, name in EXTERNS.items() if kind != "ragged"}
+    assert _lowered_with(GPU_SPEC, no_ragged) == {
+        KERNELS[kind]: EXTERNS[kind] for kind in ("paged", "decode")
+    }
 
 
 def run(mod: tvm.IRModule, params: list, ids: list[int], chunk: int, steps: int) -> np.ndarray:
