@@ -31,6 +31,8 @@ FUNCTIONS = {
     "kiln.attention.decode_paged",
     "kiln.attention.decode_paged_split",
     "kiln.attention.decode_paged_tiled",
+    "kiln.attention.split_rope",
+    "kiln.attention.append_kv",
 }
 ARCHS = ["sm_90"]  # one arch keeps the build short
 
@@ -90,6 +92,18 @@ for name, call in calls.items():
             call(rotary_mode)
         except Exception as e:
             errors[f"{name} {rotary_mode}"] = f"{type(e).__name__}: {e}"
+qkv, kv = host((4, 4, 64), "float16"), host((4, 1, 64), "float16")
+deferred = {
+    "split_rope": lambda: tvm_ffi.get_global_func("kiln.attention.split_rope")(
+        qkv, host((4,), "int32"), q, kv, kv, 1),
+    "append_kv": lambda: tvm_ffi.get_global_func("kiln.attention.append_kv")(
+        pages, kv, kv, host((4,), "int32")),
+}
+for name, call in deferred.items():
+    try:
+        call()
+    except Exception as e:
+        errors[name] = f"{type(e).__name__}: {e}"
 print(json.dumps({
     "names": sorted(n for n in tvm_ffi.registry.list_global_func_names() if n.startswith("kiln.")),
     "errors": errors,
@@ -110,6 +124,8 @@ def test_loads_and_registers_without_gpu_or_compiler(built):
                      ("decode", "decode_paged")):  # fmt: skip
         assert f"kiln.attention.{fn} does not apply RoPE" in result["errors"][f"{name} 1"]
         assert "q must be on cuda:0" in result["errors"][f"{name} 0"]
+    assert "split_rope: qkv must be on cuda:0" in result["errors"]["split_rope"]
+    assert "append_kv: k must be on cuda:0" in result["errors"]["append_kv"]
     assert result["relax"] == [] and not result["compiler_lib"]
 
 
@@ -160,7 +176,8 @@ def test_without_nvcc_an_artifact_without_its_copy_fails_clearly(monkeypatch, tm
 def test_every_extern_has_a_file_and_a_loader():
     assert set(EXTERNS) == {
         "kiln.cublas.matmul", attention.PREFILL_RAGGED, attention.PREFILL_PAGED,
-        attention.DECODE_PAGED, "kiln.gemv.q4", "kiln.gemv.q4_swiglu", "kiln.gemv.f16_swiglu",
+        attention.DECODE_PAGED, attention.SPLIT_ROPE, attention.APPEND_KV, "kiln.gemv.q4",
+        "kiln.gemv.q4_swiglu", "kiln.gemv.f16_swiglu",
         "kiln.gemv.q4_batched", "kiln.gemv.q4_moe_swiglu", "kiln.gemv.q4_moe",
         "kiln.gemv.moe_route",
     }  # fmt: skip
@@ -170,7 +187,8 @@ def test_every_extern_has_a_file_and_a_loader():
         by_file.setdefault(extern.artifact_file, set()).add((extern.build, extern.load))
     assert all(len(ways) == 1 for ways in by_file.values())
     assert EXTERNS[attention.PREFILL_PAGED] == EXTERNS[attention.PREFILL_RAGGED]
-    assert EXTERNS[attention.DECODE_PAGED] == EXTERNS[attention.PREFILL_RAGGED]
+    for name in (attention.DECODE_PAGED, attention.SPLIT_ROPE, attention.APPEND_KV):
+        assert EXTERNS[name] == EXTERNS[attention.PREFILL_RAGGED]
 
 
 @pytest.mark.parametrize("h_q,h_kv", [(4, 4), (8, 2), (8, 1)])

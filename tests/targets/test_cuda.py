@@ -179,6 +179,8 @@ def test_fp16_and_bf16_caches_of_head_dim_64_and_128_take_kilns_kernel(nvcc_foun
         "ragged": attention.PREFILL_RAGGED,
         "paged": attention.PREFILL_PAGED,
         "decode": attention.DECODE_PAGED,
+        "rope": attention.SPLIT_ROPE,
+        "append": attention.APPEND_KV,
     }
 
 
@@ -226,7 +228,7 @@ def test_a_head_dim_64_model_carries_kilns_attention_externs(
     custom_checkpoint, tmp_path, monkeypatch_module
 ):
     """The manifest lists the externs, the artifact carries their library built for its archs
-    (SASS for each, PTX for the newest), and TVM's ragged and paged prefill kernels are not
+    (SASS for each, PTX for the newest), and TVM's attention, RoPE and append kernels are not
     compiled."""
     ckpt = custom_checkpoint(
         "llama", hidden_size=256, intermediate_size=256, num_attention_heads=4,
@@ -236,13 +238,16 @@ def test_a_head_dim_64_model_carries_kilns_attention_externs(
         str(ckpt), target="cuda", quantization="q0f16", output=tmp_path / "a", arch="sm_80,sm_90"
     )
     manifest = json.loads((art / "manifest.json").read_text())
-    externs = {attention.PREFILL_RAGGED, attention.PREFILL_PAGED, attention.DECODE_PAGED}
+    externs = {attention.PREFILL_RAGGED, attention.PREFILL_PAGED, attention.DECODE_PAGED,
+               attention.SPLIT_ROPE, attention.APPEND_KV}  # fmt: skip
     assert externs <= set(manifest["target"]["externs"])
     assert manifest["files"][attention.ARTIFACT_FILE]
     kernels = manifest["target"]["device_code"]["kernels"]
     assert "batch_prefill_ragged_kv_kernel" not in kernels
     assert "batch_prefill_paged_kv_kernel" not in kernels
     assert "batch_decode_paged_kv_kernel" not in kernels
+    assert "fused_rope_kernel" not in kernels
+    assert "tir_kv_cache_transpose_append_kernel" not in kernels
     # the rest of the cache stays TVM's, the sliding-window kernels among it
     assert "batch_prefill_paged_kv_sliding_window_kernel" in kernels
     assert "batch_decode_paged_kv_sliding_window_kernel" in kernels
