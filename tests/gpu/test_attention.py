@@ -6,10 +6,12 @@ and 1000 tokens, queries aligned to the end of longer keys. Paged: chunks of 1, 
 queries against histories of 0, 1, 15, 16, 17, 100 and 1000 keys in shuffled pages (unused page
 rows hold NaN, so a wrong gather shows). Decode: one query per sequence after 0 to 4000 keys,
 split over 1 to 64 blocks, groups of 1 to 16 query heads per KV head, page sizes 1 to 32, calls
-after calls. The kernels run on TVM's current stream; and CUDA artifacts that call them (head_dim
-64 and 128) give transformers' logits for a ragged batch, for chunks after cached prefixes of
-different lengths in one pass, for a prompt prefilled in chunks (where TVM merges the paged
-kernel's output with the ragged one's through the lse), and for decode steps.
+after calls. RoPE and the KV append (`split_rope`, `append_kv`): done by the decode kernel
+itself, or before a prefill kernel, against float64 RoPE. The kernels run on TVM's current
+stream; and CUDA artifacts that call them (head_dim 64 and 128) give transformers' logits for a
+ragged batch, for chunks after cached prefixes of different lengths in one pass, for a prompt
+prefilled in chunks (where TVM merges the paged kernel's output with the ragged one's through
+the lse), and for decode steps.
 
 Which models run it: CUDA artifacts whose cache is fp16/bf16 with head_dim 64 or 128. The GPU
 tests' tiny models have head_dim 16 or 32 and keep TVM's kernel, but for build_artifacts.py's
