@@ -91,6 +91,12 @@ def download(t, dtype: str) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def nan_rows(shape, dtype: str, dev):
+    """A `dtype` tensor of `shape` on `dev`, every element NaN (so that what a kernel leaves
+    unwritten shows)."""
+    return upload(np.full(shape, np.nan, np.float32), dtype, dev)
+
+
 @pytest.fixture(scope="module")
 def kernels():
     """(device, Kiln's prefill_ragged_tiled, TVM's library or None)."""
@@ -133,7 +139,7 @@ class Case:
 
     def run(self, fn, causal: bool, *lead) -> tuple[np.ndarray, np.ndarray]:
         """fn(*lead, q, ..., output, lse, causal, rotary_mode 0, ...) into NaN-filled outputs."""
-        out = upload(np.full(self.q.shape, np.nan, np.float32), self.dtype, self.dev)
+        out = nan_rows(self.q.shape, self.dtype, self.dev)
         lse = tvm.runtime.tensor(np.full(self.q.shape[:2], np.nan, np.float32), self.dev)
         fn(*lead, *self.args, out, lse, int(causal), 0, 1.0, 1e4, self.sm_scale)
         return download(out, self.dtype), lse.numpy()
@@ -367,7 +373,7 @@ class DecodeCase(PagedCase):
     def run(self, fn, *lead, rope=(1.0, 1e4)) -> tuple[np.ndarray, np.ndarray]:
         """fn(*lead, q, pages, ..., output, lse, rotary_mode 0, *rope (scale, theta), sm_scale)
         into NaN-filled outputs."""
-        out = upload(np.full(self.q.shape, np.nan, np.float32), self.dtype, self.dev)
+        out = nan_rows(self.q.shape, self.dtype, self.dev)
         lse = tvm.runtime.tensor(np.full(self.q.shape[:2], np.nan, np.float32), self.dev)
         fn(*lead, *self.args, out, lse, 0, *rope, self.sm_scale)
         return download(out, self.dtype), lse.numpy()
@@ -496,10 +502,6 @@ def rope_reference(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
     angle = positions[:, None].astype(np.float64) * ROPE_SCALE / ROPE_THETA**exponent
     partner = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], axis=-1)
     return x * np.cos(angle)[:, None] + partner * np.sin(angle)[:, None]
-
-
-def nan_rows(shape, dtype, dev):
-    return upload(np.full(shape, np.nan, np.float32), dtype, dev)
 
 
 class NewTokens:
