@@ -148,27 +148,20 @@ __device__ __forceinline__ void Mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// One word of eight nibbles v0..v7 -> four fp16 pairs v_i - 8, i = (0, 4), (1, 5), (2, 6), (3, 7)
-// (first in the low half). (w & 0x000F000F) | 0x64006400 reads as the halves (1024 + v0, 1024 +
-// v4), and minus 1032 is v - 8, exactly; the nibbles at bits 4-7 and 20-23 give 1024 + 16 v, and
-// (1024 + 16 v) / 16 - 72 is v - 8, exactly, in one FMA.
+// One word of eight nibbles v0..v7 -> four fp16 pairs (v_i - 8) * s, i = (0, 4), (1, 5), (2, 6),
+// (3, 7) (first in the low half), `scale2` = (s, s). (w & 0x000F000F) | 0x64006400 reads as the
+// halves (1024 + v0, 1024 + v4), and minus 1032 is v - 8, exactly; the nibbles at bits 4-7 and
+// 20-23 give 1024 + 16 v, and (1024 + 16 v) / 16 - 72 is v - 8, exactly, in one FMA.
 constexpr uint32_t kLowNibbles = 0x000F000F, kHighNibbles = 0x00F000F0, kMagic = 0x64006400;
 constexpr uint32_t kMinus1032 = 0xE408E408, kSixteenth = 0x2C002C00, kMinus72 = 0xD480D480;
 constexpr int kAndOr = (0xF0 & 0xCC) | 0xAA;  // lop3: (a & b) | c
 
-__device__ __forceinline__ void DequantizeUnscaled(uint32_t w, uint32_t (&h)[4]) {
-  const uint32_t w8 = w >> 8;
-  h[0] = AddHalf2(Lop3<kAndOr>(w, kLowNibbles, kMagic), kMinus1032);
-  h[1] = FmaHalf2(Lop3<kAndOr>(w, kHighNibbles, kMagic), kSixteenth, kMinus72);
-  h[2] = AddHalf2(Lop3<kAndOr>(w8, kLowNibbles, kMagic), kMinus1032);
-  h[3] = FmaHalf2(Lop3<kAndOr>(w8, kHighNibbles, kMagic), kSixteenth, kMinus72);
-}
-
-// The same pairs times `scale2` = (s, s): the weights (v_i - 8) * s, rounded to fp16.
 __device__ __forceinline__ void Dequantize(uint32_t w, uint32_t scale2, uint32_t (&h)[4]) {
-  DequantizeUnscaled(w, h);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = MulHalf2(h[i], scale2);
+  const uint32_t w8 = w >> 8;
+  h[0] = MulHalf2(AddHalf2(Lop3<kAndOr>(w, kLowNibbles, kMagic), kMinus1032), scale2);
+  h[1] = MulHalf2(FmaHalf2(Lop3<kAndOr>(w, kHighNibbles, kMagic), kSixteenth, kMinus72), scale2);
+  h[2] = MulHalf2(AddHalf2(Lop3<kAndOr>(w8, kLowNibbles, kMagic), kMinus1032), scale2);
+  h[3] = MulHalf2(FmaHalf2(Lop3<kAndOr>(w8, kHighNibbles, kMagic), kSixteenth, kMinus72), scale2);
 }
 
 // x0..x7 (natural order, two per word) -> the pairs (0, 4), (1, 5), (2, 6), (3, 7) Dequantize
@@ -202,23 +195,6 @@ struct Scales {
         const int group = first + 4 * u + c;
         raw[u] = 0;
         if (group < groups) raw[u] = __ldg(reinterpret_cast<const unsigned short*>(row) + group);
-      }
-    }
-  }
-
-  // For Q4Compute's kGrouped form: raw[u] = the scales of groups 16 t + 8 (c % 2) + 2 u and that
-  // + 1 (low half first), those of the two columns of sums the lane holds; 0 past K. kVector:
-  // what Load reads.
-  __device__ __forceinline__ void LoadGrouped(const half* row, int t, int groups, int c) {
-    if constexpr (kVector) {
-      Load(row, t, groups, c);
-    } else {
-      const unsigned short* r = reinterpret_cast<const unsigned short*>(row);
-#pragma unroll
-      for (int u = 0; u < kSubSteps; ++u) {
-        const int group = 16 * t + 8 * (c & 1) + 2 * u;
-        const uint32_t lo = group < groups ? __ldg(r + group) : 0;
-        raw[u] = lo | (group + 1 < groups ? uint32_t{__ldg(r + group + 1)} << 16 : 0);
       }
     }
   }
@@ -335,7 +311,7 @@ __device__ __forceinline__ void Q4CopyX(half* xs, const half* x, int t, const Ar
 
 // Issues the loads of super-step t's weights and scales; `w` points at the lane's group c of
 // its rows (one uint4 a group).
-template <int kTiles, bool kVectorScales, bool kGrouped, bool kFull>
+template <int kTiles, bool kVectorScales, bool kFull>
 __device__ __forceinline__ void Q4Load(Q4Step<kTiles, kVectorScales>& s,
                                        const uint4* const (&w)[kTiles][2],
                                        const half* const (&srow)[kTiles][2], int t, int groups,
@@ -343,9 +319,7 @@ __device__ __forceinline__ void Q4Load(Q4Step<kTiles, kVectorScales>& s,
   int offset[kSubSteps];  // groups from the lane's group c
 #pragma unroll
   for (int u = 0; u < kSubSteps; ++u) {
-    // group 16 t + 4 u + c; kGrouped: 16 t + SubStepGroup(u, c)
-    const int ahead = kGrouped ? 2 * u + 6 * (c >> 1) : 4 * u;
-    offset[u] = 16 * t + (kFull ? ahead : min(ahead, groups - 1 - (16 * t + c)));
+    offset[u] = 16 * t + (kFull ? 4 * u : min(4 * u, groups - 1 - (16 * t + c)));
   }
 #pragma unroll
   for (int u = 0; u < kSubSteps; ++u) {
@@ -358,98 +332,45 @@ __device__ __forceinline__ void Q4Load(Q4Step<kTiles, kVectorScales>& s,
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if constexpr (kGrouped) {
-        s.scales[i][h].LoadGrouped(srow[i][h], t, groups, c);
-      } else {
-        s.scales[i][h].Load(srow[i][h], t, groups, c);
-      }
-    }
+    for (int h = 0; h < 2; ++h) s.scales[i][h].Load(srow[i][h], t, groups, c);
   }
 }
 
-// Waits for x's values of a super-step in xs (every cp.async group of the warp) and pairs them up
-// in place as the MMAs take them (PairUp's order), each lane the pieces it copied (Q4CopyX), so
-// that a lane's B fragments are one 16-byte shared load.
-__device__ __forceinline__ void Q4PairX(half* xs, int m_rows, int lane) {
-  __syncwarp();  // (keeps the weights' loads, issued before, ahead of the wait)
-  WaitAsync();
-  for (int i = lane; i < m_rows * 64; i += 32) {
-    uint4* piece = reinterpret_cast<uint4*>(xs + (i / 64) * kXStride + 8 * (i % 64));
-    uint32_t b[4];
-    PairUp(*piece, b);
-    *piece = make_uint4(b[0], b[1], b[2], b[3]);
-  }
-  __syncwarp();
-}
-
-// The MMAs of a super-step whose loads Q4Load and Q4CopyX issued.
-//
-// kGrouped (up to kGroupedMaxM rows of x): the scales multiply sums, not weights. The MMA's 8
-// columns are (row m of x, j) = 4 m + j, and lane c's A values are group SubStepGroup(u, c) of
-// the super-step: lane (g, c) gives B's column g x's values of that group where c = g % 4, zeros
-// elsewhere (row m_rows of xs, zero), so that column 4 m + j sums group SubStepGroup(u, j) alone.
-// A sub-step's MMAs go to fresh sums d; lane (g, c) holds the columns 2 c, 2 c + 1 (m = c / 2,
-// groups 8 (c % 2) + 2 u and + 1: Scales::LoadGrouped's pair) and adds d times their scales into
-// acc in fp32. Q4KLoop then adds the lanes' columns. So a weight is the exact v - 8 in the MMA,
-// rounded nowhere, and each group's sum is scaled once.
-__host__ __device__ constexpr int SubStepGroup(int u, int j) { return 8 * (j >> 1) + 2 * u + (j & 1); }
-
-template <int kTiles, int kChains, bool kVectorScales, bool kGrouped>
+// The MMAs of a super-step whose loads Q4Load and Q4CopyX issued; waits for x (every cp.async
+// group of the warp) at its first use.
+template <int kTiles, int kChains, bool kVectorScales>
 __device__ __forceinline__ void Q4Compute(float (&acc)[kTiles][kChains][4],
-                                          const Q4Step<kTiles, kVectorScales>& s, half* xs,
-                                          const Args& a, int lane) {
+                                          const Q4Step<kTiles, kVectorScales>& s,
+                                          const half* xs, const Args& a, int lane) {
   const int g = lane / 4, c = lane % 4;
   uint32_t s2[kTiles][2][kSubSteps];
-  const half* xg;  // the lane's row of x at group c (kGrouped: SubStepGroup(0, c), or zeros)
-  if constexpr (kGrouped) {
-    const bool mine = g % 4 == c && g / 4 < a.m_rows;
-    xg = xs + (mine ? g / 4 * kXStride + 32 * SubStepGroup(0, c) : a.m_rows * kXStride);
-  } else {
 #pragma unroll
-    for (int i = 0; i < kTiles; ++i) {
+  for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) s.scales[i][h].Pair(c, s2[i][h]);
-    }
-    xg = xs + min(g, a.m_rows - 1) * kXStride + 32 * c;
+    for (int h = 0; h < 2; ++h) s.scales[i][h].Pair(c, s2[i][h]);
   }
+  const half* xg = xs + min(g, a.m_rows - 1) * kXStride + 32 * c;  // lane's row of x, group c
 #pragma unroll
   for (int u = 0; u < kSubSteps; ++u) {
-    float d[kTiles][4] = {};  // kGrouped: this sub-step's sums
 #pragma unroll
     for (int word = 0; word < 4; ++word) {
       uint32_t wl[kTiles][4], wh[kTiles][4];  // rows g and g + 8
 #pragma unroll
       for (int i = 0; i < kTiles; ++i) {
-        const uint32_t* q = reinterpret_cast<const uint32_t*>(s.q[u][i]);
-        if constexpr (kGrouped) {
-          DequantizeUnscaled(q[word], wl[i]);
-          DequantizeUnscaled(q[4 + word], wh[i]);
-        } else {
-          Dequantize(q[word], s2[i][0][u], wl[i]);
-          Dequantize(q[4 + word], s2[i][1][u], wh[i]);
-        }
+        Dequantize(reinterpret_cast<const uint32_t*>(&s.q[u][i][0])[word], s2[i][0][u], wl[i]);
+        Dequantize(reinterpret_cast<const uint32_t*>(&s.q[u][i][1])[word], s2[i][1][u], wh[i]);
       }
-      if (u == 0 && word == 0) Q4PairX(xs, a.m_rows, lane);  // after the weights' loads
-      const uint4 b = LoadShared(xg + (kGrouped ? 64 : 128) * u + 8 * word);  // paired up
+      if (u == 0 && word == 0) {  // x, loading since the start: waited for as late as can be
+        WaitAsync();
+        __syncwarp();
+      }
+      uint32_t b[4];
+      PairUp(LoadShared(xg + 128 * u + 8 * word), b);
 #pragma unroll
       for (int i = 0; i < kTiles; ++i) {
-        float(&sum)[4] = kGrouped ? d[i] : acc[i][word % kChains];  // kChains: MMAs overlap
-        Mma(sum, wl[i][0], wh[i][0], wl[i][1], wh[i][1], b.x, b.y);
-        Mma(sum, wl[i][2], wh[i][2], wl[i][3], wh[i][3], b.z, b.w);
-      }
-    }
-    if constexpr (kGrouped) {
-#pragma unroll
-      for (int i = 0; i < kTiles; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // rows g and g + 8: sums 2 h, 2 h + 1
-          const uint32_t raw = s.scales[i][h].raw[u];
-          const __half2 scale = *reinterpret_cast<const __half2*>(&raw);
-          float(&sum)[4] = acc[i][u % kChains];
-          sum[2 * h] += d[i][2 * h] * __low2float(scale);
-          sum[2 * h + 1] += d[i][2 * h + 1] * __high2float(scale);
-        }
+        float(&d)[4] = acc[i][word % kChains];  // kChains sums, so that MMAs overlap
+        Mma(d, wl[i][0], wh[i][0], wl[i][1], wh[i][1], b[0], b[1]);
+        Mma(d, wl[i][2], wh[i][2], wl[i][3], wh[i][3], b[2], b[3]);
       }
     }
   }
@@ -466,24 +387,15 @@ constexpr int Q4MinBlocks(int tiles, bool prefetch) {
 // this one, so that its weights stream while it computes (two super-steps in flight: 8 KB a
 // tile); x's next values go to xs after the MMAs (from L2, while the weights are on their way).
 // Without it, a warp loads a super-step and then computes it.
-// Dynamic shared memory: kXBytesPerRow for each of XRows(M) rows.
+// Dynamic shared memory: kXBytesPerRow a row of x.
 //
 // Q4BlockSums is a block's K loop: its warps' partial sums (one 16 x 8 tile each per weight
-// tile: rows, then rows of x as columns) for the weight rows of the outputs from `first`; `xs`
-// is the warp's part of the dynamic shared memory. Q4Gemv adds them up and writes them (Finish).
-// Up to kGroupedMaxM rows of x, the K loop is Q4Compute's kGrouped form, whose fewer
-// instructions a weight measured 14% faster once running on an H200 (bench/NOTES.md).
-constexpr int kGroupedMaxM = 2;  // 4 groups a sub-step x 2 rows of x: the MMA's 8 columns
-
-__host__ __device__ constexpr int XRows(int m_rows) {
-  return m_rows <= kGroupedMaxM ? m_rows + 1 : m_rows;  // kGrouped: and a zero row
-}
-
-template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch, bool kGrouped>
-__device__ __forceinline__ void Q4KLoop(const Args& a, int first, half* xs,
-                                        float (&sums)[kTiles][4]) {
-  // independent sums per tile (kGrouped: each sub-step's MMAs have their own)
-  constexpr int kChains = kTiles == 1 && !kGrouped ? 2 : 1;
+// tile) for the weight rows of the outputs from `first`; `xs` is the warp's part of the dynamic
+// shared memory. Q4Gemv adds them up and writes them (Finish).
+template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
+__device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
+                                            float (&sums)[kTiles][4]) {
+  constexpr int kChains = kTiles == 1 ? 2 : 1;  // independent MMA sums per tile
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int groups = a.k / 32;
   const uint4* w[kTiles][2];  // rows g and g + 8 of each tile (one uint4 a group), at group c
@@ -497,9 +409,6 @@ __device__ __forceinline__ void Q4KLoop(const Args& a, int first, half* xs,
       srow[i][h] = a.scale + row * groups;
     }
   }
-  if constexpr (kGrouped) {  // the zero row's 256 values read (Q4PairX's __syncwarp: visible)
-    reinterpret_cast<uint4*>(xs + a.m_rows * kXStride)[lane] = make_uint4(0, 0, 0, 0);
-  }
   float acc[kTiles][kChains][4] = {};
   const int full = groups / 16;  // super-steps wholly in K
   using Step = Q4Step<kTiles, kVectorScales>;
@@ -508,15 +417,13 @@ __device__ __forceinline__ void Q4KLoop(const Args& a, int first, half* xs,
     Step current;
     if (warp < steps) {
       Q4CopyX<false>(xs, a.x, warp, a, lane);
-      Q4Load<kTiles, kVectorScales, kGrouped, false>(current, w, srow, warp, groups, c);
+      Q4Load<kTiles, kVectorScales, false>(current, w, srow, warp, groups, c);
     }
     for (int t = warp; t < steps; t += kWarps) {
       const int next_t = t + kWarps;
       Step next;
-      if (next_t < steps) {
-        Q4Load<kTiles, kVectorScales, kGrouped, false>(next, w, srow, next_t, groups, c);
-      }
-      Q4Compute<kTiles, kChains, kVectorScales, kGrouped>(acc, current, xs, a, lane);
+      if (next_t < steps) Q4Load<kTiles, kVectorScales, false>(next, w, srow, next_t, groups, c);
+      Q4Compute<kTiles, kChains, kVectorScales>(acc, current, xs, a, lane);
       if (next_t < steps) Q4CopyX<false>(xs, a.x, next_t, a, lane);
       current = next;
     }
@@ -525,14 +432,14 @@ __device__ __forceinline__ void Q4KLoop(const Args& a, int first, half* xs,
     for (; t < full; t += kWarps) {
       Step s;
       Q4CopyX<true>(xs, a.x, t, a, lane);
-      Q4Load<kTiles, kVectorScales, kGrouped, true>(s, w, srow, t, groups, c);
-      Q4Compute<kTiles, kChains, kVectorScales, kGrouped>(acc, s, xs, a, lane);
+      Q4Load<kTiles, kVectorScales, true>(s, w, srow, t, groups, c);
+      Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
     if (t == full && 16 * full < groups) {
       Step s;
       Q4CopyX<false>(xs, a.x, t, a, lane);
-      Q4Load<kTiles, kVectorScales, kGrouped, false>(s, w, srow, t, groups, c);
-      Q4Compute<kTiles, kChains, kVectorScales, kGrouped>(acc, s, xs, a, lane);
+      Q4Load<kTiles, kVectorScales, false>(s, w, srow, t, groups, c);
+      Q4Compute<kTiles, kChains, kVectorScales>(acc, s, xs, a, lane);
     }
   }
 #pragma unroll
@@ -543,35 +450,13 @@ __device__ __forceinline__ void Q4KLoop(const Args& a, int first, half* xs,
 #pragma unroll
       for (int chain = 1; chain < kChains; ++chain) sums[i][j] += acc[i][chain][j];
     }
-    if constexpr (kGrouped) {
-      // The lane's columns are groups of one row of x, m = c / 2: its sums of rows g and g + 8
-      // are the two columns' and lane c ^ 1's. Lane c = 0 gives Finish the columns m = 0, 1
-      // (m = 1's from lane c = 2); the other lanes' columns are rows of x past M.
-      float row_g = sums[i][0] + sums[i][1], row_g8 = sums[i][2] + sums[i][3];
-      row_g += __shfl_xor_sync(0xffffffffu, row_g, 1);
-      row_g8 += __shfl_xor_sync(0xffffffffu, row_g8, 1);
-      sums[i][0] = row_g;
-      sums[i][1] = __shfl_xor_sync(0xffffffffu, row_g, 2);
-      sums[i][2] = row_g8;
-      sums[i][3] = __shfl_xor_sync(0xffffffffu, row_g8, 2);
-    }
-  }
-}
-
-template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
-__device__ __forceinline__ void Q4BlockSums(const Args& a, int first, half* xs,
-                                            float (&sums)[kTiles][4]) {
-  if (a.m_rows <= kGroupedMaxM) {
-    Q4KLoop<kTiles, kSwiGLU, kVectorScales, kPrefetch, true>(a, first, xs, sums);
-  } else {
-    Q4KLoop<kTiles, kSwiGLU, kVectorScales, kPrefetch, false>(a, first, xs, sums);
   }
 }
 
 // The warp's part of the dynamic shared memory (x's values of its super-step).
 __device__ __forceinline__ half* WarpXs(int m_rows) {
   extern __shared__ uint4 dynamic_smem[];
-  return reinterpret_cast<half*>(dynamic_smem) + threadIdx.x / 32 * XRows(m_rows) * kXStride;
+  return reinterpret_cast<half*>(dynamic_smem) + threadIdx.x / 32 * m_rows * kXStride;
 }
 
 template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
@@ -1111,7 +996,7 @@ void ForEachChunk(const Args& a, Launch launch) {
 template <int kTiles, bool kSwiGLU, bool kVectorScales, bool kPrefetch>
 void LaunchQ4(const char* name, const Args& a, int device, cudaStream_t stream) {
   auto kernel = Q4Gemv<kTiles, kSwiGLU, kVectorScales, kPrefetch>;
-  const size_t smem = size_t{kXBytesPerRow} * XRows(a.m_rows);
+  const size_t smem = size_t{kXBytesPerRow} * a.m_rows;
   static std::atomic<uint64_t> opted_in{0};  // with the static 4-8 KiB, past 48 KiB: all rows
   if (smem > 32 * 1024) OptInSharedMemory(kernel, kXBytesPerRow * kMaxM, device, opted_in, name);
   constexpr int per_block = OutputsPerBlock<kTiles, kSwiGLU>();
@@ -1564,7 +1449,7 @@ MoeArgs CheckMoe(const char* name, bool swiglu, const tvm::ffi::PackedArgs& args
 template <bool kSwiGLU, bool kVectorScales>
 void LaunchMoe(const char* name, const MoeArgs& m, int device, cudaStream_t stream) {
   auto kernel = kSwiGLU ? Q4MoeSwiGLU<kVectorScales> : Q4MoeDown<kVectorScales>;
-  const size_t smem = size_t{kXBytesPerRow} * XRows(m.a.m_rows);
+  const size_t smem = size_t{kXBytesPerRow} * m.a.m_rows;
   static std::atomic<uint64_t> opted_in{0};
   if (smem > 32 * 1024) OptInSharedMemory(kernel, kXBytesPerRow * kMaxM, device, opted_in, name);
   constexpr int per_block = OutputsPerBlock<1, kSwiGLU>();
