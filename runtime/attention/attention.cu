@@ -61,6 +61,7 @@
 #include <cmath>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 
 #include "../cuda_extern.cuh"
 #include "flash_decode.cuh"
@@ -121,6 +122,34 @@ void CheckAligned(const char* name, const Tensor& t, const char* what) {
 }
 
 const int32_t* Int32s(const Tensor& t) { return reinterpret_cast<const int32_t*>(DataOf(t)); }
+
+// The element types and head_dims the kernels are built for: float16 or bfloat16 `what`
+// (returns whether bfloat16), head_dim 64 or 128.
+bool CheckElements(const char* name, DLDataType dt, int64_t d, const char* what) {
+  const bool fp16 = dt.code == kDLFloat && dt.bits == 16 && dt.lanes == 1;
+  const bool bf16 = dt.code == kDLBfloat && dt.bits == 16 && dt.lanes == 1;
+  TVM_FFI_CHECK(fp16 || bf16, TypeError) << name << " takes float16 or bfloat16 " << what;
+  TVM_FFI_CHECK(d == 64 || d == 128, ValueError) << name << " takes head_dim 64 or 128, not " << d;
+  return bf16;
+}
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// launch(Type<T>{}, std::integral_constant<int, D>{}) for the kernels' T (half or bfloat16) and
+// D (64 or 128), as CheckElements allows them: the one place a launch becomes a template's.
+template <typename Launch>
+void WithElements(bool bf16, int64_t d, Launch launch) {
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  if (bf16) {
+    d == 64 ? launch(Type<__nv_bfloat16>{}, D64{}) : launch(Type<__nv_bfloat16>{}, D128{});
+  } else {
+    d == 64 ? launch(Type<half>{}, D64{}) : launch(Type<half>{}, D128{});
+  }
+}
 
 // The paged cache's arguments, as prefill_paged and decode_paged take them: pages (num_pages,
 // 2, h_kv, page_size, d) of `code`, and the page table of `batch` sequences, on `device`.
@@ -202,12 +231,9 @@ void SplitRopeDeferred(Tensor qkv, Tensor positions, Tensor q, Tensor k, Tensor 
   const int device = qkv.device().device_id;
   CheckTensor(name, qkv, "qkv", 3, device);
   const DLDataType dt = qkv.dtype();
-  const bool fp16 = dt.code == kDLFloat && dt.bits == 16 && dt.lanes == 1;
-  const bool bf16 = dt.code == kDLBfloat && dt.bits == 16 && dt.lanes == 1;
-  TVM_FFI_CHECK(fp16 || bf16, TypeError) << name << " takes float16 or bfloat16 rows";
-  const auto code = static_cast<DLDataTypeCode>(dt.code);
   const int64_t tokens = qkv.size(0), d = qkv.size(2);
-  TVM_FFI_CHECK(d == 64 || d == 128, ValueError) << name << " takes head_dim 64 or 128, not " << d;
+  CheckElements(name, dt, d, "rows");
+  const auto code = static_cast<DLDataTypeCode>(dt.code);
   TVM_FFI_CHECK(q.ndim() == 3 && k.ndim() == 3, ValueError) << name << ": q and k must be 3-D";
   const int64_t h_q = q.size(1), h_kv = k.size(1);
   CheckRows(name, qkv, "qkv", tokens, h_q + 2 * h_kv, d, device, code);
@@ -234,11 +260,9 @@ void AppendDeferred(Tensor pages, Tensor k, Tensor v, Tensor slots) {
   const int device = k.device().device_id;
   CheckTensor(name, k, "k", 3, device);
   const DLDataType dt = k.dtype();
-  const auto code = static_cast<DLDataTypeCode>(dt.code);
   const int64_t tokens = k.size(0), h_kv = k.size(1), d = k.size(2);
-  TVM_FFI_CHECK((code == kDLFloat || code == kDLBfloat) && dt.bits == 16 && (d == 64 || d == 128),
-                ValueError)
-      << name << " takes float16 or bfloat16 k and v of head_dim 64 or 128";
+  const bool bf16 = CheckElements(name, dt, d, "k and v");
+  const auto code = static_cast<DLDataTypeCode>(dt.code);
   CheckRows(name, k, "k", tokens, h_kv, d, device, code);
   CheckRows(name, v, "v", tokens, h_kv, d, device, code);
   CheckTensor(name, pages, "pages", 5, device);
@@ -257,12 +281,9 @@ void AppendDeferred(Tensor pages, Tensor k, Tensor v, Tensor slots) {
   const AppendParams p{DataOf(k), DataOf(v), DataOf(pages), Int32s(slots),
                        static_cast<int>(tokens), static_cast<int>(h_kv), page_size};
   cudaStream_t stream = TvmStream(name, device);
-  if (code == kDLFloat) {
-    d == 64 ? LaunchAppend<half, 64>(p, stream) : LaunchAppend<half, 128>(p, stream);
-  } else {
-    d == 64 ? LaunchAppend<__nv_bfloat16, 64>(p, stream)
-            : LaunchAppend<__nv_bfloat16, 128>(p, stream);
-  }
+  WithElements(bf16, d, [&](auto type, auto dim) {
+    LaunchAppend<typename decltype(type)::type, decltype(dim)::value>(p, stream);
+  });
 }
 
 template <typename T, int D>
@@ -307,12 +328,9 @@ void RunPending(const char* name, double rope_scale, double rope_theta) {
                           w.rope,
                           Frequencies(rope_scale, rope_theta, d)};
   cudaStream_t stream = TvmStream(name, w.qkv.device().device_id);
-  if (w.qkv.dtype().code == kDLFloat) {
-    d == 64 ? LaunchSplitRope<half, 64>(p, stream) : LaunchSplitRope<half, 128>(p, stream);
-  } else {
-    d == 64 ? LaunchSplitRope<__nv_bfloat16, 64>(p, stream)
-            : LaunchSplitRope<__nv_bfloat16, 128>(p, stream);
-  }
+  WithElements(w.qkv.dtype().code == kDLBfloat, d, [&](auto type, auto dim) {
+    LaunchSplitRope<typename decltype(type)::type, decltype(dim)::value>(p, stream);
+  });
 }
 
 // What both entry points take alike: q, q_indptr, output and lse, and the scalars. Checks them
@@ -338,15 +356,11 @@ Query CheckQuery(const char* name, const Tensor& q, const Tensor& q_indptr, cons
   CheckTensor(name, lse, "lse", 2, device);
   CheckTensor(name, q_indptr, "q_indptr", 1, device);
   const DLDataType dt = q.dtype();
-  const bool fp16 = dt.code == kDLFloat && dt.bits == 16 && dt.lanes == 1;
-  const bool bf16 = dt.code == kDLBfloat && dt.bits == 16 && dt.lanes == 1;
-  TVM_FFI_CHECK(fp16 || bf16, TypeError) << name << " takes float16 or bfloat16 q, k and v";
+  const bool bf16 = CheckElements(name, dt, q.size(2), "q, k and v");
   CheckDtype(name, out, "output", static_cast<DLDataTypeCode>(dt.code), 16);
   CheckDtype(name, lse, "lse", kDLFloat, 32);
   CheckDtype(name, q_indptr, "q_indptr", kDLInt, 32);
   const Query query{name, device, bf16, q.size(0), q.size(1), q.size(2), q_indptr.size(0) - 1};
-  TVM_FFI_CHECK(query.d == 64 || query.d == 128, ValueError)
-      << name << " takes head_dim 64 or 128, not " << query.d;
   TVM_FFI_CHECK(h_kv > 0 && query.h_q % h_kv == 0, ValueError)
       << name << ": " << query.h_q << " query heads are not a multiple of " << h_kv
       << " KV heads";
@@ -380,21 +394,12 @@ void Run(const Query& query, const Params& p, int64_t tile_rows, int waves) {
   cudaStream_t stream = TvmStream(name, device);
   const int64_t n = query.total_q;
   const bool wide = (tile_rows ? tile_rows : AutoTileRows(name, n, p.h_q, device, waves)) == 128;
-  using H = half;
-  using B = __nv_bfloat16;
-  if (!query.bf16 && query.d == 64) {
-    wide ? Launch<H, 64, 8, Keys<H, 64>>(name, p, n, device, stream)
-         : Launch<H, 64, 4, Keys<H, 64>>(name, p, n, device, stream);
-  } else if (!query.bf16) {
-    wide ? Launch<H, 128, 8, Keys<H, 128>>(name, p, n, device, stream)
-         : Launch<H, 128, 4, Keys<H, 128>>(name, p, n, device, stream);
-  } else if (query.d == 64) {
-    wide ? Launch<B, 64, 8, Keys<B, 64>>(name, p, n, device, stream)
-         : Launch<B, 64, 4, Keys<B, 64>>(name, p, n, device, stream);
-  } else {
-    wide ? Launch<B, 128, 8, Keys<B, 128>>(name, p, n, device, stream)
-         : Launch<B, 128, 4, Keys<B, 128>>(name, p, n, device, stream);
-  }
+  WithElements(query.bf16, query.d, [&](auto type, auto dim) {
+    using T = typename decltype(type)::type;
+    constexpr int D = decltype(dim)::value;
+    wide ? Launch<T, D, 8, Keys<T, D>>(name, p, n, device, stream)
+         : Launch<T, D, 4, Keys<T, D>>(name, p, n, device, stream);
+  });
 }
 
 constexpr const char* kRagged = "kiln.attention.prefill_ragged";
@@ -596,14 +601,11 @@ void DecodePagedTiled(int64_t heads_wanted, int64_t splits, Tensor q, Tensor pag
   CheckTensor(name, out, "output", 3, device);
   CheckTensor(name, lse, "lse", 2, device);
   const DLDataType dt = q.dtype();
-  const bool fp16 = dt.code == kDLFloat && dt.bits == 16 && dt.lanes == 1;
-  const bool bf16 = dt.code == kDLBfloat && dt.bits == 16 && dt.lanes == 1;
-  TVM_FFI_CHECK(fp16 || bf16, TypeError) << name << " takes float16 or bfloat16 q and pages";
+  const int64_t batch = q.size(0), h_q = q.size(1), d = q.size(2);
+  const bool bf16 = CheckElements(name, dt, d, "q and pages");
   const auto code = static_cast<DLDataTypeCode>(dt.code);
   CheckDtype(name, out, "output", code, 16);
   CheckDtype(name, lse, "lse", kDLFloat, 32);
-  const int64_t batch = q.size(0), h_q = q.size(1), d = q.size(2);
-  TVM_FFI_CHECK(d == 64 || d == 128, ValueError) << name << " takes head_dim 64 or 128, not " << d;
   CheckPageTable(name, pages, page_indptr, page_values, length_info, device, code, d, batch);
   const int64_t h_kv = pages.size(2);
   TVM_FFI_CHECK(h_kv > 0 && h_q % h_kv == 0, ValueError)
@@ -668,17 +670,9 @@ void DecodePagedTiled(int64_t heads_wanted, int64_t splits, Tensor q, Tensor pag
     p.partial_ml = scratch.states;
     p.partial_o = scratch.states + 2 * states;
   }
-  using H = half;
-  using B = __nv_bfloat16;
-  if (!bf16 && d == 64) {
-    LaunchDecodeHeads<H, 64>(p, heads, stream);
-  } else if (!bf16) {
-    LaunchDecodeHeads<H, 128>(p, heads, stream);
-  } else if (d == 64) {
-    LaunchDecodeHeads<B, 64>(p, heads, stream);
-  } else {
-    LaunchDecodeHeads<B, 128>(p, heads, stream);
-  }
+  WithElements(bf16, d, [&](auto type, auto dim) {
+    LaunchDecodeHeads<typename decltype(type)::type, decltype(dim)::value>(p, heads, stream);
+  });
 }
 
 void DecodePagedSplit(int64_t splits, Tensor q, Tensor pages, Tensor page_indptr,
