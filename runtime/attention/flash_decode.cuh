@@ -128,14 +128,15 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
   // in order). Then the first key group of each (sequence, KV head)'s first block writes the
   // new k and v to their slot, and each first block its rotated q to q_rotated.
   const bool writer = kFused && split == 0 && grp == 0;
-  uint4 qraw[H], knew = make_uint4(0, 0, 0, 0), vnew = knew;
+  const uint4 zero = make_uint4(0, 0, 0, 0);  // what the idle heads' q holds
+  uint4 qraw[H], knew = zero, vnew = zero;
   int pos = 0, slot = -1;
   if constexpr (kFused) {
     const T* row = static_cast<const T*>(p.qkv) + int64_t(b) * (p.h_q + 2 * p.h_kv) * D + sub * 8;
     pos = p.position[b], slot = p.slot[b];
 #pragma unroll
     for (int h = 0; h < H; ++h) {
-      qraw[h] = h < heads ? *reinterpret_cast<const uint4*>(row + (head0 + h) * D) : knew;
+      qraw[h] = h < heads ? *reinterpret_cast<const uint4*>(row + (head0 + h) * D) : zero;
     }
     knew = *reinterpret_cast<const uint4*>(row + (p.h_q + kv_head) * D);
     vnew = *reinterpret_cast<const uint4*>(row + (p.h_q + p.h_kv + kv_head) * D);
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
 #pragma unroll
     for (int h = 0; h < H; ++h) {
       const T* row = static_cast<const T*>(p.q) + (int64_t(b) * p.h_q + head0 + h) * D + sub * 8;
-      qraw[h] = h < heads ? *reinterpret_cast<const uint4*>(row) : knew;
+      qraw[h] = h < heads ? *reinterpret_cast<const uint4*>(row) : zero;
     }
   }
   float q[H][8];
