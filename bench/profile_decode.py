@@ -1,9 +1,11 @@
-"""Where a batch-1 decode step's GPU time goes (or, with --prefill N, an N-token prefill's):
+"""Where a decode step's GPU time goes (batch 1, or --batch B sequences at a time; or, with
+--prefill N, an N-token prefill's):
 every kernel of `steps` passes, summed by name, from torch's profiler (CUPTI sees the kernels of
 every library in the process, TVM's too, inside CUDA graphs as well), and the GPU's idle time
 between kernels. Fills the artifact's weights first when it has none.
 
-    python bench/profile_decode.py ARTIFACT [--context 128] [--steps 20] [--prefill N] [--json OUT]
+    python bench/profile_decode.py ARTIFACT [--context 128] [--batch 1] [--steps 20] [--prefill N]
+        [--json OUT]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1, help="sequences a decode step")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prefill", type=int, help="profile prefills of this many tokens")
     parser.add_argument("--json", type=Path)
@@ -37,22 +40,25 @@ def main() -> None:
         from random_weights import fill
 
         fill(args.artifact)
-    runner = Runner(args.artifact, "cuda", max_batch_size=1, kv_tokens=8192)
+    batch = args.batch
+    kv_tokens = 8192 + batch * (args.context + 256)  # a prefill's, and the decode's contexts
+    runner = Runner(args.artifact, "cuda", max_batch_size=batch, kv_tokens=kv_tokens)
     rng = np.random.default_rng(0)
 
     def prefill() -> None:
         tokens = rng.integers(3, runner.vocab_size, args.prefill).tolist()
-        runner.kv.add(1)
+        runner.kv.add(batch)  # a sequence beside the decode's
         for at in range(0, len(tokens), runner.prefill_chunk):  # as the engine chunks it
-            runner.prefill([1], [tokens[at : at + runner.prefill_chunk]])
-        runner.kv.remove(1)
+            runner.prefill([batch], [tokens[at : at + runner.prefill_chunk]])
+        runner.kv.remove(batch)
 
     def decode() -> None:
-        runner.decode([0], [5], on_device=True).greedy()
+        runner.decode(list(range(batch)), [5] * batch, on_device=True).greedy()
 
     step = prefill if args.prefill else decode
-    runner.kv.add(0)
-    runner.prefill([0], [rng.integers(3, runner.vocab_size, args.context).tolist()])
+    for seq in range(batch):  # sequences 0 .. batch - 1, each with its own context
+        runner.kv.add(seq)
+        runner.prefill([seq], [rng.integers(3, runner.vocab_size, args.context).tolist()])
     for _ in range(3):  # warm up (and capture the CUDA graphs)
         step()
     runner.device.sync()
@@ -78,7 +84,7 @@ def main() -> None:
         key=lambda r: -r[1],
     )
     total = sum(r[1] for r in rows)
-    what = f"{args.prefill}-token prefill" if args.prefill else "decode step"
+    what = f"{args.prefill}-token prefill" if args.prefill else f"decode step of {batch}"
     print(f"GPU time per {what}: {total / 1000:.3f} ms in {sum(r[2] for r in rows):.0f} kernels")
     for name, us, calls in rows[:40]:
         print(f"{us:9.1f} us {100 * us / total:5.1f}%  x{calls:<4.0f} {name[:90]}")
