@@ -66,9 +66,10 @@ def test_builds_once_into_the_cache(tmp_path, monkeypatch):
 @needs_build
 def test_loads_and_registers_without_gpu_or_compiler(tmp_path):
     """In a runtime-only TVM (no libtvm_compiler, no tvm.relax), as the GPU kit runs it: the
-    backend registers every function, and worker processes load it through Kiln's entry point."""
+    backend registers every function, worker processes load it through Kiln's entry point, and
+    they are gone once the session shuts down (kiln.runtime.disco.worker leaves at once)."""
     code = """
-import json, os, sys
+import json, os, sys, time
 import tvm_ffi
 from kiln.runtime.disco import load_nccl
 disco = load_nccl()
@@ -76,8 +77,28 @@ names = sorted(n for n in tvm_ffi.registry.list_global_func_names() if ".nccl." 
 sess = disco.ProcessSession(2, entrypoint="kiln.runtime.disco.worker")
 remote = sess.get_global_func("runtime.disco.nccl.version")()
 versions = [remote.debug_get_from_remote(i) for i in range(2)]
-sess.shutdown()
+
+def workers():  # this process's live children running Kiln's worker entry point
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if int(stat[1]) == os.getpid() and stat[0] != "Z" and b"disco.worker" in cmdline:
+            found.append(int(pid))
+    return found
+
+running = workers()
+del remote, sess  # the last handles: the session shuts down (an explicit shutdown() and then
+# the destructor's would write to a worker that has left: TVM aborts on the broken pipe)
+deadline = time.monotonic() + 20
+while workers() and time.monotonic() < deadline:
+    time.sleep(0.1)
 print(json.dumps({
+    "running": len(running),
+    "left": workers(),
     "names": names,
     "version": tvm_ffi.get_global_func("runtime.disco.nccl.version")(),
     "workers": versions,
@@ -100,6 +121,7 @@ print(json.dumps({
     assert result["workers"] == [result["version"]] * 2
     assert result["nvls"] == "0"
     assert result["relax"] == [] and not result["compiler_lib"]
+    assert result["running"] == 1 and result["left"] == []
 
 
 def test_missing_nccl_names_the_fix(monkeypatch):
