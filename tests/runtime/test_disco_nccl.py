@@ -67,7 +67,7 @@ def test_builds_once_into_the_cache(tmp_path, monkeypatch):
 def test_loads_and_registers_without_gpu_or_compiler(tmp_path):
     """In a runtime-only TVM (no libtvm_compiler, no tvm.relax), as the GPU kit runs it: the
     backend registers every function, worker processes load it through Kiln's entry point, and
-    they are gone once the session shuts down (kiln.runtime.disco.worker leaves at once)."""
+    they have left within 20 s of the session's last handle going (its shutdown)."""
     code = """
 import json, os, sys, time
 import tvm_ffi
