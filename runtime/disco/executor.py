@@ -61,7 +61,8 @@ class DiscoExecutor:
         self.vm = session.load_vm_module(str(library), None)  # each worker's own device
         self._tuple_getitem = session.get_global_func("vm.builtin.tuple_getitem")
         self._create_view = session.get_global_func("runtime.TVMTensorCreateView")
-        self._staging = Staging(lambda nbytes: session.empty((nbytes,), "uint8"), self.view)
+        # self.session, not the argument: a closure over the session would outlive close()
+        self._staging = Staging(lambda nbytes: self.session.empty((nbytes,), "uint8"), self.view)
 
     def _load_externs(self, manifest: Manifest) -> None:
         # Here first: this process holds worker 0 (and every worker of a threaded session), and a

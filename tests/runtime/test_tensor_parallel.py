@@ -5,6 +5,7 @@ or broadcast an unsharded artifact to two workers, through the same executor as 
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 
@@ -206,7 +207,9 @@ def test_a_tensor_parallel_model_takes_its_gpus_and_lets_go_of_them(
             assert model.generate_ids(ids, **sampled) == drawn
         assert len(opened) == 1
         use_count = tvm_ffi.get_global_func("testing.object_use_count")
-        assert use_count(opened[0]) == 1  # this test's reference, no other
+        assert use_count(opened[0]) == 1  # this test's reference, no other C++ one
+        # nor a Python one (a closure holding the session's Python object counts once above)
+        assert [r for r in gc.get_referrers(opened[0]) if r is not opened] == []
         model.close()  # again: nothing left to let go of
     finally:
         for session in opened:
