@@ -21,7 +21,10 @@ tokens, h history); SDPA runs on the history gathered into contiguous tensors be
 Kiln's kernels run with the tile height they pick ("kiln") and with each fixed height
 ("kiln64", "kiln128"). Decode cases (one query per sequence against its history in pages):
 batch 1 after 128, 256, 1024 and 4096 keys, batch 8 after 1024, batch 64 after 576 and 1024;
-Kiln's kernel with the splits it picks ("kiln") and unsplit ("kiln1"), each kernel's GPU time
+Kiln's kernel with the splits it picks ("kiln") and unsplit ("kiln1"), and as an artifact's
+cache runs it ("kilnf": kiln.attention.split_rope and append_kv recorded first, so that the
+kernel also rotates q and k and writes the new token's k and v; the new token's slot here is
+none, and its output is checked against "kiln" run on the q it rotated), each kernel's GPU time
 from torch's profiler (CUPTI) when torch has CUDA, so a launch's host time does not count.
 """
 
@@ -182,7 +185,9 @@ def run_decode(device, library, rng, heads: int, kv_heads: int, head_dim: int, t
     bandwidth = copy_bandwidth(device)
     print(f"decode (one query per sequence against its pages of {PAGE_SIZE}); copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s:")  # fmt: skip
-    split = tvm_ffi.get_global_func("kiln.attention.decode_paged_split")
+    get = tvm_ffi.get_global_func
+    split = get("kiln.attention.decode_paged_split")
+    split_rope, append_kv = get("kiln.attention.split_rope"), get("kiln.attention.append_kv")
     theirs = library[tvm_kernel_name("float16", heads, kv_heads, head_dim, "decode")]
     kernels = [("kiln", split, (0,)), ("kiln1", split, (1,)), ("tvm", theirs, ())]
     rows = []
@@ -206,12 +211,48 @@ def run_decode(device, library, rng, heads: int, kv_heads: int, head_dim: int, t
             row[name] = {"us": sec * 1e6, "gbs": nbytes / sec / 1e9,
                          "percent": 100 * nbytes / sec / bandwidth}  # fmt: skip
             line += f" {name} {sec * 1e6:7.1f} us {row[name]['percent']:5.1f}% |"
+        # kilnf: a qkv row of each sequence's new token, its q rotated into a q of its own
+        qkv = rng.standard_normal((batch, heads + 2 * kv_heads, head_dim)).astype("float16")
+        fused_args = [tvm.runtime.empty(q.shape, "float16", device), *args[1:]]
+        out = tvm.runtime.empty(q.shape, "float16", device)
+        lse = tvm.runtime.empty(q.shape[:2], "float32", device)
+        fused = fused_decode(device, (split_rope, append_kv, split), qkv, history, fused_args,
+                             (out, lse), head_dim)  # fmt: skip
+        sec = gpu_seconds(fused, device, torch)
+        row["kilnf"] = {"us": sec * 1e6, "gbs": nbytes / sec / 1e9,
+                        "percent": 100 * nbytes / sec / bandwidth}  # fmt: skip
+        line += f" kilnf {sec * 1e6:7.1f} us {row['kilnf']['percent']:5.1f}% |"
+        got = out.numpy().astype("float32")
+        split(0, *fused_args, out, lse, 0, 1.0, 1e4, head_dim**-0.5)  # the rotated q, unfused
+        row["kilnf"]["max_diff_vs_kiln"] = float(np.abs(got - out.numpy().astype("float32")).max())
         for name in ("kiln", "kiln1"):
             row[name]["max_diff_vs_tvm"] = float(np.abs(outputs[name] - outputs["tvm"]).max())
         diffs = ", ".join(f"{n} {row[n]['max_diff_vs_tvm']:.1e}" for n in ("kiln", "kiln1"))
-        print(f"{line} max |O - O_tvm| {diffs}", flush=True)
+        print(f"{line} max |O - O_tvm| {diffs}, |O_f - O| {row['kilnf']['max_diff_vs_kiln']:.1e}",
+              flush=True)  # fmt: skip
         rows.append(row)
     return rows
+
+
+def fused_decode(device, kernels, qkv, position: int, args: list, outputs: tuple, head_dim: int):
+    """A decode call as an artifact's cache makes it: split_rope and append_kv (of no slot)
+    recorded, then the decode kernel, which rotates q (into args[0]) and k itself."""
+    import tvm
+
+    split_rope, append_kv, split = kernels
+    batch, kv_heads = qkv.shape[0], args[1].shape[2]
+    rows = tvm.runtime.tensor(qkv, device)
+    positions = tvm.runtime.tensor(np.full(batch, position, "int32"), device)
+    no_slots = tvm.runtime.tensor(np.full(batch, -1, "int32"), device)
+    new_k, new_v = (tvm.runtime.empty((batch, kv_heads, head_dim), "float16", device)
+                    for _ in range(2))  # fmt: skip
+
+    def call():
+        split_rope(rows, positions, args[0], new_k, new_v, 1)
+        append_kv(args[1], new_k, new_v, no_slots)
+        split(0, *args, *outputs, 0, 1.0, 1e4, head_dim**-0.5)
+
+    return call
 
 
 def gpu_seconds(call, device, torch, reps: int = 50) -> float:

@@ -560,10 +560,11 @@ int DecodeHeads(int64_t group, int64_t kv_bytes, int64_t wanted) {
 template <typename T, int D, int H>
 void LaunchDecode(const DecodeParams& p, cudaStream_t stream) {
   dim3 grid(p.splits, p.h_kv * p.slices, p.batch);
+  constexpr int smem = DecodeRingBytes(H);  // the static merge buffers and this: under 48 KiB
   if (p.qkv != nullptr) {
-    Decode<T, D, H, true><<<grid, kDecodeThreads, 0, stream>>>(p);
+    Decode<T, D, H, true><<<grid, kDecodeThreads, smem, stream>>>(p);
   } else {
-    Decode<T, D, H, false><<<grid, kDecodeThreads, 0, stream>>>(p);
+    Decode<T, D, H, false><<<grid, kDecodeThreads, smem, stream>>>(p);
   }
   CheckCuda(cudaGetLastError(), kDecode, "the kernel launch");
 }

@@ -10,7 +10,9 @@
 // (16 bytes) of a key row and of the query heads' rows, the group's lanes sum their products
 // with shuffles, and every group keeps its own online-softmax state (running max m, sum l, the
 // unnormalised output o), which the block merges at the end. Loads go 16 bytes a lane, kUnroll
-// keys' K and V rows at once, so a warp has 2 x kUnroll x 512 bytes in flight.
+// keys' K and V rows at once (2 x kUnroll x 512 bytes a warp): with one query head a block,
+// straight into registers; with more, through a ring in shared memory that keeps the next
+// iteration's in flight while a warp computes (DecodeRing).
 //
 // With one split a block writes the output and lse itself. With more, each writes its state to
 // a workspace, and the last of a (sequence, slice)'s blocks to finish (an atomic counter, which
@@ -30,6 +32,7 @@
 
 #include <cstdint>
 
+#include "flash_prefill.cuh"  // cp.async helpers
 #include "rope_append.cuh"
 
 namespace kiln {
@@ -38,6 +41,7 @@ namespace attention {
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kMaxDecodeHeads = 8;  // query heads a block takes (a KV head's group, in slices)
+constexpr int kDecodeStages = 2;    // iterations of K/V rows in a warp's ring (DecodeRing)
 constexpr float kDecodeEmptyLse = -5e4f;  // TVM's "nothing seen" score
 
 struct DecodeParams {
@@ -74,6 +78,22 @@ __device__ __forceinline__ uint4 LoadStreaming(const void* p) {  // read once: s
   return u;
 }
 
+// Keys a key group takes per iteration (registers: fewer with more query heads).
+__host__ __device__ constexpr int DecodeUnroll(int heads) { return heads >= 8 ? 2 : 4; }
+
+// Whether a block's keys go through a ring in shared memory (cp.async) rather than registers:
+// with 2 or more query heads a block, whose registers (q and the output of each head) leave
+// room for fewer loads in flight. H200, 8 KV heads of 128 (bench/NOTES.md): 64 sequences of 576
+// keys, 4 heads a block, 98.3 -> 68.1 us; with one head a block the ring was slower (7B shape,
+// 158.7 -> 180.2 us), the registers stay.
+__host__ __device__ constexpr bool DecodeRing(int heads) { return heads >= 2; }
+
+// A block's dynamic shared memory: each warp's ring, kDecodeStages iterations of K and V rows,
+// 16 bytes a lane a key (with the static merge buffers, under 48 KiB).
+__host__ __device__ constexpr int DecodeRingBytes(int heads) {
+  return DecodeRing(heads) ? kDecodeWarps * kDecodeStages * DecodeUnroll(heads) * 2 * 32 * 16 : 0;
+}
+
 __device__ __forceinline__ float Exp2Decode(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -102,7 +122,8 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
   constexpr int kLanes = D / 8;            // lanes per key row
   constexpr int kGroups = 32 / kLanes;     // key groups per warp
   constexpr int kBlockGroups = kGroups * kDecodeWarps;
-  constexpr int kUnroll = H >= 8 ? 2 : 4;  // keys per group per step (registers)
+  constexpr int kUnroll = DecodeUnroll(H);
+  constexpr bool kRing = DecodeRing(H);
   using F = Half8<T>;
 
   __shared__ float s_o[kDecodeWarps][H][D];
@@ -123,10 +144,10 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
   const int start = split * per, end = min(len, start + per);
 
   // kFused: the new token's rows of qkv (loaded here), its position and slot. Rotating them waits
-  // until the first keys' loads are issued (prepare), so that the arithmetic, and the wait for
-  // the position it needs, overlap the loads' round trip instead of delaying them (a warp issues
-  // in order). Then the first key group of each (sequence, KV head)'s first block writes the
-  // new k and v to their slot, and each first block its rotated q to q_rotated.
+  // until the first keys' copies are issued (prepare), so that the arithmetic, and the wait for
+  // the position it needs, overlap the copies' round trip instead of delaying them (a warp
+  // issues in order). Then the first key group of each (sequence, KV head)'s first block writes
+  // the new k and v to their slot, and each first block its rotated q to q_rotated.
   const bool writer = kFused && split == 0 && grp == 0;
   const uint4 zero = make_uint4(0, 0, 0, 0);  // what the idle heads' q holds
   uint4 qraw[H], knew = zero, vnew = zero;
@@ -174,8 +195,6 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
       for (int j = 0; j < 8; ++j) q[h][j] = h < heads ? q[h][j] * p.scale_log2 : 0.f;
     }
   };
-  bool ready = !kFused;
-  if (!kFused) prepare();
   float m[H], l[H], o[H][8];
 #pragma unroll
   for (int h = 0; h < H; ++h) {
@@ -184,34 +203,69 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
     for (int j = 0; j < 8; ++j) o[h][j] = 0.f;
   }
 
+  // Iteration `it` takes the keys base + u kBlockGroups + grp, base = start + it kStep. kRing:
+  // they go through the warp's ring in shared memory (cp.async), iteration it in stage it %
+  // kDecodeStages, so that the next one's copies are in flight while a warp computes; a lane
+  // reads back only its own 16 bytes (no barrier). Else straight into registers at the top of
+  // each iteration. Either way the first iteration's loads are issued before `prepare`. A key
+  // past the run, or the new token's (kFused: its k and v come from registers), reads as zeros.
+  extern __shared__ uint4 decode_ring[];
+  uint4* ring = decode_ring + warp * kDecodeStages * kUnroll * 64;  // [stage][u][K, V][lane]
+  constexpr int kStep = kBlockGroups * kUnroll;
+  const int iters = end > start ? (end - start + kStep - 1) / kStep : 0;
   const T* pages = static_cast<const T*>(p.pages);
   const int64_t kv_stride = int64_t(p.h_kv) * p.page_size * D;  // K -> V of a page
-  for (int base = start; base < end; base += kBlockGroups * kUnroll) {
-    uint4 kraw[kUnroll], vraw[kUnroll];
-    bool valid[kUnroll], fresh[kUnroll];  // fresh: the new token's slot (kFused)
+  uint32_t fresh = 0;  // bit stage * kUnroll + u: that key is the new token's (kFused)
+  uint4 kraw[kUnroll], vraw[kUnroll];
+  auto issue = [&](int it) {
+    if (it < iters) {
+      const int stage = kRing ? it % kDecodeStages : 0;
+      uint4* to = ring + stage * kUnroll * 64 + lane;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kBlockGroups + grp;
-      valid[u] = i < end;
-      fresh[u] = false;
-      kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
-      if (valid[u]) {
-        const int page = p.page_values[p0 + i / p.page_size];
-        fresh[u] = kFused && page * p.page_size + i % p.page_size == slot;
-        if (!fresh[u]) {
-          const T* k = pages + ((int64_t(page) * 2 * p.h_kv + kv_head) * p.page_size +
-                                i % p.page_size) * D + sub * 8;
-          kraw[u] = LoadStreaming(k);
-          vraw[u] = LoadStreaming(k + kv_stride);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = start + it * kStep + u * kBlockGroups + grp;
+        const T* k = pages;
+        bool load = false, is_new = false;
+        if (i < end) {
+          const int page = p.page_values[p0 + i / p.page_size];
+          is_new = kFused && page * p.page_size + i % p.page_size == slot;
+          k += ((int64_t(page) * 2 * p.h_kv + kv_head) * p.page_size + i % p.page_size) * D +
+               sub * 8;
+          load = !is_new;
+        }
+        const uint32_t bit = 1u << (stage * kUnroll + u);
+        fresh = is_new ? fresh | bit : fresh & ~bit;
+        if constexpr (kRing) {
+          CopyAsync16(SharedAddress(to + u * 64), k, load);
+          CopyAsync16(SharedAddress(to + u * 64 + 32), k + kv_stride, load);
+        } else {
+          kraw[u] = load ? LoadStreaming(k) : zero;
+          vraw[u] = load ? LoadStreaming(k + kv_stride) : zero;
         }
       }
     }
-    if constexpr (kFused) {
-      if (!ready) prepare(), ready = true;
+    if constexpr (kRing) CommitAsync();  // empty past the last iteration: every wait counts alike
+  };
+  constexpr int kAhead = kRing ? kDecodeStages - 1 : 1;  // iterations issued before the loop
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (fresh[u]) kraw[u] = knew, vraw[u] = vnew;
-      }
+  for (int it = 0; it < kAhead; ++it) issue(it);
+  prepare();
+  for (int it = 0; it < iters; ++it) {
+    const int stage = kRing ? it % kDecodeStages : 0;
+    if constexpr (kRing) {
+      issue(it + kDecodeStages - 1);
+      WaitAsync<kDecodeStages - 1>();  // iteration it is in
+      const uint4* from = ring + stage * kUnroll * 64 + lane;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) kraw[u] = from[u * 64], vraw[u] = from[u * 64 + 32];
+    } else if (it > 0) {
+      issue(it);
+    }
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      valid[u] = start + it * kStep + u * kBlockGroups + grp < end;
+      if (kFused && (fresh >> (stage * kUnroll + u)) & 1) kraw[u] = knew, vraw[u] = vnew;
     }
     float s[kUnroll][H];
 #pragma unroll
@@ -252,8 +306,6 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
       }
     }
   }
-
-  if (!ready) prepare();  // a block without keys still writes what it owns
 
   // The warp's groups: lanes with the same `sub` hold the same elements.
 #pragma unroll
