@@ -527,13 +527,19 @@ DecodeScratch DecodeWorkspace(int device, size_t counters, size_t states, size_t
 }
 
 // Splits of each sequence's keys so that the grid fills the GPU about four times over, each
-// split at least kMinSplitKeys keys of the batch's mean history. H200, batch 1, 32 query heads
-// of 128 (bench/RESULTS.md), against the earlier rule (twice over, 32 keys): after 1024 keys
-// 9.0 us against 10.1, after 4096 24.9 against 29.0 (8 KV heads: 20.5 against 24.8), after 200
-// 6.2 against 6.6, at 130 and 384 the same within 0.2 us; where the grid is full without splits
-// (batch 64) nothing changes.
-int AutoSplits(int64_t blocks, int64_t batch, int64_t nnz_pages, int64_t page_size, int sms) {
-  const int64_t want = (4 * int64_t{sms} + blocks - 1) / blocks;
+// split at least kMinSplitKeys keys of the batch's mean history, and all of them in one wave:
+// at most the blocks the GPU holds at once (`resident`, by the kernel's occupancy). H200, batch
+// 1, 32 query heads of 128 (bench/RESULTS.md), against the earlier rule (twice over, 32 keys):
+// after 1024 keys 9.0 us against 10.1, after 4096 24.9 against 29.0 (8 KV heads: 20.5 against
+// 24.8), after 200 6.2 against 6.6, at 130 and 384 the same within 0.2 us. The one-wave bound
+// (bench/NOTES.md, sixteenth session): a second, partial wave and the merge cost more than the
+// splits save. Fused calls at the split count this picks (timed with it forced), 8 KV heads
+// of 128, 4 query heads a block: 64 x 576 keys 68.3 -> 54.9 us (1 split), 32 x 576 44.5 -> 36.4
+// (2), 16 x 1024 41.8 -> 33.2 (4), but 8 x 1024 25.9 -> 27.6 (8 splits, not 9); 32 KV heads,
+// one a block: 8 x 1024 51.0 -> 41.3, 16 x 1024 81.7 -> 72.1.
+int AutoSplits(int64_t blocks, int64_t batch, int64_t nnz_pages, int64_t page_size, int sms,
+               int64_t resident) {
+  const int64_t want = std::min((4 * int64_t{sms} + blocks - 1) / blocks, resident / blocks);
   const int64_t mean_keys = batch > 0 ? nnz_pages * page_size / batch : 0;
   const int64_t most = std::max<int64_t>(1, mean_keys / kMinSplitKeys);
   return static_cast<int>(std::clamp<int64_t>(std::min(want, most), 1, kMaxSplits));
@@ -557,25 +563,33 @@ int DecodeHeads(int64_t group, int64_t kv_bytes, int64_t wanted) {
   return kv_bytes <= kTwoHeadsBytes ? std::min(heads, 2) : heads;
 }
 
-template <typename T, int D, int H>
-void LaunchDecode(const DecodeParams& p, cudaStream_t stream) {
-  dim3 grid(p.splits, p.h_kv * p.slices, p.batch);
-  constexpr int smem = DecodeRingBytes(H);  // the static merge buffers and this: under 48 KiB
-  if (p.qkv != nullptr) {
-    Decode<T, D, H, true><<<grid, kDecodeThreads, smem, stream>>>(p);
-  } else {
-    Decode<T, D, H, false><<<grid, kDecodeThreads, smem, stream>>>(p);
-  }
-  CheckCuda(cudaGetLastError(), kDecode, "the kernel launch");
+// Blocks of a decode kernel an SM holds (asked once a process: one kind of GPU).
+template <typename T, int D, int H, bool kFused>
+int DecodeBlocksPerSm() {
+  static const int n = [] {
+    int blocks = 0;
+    CheckCuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Decode<T, D, H, kFused>,
+                                                            kDecodeThreads, DecodeRingBytes(H)),
+              kDecode, "the occupancy query");
+    return std::max(blocks, 1);
+  }();
+  return n;
 }
 
-template <typename T, int D>
-void LaunchDecodeHeads(const DecodeParams& p, int heads, cudaStream_t stream) {
+// fn(kernel, its dynamic shared memory, its blocks an SM) with the decode kernel of `heads`
+// query heads a block.
+template <typename T, int D, typename Fn>
+void WithDecodeKernel(int heads, bool fused, Fn fn) {
+  auto pick = [&](auto h) {
+    constexpr int H = decltype(h)::value;
+    fused ? fn(Decode<T, D, H, true>, DecodeRingBytes(H), DecodeBlocksPerSm<T, D, H, true>())
+          : fn(Decode<T, D, H, false>, DecodeRingBytes(H), DecodeBlocksPerSm<T, D, H, false>());
+  };
   switch (heads) {
-    case 1: return LaunchDecode<T, D, 1>(p, stream);
-    case 2: return LaunchDecode<T, D, 2>(p, stream);
-    case 4: return LaunchDecode<T, D, 4>(p, stream);
-    default: return LaunchDecode<T, D, 8>(p, stream);
+    case 1: return pick(std::integral_constant<int, 1>{});
+    case 2: return pick(std::integral_constant<int, 2>{});
+    case 4: return pick(std::integral_constant<int, 4>{});
+    default: return pick(std::integral_constant<int, 8>{});
   }
 }
 
@@ -659,20 +673,26 @@ void DecodePagedTiled(int64_t heads_wanted, int64_t splits, Tensor q, Tensor pag
   const int64_t blocks = batch * h_kv * p.slices;
   TVM_FFI_CHECK(batch <= 65535 && h_kv * p.slices <= 65535, ValueError)
       << name << ": " << batch << " sequences of " << h_q << " heads are more than one call takes";
-  p.splits = splits ? static_cast<int>(splits)
-                    : AutoSplits(blocks, batch, page_values.size(0), p.page_size,
-                                 SmCount(name, device));
-  if (p.splits > 1) {
-    const size_t states = static_cast<size_t>(p.splits) * batch * h_q;
-    const size_t most = static_cast<size_t>(kMaxSplits) * batch * h_q;
-    const DecodeScratch scratch =
-        DecodeWorkspace(device, blocks, states * (2 + d), most * (2 + d), stream);
-    p.counters = scratch.counters;
-    p.partial_ml = scratch.states;
-    p.partial_o = scratch.states + 2 * states;
-  }
   WithElements(bf16, d, [&](auto type, auto dim) {
-    LaunchDecodeHeads<typename decltype(type)::type, decltype(dim)::value>(p, heads, stream);
+    using T = typename decltype(type)::type;
+    WithDecodeKernel<T, decltype(dim)::value>(heads, fused, [&](auto kernel, int smem,
+                                                                int per_sm) {
+      const int sms = SmCount(name, device);
+      p.splits = splits ? static_cast<int>(splits)
+                        : AutoSplits(blocks, batch, page_values.size(0), p.page_size, sms,
+                                     int64_t{sms} * per_sm);
+      if (p.splits > 1) {
+        const size_t states = static_cast<size_t>(p.splits) * batch * h_q;
+        const size_t most = static_cast<size_t>(kMaxSplits) * batch * h_q;
+        const DecodeScratch scratch =
+            DecodeWorkspace(device, blocks, states * (2 + d), most * (2 + d), stream);
+        p.counters = scratch.counters;
+        p.partial_ml = scratch.states;
+        p.partial_o = scratch.states + 2 * states;
+      }
+      kernel<<<dim3(p.splits, h_kv * p.slices, batch), kDecodeThreads, smem, stream>>>(p);
+      CheckCuda(cudaGetLastError(), name, "the kernel launch");
+    });
   });
 }
 
