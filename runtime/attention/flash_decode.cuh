@@ -144,10 +144,10 @@ __global__ void __launch_bounds__(kDecodeThreads) Decode(DecodeParams p) {
   const int start = split * per, end = min(len, start + per);
 
   // kFused: the new token's rows of qkv (loaded here), its position and slot. Rotating them waits
-  // until the first keys' copies are issued (prepare), so that the arithmetic, and the wait for
-  // the position it needs, overlap the copies' round trip instead of delaying them (a warp
-  // issues in order). Then the first key group of each (sequence, KV head)'s first block writes
-  // the new k and v to their slot, and each first block its rotated q to q_rotated.
+  // until the first keys' loads are issued (prepare), so that the arithmetic, and the wait for
+  // the position it needs, overlap the loads' round trip instead of delaying them (a warp issues
+  // in order). Then the first key group of each (sequence, KV head)'s first block writes the
+  // new k and v to their slot, and each first block its rotated q to q_rotated.
   const bool writer = kFused && split == 0 && grp == 0;
   const uint4 zero = make_uint4(0, 0, 0, 0);  // what the idle heads' q holds
   uint4 qraw[H], knew = zero, vnew = zero;
