@@ -8,6 +8,7 @@ read next to the copy bandwidth measured in the same run.
 
     python bench/attention.py build DIR [--shape llama2-7b] [--arch sm_90]   # here: nvcc, TVM
     python bench/attention.py run DIR [--json OUT]                           # on the GPU
+    python bench/attention.py splits DIR [--json OUT]                        # on the GPU
 
 `build` writes Kiln's extern (kiln-attention.so) and TVM's kernels for the shape's heads
 (tvm-prefill.so, device code as a fatbin) into DIR; `run` needs only the TVM runtime.
@@ -26,6 +27,9 @@ cache runs it ("kilnf": kiln.attention.split_rope and append_kv recorded first, 
 kernel also rotates q and k and writes the new token's k and v; the new token's slot here is
 none, and its output is checked against "kiln" run on the q it rotated), each kernel's GPU time
 from torch's profiler (CUPTI) when torch has CUDA, so a launch's host time does not count.
+`splits`: that call as the cache makes it ("kilnf") at each split count forced (SPLITS; 0: the
+kernel's own choice) over SPLIT_CASES, what the split rule (attention.cu's AutoSplits) is tuned
+against.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ CASES = [[512], [1024], [2048], [4096], [512] * 4]  # sequence lengths of one ca
 PAGED_CASES = [[(1024, 1024)], [(1024, 3072)], [(256, 1024)] * 4]
 # Decode: (sequences, keys of history each)
 DECODE_CASES = [(1, 128), (1, 256), (1, 1024), (1, 4096), (8, 1024), (64, 576), (64, 1024)]
+SPLIT_CASES = [(1, 256), (1, 1024), (1, 4096), (8, 1024), (16, 1024), (32, 576), (64, 576),
+               (64, 1024)]  # fmt: skip
+SPLITS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 PAGE_SIZE = 16
 TVM_LIBRARY = "tvm-prefill.so"
 
@@ -234,9 +241,53 @@ def run_decode(device, library, rng, heads: int, kv_heads: int, head_dim: int, t
     return rows
 
 
-def fused_decode(device, kernels, qkv, position: int, args: list, outputs: tuple, head_dim: int):
+def sweep_splits(out: Path, json_out: Path | None) -> None:
+    """SPLIT_CASES through the fused decode call at each of SPLITS: us per call."""
+    import tvm
+    import tvm_ffi
+
+    from kiln.runtime.attention import ARTIFACT_FILE, load_attention
+    from kiln.runtime.device import open_device
+
+    device = open_device("cuda")
+    load_attention(out / ARTIFACT_FILE)
+    config = json.loads((out / "attention.json").read_text())
+    heads, kv_heads, head_dim = config["heads"], config["kv_heads"], config["head_dim"]
+    _, torch = torch_gemm(256)  # torch with CUDA, for the profiler (or None)
+    get = tvm_ffi.get_global_func
+    tiled = get("kiln.attention.decode_paged_tiled")
+    kernels = (get("kiln.attention.split_rope"), get("kiln.attention.append_kv"), tiled)
+    rng = np.random.default_rng(0)
+    print(f"{config['shape']}: fused decode calls, us at each forced split count (0: own choice)")
+    rows = []
+    for batch, history in SPLIT_CASES:
+        pages, page_indptr, page_values, last, _, _ = random_pages(
+            rng, [history] * batch, kv_heads, head_dim
+        )
+        q = np.zeros((batch, heads, head_dim), "float16")  # the kernel rotates qkv's q into it
+        args = [tvm.runtime.tensor(a, device) for a in (q, pages, page_indptr, page_values, last)]
+        args += [tvm.runtime.tensor(np.zeros(batch, "int32"), device)] * 2  # RoPE: unused
+        qkv = rng.standard_normal((batch, heads + 2 * kv_heads, head_dim)).astype("float16")
+        outputs = (tvm.runtime.empty(q.shape, "float16", device),
+                   tvm.runtime.empty(q.shape[:2], "float32", device))  # fmt: skip
+        row = {"batch": batch, "history": history, "us": {}}
+        for splits in SPLITS:
+            call = fused_decode(device, kernels, qkv, history, args, outputs, head_dim,
+                                lead=(0, splits))  # fmt: skip
+            row["us"][splits] = gpu_seconds(call, device, torch, reps=30) * 1e6
+        rows.append(row)
+        cells = " ".join(f"{s}:{us:.1f}" for s, us in row["us"].items())
+        print(f"{batch:3d} x {history:5d} keys | {cells}", flush=True)
+    if json_out:
+        json_out.write_text(json.dumps({"config": config, "splits": rows}, indent=1))
+
+
+def fused_decode(device, kernels, qkv, position: int, args: list, outputs: tuple, head_dim: int,
+                 lead: tuple = (0,)):  # fmt: skip
     """A decode call as an artifact's cache makes it: split_rope and append_kv (of no slot)
-    recorded, then the decode kernel, which rotates q (into args[0]) and k itself."""
+    recorded, then the decode kernel (kernels[2], with `lead` before its arguments: splits for
+    decode_paged_split, heads and splits for decode_paged_tiled), which rotates q (into args[0])
+    and k itself."""
     import tvm
 
     split_rope, append_kv, split = kernels
@@ -250,7 +301,7 @@ def fused_decode(device, kernels, qkv, position: int, args: list, outputs: tuple
     def call():
         split_rope(rows, positions, args[0], new_k, new_v, 1)
         append_kv(args[1], new_k, new_v, no_slots)
-        split(0, *args, *outputs, 0, 1.0, 1e4, head_dim**-0.5)
+        split(*lead, *args, *outputs, 0, 1.0, 1e4, head_dim**-0.5)
 
     return call
 
@@ -355,7 +406,7 @@ class Bench:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["build", "run"])
+    parser.add_argument("action", choices=["build", "run", "splits"])
     parser.add_argument("dir", type=Path)
     parser.add_argument("--shape", choices=["llama2-7b", "llama3-8b"], default="llama2-7b")
     parser.add_argument("--arch", default="sm_90")
@@ -363,6 +414,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.action == "build":
         build(args.dir, args.shape, args.arch)
+    elif args.action == "splits":
+        sweep_splits(args.dir, args.json)
     else:
         run(args.dir, args.json)
 
