@@ -94,7 +94,9 @@ class Staging:
         return self._view(buffer, array.shape, str(array.dtype))
 
     def close(self) -> None:
+        """Drop the buffers and the allocator (with whatever it closes over: a session)."""
         self._slots = []
+        self._empty = self._view = None
 
 
 class LocalExecutor:
