@@ -213,11 +213,9 @@ def run_decode(device, library, rng, heads: int, kv_heads: int, head_dim: int, t
             out = tvm.runtime.empty(q.shape, "float16", device)
             lse = tvm.runtime.empty(q.shape[:2], "float32", device)
             call = lambda: fn(*lead, *args, out, lse, 0, 1.0, 1e4, head_dim**-0.5)  # noqa: B023, E731
-            sec = gpu_seconds(call, device, torch)
+            row[name] = kv_rate(gpu_seconds(call, device, torch), nbytes, bandwidth)
+            line += f" {name} {row[name]['us']:7.1f} us {row[name]['percent']:5.1f}% |"
             outputs[name] = out.numpy().astype("float32")
-            row[name] = {"us": sec * 1e6, "gbs": nbytes / sec / 1e9,
-                         "percent": 100 * nbytes / sec / bandwidth}  # fmt: skip
-            line += f" {name} {sec * 1e6:7.1f} us {row[name]['percent']:5.1f}% |"
         # kilnf: a qkv row of each sequence's new token, its q rotated into a q of its own
         qkv = rng.standard_normal((batch, heads + 2 * kv_heads, head_dim)).astype("float16")
         fused_args = [tvm.runtime.empty(q.shape, "float16", device), *args[1:]]
@@ -225,10 +223,8 @@ def run_decode(device, library, rng, heads: int, kv_heads: int, head_dim: int, t
         lse = tvm.runtime.empty(q.shape[:2], "float32", device)
         fused = fused_decode(device, (split_rope, append_kv, split), qkv, history, fused_args,
                              (out, lse), head_dim)  # fmt: skip
-        sec = gpu_seconds(fused, device, torch)
-        row["kilnf"] = {"us": sec * 1e6, "gbs": nbytes / sec / 1e9,
-                        "percent": 100 * nbytes / sec / bandwidth}  # fmt: skip
-        line += f" kilnf {sec * 1e6:7.1f} us {row['kilnf']['percent']:5.1f}% |"
+        row["kilnf"] = kv_rate(gpu_seconds(fused, device, torch), nbytes, bandwidth)
+        line += f" kilnf {row['kilnf']['us']:7.1f} us {row['kilnf']['percent']:5.1f}% |"
         got = out.numpy().astype("float32")
         split(0, *fused_args, out, lse, 0, 1.0, 1e4, head_dim**-0.5)  # the rotated q, unfused
         row["kilnf"]["max_diff_vs_kiln"] = float(np.abs(got - out.numpy().astype("float32")).max())
@@ -239,6 +235,12 @@ def run_decode(device, library, rng, heads: int, kv_heads: int, head_dim: int, t
               flush=True)  # fmt: skip
         rows.append(row)
     return rows
+
+
+def kv_rate(seconds: float, nbytes: int, bandwidth: float) -> dict:
+    """A decode call's time and its K/V read rate, also as a % of the copy bandwidth."""
+    return {"us": seconds * 1e6, "gbs": nbytes / seconds / 1e9,
+            "percent": 100 * nbytes / seconds / bandwidth}  # fmt: skip
 
 
 def sweep_splits(out: Path, json_out: Path | None) -> None:
@@ -290,7 +292,7 @@ def fused_decode(device, kernels, qkv, position: int, args: list, outputs: tuple
     and k itself."""
     import tvm
 
-    split_rope, append_kv, split = kernels
+    split_rope, append_kv, decode = kernels
     batch, kv_heads = qkv.shape[0], args[1].shape[2]
     rows = tvm.runtime.tensor(qkv, device)
     positions = tvm.runtime.tensor(np.full(batch, position, "int32"), device)
@@ -301,7 +303,7 @@ def fused_decode(device, kernels, qkv, position: int, args: list, outputs: tuple
     def call():
         split_rope(rows, positions, args[0], new_k, new_v, 1)
         append_kv(args[1], new_k, new_v, no_slots)
-        split(*lead, *args, *outputs, 0, 1.0, 1e4, head_dim**-0.5)
+        decode(*lead, *args, *outputs, 0, 1.0, 1e4, head_dim**-0.5)
 
     return call
 
