@@ -1,6 +1,7 @@
 """The batched decode's int4 Linears of a model shape at 8 to 128 rows of x (one per sequence),
 each way Kiln can run them: the GEMV (kiln.gemv.q4: a kernel per 8 rows, each reading the weight),
-kiln.gemv.q4_gemm (one kernel per 64 rows, reading the weight once), and the weight dequantized
+kiln.gemv.q4_gemm (one kernel per 64 rows, reading the weight once: on Hopper's warpgroup MMAs
+where they run), its mma.sync kernel alone (kiln.gemv.q4_gemm_mma), and the weight dequantized
 into fp16 then cuBLAS (kiln.gemv.q4_dequantize + kiln.cublas.matmul). Each is checked against
 NumPy and timed with the weights out of L2 (calls rotate over 256 MiB of weight copies), next to
 the memory roofline (the int4 weight, x and out over the measured copy bandwidth). The last
@@ -61,9 +62,11 @@ def run(directory: Path, shape: str, json_out: Path | None) -> None:
     cublas.load_cublas(directory / cublas.ARTIFACT_FILE)
     get = tvm_ffi.get_global_func
     q4, gemm, batched = get(gemv.Q4), get("kiln.gemv.q4_gemm"), get(gemv.Q4_BATCHED)
+    gemm_mma = get("kiln.gemv.q4_gemm_mma")
     dequantize, matmul = get("kiln.gemv.q4_dequantize"), get("kiln.cublas.matmul")
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; us a call, % of the memory roofline")
+    print("q4_gemm on the warpgroup MMAs:", bool(get("kiln.gemv.q4_gemm_wgmma")(device.index)))
     rng = np.random.default_rng(0)
     rows_out = []
     for name, n, k in SHAPES[shape]:
@@ -89,6 +92,7 @@ def run(directory: Path, shape: str, json_out: Path | None) -> None:
             paths = {
                 "gemv": (q4, [(xd, q, s, out) for q, s in weights]),
                 "gemm": (gemm, with_scratch),
+                "gemm_mma": (gemm_mma, with_scratch),
                 "dequant+cublas": (_dequantize_then(dequantize, matmul), with_scratch),
             }
             for label, (fn, copies) in paths.items():

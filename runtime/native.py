@@ -111,29 +111,39 @@ def archs_at_least(archs: Sequence[str], min_sm: int) -> bool:
     return bool(numbers) and all(m is not None and int(m[1]) >= min_sm for m in numbers)
 
 
-def nvcc_flags(archs: Sequence[str]) -> list[str]:
+def nvcc_flags(archs: Sequence[str], defines: Sequence[str] = ()) -> list[str]:
     """nvcc's flags for a library of device code (CUDA runtime from TVM's, not linked in): SASS
-    for every arch and PTX for the newest, as kiln.targets.cuda builds the model's."""
+    for every arch and PTX for the newest, as kiln.targets.cuda builds the model's. An
+    arch-specific one (sm_90a) gets its SASS; the PTX is then the plain arch's (compute_90),
+    since arch-specific PTX runs on no other GPU. `defines` (NAME or NAME=VALUE) go to -D."""
     ordered = sorted(set(archs), key=lambda a: (int(_ARCH.match(a)[1]), a))
     gencode = []
     for i, arch in enumerate(ordered):
-        number = arch.removeprefix("sm_")
-        codes = f"sm_{number}" + (f",compute_{number}" if i == len(ordered) - 1 else "")
-        gencode += ["-gencode", f"arch=compute_{number},code=[{codes}]"]
+        name = arch.removeprefix("sm_")
+        number = _ARCH.match(arch)[1]
+        if i < len(ordered) - 1:
+            gencode += ["-gencode", f"arch=compute_{name},code=sm_{name}"]
+        elif name == number:
+            gencode += ["-gencode", f"arch=compute_{name},code=[sm_{name},compute_{name}]"]
+        else:
+            gencode += ["-gencode", f"arch=compute_{name},code=sm_{name}"]
+            gencode += ["-gencode", f"arch=compute_{number},code=compute_{number}"]
     return [
         "-std=c++17", "-O3", "--threads", "0", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-        "-Xlinker", "--no-undefined", "-cudart", "none", *gencode,
+        "-Xlinker", "--no-undefined", "-cudart", "none", *gencode, *(f"-D{d}" for d in defines),
     ]  # fmt: skip
 
 
-def nvcc_command(nvcc: Path, archs: Sequence[str], source: Path, what: str) -> list[str]:
+def nvcc_command(
+    nvcc: Path, archs: Sequence[str], source: Path, what: str, defines: Sequence[str] = ()
+) -> list[str]:
     """`nvcc` compiling `source` (tvm-ffi functions) into a library for `archs`, against
     tvm-ffi and the CUDA runtime TVM's CUDA runtime uses; `compile_library` runs it."""
     cudart = cudart_library(what)
     ffi_lib = Path(tvm_ffi.libinfo.find_libtvm_ffi()).parent
     return [
         str(nvcc),
-        *nvcc_flags(archs),
+        *nvcc_flags(archs, defines),
         str(source),
         f"-I{tvm_ffi.libinfo.find_include_path()}",
         f"-L{ffi_lib}",

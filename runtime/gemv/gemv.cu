@@ -681,6 +681,59 @@ __host__ __device__ constexpr int GemmBlocksPerSm() {
   return kTiles == 2 && kNT <= 4 ? 2 : 1;
 }
 
+// The end of a Q4Gemm block (either kernel): `sums(put)` calls put(n, m, sum) for each of the
+// thread's sums (weight row n, row of x m). Unsplit, they are rounded into out; split, written to
+// the split's partial sums, and the last block of the column to finish adds the splits' sums.
+template <int kThreadsPerBlock, typename Sums>
+__device__ __forceinline__ void GemmFinish(const GemmArgs& a, int block_first, Sums sums) {
+  const bool alone = a.splits == 1;
+  float* mine = a.partial + static_cast<int64_t>(blockIdx.y) * a.m_rows * a.rows;
+  sums([&](int n, int m, float sum) {
+    if (m >= a.m_rows || n >= a.rows) return;
+    const int64_t at = static_cast<int64_t>(m) * a.rows + n;
+    if (alone) {
+      a.out[at] = __float2half_rn(sum);
+    } else {
+      mine[at] = sum;
+    }
+  });
+  if (alone) return;
+  __shared__ bool last;
+  __threadfence();  // this block's sums are visible before its count
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&a.counters[blockIdx.x], 1) == a.splits - 1;
+    if (last) a.counters[blockIdx.x] = 0;  // for the next call
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int width = min(kGemmRows, a.rows - block_first);
+  const int64_t split_stride = static_cast<int64_t>(a.m_rows) * a.rows;
+  if (a.vector_out) {  // 4 outputs a thread: float4 loads, one 8-byte store
+    for (int e = 4 * threadIdx.x; e < a.m_rows * width; e += 4 * kThreadsPerBlock) {
+      const int64_t at = static_cast<int64_t>(e / width) * a.rows + block_first + e % width;
+      float4 sum = make_float4(0, 0, 0, 0);
+#pragma unroll 8
+      for (int s = 0; s < a.splits; ++s) {
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(a.partial + s * split_stride + at));
+        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+      }
+      const __half2 lo = __floats2half2_rn(sum.x, sum.y), hi = __floats2half2_rn(sum.z, sum.w);
+      *reinterpret_cast<uint2*>(a.out + at) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
+                                                         *reinterpret_cast<const uint32_t*>(&hi));
+    }
+    return;
+  }
+  for (int e = threadIdx.x; e < a.m_rows * width; e += kThreadsPerBlock) {
+    const int64_t at = static_cast<int64_t>(e / width) * a.rows + block_first + e % width;
+    float sum = 0;
+#pragma unroll 8
+    for (int s = 0; s < a.splits; ++s) sum += __ldcg(a.partial + s * split_stride + at);
+    a.out[at] = __float2half_rn(sum);
+  }
+}
+
 template <int kNT, int kTiles>
 __global__ void __launch_bounds__(GemmThreads<kTiles>(), GemmBlocksPerSm<kNT, kTiles>())
     Q4Gemm(GemmArgs a) {
@@ -805,60 +858,237 @@ __global__ void __launch_bounds__(GemmThreads<kTiles>(), GemmBlocksPerSm<kNT, kT
   WaitAsync();  // (only empty groups are left)
   // acc[i][j]: rows first + 16 i + g (+ 8 for [2], [3]), rows of x 8 j + 2 c (+ 1 for [1], [3])
   const int first = block_first + warp * kWarpRows;
-  const bool alone = a.splits == 1;
-  float* mine = a.partial + static_cast<int64_t>(blockIdx.y) * a.m_rows * a.rows;
+  GemmFinish<kGemmThreads>(a, block_first, [&](auto&& put) {
 #pragma unroll
-  for (int i = 0; i < kTiles; ++i) {
+    for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) {
+      for (int j = 0; j < kNT; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int n = first + kRows * i + g + 8 * (e / 2), m = 8 * j + 2 * c + e % 2;
-        if (m >= a.m_rows || n >= a.rows) continue;
-        const int64_t at = static_cast<int64_t>(m) * a.rows + n;
-        if (alone) {
-          a.out[at] = __float2half_rn(acc[i][j][e]);
-        } else {
-          mine[at] = acc[i][j][e];
+        for (int e = 0; e < 4; ++e) {
+          put(first + kRows * i + g + 8 * (e / 2), 8 * j + 2 * c + e % 2, acc[i][j][e]);
         }
       }
     }
-  }
-  if (alone) return;
-  __shared__ bool last;
-  __threadfence();  // this block's sums are visible before its count
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&a.counters[blockIdx.x], 1) == a.splits - 1;
-    if (last) a.counters[blockIdx.x] = 0;  // for the next call
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int width = min(kGemmRows, a.rows - block_first);
-  const int64_t split_stride = static_cast<int64_t>(a.m_rows) * a.rows;
-  if (a.vector_out) {  // 4 outputs a thread: float4 loads, one 8-byte store
-    for (int e = 4 * threadIdx.x; e < a.m_rows * width; e += 4 * kGemmThreads) {
-      const int64_t at = static_cast<int64_t>(e / width) * a.rows + block_first + e % width;
-      float4 sum = make_float4(0, 0, 0, 0);
-#pragma unroll 8
-      for (int s = 0; s < a.splits; ++s) {
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(a.partial + s * split_stride + at));
-        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
-      }
-      const __half2 lo = __floats2half2_rn(sum.x, sum.y), hi = __floats2half2_rn(sum.z, sum.w);
-      *reinterpret_cast<uint2*>(a.out + at) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
-                                                         *reinterpret_cast<const uint32_t*>(&hi));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same product on Hopper's warpgroup MMAs (wgmma, sm_90a; Q4Gemm above elsewhere), for
+// K % 128 == 0 and up to kN (16, 32 or 64) rows of x: x becomes the MMA's B (16 k x kN, read by
+// the tensor cores from shared memory through a descriptor) and the dequantized weights its A
+// (64 rows x 16 k, in registers). A block is two warpgroups of 128 rows (two 64-row tiles each),
+// kGemmRows in all, so the splits, counters and GemmFinish are Q4Gemm's. wgmma runs
+// asynchronously: a warp dequantizes the next 16 bytes of its rows while the tensor cores work
+// on the last, so the ALU work that bounds Q4Gemm overlaps the MMAs.
+//
+// The k order inside an MMA is free as long as A and B agree. A lane (g, c) of warp w holds,
+// for each tile, rows 16 w + g and + 8, and loads their group 4 t + c of sub-step t (one uint4,
+// as the GEMV does): word v of it (8 values, k = 32 c + 8 v ..) dequantizes into the pairs
+// p = (k + p, k + p + 4), p = 0..3, which are A's slots (2 c, 2 c + 1) of virtual step 2 v + h
+// (p = 2 h) and (2 c + 8, 2 c + 9) (p = 2 h + 1). So B's slot 8 j + 2 c + e of virtual step
+// 2 v + h must hold x[32 c + 8 v + 2 h + j + 4 e]: x goes into the ring with cp.async in natural
+// pieces, and the thread that copied the four pieces of (row of x n, word v) rewrites them in
+// place as the four 16-byte rows (v, p) of B's core matrices (PairUp, then a 4 x 4 transpose of
+// words). A stage (128 k) holds core matrices (8 rows of x x 16 bytes) at ((2 s + j) kN + n) 16
+// bytes for virtual step s: along K (j) kN x 16 bytes apart (the descriptor's leading byte
+// offset), along N 128 (its stride byte offset). Weights and scales go straight to registers,
+// kWgmmaDepth sub-steps ahead.
+
+constexpr int kWgmmaStages = 4;  // x's ring
+constexpr int kWgmmaAhead = 2;   // x copied this many sub-steps ahead: a stage is refilled two
+                                 // sub-steps after its last MMAs were issued, when they are done
+constexpr int kWgmmaDepth = 3;   // sub-steps of weights in registers
+
+template <int kN>
+__host__ __device__ constexpr int WgmmaStageBytes() {
+  return kN * 128 * 2;
+}
+
+// d (64 x kN fp32, the warpgroup's accumulators) += a (64 x 16 fp16, registers: a warp's rows in
+// mma.sync's A layout) b (16 x kN fp16, shared memory, `b` its descriptor), asynchronously.
+template <int kN>
+__device__ __forceinline__ void Wgmma(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t b);
+
+template <>
+__device__ __forceinline__ void Wgmma<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));
+}
+
+template <>
+__device__ __forceinline__ void Wgmma<32>(float (&d)[16], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));
+}
+
+template <>
+__device__ __forceinline__ void Wgmma<16>(float (&d)[8], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));
+}
+
+__device__ __forceinline__ void WgmmaFence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// A shared-memory matrix descriptor without swizzling: start, leading (K) and stride (M/N) byte
+// offsets between core matrices, each in 16-byte units.
+__device__ __forceinline__ uint64_t WgmmaDescriptor(const void* start, uint32_t leading,
+                                                    uint32_t stride) {
+  const uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(start));
+  return uint64_t{(at >> 4) & 0x3FFF} | uint64_t{(leading >> 4) & 0x3FFF} << 16 |
+         uint64_t{(stride >> 4) & 0x3FFF} << 32;
+}
+
+template <int kN>
+__global__ void __launch_bounds__(256, 1) Q4Wgmma(GemmArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kThreadsPerBlock = 256, kAcc = kN / 2, kUnits = 4 * kN;
+  extern __shared__ uint4 dynamic_smem[];
+  char* smem = reinterpret_cast<char*>(dynamic_smem);
+  const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4;
+  const int groups = a.k / 32, steps = groups / 4;
+  const int t0 = static_cast<int>(int64_t{blockIdx.y} * steps / a.splits);
+  const int t1 = static_cast<int>(int64_t{blockIdx.y + 1} * steps / a.splits);
+  const int count = t1 - t0, block_first = blockIdx.x * kGemmRows;
+  const int first = block_first + 128 * warpgroup + 16 * warp + g;  // + 64 i + 8 h
+  const uint4* wsrc[2][2];
+  const unsigned short* ssrc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = min(first + 64 * i + 8 * h, a.rows - 1);
+      wsrc[i][h] = a.w + row * groups + 4 * t0 + c;
+      ssrc[i][h] = reinterpret_cast<const unsigned short*>(a.scale) + row * groups + 4 * t0 + c;
     }
-    return;
   }
-  for (int e = threadIdx.x; e < a.m_rows * width; e += kGemmThreads) {
-    const int64_t at = static_cast<int64_t>(e / width) * a.rows + block_first + e % width;
-    float sum = 0;
-#pragma unroll 8
-    for (int s = 0; s < a.splits; ++s) sum += __ldcg(a.partial + s * split_stride + at);
-    a.out[at] = __float2half_rn(sum);
+  // x: this thread's unit (row of x n, word v), its four pieces at positions (v, p = c') of
+  // the stage
+  const int xn = threadIdx.x % kN, xv = threadIdx.x / kN;
+  const bool copies_x = threadIdx.x < kUnits, x_valid = xn < a.m_rows;
+  const half* xsrc = a.x + static_cast<int64_t>(min(xn, a.m_rows - 1)) * a.k + 128 * t0 + 8 * xv;
+  auto piece = [&](char* stage, int p) {
+    return reinterpret_cast<uint4*>(stage + ((4 * xv + p) * kN + xn) * 16);
+  };
+  auto copy_x = [&](int u) {  // sub-step t0 + u -> stage u % kWgmmaStages, one commit group
+    if (u < count && copies_x) {
+      char* stage = smem + (u % kWgmmaStages) * WgmmaStageBytes<kN>();
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        CopyAsync16(piece(stage, p), x_valid ? xsrc + 128 * u + 32 * p : a.x, x_valid);
+      }
+    }
+    CommitAsync();
+  };
+  uint4 q[kWgmmaDepth][2][2];
+  uint32_t s[kWgmmaDepth][2][2];
+  auto load_w = [&](int slot_u, uint4 (&qs)[2][2], uint32_t (&ss)[2][2]) {
+    if (slot_u < count) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          qs[i][h] = LoadStreaming(wsrc[i][h] + 4 * slot_u);
+          ss[i][h] = __ldg(ssrc[i][h] + 4 * slot_u);
+        }
+      }
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < kWgmmaAhead; ++u) copy_x(u);
+#pragma unroll
+  for (int d = 0; d < kWgmmaDepth; ++d) load_w(d, q[d], s[d]);
+  float acc[2][kAcc];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int e = 0; e < kAcc; ++e) acc[i][e] = 0.0f;
   }
+  uint32_t frag[2][2][2][4];  // [word parity][tile][half step h][A's 4 registers]
+  for (int base = 0; base < count; base += kWgmmaDepth) {
+#pragma unroll
+    for (int d = 0; d < kWgmmaDepth; ++d) {
+      const int u = base + d;
+      if (u >= count) break;
+      char* stage = smem + (u % kWgmmaStages) * WgmmaStageBytes<kN>();
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(kWgmmaAhead - 1));
+      if (copies_x) {  // pair up this thread's unit, then transpose its words, in place
+        uint32_t b[4][4];
+#pragma unroll
+        for (int p = 0; p < 4; ++p) PairUp(*piece(stage, p), b[p]);
+#pragma unroll
+        for (int p = 0; p < 4; ++p) *piece(stage, p) = make_uint4(b[0][p], b[1][p], b[2][p], b[3][p]);
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the tensor cores
+      __syncthreads();
+      copy_x(u + kWgmmaAhead);
+      const uint64_t desc = WgmmaDescriptor(stage, kN * 16, 128);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        WgmmaWait<1>();  // the MMAs of word v - 2 (the same fragment registers) are done
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          uint32_t lo[4], hi[4];
+          Dequantize(reinterpret_cast<const uint32_t*>(&q[d][i][0])[v], s[d][i][0] * 0x10001u, lo);
+          Dequantize(reinterpret_cast<const uint32_t*>(&q[d][i][1])[v], s[d][i][1] * 0x10001u, hi);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            frag[v % 2][i][h][0] = lo[2 * h];
+            frag[v % 2][i][h][1] = hi[2 * h];
+            frag[v % 2][i][h][2] = lo[2 * h + 1];
+            frag[v % 2][i][h][3] = hi[2 * h + 1];
+          }
+        }
+        WgmmaFence();
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // virtual step 2 v + h: its core matrices start 2 (2 v + h) kN x 16 bytes in
+          const uint64_t step = desc + ((2 * (2 * v + h) * kN * 16) >> 4);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) Wgmma<kN>(acc[i], frag[v % 2][i][h], step);
+        }
+        WgmmaCommit();
+      }
+      load_w(u + kWgmmaDepth, q[d], s[d]);
+    }
+  }
+  WgmmaWait<0>();
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int e = 0; e < kAcc; ++e) asm volatile("" : "+f"(acc[i][e])::"memory");
+  }
+  WaitAsync();  // (only empty groups are left)
+  // acc[i][4 j + e]: weight row first + 64 i (+ 8 for e = 2, 3), row of x 8 j + 2 c (+ 1 for
+  // e = 1, 3)
+  GemmFinish<kThreadsPerBlock>(a, block_first, [&](auto&& put) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int e = 0; e < kAcc; ++e) {
+        put(first + 64 * i + 8 * (e % 4 / 2), 8 * (e / 4) + 2 * c + e % 2, acc[i][e]);
+      }
+    }
+  });
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1066,6 +1296,8 @@ constexpr const char* kQ4Batched = "kiln.gemv.q4_batched";
 constexpr const char* kQ4Dequantize = "kiln.gemv.q4_dequantize";
 constexpr const char* kGemm = "kiln.cublas.matmul";  // out = x @ w^T, w (N, K) float16
 constexpr const char* kQ4Gemm = "kiln.gemv.q4_gemm";
+constexpr const char* kQ4GemmMma = "kiln.gemv.q4_gemm_mma";
+constexpr const char* kQ4GemmWgmma = "kiln.gemv.q4_gemm_wgmma";
 constexpr const char* kQ4MoeSwiGLU = "kiln.gemv.q4_moe_swiglu";
 constexpr const char* kQ4Moe = "kiln.gemv.q4_moe";
 constexpr const char* kMoeRoute = "kiln.gemv.moe_route";
@@ -1278,8 +1510,47 @@ void LaunchGemm(const char* name, GemmArgs a, int device, cudaStream_t stream) {
   CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
-// Q4Gemm over x's rows, kGemmMaxM a kernel; `w` (N, K) float16 scratch holds the splits' sums.
-void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t stream) {
+// Whether Q4Wgmma runs on `device`: the library holds sm_90a code (gemv.py defines
+// KILN_GEMV_WGMMA when it builds for sm_90a) and the device is compute capability 9.0.
+bool WgmmaRuns(const char* name, int device) {
+#if defined(KILN_GEMV_WGMMA)
+  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
+  int state = known[device % 64].load();
+  if (state == 0) {
+    int major = 0, minor = 0;
+    CheckCuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), name,
+              "cudaDeviceGetAttribute");
+    CheckCuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), name,
+              "cudaDeviceGetAttribute");
+    state = major == 9 && minor == 0 ? 2 : 1;
+    known[device % 64].store(state);
+  }
+  return state == 2;
+#else
+  (void)name, (void)device;
+  return false;
+#endif
+}
+
+template <int kN>
+void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream) {
+  auto kernel = Q4Wgmma<kN>;
+  constexpr int smem = kWgmmaStages * WgmmaStageBytes<kN>();
+  static std::atomic<uint64_t> opted_in{0};
+  if constexpr (smem > 48 * 1024) OptInSharedMemory(kernel, smem, device, opted_in, name);
+  const int64_t columns = (a.rows + kGemmRows - 1) / kGemmRows;
+  a.splits = a.counters != nullptr && columns <= kGemmColumns
+                 ? GemmSplits(columns, a.k, a.m_rows, SmCount(name, device))
+                 : 1;
+  kernel<<<dim3(static_cast<unsigned>(columns), a.splits), 256, smem, stream>>>(a);
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+}
+
+// Q4Gemm over x's rows, kGemmMaxM a kernel (Q4Wgmma where it runs and K % 128 == 0, unless
+// `mma_only`); `w` (N, K) float16 scratch holds the splits' sums.
+void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t stream,
+             bool mma_only = false) {
+  const bool wgmma = !mma_only && call.a.k % 128 == 0 && WgmmaRuns(name, call.device);
   GemmArgs a{};
   a.w = static_cast<const uint4*>(call.a.w);
   a.scale = call.a.scale;
@@ -1293,6 +1564,16 @@ void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t
     a.x = call.a.x + static_cast<int64_t>(first) * a.k;
     a.out = call.a.out + static_cast<int64_t>(first) * a.rows;
     a.m_rows = std::min(call.a.m_rows - first, kGemmMaxM);
+    if (wgmma) {
+      if (a.m_rows <= 16) {
+        LaunchWgmma<16>(name, a, call.device, stream);
+      } else if (a.m_rows <= 32) {
+        LaunchWgmma<32>(name, a, call.device, stream);
+      } else {
+        LaunchWgmma<64>(name, a, call.device, stream);
+      }
+      continue;
+    }
     switch ((a.m_rows + 7) / 8) {
       // 16-row warps for 32 rows of x, 32-row warps else: the faster on the 7B's matrices (H200,
       // bench/q4_batched.py: 131.9 against 146.9 us for a layer's four at 32 rows, 218.8 against
@@ -1324,12 +1605,26 @@ void Q4Batched(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
   (*gemm)(x, w, out);
 }
 
-// For tests and benchmarks: Q4Gemm for any rows of x.
-void Q4GemmEntry(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
-  const char* name = kQ4Gemm;
+// For tests and benchmarks: Q4Gemm for any rows of x (on the warpgroup MMAs where they run),
+// and the mma.sync kernel alone.
+void RunGemmEntry(const char* name, bool mma_only, const Tensor& x, const Tensor& qweight,
+                  const Tensor& scale, const Tensor& out, const Tensor& w) {
   const Q4Call call = CheckQ4(name, 0, false, x, qweight, scale, out);
   CheckScratch(name, w, call.a.rows, call.a.k, call.device);
-  RunGemm(name, call, w, TvmStream(name, call.device));
+  RunGemm(name, call, w, TvmStream(name, call.device), mma_only);
+}
+
+void Q4GemmEntry(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
+  RunGemmEntry(kQ4Gemm, false, x, qweight, scale, out, w);
+}
+
+void Q4GemmMma(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
+  RunGemmEntry(kQ4GemmMma, true, x, qweight, scale, out, w);
+}
+
+// For tests: whether kiln.gemv.q4_gemm runs on the warpgroup MMAs on cuda:`device`.
+bool Q4GemmWgmma(int64_t device) {
+  return WgmmaRuns(kQ4GemmWgmma, static_cast<int>(device));
 }
 
 // For tests: the weight Q4Batched multiplies by past kMaxGemmRows rows.
@@ -1502,6 +1797,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4Batched, Q4Batched)
       .def(kQ4Dequantize, Q4Dequantize)
       .def(kQ4Gemm, Q4GemmEntry)
+      .def(kQ4GemmMma, Q4GemmMma)
+      .def(kQ4GemmWgmma, Q4GemmWgmma)
       .def_packed(kQ4MoeSwiGLU,
                   [](tvm::ffi::PackedArgs args, tvm::ffi::Any*) {
                     RunMoe<true>(kQ4MoeSwiGLU, args);

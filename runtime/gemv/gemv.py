@@ -88,10 +88,18 @@ def _checked_archs(archs: Sequence[str] | None) -> list[str]:
     return sorted(set(archs))
 
 
+def build_flags(archs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The archs and defines the library is compiled with: sm_90 becomes sm_90a (SASS that every
+    compute capability 9.0 GPU runs), and then gemv.cu's batched q4 may take Hopper's warpgroup
+    MMAs (KILN_GEMV_WGMMA: Q4Wgmma)."""
+    built = sorted({"sm_90a" if a == "sm_90" else a for a in archs})
+    return built, ["KILN_GEMV_WGMMA"] if "sm_90a" in built else []
+
+
 def library_key(archs: Sequence[str]) -> str:
     """What the library depends on: its source, the archs and the tvm-ffi it links against;
     never a path, nor the nvcc (a machine without one finds the library built elsewhere)."""
-    return native.source_key(SOURCES, native.nvcc_flags(archs))
+    return native.source_key(SOURCES, native.nvcc_flags(*build_flags(archs)))
 
 
 def library_path(archs: Sequence[str] | None = None) -> Path:
@@ -109,7 +117,9 @@ def build(archs: Sequence[str] | None = None, force: bool = False) -> Path:
     nvcc = find_nvcc()
     if nvcc is None:
         raise KilnError(f"building {WHAT} needs nvcc, found none: {INSTALL_NVCC}")
-    return native.compile_library(out, native.nvcc_command(nvcc, archs, SOURCE, WHAT), WHAT)
+    built, defines = build_flags(archs)
+    command = native.nvcc_command(nvcc, built, SOURCE, WHAT, defines)
+    return native.compile_library(out, command, WHAT)
 
 
 def load_gemv(library: Path | None = None, archs: Sequence[str] | None = None) -> None:

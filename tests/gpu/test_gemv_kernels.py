@@ -222,19 +222,30 @@ GEMM_CASES = [(m, 4096, 4096) for m in (9, 16, 24, 33, 64)] + [
 ]
 
 
+@pytest.mark.parametrize("entry", ["q4_gemm", "q4_gemm_mma"])
 @pytest.mark.parametrize("m,n,k", GEMM_CASES)
-def test_q4_gemm_equals_float64(dev, m, n, k):
+def test_q4_gemm_equals_float64(dev, m, n, k, entry):
     """kiln.gemv.q4_gemm, the batched decode's kernel for 9 to 64 rows: 16, 32 or 64 rows of x a
     kernel (any more, as here: a kernel per 64, each reading the weight), K split over blocks
-    whose sums meet in the scratch; run twice: the splits' counters must be back at zero."""
+    whose sums meet in the scratch; run twice: the splits' counters must be back at zero. On a
+    compute capability 9.0 GPU it runs on the warpgroup MMAs where K % 128 == 0; q4_gemm_mma is
+    the mma.sync kernel, which runs everywhere else."""
     rng = np.random.default_rng(m + n + k)
-    gemm = tvm_ffi.get_global_func("kiln.gemv.q4_gemm")
+    gemm = tvm_ffi.get_global_func(f"kiln.gemv.{entry}")
     x = rng.standard_normal((m, k)).astype(np.float16)
     qweight, scale = q4_weight(rng, n, k)
     want = x.astype(np.float64) @ dequantize(qweight, scale).T
     first = run_scratch(dev, gemm, x, qweight, scale)
     assert error(first, want) <= TOL, (m, n, k)
     np.testing.assert_array_equal(run_scratch(dev, gemm, x, qweight, scale).numpy(), first.numpy())
+
+
+def test_q4_gemm_takes_the_warpgroup_mmas_on_hopper(dev):
+    """The library is built for sm_90a wherever it is for sm_90 (kiln.runtime.gemv.build_flags),
+    so on a compute capability 9.0 GPU q4_gemm must run Q4Wgmma (what the test above checks
+    there), and nowhere else."""
+    hopper = dev.compute_version == "9.0"
+    assert tvm_ffi.get_global_func("kiln.gemv.q4_gemm_wgmma")(dev.index) == hopper
 
 
 def test_q4_dequantize_is_the_fp16_weight(dev):

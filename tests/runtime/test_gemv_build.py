@@ -150,7 +150,8 @@ def test_loads_and_checks_arguments_without_gpu_or_compiler(built):
     cache, _ = built
     result = json.loads(run_without_compiler(LOAD_AND_CALL, cache).strip().splitlines()[-1])
     bench = {f"kiln.gemv.{f}" for f in ("q4_tiled", "q4_swiglu_tiled", "q4_default_variant",
-                                        "q4_graph_time", "q4_dequantize", "q4_gemm")}  # fmt: skip
+                                        "q4_graph_time", "q4_dequantize", "q4_gemm",
+                                        "q4_gemm_mma", "q4_gemm_wgmma")}  # fmt: skip
     assert {*gemv.FUNCTIONS, *bench} <= set(result["names"])
     assert set(result["picks"]) <= {1, 2, 3, 4}  # the default runs one of the variants
     assert set(result["errors"]) == set(ERRORS)
@@ -158,6 +159,26 @@ def test_loads_and_checks_arguments_without_gpu_or_compiler(built):
         got = result["errors"][name]
         assert got.startswith(f"{kind}: ") and message in got, (name, got)
     assert result["relax"] == [] and not result["compiler_lib"]
+
+
+def test_hopper_gets_sm_90a_code_and_every_gpu_ptx_it_can_run():
+    """sm_90 becomes sm_90a SASS (the warpgroup MMAs) with KILN_GEMV_WGMMA defined; the PTX for
+    newer GPUs stays the plain compute_90, since arch-specific PTX runs on no other GPU."""
+    assert impl.build_flags(["sm_90", "sm_80"]) == (["sm_80", "sm_90a"], ["KILN_GEMV_WGMMA"])
+    assert impl.build_flags(["sm_80", "sm_89"]) == (["sm_80", "sm_89"], [])
+    flags = native.nvcc_flags(*impl.build_flags(["sm_80", "sm_90"]))
+    pairs = [flags[i + 1] for i, f in enumerate(flags) if f == "-gencode"]
+    assert pairs == [
+        "arch=compute_80,code=sm_80",
+        "arch=compute_90a,code=sm_90a",
+        "arch=compute_90,code=compute_90",
+    ]
+    assert "-DKILN_GEMV_WGMMA" in flags
+    plain = native.nvcc_flags(["sm_80", "sm_89"])
+    assert [plain[i + 1] for i, f in enumerate(plain) if f == "-gencode"] == [
+        "arch=compute_80,code=sm_80",
+        "arch=compute_89,code=[sm_89,compute_89]",
+    ]
 
 
 def test_needs_sm_80():
