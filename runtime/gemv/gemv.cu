@@ -876,32 +876,52 @@ __global__ void __launch_bounds__(GemmThreads<kTiles>(), GemmBlocksPerSm<kNT, kT
 // The same product on Hopper's warpgroup MMAs (wgmma, sm_90a; Q4Gemm above elsewhere), for
 // K % 128 == 0 and up to kN (16, 32 or 64) rows of x: x becomes the MMA's B (16 k x kN, read by
 // the tensor cores from shared memory through a descriptor) and the dequantized weights its A
-// (64 rows x 16 k, in registers). A block is two warpgroups of 128 rows (two 64-row tiles each),
-// kGemmRows in all, so the splits, counters and GemmFinish are Q4Gemm's. wgmma runs
-// asynchronously: a warp dequantizes the next 16 bytes of its rows while the tensor cores work
-// on the last, so the ALU work that bounds Q4Gemm overlaps the MMAs.
+// (64 rows x 16 k, in registers). A block is four warpgroups of 64 rows, kGemmRows in all, so
+// the splits, counters and GemmFinish are Q4Gemm's. wgmma runs asynchronously: a warp
+// dequantizes the next word of its rows while the tensor cores work on the last, so the ALU
+// work that bounds Q4Gemm overlaps the MMAs.
 //
-// The k order inside an MMA is free as long as A and B agree. A lane (g, c) of warp w holds,
-// for each tile, rows 16 w + g and + 8, and loads their group 4 t + c of sub-step t (one uint4,
-// as the GEMV does): word v of it (8 values, k = 32 c + 8 v ..) dequantizes into the pairs
-// p = (k + p, k + p + 4), p = 0..3, which are A's slots (2 c, 2 c + 1) of virtual step 2 v + h
-// (p = 2 h) and (2 c + 8, 2 c + 9) (p = 2 h + 1). So B's slot 8 j + 2 c + e of virtual step
-// 2 v + h must hold x[32 c + 8 v + 2 h + j + 4 e]: x goes into the ring with cp.async in natural
-// pieces, and the thread that copied the four pieces of (row of x n, word v) rewrites them in
-// place as the four 16-byte rows (v, p) of B's core matrices (PairUp, then a 4 x 4 transpose of
-// words). A stage (128 k) holds core matrices (8 rows of x x 16 bytes) at ((2 s + j) kN + n) 16
-// bytes for virtual step s: along K (j) kN x 16 bytes apart (the descriptor's leading byte
-// offset), along N 128 (its stride byte offset). Weights and scales go straight to registers,
-// kWgmmaDepth sub-steps ahead.
+// The k order inside an MMA is free as long as A and B agree. A lane (g, c) of warp w holds
+// rows 16 w + g and + 8 of its warpgroup's tile and loads their group 4 t + c of sub-step t
+// (one uint4, as the GEMV does): word v of it (8 values, k = 32 c + 8 v ..) dequantizes into
+// the pairs p = (k + p, k + p + 4), p = 0..3, which are A's slots (2 c, 2 c + 1) of virtual
+// step 2 v + h (p = 2 h) and (2 c + 8, 2 c + 9) (p = 2 h + 1). So B's slot 8 j + 2 c + e of
+// virtual step 2 v + h must hold x[32 c + 8 v + 2 h + j + 4 e]. A slot of B (a sub-step, 128 k)
+// holds core matrices (8 rows of x x 16 bytes) at ((2 s + j) kN + n) 16 bytes for virtual step
+// s: along K (j) kN x 16 bytes apart (the descriptor's leading byte offset), along N 128 (its
+// stride byte offset).
+//
+// A sub-step's x (natural order: each row's 256 bytes read by 16 lanes, one request for two
+// rows) and the block's scales (8 bytes a row) come into a staging ring with cp.async
+// kWgmmaStaging sub-steps ahead; the weights go straight to registers, kWgmmaDepth sub-steps
+// ahead. Each iteration: one barrier, the MMAs of sub-step u, then sub-step u + 1's x paired up
+// (PairUp, then a 4 x 4 transpose of words: the thread of (row of x n, word v) writes the four
+// rows (v, p)) from staging into B's slot while the tensor cores work.
+//
+// H200, Llama-2-7B's matrices at 64 rows of x (bench/q4_batched.py): 131 us for a layer's
+// four against Q4Gemm's 190. Two tiles a warpgroup (8 warps, 224-249 registers), a register
+// ring of 2 to 4 sub-steps, 4 fragment buffers, and x staged per warpgroup were all within
+// 3% or slower (bench/NOTES.md).
 
-constexpr int kWgmmaStages = 4;  // x's ring
-constexpr int kWgmmaAhead = 2;   // x copied this many sub-steps ahead: a stage is refilled two
-                                 // sub-steps after its last MMAs were issued, when they are done
-constexpr int kWgmmaDepth = 3;   // sub-steps of weights in registers
+constexpr int kWgmmaThreads = 4 * 128;  // four warpgroups of one 64-row tile
+constexpr int kWgmmaStaging = 3;  // x and scales as copied: sub-steps u + 1 .. u + 3 in flight
+constexpr int kWgmmaSlots = 3;    // x as B: u - 1 (another warpgroup's MMAs), u, u + 1
+constexpr int kWgmmaDepth = 3;    // sub-steps of weights in registers
+constexpr int kStagingRow = 256 + 16;  // bytes between x's rows in staging (8 rows: 8 banks)
 
 template <int kN>
-__host__ __device__ constexpr int WgmmaStageBytes() {
-  return kN * 128 * 2;
+__host__ __device__ constexpr int WgmmaSlotBytes() {
+  return kN * 256;
+}
+
+template <int kN>
+__host__ __device__ constexpr int WgmmaStagingBytes() {
+  return kN * kStagingRow + kGemmRows * 8;
+}
+
+template <int kN>
+__host__ __device__ constexpr int WgmmaSmemBytes() {
+  return kWgmmaSlots * WgmmaSlotBytes<kN>() + kWgmmaStaging * WgmmaStagingBytes<kN>();
 }
 
 // d (64 x kN fp32, the warpgroup's accumulators) += a (64 x 16 fp16, registers: a warp's rows in
@@ -956,136 +976,149 @@ __device__ __forceinline__ uint64_t WgmmaDescriptor(const void* start, uint32_t 
          uint64_t{(stride >> 4) & 0x3FFF} << 32;
 }
 
+// 16 bytes read once, with L2 asked to fetch the 256 around them (the row's next sub-steps).
+__device__ __forceinline__ uint4 LoadStreaming256(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
 template <int kN>
-__global__ void __launch_bounds__(256, 1) Q4Wgmma(GemmArgs a) {
+__global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kThreadsPerBlock = 256, kAcc = kN / 2, kUnits = 4 * kN;
+  constexpr int kAcc = kN / 2, kUnits = 4 * kN, kPieces = kN * 16;  // x's 16-byte pieces
   extern __shared__ uint4 dynamic_smem[];
-  char* smem = reinterpret_cast<char*>(dynamic_smem);
+  char* slots = reinterpret_cast<char*>(dynamic_smem);
+  char* staging = slots + kWgmmaSlots * WgmmaSlotBytes<kN>();
   const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
   const int groups = a.k / 32, steps = groups / 4;
   const int t0 = static_cast<int>(int64_t{blockIdx.y} * steps / a.splits);
   const int t1 = static_cast<int>(int64_t{blockIdx.y + 1} * steps / a.splits);
   const int count = t1 - t0, block_first = blockIdx.x * kGemmRows;
-  const int first = block_first + 128 * warpgroup + 16 * warp + g;  // + 64 i + 8 h
-  const uint4* wsrc[2][2];
-  const unsigned short* ssrc[2][2];
+  const int mine = 64 * warpgroup + 16 * warp + g;  // this lane's row in the block (+ 8 h)
+  const uint4* wsrc[2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = min(first + 64 * i + 8 * h, a.rows - 1);
-      wsrc[i][h] = a.w + row * groups + 4 * t0 + c;
-      ssrc[i][h] = reinterpret_cast<const unsigned short*>(a.scale) + row * groups + 4 * t0 + c;
-    }
+  for (int h = 0; h < 2; ++h) {
+    wsrc[h] = a.w + int64_t{min(block_first + mine + 8 * h, a.rows - 1)} * groups + 4 * t0 + c;
   }
-  // x: this thread's unit (row of x n, word v), its four pieces at positions (v, p = c') of
-  // the stage
-  const int xn = threadIdx.x % kN, xv = threadIdx.x / kN;
-  const bool copies_x = threadIdx.x < kUnits, x_valid = xn < a.m_rows;
-  const half* xsrc = a.x + static_cast<int64_t>(min(xn, a.m_rows - 1)) * a.k + 128 * t0 + 8 * xv;
-  auto piece = [&](char* stage, int p) {
-    return reinterpret_cast<uint4*>(stage + ((4 * xv + p) * kN + xn) * 16);
-  };
-  auto copy_x = [&](int u) {  // sub-step t0 + u -> stage u % kWgmmaStages, one commit group
-    if (u < count && copies_x) {
-      char* stage = smem + (u % kWgmmaStages) * WgmmaStageBytes<kN>();
+  // What this thread copies each sub-step: x's pieces (row i / 16, k 8 (i % 16) ..) for
+  // i = threadIdx.x + kWgmmaThreads j, and (the first kGemmRows threads) a row's 4 scales
+  constexpr int kCopies = (kPieces + kWgmmaThreads - 1) / kWgmmaThreads;
+  const half* xsrc[kCopies];
+  bool x_valid[kCopies];
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        CopyAsync16(piece(stage, p), x_valid ? xsrc + 128 * u + 32 * p : a.x, x_valid);
+  for (int j = 0; j < kCopies; ++j) {
+    const int n = (threadIdx.x + kWgmmaThreads * j) / 16;
+    x_valid[j] = n < a.m_rows;
+    xsrc[j] = a.x + int64_t{min(n, a.m_rows - 1)} * a.k + 128 * t0 + 8 * (threadIdx.x % 16);
+  }
+  const half* ssrc = a.scale + 4 * t0 +
+                     int64_t{min(block_first + static_cast<int>(threadIdx.x), a.rows - 1)} * groups;
+  auto copy = [&](int u) {  // sub-step t0 + u -> staging u % kWgmmaStaging, one commit group
+    if (u < count) {
+      char* st = staging + (u % kWgmmaStaging) * WgmmaStagingBytes<kN>();
+#pragma unroll
+      for (int j = 0; j < kCopies; ++j) {
+        const int i = threadIdx.x + kWgmmaThreads * j;
+        if (i >= kPieces) break;
+        CopyAsync16(st + (i / 16) * kStagingRow + 16 * (i % 16),
+                    x_valid[j] ? xsrc[j] + 128 * u : a.x, x_valid[j]);
+      }
+      if (threadIdx.x < kGemmRows) {
+        CopyAsync8(st + kN * kStagingRow + 8 * threadIdx.x, ssrc + 4 * u);
       }
     }
     CommitAsync();
   };
-  uint4 q[kWgmmaDepth][2][2];
-  uint32_t s[kWgmmaDepth][2][2];
-  auto load_w = [&](int slot_u, uint4 (&qs)[2][2], uint32_t (&ss)[2][2]) {
-    if (slot_u < count) {
+  // Sub-step u's x, staged, paired up into B's slot u % kWgmmaSlots; this lane's scales (rows
+  // mine and + 8, group c) as (s, s)
+  const int xn = threadIdx.x % kN, xv = threadIdx.x / kN;
+  auto pair_up = [&](int u, uint32_t (&scales)[2]) {
+    const char* st = staging + (u % kWgmmaStaging) * WgmmaStagingBytes<kN>();
+    if (threadIdx.x < kUnits) {
+      char* slot = slots + (u % kWgmmaSlots) * WgmmaSlotBytes<kN>();
+      uint32_t b[4][4];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          qs[i][h] = LoadStreaming(wsrc[i][h] + 4 * slot_u);
-          ss[i][h] = __ldg(ssrc[i][h] + 4 * slot_u);
-        }
+      for (int q = 0; q < 4; ++q) {
+        PairUp(LoadShared(st + xn * kStagingRow + 16 * (4 * q + xv)), b[q]);
       }
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        *reinterpret_cast<uint4*>(slot + ((4 * xv + p) * kN + xn) * 16) =
+            make_uint4(b[0][p], b[1][p], b[2][p], b[3][p]);
+      }
+    }
+    const unsigned short* ss =
+        reinterpret_cast<const unsigned short*>(st + kN * kStagingRow) + 4 * mine + c;
+    scales[0] = ss[0] * 0x10001u;
+    scales[1] = ss[32] * 0x10001u;                                  // row mine + 8
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the tensor cores
+  };
+  uint4 q[kWgmmaDepth][2];
+  auto load_w = [&](int u, uint4 (&qs)[2]) {
+    if (u < count) {
+      qs[0] = LoadStreaming256(wsrc[0] + 4 * u);
+      qs[1] = LoadStreaming256(wsrc[1] + 4 * u);
     }
   };
 #pragma unroll
-  for (int u = 0; u < kWgmmaAhead; ++u) copy_x(u);
+  for (int d = 0; d < kWgmmaDepth; ++d) load_w(d, q[d]);
 #pragma unroll
-  for (int d = 0; d < kWgmmaDepth; ++d) load_w(d, q[d], s[d]);
-  float acc[2][kAcc];
+  for (int u = 0; u < kWgmmaStaging; ++u) copy(u);
+  uint32_t scales[2], next[2];
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kWgmmaStaging - 1));
+  __syncthreads();
+  pair_up(0, scales);
+  float acc[kAcc];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int e = 0; e < kAcc; ++e) acc[i][e] = 0.0f;
-  }
-  uint32_t frag[2][2][2][4];  // [word parity][tile][half step h][A's 4 registers]
+  for (int e = 0; e < kAcc; ++e) acc[e] = 0.0f;
+  uint32_t frag[2][2][4];  // [word % 2][half step h][A's 4 registers]
   for (int base = 0; base < count; base += kWgmmaDepth) {
 #pragma unroll
     for (int d = 0; d < kWgmmaDepth; ++d) {
       const int u = base + d;
       if (u >= count) break;
-      char* stage = smem + (u % kWgmmaStages) * WgmmaStageBytes<kN>();
-      asm volatile("cp.async.wait_group %0;\n" ::"n"(kWgmmaAhead - 1));
-      if (copies_x) {  // pair up this thread's unit, then transpose its words, in place
-        uint32_t b[4][4];
-#pragma unroll
-        for (int p = 0; p < 4; ++p) PairUp(*piece(stage, p), b[p]);
-#pragma unroll
-        for (int p = 0; p < 4; ++p) *piece(stage, p) = make_uint4(b[0][p], b[1][p], b[2][p], b[3][p]);
-      }
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the tensor cores
-      __syncthreads();
-      copy_x(u + kWgmmaAhead);
-      const uint64_t desc = WgmmaDescriptor(stage, kN * 16, 128);
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(kWgmmaStaging - 2));  // u + 1's copies
+      __syncthreads();  // u's B paired up, u + 1 staged, u - 2's MMAs done in every warpgroup
+      copy(u + kWgmmaStaging);
+      const uint64_t desc =
+          WgmmaDescriptor(slots + (u % kWgmmaSlots) * WgmmaSlotBytes<kN>(), kN * 16, 128);
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
         WgmmaWait<1>();  // the MMAs of word v - 2 (the same fragment registers) are done
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          uint32_t lo[4], hi[4];
-          Dequantize(reinterpret_cast<const uint32_t*>(&q[d][i][0])[v], s[d][i][0] * 0x10001u, lo);
-          Dequantize(reinterpret_cast<const uint32_t*>(&q[d][i][1])[v], s[d][i][1] * 0x10001u, hi);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            frag[v % 2][i][h][0] = lo[2 * h];
-            frag[v % 2][i][h][1] = hi[2 * h];
-            frag[v % 2][i][h][2] = lo[2 * h + 1];
-            frag[v % 2][i][h][3] = hi[2 * h + 1];
-          }
-        }
-        WgmmaFence();
+        uint32_t lo[4], hi[4];
+        Dequantize(reinterpret_cast<const uint32_t*>(&q[d][0])[v], scales[0], lo);
+        Dequantize(reinterpret_cast<const uint32_t*>(&q[d][1])[v], scales[1], hi);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          // virtual step 2 v + h: its core matrices start 2 (2 v + h) kN x 16 bytes in
-          const uint64_t step = desc + ((2 * (2 * v + h) * kN * 16) >> 4);
-#pragma unroll
-          for (int i = 0; i < 2; ++i) Wgmma<kN>(acc[i], frag[v % 2][i][h], step);
+          frag[v % 2][h][0] = lo[2 * h];
+          frag[v % 2][h][1] = hi[2 * h];
+          frag[v % 2][h][2] = lo[2 * h + 1];
+          frag[v % 2][h][3] = hi[2 * h + 1];
         }
+        WgmmaFence();
+        // virtual steps 2 v and 2 v + 1: their core matrices start 2 (2 v + h) kN x 16 bytes in
+        Wgmma<kN>(acc, frag[v % 2][0], desc + ((4 * v * kN * 16) >> 4));
+        Wgmma<kN>(acc, frag[v % 2][1], desc + (((4 * v + 2) * kN * 16) >> 4));
         WgmmaCommit();
       }
-      load_w(u + kWgmmaDepth, q[d], s[d]);
+      load_w(u + kWgmmaDepth, q[d]);
+      if (u + 1 < count) pair_up(u + 1, next);
+      scales[0] = next[0], scales[1] = next[1];
     }
   }
   WgmmaWait<0>();
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int e = 0; e < kAcc; ++e) asm volatile("" : "+f"(acc[i][e])::"memory");
-  }
+  for (int e = 0; e < kAcc; ++e) asm volatile("" : "+f"(acc[e])::"memory");
   WaitAsync();  // (only empty groups are left)
-  // acc[i][4 j + e]: weight row first + 64 i (+ 8 for e = 2, 3), row of x 8 j + 2 c (+ 1 for
-  // e = 1, 3)
-  GemmFinish<kThreadsPerBlock>(a, block_first, [&](auto&& put) {
+  // acc[4 j + e]: weight row mine (+ 8 for e = 2, 3), row of x 8 j + 2 c (+ 1 for e = 1, 3)
+  GemmFinish<kWgmmaThreads>(a, block_first, [&](auto&& put) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-      for (int e = 0; e < kAcc; ++e) {
-        put(first + 64 * i + 8 * (e % 4 / 2), 8 * (e / 4) + 2 * c + e % 2, acc[i][e]);
-      }
+    for (int e = 0; e < kAcc; ++e) {
+      put(block_first + mine + 8 * (e % 4 / 2), 8 * (e / 4) + 2 * c + e % 2, acc[e]);
     }
   });
 #endif
@@ -1535,14 +1568,14 @@ bool WgmmaRuns(const char* name, int device) {
 template <int kN>
 void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream) {
   auto kernel = Q4Wgmma<kN>;
-  constexpr int smem = kWgmmaStages * WgmmaStageBytes<kN>();
+  constexpr int smem = WgmmaSmemBytes<kN>();
   static std::atomic<uint64_t> opted_in{0};
   if constexpr (smem > 48 * 1024) OptInSharedMemory(kernel, smem, device, opted_in, name);
   const int64_t columns = (a.rows + kGemmRows - 1) / kGemmRows;
   a.splits = a.counters != nullptr && columns <= kGemmColumns
                  ? GemmSplits(columns, a.k, a.m_rows, SmCount(name, device))
                  : 1;
-  kernel<<<dim3(static_cast<unsigned>(columns), a.splits), 256, smem, stream>>>(a);
+  kernel<<<dim3(static_cast<unsigned>(columns), a.splits), kWgmmaThreads, smem, stream>>>(a);
   CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
@@ -1550,7 +1583,9 @@ void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream) 
 // `mma_only`); `w` (N, K) float16 scratch holds the splits' sums.
 void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t stream,
              bool mma_only = false) {
-  const bool wgmma = !mma_only && call.a.k % 128 == 0 && WgmmaRuns(name, call.device);
+  const bool wgmma = !mma_only && call.a.k % 128 == 0 &&
+                     reinterpret_cast<uintptr_t>(call.a.scale) % 8 == 0 &&
+                     WgmmaRuns(name, call.device);
   GemmArgs a{};
   a.w = static_cast<const uint4*>(call.a.w);
   a.scale = call.a.scale;
