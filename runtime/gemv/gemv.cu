@@ -1334,12 +1334,15 @@ constexpr const char* kQ4GemmWgmma = "kiln.gemv.q4_gemm_wgmma";
 constexpr const char* kQ4MoeSwiGLU = "kiln.gemv.q4_moe_swiglu";
 constexpr const char* kQ4Moe = "kiln.gemv.q4_moe";
 constexpr const char* kMoeRoute = "kiln.gemv.moe_route";
-// A batched decode's q4 (Q4Batched): up to kMaxM rows of x, the GEMV; up to kMaxGemmRows, Q4Gemm;
-// more, the weight dequantized once and multiplied on the GEMM library, whose cost does not grow
-// with the rows until its tiles fill. H200, the Llama-2-7B matrices (bench/q4_batched.py): at 16
-// rows Q4Gemm takes 13-45 us a matrix against the GEMV's 16-83, at 64 rows 24-79 us against
-// dequantize + cuBLAS's 24-167, at 128 rows 47-158 against 29-170.
-constexpr int64_t kMaxGemmRows = kGemmMaxM;
+// A batched decode's q4 (Q4Batched): up to kMaxM rows of x, the GEMV; up to kMaxGemmRows, Q4Gemm
+// (kMaxWgmmaRows on the warpgroup MMAs); more, the weight dequantized once and multiplied on the
+// GEMM library, whose cost does not grow with the rows until its tiles fill. H200, the
+// Llama-2-7B matrices (bench/q4_batched.py): at 16 rows Q4Gemm takes 13-45 us a matrix against
+// the GEMV's 16-83, at 64 rows 24-79 us against dequantize + cuBLAS's 24-167, at 128 rows 47-158
+// against 29-170. Q4Wgmma at 64 rows 19-50 us; at 128 rows (two kernels, each reading the
+// weight) a layer's four matrices 253 us against dequantize + cuBLAS's 285, the LM head 101
+// against 171.
+constexpr int64_t kMaxGemmRows = kGemmMaxM, kMaxWgmmaRows = 2 * kGemmMaxM;
 
 // A checked q4 call: its arguments, x's device, whether scales load 8 at a time.
 struct Q4Call {
@@ -1579,13 +1582,18 @@ void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream) 
   CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
-// Q4Gemm over x's rows, kGemmMaxM a kernel (Q4Wgmma where it runs and K % 128 == 0, unless
-// `mma_only`); `w` (N, K) float16 scratch holds the splits' sums.
+// Whether a q4 call's Q4Gemm can run as Q4Wgmma: on a GPU that runs it, K % 128 == 0 and a row's
+// 4 scales of a sub-step one 8-byte copy.
+bool TakesWgmma(const char* name, const Q4Call& call) {
+  return call.a.k % 128 == 0 && reinterpret_cast<uintptr_t>(call.a.scale) % 8 == 0 &&
+         WgmmaRuns(name, call.device);
+}
+
+// Q4Gemm over x's rows, kGemmMaxM a kernel (Q4Wgmma where it can, unless `mma_only`); `w` (N, K)
+// float16 scratch holds the splits' sums.
 void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t stream,
              bool mma_only = false) {
-  const bool wgmma = !mma_only && call.a.k % 128 == 0 &&
-                     reinterpret_cast<uintptr_t>(call.a.scale) % 8 == 0 &&
-                     WgmmaRuns(name, call.device);
+  const bool wgmma = !mma_only && TakesWgmma(name, call);
   GemmArgs a{};
   a.w = static_cast<const uint4*>(call.a.w);
   a.scale = call.a.scale;
@@ -1631,7 +1639,9 @@ void Q4Batched(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
     LaunchVariant(name, 0, false, call.a, call.vector_scales, call.device, stream);
     return;
   }
-  if (call.a.m_rows <= kMaxGemmRows) return RunGemm(name, call, w, stream);
+  if (call.a.m_rows <= (TakesWgmma(name, call) ? kMaxWgmmaRows : kMaxGemmRows)) {
+    return RunGemm(name, call, w, stream);
+  }
   const auto gemm = tvm::ffi::Function::GetGlobal(kGemm);
   TVM_FFI_CHECK(gemm.has_value(), RuntimeError)
       << name << " multiplies " << call.a.m_rows << " rows on " << kGemm
@@ -1662,7 +1672,7 @@ bool Q4GemmWgmma(int64_t device) {
   return WgmmaRuns(kQ4GemmWgmma, static_cast<int>(device));
 }
 
-// For tests: the weight Q4Batched multiplies by past kMaxGemmRows rows.
+// For tests: the weight Q4Batched multiplies by past kMaxGemmRows (kMaxWgmmaRows) rows.
 void Q4Dequantize(Tensor qweight, Tensor scale, Tensor w) {
   const char* name = kQ4Dequantize;
   TVM_FFI_CHECK(qweight.ndim() == 2, ValueError) << name << ": qweight must be (N, K / 8)";

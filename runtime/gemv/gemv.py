@@ -14,8 +14,9 @@ multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs
 - `kiln.gemv.q4_batched(x, qweight, scale, out, w)`: `q4` for a batched decode, with `w` (N, K)
   float16 scratch the caller provides: up to 8 rows of x, the GEMV; 9 to 64, one kernel that
   reads the weight once for all of them (a tensor-core GEMM with the dequantize in its main
-  loop; its K splits add up in `w`); more, the weight dequantized into `w` and multiplied on
-  `kiln.cublas.matmul` (kiln.runtime.cublas, which must be loaded).
+  loop; its K splits add up in `w`; on Hopper, Q4Wgmma on the warpgroup MMAs, 64 rows a kernel
+  up to 128); more, the weight dequantized into `w` and multiplied on `kiln.cublas.matmul`
+  (kiln.runtime.cublas, which must be loaded).
 - `kiln.gemv.q4_moe_swiglu(x, gate, qweight_0, scale_0, ..., qweight_E-1, scale_E-1, out)` and
   `kiln.gemv.q4_moe(h, gate, qweight_0, scale_0, ..., out)`: a mixture of E experts' MLP for up
   to 8 rows of x, reading only the experts some row is routed to. gate (..., E) float16 holds
@@ -31,8 +32,10 @@ K must be a multiple of 32; gemv.cu says how the kernels work and what they roun
 (For benchmarks: `kiln.gemv.q4_tiled(variant, ...)` and `q4_swiglu_tiled(variant, ...)` run
 one of the kernels' variants, `q4_default_variant(rows, K, swiglu)` names the default's, and
 `q4_graph_time(...)` times one in a CUDA graph; gemv.cu's kVariants lists them.
-`q4_gemm(x, qweight, scale, out, w)` runs q4_batched's 9-to-64-row kernel for any rows, and
-`q4_dequantize(qweight, scale, w)` its dequantize: bench/q4_batched.py times each way.)
+`q4_gemm(x, qweight, scale, out, w)` runs q4_batched's 9-to-64-row kernel for any rows,
+`q4_gemm_mma(...)` its mma.sync form (what runs off Hopper), `q4_gemm_wgmma(device)` says
+whether q4_gemm takes the warpgroup MMAs there, and `q4_dequantize(qweight, scale, w)` is the
+dequantize: bench/q4_batched.py times each way.)
 
 The library is device code, so it is built with nvcc, as Kiln's prefill attention is
 (kiln.runtime.attention; kiln.runtime.native finds nvcc and builds both alike), for the

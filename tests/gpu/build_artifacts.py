@@ -96,6 +96,19 @@ def build_gemv(out: Path, arch: str) -> None:
     shutil.copyfile(gemv.build([arch]), out / gemv.ARTIFACT_FILE)
     # kiln.gemv.q4_batched multiplies many rows on the cuBLAS extern
     shutil.copyfile(cublas.build(), out / cublas.ARTIFACT_FILE)
+    # llama-wide q4f16 (K % 128 == 0: its batched decode takes the warpgroup MMAs on Hopper)
+    # and its weights dequantized, for test_cuda.py
+    build_tensor_parallel(out, arch, only=("llama-wide", "q4f16", 1))
+    wide = "llama-wide-q4f16"
+    dequantized(out / "ckpt-llama-wide", out / wide, out / f"ckpt-{wide}-dequantized")
+
+
+def dequantized(ckpt: Path, art: Path, out: Path) -> None:
+    """transformers' reference for a quantized artifact: the weights it holds, dequantized."""
+    from models.test_quantized import dequantized_checkpoint
+
+    if not out.exists():
+        dequantized_checkpoint(ckpt, art, out)
 
 
 def build_attention(out: Path, arch: str) -> None:
@@ -120,8 +133,10 @@ def build_attention(out: Path, arch: str) -> None:
             kiln.compile(str(ckpt), target="cuda", quantization="q0f16", output=art, arch=arch)
 
 
-def build_tensor_parallel(out: Path, arch: str) -> None:
+def build_tensor_parallel(out: Path, arch: str, only=None) -> None:
     for name, family, changes, preset, n in TENSOR_PARALLEL:
+        if only is not None and (name, preset, n) != only:
+            continue
         ckpt = out / f"ckpt-{name}"
         if not ckpt.exists():
             make_checkpoint(family, ckpt, **changes)
@@ -148,12 +163,7 @@ def build_single_gpu(out: Path, arch: str) -> None:
             print(f"compiling {name} {preset}", flush=True)
             kiln.compile(str(ckpt), target="cuda", quantization=preset, output=art, arch=arch)
         if preset.startswith(("q4", "fp8")):
-            # transformers' reference for a quantized artifact: the weights it holds, dequantized
-            from models.test_quantized import dequantized_checkpoint
-
-            deq = out / f"ckpt-{name}-{preset}-dequantized"
-            if not deq.exists():
-                dequantized_checkpoint(ckpt, art, deq)
+            dequantized(ckpt, art, out / f"ckpt-{name}-{preset}-dequantized")
     for name in AWQ:
         from models.test_quantized import awq_checkpoints
 

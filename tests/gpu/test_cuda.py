@@ -105,15 +105,16 @@ def test_cuda_quantized_matches_transformers_on_dequantized_weights(name, preset
 def _check_batched_decode(art: Path, ref, what: str, batch: int) -> None:
     """One decode step of `batch` sequences together (the batched decode: q4f16's int4 GEMVs
     take 8 sequences a kernel, so 11 is one full and one partial; 20, more than the GEMVs take,
-    dequantizes the weight for cuBLAS) after prompts of different lengths: each row's logits
-    against the reference on its own sequence."""
+    runs the int4 GEMM kernel) after prompts of different lengths: each row's logits against
+    the reference on its own sequence."""
     import torch
 
     from kiln.runtime.runner import Runner
 
-    runner = Runner(art, "cuda", max_batch_size=batch, kv_tokens=2048)
     rng = np.random.default_rng(9)
-    prompts = [[1, *rng.integers(3, 320, 4 + 3 * i).tolist()] for i in range(batch)]
+    prompts = [[1, *rng.integers(3, 320, 4 + 3 * (i % 16)).tolist()] for i in range(batch)]
+    kv_tokens = max(2048, sum(len(ids) + 32 for ids in prompts))  # a page or two of slack each
+    runner = Runner(art, "cuda", max_batch_size=batch, kv_tokens=kv_tokens)
     for seq, ids in enumerate(prompts):
         runner.kv.add(seq)
         step = runner.sequence_chunk  # a sliding-window model's prefill chunks fit the window
@@ -128,6 +129,21 @@ def _check_batched_decode(art: Path, ref, what: str, batch: int) -> None:
         worst = max(worst, rel_err(row, theirs))
     print(f"{what} cuda: a decode of {batch} sequences, max rel err {worst:.2e}")
     assert worst <= FP16_BOUND
+
+
+def test_batched_int4_decode_of_wide_layers_matches_transformers(gpu_build):
+    """llama-wide (hidden and intermediate sizes 256: K % 128 == 0, where the tiny families have
+    64), whose batched decode on a Hopper GPU runs its int4 Linears on the warpgroup MMAs
+    (Q4Wgmma: 9 to 128 sequences, 64 a kernel; elsewhere the mma.sync kernel and, past 64,
+    cuBLAS): one step of 12, 40 and 100 sequences against transformers on the artifact's own
+    weights, dequantized."""
+    root = os.environ.get("KILN_GPU_ARTIFACTS")
+    if not root:
+        pytest.skip("the dequantized reference is built by tests/gpu/build_artifacts.py")
+    _, art = gpu_build("llama-wide", "q4f16")
+    ref = reference(Path(root) / "ckpt-llama-wide-q4f16-dequantized")
+    for batch in (12, 40, 100):
+        _check_batched_decode(art, ref, "llama-wide q4f16", batch)
 
 
 def _check_greedy(model, ref, ids: list[int], what: str, steps: int = 16) -> None:
