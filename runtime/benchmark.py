@@ -42,6 +42,7 @@ import tvm
 
 from kiln.runtime.artifact import Manifest
 from kiln.runtime.engine import Engine
+from kiln.runtime.errors import KilnError
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
@@ -318,4 +319,10 @@ def batched_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) ->
             tokens += decoded
     for h in handles:
         h.result()
+    if not seconds:
+        raise KilnError(
+            f"no step decoded all {len(prompts)} requests at once: the first finished their "
+            f"{new_tokens} tokens before the last were prefilled; measure fewer requests, or "
+            "prefill in larger chunks (run()'s largest prefill length is the engine's chunk)"
+        )
     return tokens / seconds

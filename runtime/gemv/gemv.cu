@@ -49,6 +49,7 @@
 //
 // Runs on TVM's current stream for the device (TVMFFIEnvGetStream), as attention.cu does.
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlpack/dlpack.h>
@@ -876,10 +877,12 @@ __global__ void __launch_bounds__(GemmThreads<kTiles>(), GemmBlocksPerSm<kNT, kT
 // The same product on Hopper's warpgroup MMAs (wgmma, sm_90a; Q4Gemm above elsewhere), for
 // K % 128 == 0 and up to kN (16, 32 or 64) rows of x: x becomes the MMA's B (16 k x kN, read by
 // the tensor cores from shared memory through a descriptor) and the dequantized weights its A
-// (64 rows x 16 k, in registers). A block is four warpgroups of 64 rows, kGemmRows in all, so
-// the splits, counters and GemmFinish are Q4Gemm's. wgmma runs asynchronously: a warp
-// dequantizes the next word of its rows while the tensor cores work on the last, so the ALU
-// work that bounds Q4Gemm overlaps the MMAs.
+// (64 rows x 16 k, in registers). A block is four warpgroups of 64 rows, kGemmRows in all. wgmma
+// runs asynchronously: a warp dequantizes the next word of its rows while the tensor cores work
+// on the last, so the ALU work that bounds Q4Gemm overlaps the MMAs. K is split over the blocks
+// of a cluster (1 to 8, WgmmaSplits): each puts its sums in its shared memory and adds a slice
+// of all of them through distributed shared memory, so a split costs no scratch traffic and no
+// counters (Q4Gemm's splits write and read fp32 partial sums in global memory).
 //
 // The k order inside an MMA is free as long as A and B agree. A lane (g, c) of warp w holds
 // rows 16 w + g and + 8 of its warpgroup's tile and loads their group 4 t + c of sub-step t
@@ -898,16 +901,18 @@ __global__ void __launch_bounds__(GemmThreads<kTiles>(), GemmBlocksPerSm<kNT, kT
 // (PairUp, then a 4 x 4 transpose of words: the thread of (row of x n, word v) writes the four
 // rows (v, p)) from staging into B's slot while the tensor cores work.
 //
-// H200, Llama-2-7B's matrices at 64 rows of x (bench/q4_batched.py): 131 us for a layer's
-// four against Q4Gemm's 190. Two tiles a warpgroup (8 warps, 224-249 registers), a register
-// ring of 2 to 4 sub-steps, 4 fragment buffers, and x staged per warpgroup were all within
-// 3% or slower (bench/NOTES.md).
+// H200, Llama-2-7B's matrices at 64 rows of x (bench/q4_batched.py): 128 us for a layer's
+// four with Q4Gemm's splits through global memory, 124 through a cluster, against Q4Gemm's 189.
+// Two tiles a warpgroup (8 warps, 224-249 registers), a register ring of 2 to 4 sub-steps, 4
+// fragment buffers, and x staged per warpgroup were all within 5% or slower (bench/NOTES.md).
 
 constexpr int kWgmmaThreads = 4 * 128;  // four warpgroups of one 64-row tile
 constexpr int kWgmmaStaging = 3;  // x and scales as copied: sub-steps u + 1 .. u + 3 in flight
 constexpr int kWgmmaSlots = 3;    // x as B: u - 1 (another warpgroup's MMAs), u, u + 1
 constexpr int kWgmmaDepth = 3;    // sub-steps of weights in registers
 constexpr int kStagingRow = 256 + 16;  // bytes between x's rows in staging (8 rows: 8 banks)
+constexpr int kWgmmaSumsRow = kGemmRows + 4;  // floats between x's rows of a split's sums
+constexpr int kWgmmaMaxSplits = 8;            // a cluster (the portable size)
 
 template <int kN>
 __host__ __device__ constexpr int WgmmaSlotBytes() {
@@ -989,6 +994,7 @@ template <int kN>
 __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kAcc = kN / 2, kUnits = 4 * kN, kPieces = kN * 16;  // x's 16-byte pieces
+  static_assert(WgmmaSmemBytes<kN>() >= kN * kWgmmaSumsRow * 4, "a split's sums fit the rings");
   extern __shared__ uint4 dynamic_smem[];
   char* slots = reinterpret_cast<char*>(dynamic_smem);
   char* staging = slots + kWgmmaSlots * WgmmaSlotBytes<kN>();
@@ -1115,12 +1121,49 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
   for (int e = 0; e < kAcc; ++e) asm volatile("" : "+f"(acc[e])::"memory");
   WaitAsync();  // (only empty groups are left)
   // acc[4 j + e]: weight row mine (+ 8 for e = 2, 3), row of x 8 j + 2 c (+ 1 for e = 1, 3)
-  GemmFinish<kWgmmaThreads>(a, block_first, [&](auto&& put) {
+  if (a.splits == 1) {
+    GemmFinish<kWgmmaThreads>(a, block_first, [&](auto&& put) {
 #pragma unroll
-    for (int e = 0; e < kAcc; ++e) {
-      put(block_first + mine + 8 * (e % 4 / 2), 8 * (e / 4) + 2 * c + e % 2, acc[e]);
+      for (int e = 0; e < kAcc; ++e) {
+        put(block_first + mine + 8 * (e % 4 / 2), 8 * (e / 4) + 2 * c + e % 2, acc[e]);
+      }
+    });
+    return;
+  }
+  // K split over the blocks of a cluster (one column of blocks): each block's sums into its own
+  // shared memory (the rings' bytes, free now), then each block adds a slice of all of them
+  // (distributed shared memory) and writes it out
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __syncthreads();  // every warp is done with the rings
+  float* sums = reinterpret_cast<float*>(dynamic_smem);
+#pragma unroll
+  for (int e = 0; e < kAcc; ++e) {
+    sums[(8 * (e / 4) + 2 * c + e % 2) * kWgmmaSumsRow + mine + 8 * (e % 4 / 2)] = acc[e];
+  }
+  cluster.sync();
+  const int ranks = static_cast<int>(cluster.num_blocks()), rank = cluster.block_rank();
+  const int width = min(kGemmRows, a.rows - block_first), quads = a.m_rows * kGemmRows / 4;
+  const int end = (rank + 1) * quads / ranks;  // this block's share of the sums, 4 at a time
+  for (int j = rank * quads / ranks + threadIdx.x; j < end; j += kWgmmaThreads) {
+    const int m = 4 * j / kGemmRows, r = 4 * j % kGemmRows, at = m * kWgmmaSumsRow + r;
+    if (r >= width) continue;
+    float4 sum = *reinterpret_cast<const float4*>(cluster.map_shared_rank(sums + at, 0));
+    for (int q = 1; q < ranks; ++q) {
+      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(sums + at, q));
+      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
     }
-  });
+    half* out = a.out + static_cast<int64_t>(m) * a.rows + block_first + r;
+    if (a.vector_out && r + 4 <= width) {
+      const __half2 lo = __floats2half2_rn(sum.x, sum.y), hi = __floats2half2_rn(sum.z, sum.w);
+      *reinterpret_cast<uint2*>(out) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
+                                                  *reinterpret_cast<const uint32_t*>(&hi));
+    } else {
+      const float v[4] = {sum.x, sum.y, sum.z, sum.w};
+      for (int j = 0; j < 4 && r + j < width; ++j) out[j] = __float2half_rn(v[j]);
+    }
+  }
+  cluster.sync();  // no block leaves while another reads its shared memory
 #endif
 }
 
@@ -1568,6 +1611,27 @@ bool WgmmaRuns(const char* name, int device) {
 #endif
 }
 
+// K's splits for Q4Wgmma: 1 to 8 blocks of a cluster (their sums meet in shared memory, no
+// scratch, no counters), the fewest that minimize (waves of clusters) x (a block's sub-steps +
+// its fixed cost: 4, and 3 more when split). `clusters(s)`: how many clusters of s blocks the GPU
+// holds at once. A split keeps at least 4 sub-steps. The fixed costs, in sub-steps at 64 rows of
+// x, from an H200 (bench/q4_batched.py): costs of 2 and 1 split the 7B's gate_up (86 columns)
+// 3 ways, 51.4 us against 47.8 unsplit; o (16 columns, 4 sub-steps a block at 8 splits) takes
+// 16.5 us, down (11 a block) 28.1.
+template <typename Clusters>
+int WgmmaSplits(int64_t columns, int64_t k, Clusters clusters) {
+  const int64_t steps = k / 128;
+  int best = 1;
+  double best_cost = 0;
+  for (int s = 1; s <= kWgmmaMaxSplits && (s == 1 || steps / s >= 4); ++s) {
+    const int64_t held = std::max<int64_t>(1, clusters(s));
+    const double cost = static_cast<double>((columns + held - 1) / held) *
+                        ((steps + s - 1) / s + 4 + (s > 1 ? 3 : 0));
+    if (s == 1 || cost < best_cost) best = s, best_cost = cost;
+  }
+  return best;
+}
+
 template <int kN>
 void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream) {
   auto kernel = Q4Wgmma<kN>;
@@ -1575,11 +1639,40 @@ void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream) 
   static std::atomic<uint64_t> opted_in{0};
   if constexpr (smem > 48 * 1024) OptInSharedMemory(kernel, smem, device, opted_in, name);
   const int64_t columns = (a.rows + kGemmRows - 1) / kGemmRows;
-  a.splits = a.counters != nullptr && columns <= kGemmColumns
-                 ? GemmSplits(columns, a.k, a.m_rows, SmCount(name, device))
-                 : 1;
-  kernel<<<dim3(static_cast<unsigned>(columns), a.splits), kWgmmaThreads, smem, stream>>>(a);
-  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute cluster[1] = {};
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  config.blockDim = dim3(kWgmmaThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = cluster;
+  config.numAttrs = 1;
+  // clusters of s blocks the device holds at once, asked once a device and size
+  static std::atomic<int> held[64][kWgmmaMaxSplits];
+  auto clusters = [&](int s) {
+    std::atomic<int>& known = held[device % 64][s - 1];
+    int n = known.load();
+    if (n == 0) {
+      config.gridDim = dim3(static_cast<unsigned>(columns), s);
+      cluster[0].val.clusterDim.x = 1, cluster[0].val.clusterDim.y = s;
+      cluster[0].val.clusterDim.z = 1;
+      CheckCuda(cudaOccupancyMaxActiveClusters(&n, kernel, &config), name,
+                "cudaOccupancyMaxActiveClusters");
+      known.store(n = std::max(n, 0) + 1);  // stored + 1: 0 is "not asked"
+    }
+    return n - 1;
+  };
+  a.splits = WgmmaSplits(columns, a.k, clusters);
+  if (a.splits == 1 || clusters(a.splits) < 1) {  // (a device that holds no cluster of them)
+    a.splits = 1;
+    kernel<<<static_cast<unsigned>(columns), kWgmmaThreads, smem, stream>>>(a);
+    CheckCuda(cudaGetLastError(), name, "the kernel launch");
+    return;
+  }
+  config.gridDim = dim3(static_cast<unsigned>(columns), a.splits);
+  cluster[0].val.clusterDim.x = 1, cluster[0].val.clusterDim.y = a.splits;
+  cluster[0].val.clusterDim.z = 1;
+  CheckCuda(cudaLaunchKernelEx(&config, kernel, a), name, "the kernel launch");
 }
 
 // Whether a q4 call's Q4Gemm can run as Q4Wgmma: on a GPU that runs it, K % 128 == 0 and a row's
@@ -1590,7 +1683,7 @@ bool TakesWgmma(const char* name, const Q4Call& call) {
 }
 
 // Q4Gemm over x's rows, kGemmMaxM a kernel (Q4Wgmma where it can, unless `mma_only`); `w` (N, K)
-// float16 scratch holds the splits' sums.
+// float16 scratch holds Q4Gemm's splits' sums.
 void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t stream,
              bool mma_only = false) {
   const bool wgmma = !mma_only && TakesWgmma(name, call);
@@ -1600,7 +1693,7 @@ void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t
   a.scales8 = (call.a.k / 32) % 4 == 0 && reinterpret_cast<uintptr_t>(a.scale) % 8 == 0;
   a.vector_out = call.a.rows % 4 == 0 && reinterpret_cast<uintptr_t>(call.a.out) % 8 == 0;
   a.partial = reinterpret_cast<float*>(DataOf(w));
-  a.counters = GemmCounters(name, call.device, stream);
+  a.counters = wgmma ? nullptr : GemmCounters(name, call.device, stream);  // Q4Gemm's splits
   a.k = call.a.k;
   a.rows = call.a.rows;
   for (int first = 0; first < call.a.m_rows; first += kGemmMaxM) {

@@ -15,7 +15,13 @@ from click.testing import CliRunner
 
 import kiln
 from kiln.compiler.cli import main
-from kiln.runtime.benchmark import decode_step_bytes, decode_weight_bytes, matmul_flops_per_token
+from kiln.runtime.benchmark import (
+    batched_decode,
+    decode_step_bytes,
+    decode_weight_bytes,
+    matmul_flops_per_token,
+)
+from kiln.runtime.errors import KilnError
 from kiln.runtime.runner import Runner
 from kiln.runtime.safetensors import load_safetensors
 
@@ -89,6 +95,14 @@ def test_kiln_bench_on_the_cpu(artifact):
     assert any(k.startswith("decode tokens/s, batch 2") for k in lines), result.output
     assert np.isfinite(rate)
     assert "not finite" not in result.output
+
+
+def test_a_batch_that_never_decodes_together_is_a_clear_error(artifact):
+    """One new token each: every request finishes at its prefill, so no step decodes them all
+    at once, and there is no rate to give."""
+    with kiln.Engine(artifact("llama"), device="cpu", max_batch_size=2) as engine:
+        with pytest.raises(KilnError, match="no step decoded all 2 requests at once"):
+            batched_decode(engine, [[1, 5, 6, 7], [1, 8, 9]], 1)
 
 
 def test_kiln_bench_warns_of_weights_that_give_nan(artifact, tmp_path):
