@@ -682,9 +682,10 @@ __host__ __device__ constexpr int GemmBlocksPerSm() {
   return kTiles == 2 && kNT <= 4 ? 2 : 1;
 }
 
-// The end of a Q4Gemm block (either kernel): `sums(put)` calls put(n, m, sum) for each of the
-// thread's sums (weight row n, row of x m). Unsplit, they are rounded into out; split, written to
-// the split's partial sums, and the last block of the column to finish adds the splits' sums.
+// The end of a Q4Gemm block (and of an unsplit Q4Wgmma one): `sums(put)` calls put(n, m, sum)
+// for each of the thread's sums (weight row n, row of x m). Unsplit, they are rounded into out;
+// split, written to the split's partial sums, and the last block of the column to finish adds
+// the splits' sums.
 template <int kThreadsPerBlock, typename Sums>
 __device__ __forceinline__ void GemmFinish(const GemmArgs& a, int block_first, Sums sums) {
   const bool alone = a.splits == 1;
@@ -1167,8 +1168,8 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
     const int m = 4 * j / kGemmRows, r = 4 * j % kGemmRows, at = m * kWgmmaSumsRow + r;
     if (r >= width) continue;
     float4 sum = *reinterpret_cast<const float4*>(cluster.map_shared_rank(sums + at, 0));
-    for (int q = 1; q < ranks; ++q) {
-      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(sums + at, q));
+    for (int other = 1; other < ranks; ++other) {
+      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(sums + at, other));
       sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
     }
     half* out = a.out + static_cast<int64_t>(m) * a.rows + block_first + r;
@@ -1178,7 +1179,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
                                                   *reinterpret_cast<const uint32_t*>(&hi));
     } else {
       const float v[4] = {sum.x, sum.y, sum.z, sum.w};
-      for (int j = 0; j < 4 && r + j < width; ++j) out[j] = __float2half_rn(v[j]);
+      for (int e = 0; e < 4 && r + e < width; ++e) out[e] = __float2half_rn(v[e]);
     }
   }
   cluster.sync();  // no block leaves while another reads its shared memory
