@@ -1393,6 +1393,7 @@ constexpr const char* kGemm = "kiln.cublas.matmul";  // out = x @ w^T, w (N, K) 
 constexpr const char* kQ4Gemm = "kiln.gemv.q4_gemm";
 constexpr const char* kQ4GemmMma = "kiln.gemv.q4_gemm_mma";
 constexpr const char* kQ4GemmWgmma = "kiln.gemv.q4_gemm_wgmma";
+constexpr const char* kQ4GemmSplits = "kiln.gemv.q4_gemm_splits";
 constexpr const char* kQ4MoeSwiGLU = "kiln.gemv.q4_moe_swiglu";
 constexpr const char* kQ4Moe = "kiln.gemv.q4_moe";
 constexpr const char* kMoeRoute = "kiln.gemv.moe_route";
@@ -1651,8 +1652,10 @@ int WgmmaSplits(int64_t columns, int64_t k, Clusters clusters) {
   return best;
 }
 
+// `forced` (1 to kWgmmaMaxSplits, for tests): that many splits, unless the device holds no
+// cluster of them; 0: WgmmaSplits' choice.
 template <int kN>
-void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream) {
+void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream, int forced = 0) {
   auto kernel = Q4Wgmma<kN>;
   constexpr int smem = WgmmaSmemBytes<kN>();
   static std::atomic<uint64_t> opted_in{0};
@@ -1681,7 +1684,7 @@ void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream) 
     }
     return n - 1;
   };
-  a.splits = WgmmaSplits(columns, a.k, clusters);
+  a.splits = forced > 0 ? std::min<int>(forced, a.k / 128) : WgmmaSplits(columns, a.k, clusters);
   if (a.splits == 1 || clusters(a.splits) < 1) {  // (a device that holds no cluster of them)
     a.splits = 1;
     kernel<<<static_cast<unsigned>(columns), kWgmmaThreads, smem, stream>>>(a);
@@ -1704,7 +1707,7 @@ bool TakesWgmma(const char* name, const Q4Call& call) {
 // Q4Gemm over x's rows, kGemmMaxM a kernel (Q4Wgmma where it can, unless `mma_only`); `w` (N, K)
 // float16 scratch holds Q4Gemm's splits' sums.
 void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t stream,
-             bool mma_only = false) {
+             bool mma_only = false, int forced_splits = 0) {
   const bool wgmma = !mma_only && TakesWgmma(name, call);
   GemmArgs a{};
   a.w = static_cast<const uint4*>(call.a.w);
@@ -1721,11 +1724,11 @@ void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t
     a.m_rows = std::min(call.a.m_rows - first, kGemmMaxM);
     if (wgmma) {
       if (a.m_rows <= 16) {
-        LaunchWgmma<16>(name, a, call.device, stream);
+        LaunchWgmma<16>(name, a, call.device, stream, forced_splits);
       } else if (a.m_rows <= 32) {
-        LaunchWgmma<32>(name, a, call.device, stream);
+        LaunchWgmma<32>(name, a, call.device, stream, forced_splits);
       } else {
-        LaunchWgmma<64>(name, a, call.device, stream);
+        LaunchWgmma<64>(name, a, call.device, stream, forced_splits);
       }
       continue;
     }
@@ -1777,6 +1780,20 @@ void Q4GemmEntry(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
 
 void Q4GemmMma(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
   RunGemmEntry(kQ4GemmMma, true, x, qweight, scale, out, w);
+}
+
+// For tests: Q4Wgmma with K split over `splits` blocks of a cluster (1 to kWgmmaMaxSplits, at
+// most K / 128), where it runs.
+void Q4GemmSplits(int64_t splits, Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
+  const char* name = kQ4GemmSplits;
+  TVM_FFI_CHECK(splits >= 1 && splits <= kWgmmaMaxSplits, ValueError)
+      << name << ": splits must be 1 to " << kWgmmaMaxSplits << ", not " << splits;
+  const Q4Call call = CheckQ4(name, 0, false, x, qweight, scale, out);
+  CheckScratch(name, w, call.a.rows, call.a.k, call.device);
+  TVM_FFI_CHECK(TakesWgmma(name, call), ValueError)
+      << name << " runs Q4Wgmma, which needs a compute capability 9.0 GPU, a library built for "
+      << "sm_90a, K % 128 == 0 and 8-byte aligned scales";
+  RunGemm(name, call, w, TvmStream(name, call.device), false, static_cast<int>(splits));
 }
 
 // For tests: whether kiln.gemv.q4_gemm runs on the warpgroup MMAs on cuda:`device`.
@@ -1956,6 +1973,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4Gemm, Q4GemmEntry)
       .def(kQ4GemmMma, Q4GemmMma)
       .def(kQ4GemmWgmma, Q4GemmWgmma)
+      .def(kQ4GemmSplits, Q4GemmSplits)
       .def_packed(kQ4MoeSwiGLU,
                   [](tvm::ffi::PackedArgs args, tvm::ffi::Any*) {
                     RunMoe<true>(kQ4MoeSwiGLU, args);

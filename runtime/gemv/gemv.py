@@ -35,7 +35,8 @@ one of the kernels' variants, `q4_default_variant(rows, K, swiglu)` names the de
 `q4_graph_time(...)` times one in a CUDA graph; gemv.cu's kVariants lists them.
 `q4_gemm(x, qweight, scale, out, w)` runs q4_batched's 9-to-64-row kernel for any rows,
 `q4_gemm_mma(...)` its mma.sync form (what runs off Hopper), `q4_gemm_wgmma(device)` says
-whether q4_gemm takes the warpgroup MMAs there, and `q4_dequantize(qweight, scale, w)` is the
+whether q4_gemm takes the warpgroup MMAs there, `q4_gemm_splits(splits, ...)` runs those with
+K split over a cluster of that many blocks, and `q4_dequantize(qweight, scale, w)` is the
 dequantize: bench/q4_batched.py times each way.)
 
 The library is device code, so it is built with nvcc, as Kiln's prefill attention is

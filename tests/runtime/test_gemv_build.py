@@ -151,7 +151,8 @@ def test_loads_and_checks_arguments_without_gpu_or_compiler(built):
     result = json.loads(run_without_compiler(LOAD_AND_CALL, cache).strip().splitlines()[-1])
     bench = {f"kiln.gemv.{f}" for f in ("q4_tiled", "q4_swiglu_tiled", "q4_default_variant",
                                         "q4_graph_time", "q4_dequantize", "q4_gemm",
-                                        "q4_gemm_mma", "q4_gemm_wgmma")}  # fmt: skip
+                                        "q4_gemm_mma", "q4_gemm_wgmma",
+                                        "q4_gemm_splits")}  # fmt: skip
     assert {*gemv.FUNCTIONS, *bench} <= set(result["names"])
     assert set(result["picks"]) <= {1, 2, 3, 4}  # the default runs one of the variants
     assert set(result["errors"]) == set(ERRORS)
