@@ -62,7 +62,7 @@ def run(directory: Path, shape: str, json_out: Path | None) -> None:
     cublas.load_cublas(directory / cublas.ARTIFACT_FILE)
     get = tvm_ffi.get_global_func
     q4, gemm, batched = get(gemv.Q4), get("kiln.gemv.q4_gemm"), get(gemv.Q4_BATCHED)
-    gemm_mma = get("kiln.gemv.q4_gemm_mma")
+    gemm_mma, plan = get("kiln.gemv.q4_gemm_mma"), get("kiln.gemv.q4_gemm_plan")
     dequantize, matmul = get("kiln.gemv.q4_dequantize"), get("kiln.cublas.matmul")
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; us a call, % of the memory roofline")
@@ -103,6 +103,7 @@ def run(directory: Path, shape: str, json_out: Path | None) -> None:
                 row[label] = dict(us=seconds * 1e6, roofline=nbytes / bandwidth / seconds,
                                   tflops=2 * m * n * k / seconds / 1e12, error=err)  # fmt: skip
             row["q4_batched"] = 1e6 * _seconds(batched, paths["gemm"][1], device)
+            row["wgmma_splits"] = int(plan(m, n, k, device.index))  # 0: the mma.sync kernel
             rows_out.append(row)
             cells = "  ".join(
                 f"{label} {row[label]['us']:7.1f} ({100 * row[label]['roofline']:4.1f}%, "
@@ -110,7 +111,8 @@ def run(directory: Path, shape: str, json_out: Path | None) -> None:
                 for label in paths
             )
             print(f"{name:<8} {n:>5} x {k:<5} m={m:<4} {cells}  "
-                  f"q4_batched {row['q4_batched']:7.1f}")  # fmt: skip
+                  f"q4_batched {row['q4_batched']:7.1f}  "
+                  f"wgmma splits {row['wgmma_splits']}")  # fmt: skip
     if json_out:
         json_out.write_text(json.dumps({"bandwidth": bandwidth, "rows": rows_out}, indent=1))
 

@@ -1394,6 +1394,7 @@ constexpr const char* kQ4Gemm = "kiln.gemv.q4_gemm";
 constexpr const char* kQ4GemmMma = "kiln.gemv.q4_gemm_mma";
 constexpr const char* kQ4GemmWgmma = "kiln.gemv.q4_gemm_wgmma";
 constexpr const char* kQ4GemmSplits = "kiln.gemv.q4_gemm_splits";
+constexpr const char* kQ4GemmPlan = "kiln.gemv.q4_gemm_plan";
 constexpr const char* kQ4MoeSwiGLU = "kiln.gemv.q4_moe_swiglu";
 constexpr const char* kQ4Moe = "kiln.gemv.q4_moe";
 constexpr const char* kMoeRoute = "kiln.gemv.moe_route";
@@ -1652,49 +1653,63 @@ int WgmmaSplits(int64_t columns, int64_t k, Clusters clusters) {
   return best;
 }
 
-// `forced` (1 to kWgmmaMaxSplits, for tests): that many splits, unless the device holds no
-// cluster of them; 0: WgmmaSplits' choice.
+// Q4Wgmma<kN>'s launch: `splits` blocks a column as a cluster (1: none) on `stream`.
+template <int kN>
+cudaLaunchConfig_t WgmmaLaunch(int64_t columns, int splits, cudaStream_t stream,
+                               cudaLaunchAttribute* cluster) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(columns), splits);
+  config.blockDim = dim3(kWgmmaThreads);
+  config.dynamicSmemBytes = WgmmaSmemBytes<kN>();
+  config.stream = stream;
+  cluster->id = cudaLaunchAttributeClusterDimension;
+  cluster->val.clusterDim.x = 1, cluster->val.clusterDim.y = splits, cluster->val.clusterDim.z = 1;
+  config.attrs = cluster;
+  config.numAttrs = splits > 1 ? 1 : 0;
+  return config;
+}
+
+template <int kN>
+void OptInWgmma(const char* name, int device) {
+  static std::atomic<uint64_t> opted_in{0};
+  OptInSharedMemory(Q4Wgmma<kN>, WgmmaSmemBytes<kN>(), device, opted_in, name);
+}
+
+// Clusters of `s` Q4Wgmma<kN> blocks `device` holds at once, asked once a device and size.
+template <int kN>
+int WgmmaClusters(const char* name, int device, int s) {
+  static std::atomic<int> held[64][kWgmmaMaxSplits];  // + 1: 0 is "not asked"
+  std::atomic<int>& known = held[device % 64][s - 1];
+  int n = known.load();
+  if (n == 0) {
+    OptInWgmma<kN>(name, device);
+    cudaLaunchAttribute cluster;
+    cudaLaunchConfig_t config = WgmmaLaunch<kN>(s, s, nullptr, &cluster);
+    config.numAttrs = 1;
+    CheckCuda(cudaOccupancyMaxActiveClusters(&n, Q4Wgmma<kN>, &config), name,
+              "cudaOccupancyMaxActiveClusters");
+    known.store(n = std::max(n, 0) + 1);
+  }
+  return n - 1;
+}
+
+// Q4Wgmma<kN>'s splits for `columns` column blocks and K: `forced` (1 to kWgmmaMaxSplits, for
+// tests; at most K / 128) or WgmmaSplits' choice, and 1 where the device holds no cluster of them.
+template <int kN>
+int WgmmaPlan(const char* name, int device, int64_t columns, int k, int forced = 0) {
+  auto clusters = [&](int s) { return WgmmaClusters<kN>(name, device, s); };
+  const int splits = forced > 0 ? std::min(forced, k / 128) : WgmmaSplits(columns, k, clusters);
+  return splits > 1 && clusters(splits) >= 1 ? splits : 1;
+}
+
 template <int kN>
 void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream, int forced = 0) {
-  auto kernel = Q4Wgmma<kN>;
-  constexpr int smem = WgmmaSmemBytes<kN>();
-  static std::atomic<uint64_t> opted_in{0};
-  if constexpr (smem > 48 * 1024) OptInSharedMemory(kernel, smem, device, opted_in, name);
+  OptInWgmma<kN>(name, device);
   const int64_t columns = (a.rows + kGemmRows - 1) / kGemmRows;
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute cluster[1] = {};
-  cluster[0].id = cudaLaunchAttributeClusterDimension;
-  config.blockDim = dim3(kWgmmaThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = cluster;
-  config.numAttrs = 1;
-  // clusters of s blocks the device holds at once, asked once a device and size
-  static std::atomic<int> held[64][kWgmmaMaxSplits];
-  auto clusters = [&](int s) {
-    std::atomic<int>& known = held[device % 64][s - 1];
-    int n = known.load();
-    if (n == 0) {
-      config.gridDim = dim3(static_cast<unsigned>(columns), s);
-      cluster[0].val.clusterDim.x = 1, cluster[0].val.clusterDim.y = s;
-      cluster[0].val.clusterDim.z = 1;
-      CheckCuda(cudaOccupancyMaxActiveClusters(&n, kernel, &config), name,
-                "cudaOccupancyMaxActiveClusters");
-      known.store(n = std::max(n, 0) + 1);  // stored + 1: 0 is "not asked"
-    }
-    return n - 1;
-  };
-  a.splits = forced > 0 ? std::min<int>(forced, a.k / 128) : WgmmaSplits(columns, a.k, clusters);
-  if (a.splits == 1 || clusters(a.splits) < 1) {  // (a device that holds no cluster of them)
-    a.splits = 1;
-    kernel<<<static_cast<unsigned>(columns), kWgmmaThreads, smem, stream>>>(a);
-    CheckCuda(cudaGetLastError(), name, "the kernel launch");
-    return;
-  }
-  config.gridDim = dim3(static_cast<unsigned>(columns), a.splits);
-  cluster[0].val.clusterDim.x = 1, cluster[0].val.clusterDim.y = a.splits;
-  cluster[0].val.clusterDim.z = 1;
-  CheckCuda(cudaLaunchKernelEx(&config, kernel, a), name, "the kernel launch");
+  a.splits = WgmmaPlan<kN>(name, device, columns, a.k, forced);
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t config = WgmmaLaunch<kN>(columns, a.splits, stream, &cluster);
+  CheckCuda(cudaLaunchKernelEx(&config, Q4Wgmma<kN>, a), name, "the kernel launch");
 }
 
 // Whether a q4 call's Q4Gemm can run as Q4Wgmma: on a GPU that runs it, K % 128 == 0 and a row's
@@ -1794,6 +1809,22 @@ void Q4GemmSplits(int64_t splits, Tensor x, Tensor qweight, Tensor scale, Tensor
       << name << " runs Q4Wgmma, which needs a compute capability 9.0 GPU, a library built for "
       << "sm_90a, K % 128 == 0 and 8-byte aligned scales";
   RunGemm(name, call, w, TvmStream(name, call.device), false, static_cast<int>(splits));
+}
+
+// For benchmarks: the splits of K q4_gemm takes on cuda:`device` for `m_rows` rows of x and an
+// (N, K) weight; 0 where it runs the mma.sync kernel (Q4Gemm's splits are not reported).
+int64_t Q4GemmPlan(int64_t m_rows, int64_t n, int64_t k, int64_t device) {
+  const char* name = kQ4GemmPlan;
+  TVM_FFI_CHECK(m_rows >= 1 && n >= 1 && k >= 32 && k % 32 == 0, ValueError)
+      << name << ": rows of x, N and K (a multiple of 32) must be positive";
+  const int id = static_cast<int>(device);
+  if (k % 128 != 0 || !WgmmaRuns(name, id)) return 0;
+  const int64_t columns = (n + kGemmRows - 1) / kGemmRows;
+  const int64_t m = std::min<int64_t>(m_rows, kGemmMaxM);
+  const int kk = static_cast<int>(k);
+  if (m <= 16) return WgmmaPlan<16>(name, id, columns, kk);
+  if (m <= 32) return WgmmaPlan<32>(name, id, columns, kk);
+  return WgmmaPlan<64>(name, id, columns, kk);
 }
 
 // For tests: whether kiln.gemv.q4_gemm runs on the warpgroup MMAs on cuda:`device`.
@@ -1974,6 +2005,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4GemmMma, Q4GemmMma)
       .def(kQ4GemmWgmma, Q4GemmWgmma)
       .def(kQ4GemmSplits, Q4GemmSplits)
+      .def(kQ4GemmPlan, Q4GemmPlan)
       .def_packed(kQ4MoeSwiGLU,
                   [](tvm::ffi::PackedArgs args, tvm::ffi::Any*) {
                     RunMoe<true>(kQ4MoeSwiGLU, args);

@@ -82,6 +82,8 @@ graph_time = tvm_ffi.get_global_func("kiln.gemv.q4_graph_time")
 batched = tvm_ffi.get_global_func("kiln.gemv.q4_batched")
 gemm = tvm_ffi.get_global_func("kiln.gemv.q4_gemm")
 pick = tvm_ffi.get_global_func("kiln.gemv.q4_default_variant")
+splits = tvm_ffi.get_global_func("kiln.gemv.q4_gemm_splits")
+plan = tvm_ffi.get_global_func("kiln.gemv.q4_gemm_plan")
 host = lambda shape, dtype="float16": tvm_ffi.from_dlpack(np.zeros(shape, dtype))
 w, s = host((10, 8), "uint32"), host((10, 2))
 calls = {
@@ -104,6 +106,8 @@ calls = {
     "graph on the host": lambda: graph_time(0, False, host((1, 64)), [w, w], [s, s],
                                             host((1, 10)), 3),
     "graph copies": lambda: graph_time(1, False, host((1, 64)), [w, w], [s], host((1, 10)), 3),
+    "splits 9": lambda: splits(9, host((20, 64)), w, s, host((20, 10)), host((10, 64))),
+    "plan K 48": lambda: plan(20, 10, 48, 0),
 }
 errors = {}
 for name, call in calls.items():
@@ -116,6 +120,7 @@ print(json.dumps({
     "errors": errors,
     "picks": [pick(n, k, g) for n in (1, 4096, 32000) for k in (32, 4096, 11008, 14336)
               for g in (False, True)],
+    "plan_k_4160": plan(64, 4096, 4160, 0),  # K % 128 != 0: the mma.sync kernel, no device asked
     "relax": sorted(k for k in sys.modules if k.startswith(("tvm.relax", "kiln.compiler"))),
     "compiler_lib": "libtvm_compiler" in open("/proc/self/maps").read(),
 }))
@@ -140,6 +145,8 @@ ERRORS = {
     "variant on the host": ("ValueError", "kiln.gemv.q4_swiglu_tiled: x must be on cuda:0"),
     "graph on the host": ("ValueError", "kiln.gemv.q4_graph_time: x must be on cuda:0"),
     "graph copies": ("ValueError", "q4_graph_time: give as many scales as qweights"),
+    "splits 9": ("ValueError", "kiln.gemv.q4_gemm_splits: splits must be 1 to 8, not 9"),
+    "plan K 48": ("ValueError", "q4_gemm_plan: rows of x, N and K (a multiple of 32) must be"),
 }
 
 
@@ -152,9 +159,10 @@ def test_loads_and_checks_arguments_without_gpu_or_compiler(built):
     bench = {f"kiln.gemv.{f}" for f in ("q4_tiled", "q4_swiglu_tiled", "q4_default_variant",
                                         "q4_graph_time", "q4_dequantize", "q4_gemm",
                                         "q4_gemm_mma", "q4_gemm_wgmma",
-                                        "q4_gemm_splits")}  # fmt: skip
+                                        "q4_gemm_splits", "q4_gemm_plan")}  # fmt: skip
     assert {*gemv.FUNCTIONS, *bench} <= set(result["names"])
     assert set(result["picks"]) <= {1, 2, 3, 4}  # the default runs one of the variants
+    assert result["plan_k_4160"] == 0
     assert set(result["errors"]) == set(ERRORS)
     for name, (kind, message) in ERRORS.items():
         got = result["errors"][name]
