@@ -133,7 +133,7 @@ def build_attention(out: Path, arch: str) -> None:
             kiln.compile(str(ckpt), target="cuda", quantization="q0f16", output=art, arch=arch)
 
 
-def build_tensor_parallel(out: Path, arch: str, only=None) -> None:
+def build_tensor_parallel(out: Path, arch: str, only: tuple[str, str, int] | None = None) -> None:
     for name, family, changes, preset, n in TENSOR_PARALLEL:
         if only is not None and (name, preset, n) != only:
             continue
