@@ -63,6 +63,7 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "../cuda_extern.cuh"
@@ -1653,6 +1654,15 @@ int WgmmaSplits(int64_t columns, int64_t k, Clusters clusters) {
   return best;
 }
 
+// fn(std::integral_constant<int, kN>{}): Q4Wgmma's width kN for `m_rows` (1 to kGemmMaxM) rows
+// of x.
+template <typename Fn>
+auto WithWgmmaWidth(int64_t m_rows, Fn fn) {
+  if (m_rows <= 16) return fn(std::integral_constant<int, 16>{});
+  if (m_rows <= 32) return fn(std::integral_constant<int, 32>{});
+  return fn(std::integral_constant<int, 64>{});
+}
+
 // Q4Wgmma<kN>'s launch: `splits` blocks a column as a cluster (1: none) on `stream`.
 template <int kN>
 cudaLaunchConfig_t WgmmaLaunch(int64_t columns, int splits, cudaStream_t stream,
@@ -1738,13 +1748,9 @@ void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t
     a.out = call.a.out + static_cast<int64_t>(first) * a.rows;
     a.m_rows = std::min(call.a.m_rows - first, kGemmMaxM);
     if (wgmma) {
-      if (a.m_rows <= 16) {
-        LaunchWgmma<16>(name, a, call.device, stream, forced_splits);
-      } else if (a.m_rows <= 32) {
-        LaunchWgmma<32>(name, a, call.device, stream, forced_splits);
-      } else {
-        LaunchWgmma<64>(name, a, call.device, stream, forced_splits);
-      }
+      WithWgmmaWidth(a.m_rows, [&](auto n) {
+        LaunchWgmma<decltype(n)::value>(name, a, call.device, stream, forced_splits);
+      });
       continue;
     }
     switch ((a.m_rows + 7) / 8) {
@@ -1820,11 +1826,9 @@ int64_t Q4GemmPlan(int64_t m_rows, int64_t n, int64_t k, int64_t device) {
   const int id = static_cast<int>(device);
   if (k % 128 != 0 || !WgmmaRuns(name, id)) return 0;
   const int64_t columns = (n + kGemmRows - 1) / kGemmRows;
-  const int64_t m = std::min<int64_t>(m_rows, kGemmMaxM);
-  const int kk = static_cast<int>(k);
-  if (m <= 16) return WgmmaPlan<16>(name, id, columns, kk);
-  if (m <= 32) return WgmmaPlan<32>(name, id, columns, kk);
-  return WgmmaPlan<64>(name, id, columns, kk);
+  return WithWgmmaWidth(std::min<int64_t>(m_rows, kGemmMaxM), [&](auto n) {
+    return int64_t{WgmmaPlan<decltype(n)::value>(name, id, columns, static_cast<int>(k))};
+  });
 }
 
 // For tests: whether kiln.gemv.q4_gemm runs on the warpgroup MMAs on cuda:`device`.
