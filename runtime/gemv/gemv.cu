@@ -58,13 +58,11 @@
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/reflection/registry.h>
-#include <tvm/ffi/string.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <mutex>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -651,7 +649,6 @@ struct GemmArgs {
   float* partial;      // (splits, M, N) when splits > 1
   int* counters;       // one per column of blocks, zero between calls
   int m_rows, k, rows, splits;
-  int stream;       // Q4Wgmma: the blocks of a stream-K grid (0: a column of blocks a column)
   bool scales8;     // K / 32 a multiple of 4 and scale 8-byte aligned: a row's 4 scales in one copy
   bool vector_out;  // N a multiple of 4 and out 8-byte aligned: the splits added 4 outputs at once
 };
@@ -686,17 +683,14 @@ __host__ __device__ constexpr int GemmBlocksPerSm() {
   return kTiles == 2 && kNT <= 4 ? 2 : 1;
 }
 
-// The end of a block's sums for column `column` (of Q4Gemm, and of Q4Wgmma's unsplit and streamed
-// ones): `sums(put)` calls put(n, m, sum) for each of the thread's sums (weight row n, row of x
-// m). When the column is one part (of `parts`), they are rounded into out; else written to part
-// `part`'s partial sums, and the last block of the column to finish adds the parts' sums in
-// order (the same result whichever finishes last).
+// The end of a Q4Gemm block (and of an unsplit Q4Wgmma one): `sums(put)` calls put(n, m, sum)
+// for each of the thread's sums (weight row n, row of x m). Unsplit, they are rounded into out;
+// split, written to the split's partial sums, and the last block of the column to finish adds
+// the splits' sums.
 template <int kThreadsPerBlock, typename Sums>
-__device__ __forceinline__ void GemmFinish(const GemmArgs& a, int column, int part, int parts,
-                                           Sums sums) {
-  const bool alone = parts == 1;
-  const int block_first = column * kGemmRows;
-  float* mine = a.partial + static_cast<int64_t>(part) * a.m_rows * a.rows;
+__device__ __forceinline__ void GemmFinish(const GemmArgs& a, int block_first, Sums sums) {
+  const bool alone = a.splits == 1;
+  float* mine = a.partial + static_cast<int64_t>(blockIdx.y) * a.m_rows * a.rows;
   sums([&](int n, int m, float sum) {
     if (m >= a.m_rows || n >= a.rows) return;
     const int64_t at = static_cast<int64_t>(m) * a.rows + n;
@@ -711,8 +705,8 @@ __device__ __forceinline__ void GemmFinish(const GemmArgs& a, int column, int pa
   __threadfence();  // this block's sums are visible before its count
   __syncthreads();
   if (threadIdx.x == 0) {
-    last = atomicAdd(&a.counters[column], 1) == parts - 1;
-    if (last) a.counters[column] = 0;  // for the next call
+    last = atomicAdd(&a.counters[blockIdx.x], 1) == a.splits - 1;
+    if (last) a.counters[blockIdx.x] = 0;  // for the next call
   }
   __syncthreads();
   if (!last) return;
@@ -724,7 +718,7 @@ __device__ __forceinline__ void GemmFinish(const GemmArgs& a, int column, int pa
       const int64_t at = static_cast<int64_t>(e / width) * a.rows + block_first + e % width;
       float4 sum = make_float4(0, 0, 0, 0);
 #pragma unroll 8
-      for (int s = 0; s < parts; ++s) {
+      for (int s = 0; s < a.splits; ++s) {
         const float4 v = __ldcg(reinterpret_cast<const float4*>(a.partial + s * split_stride + at));
         sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
       }
@@ -738,7 +732,7 @@ __device__ __forceinline__ void GemmFinish(const GemmArgs& a, int column, int pa
     const int64_t at = static_cast<int64_t>(e / width) * a.rows + block_first + e % width;
     float sum = 0;
 #pragma unroll 8
-    for (int s = 0; s < parts; ++s) sum += __ldcg(a.partial + s * split_stride + at);
+    for (int s = 0; s < a.splits; ++s) sum += __ldcg(a.partial + s * split_stride + at);
     a.out[at] = __float2half_rn(sum);
   }
 }
@@ -867,7 +861,7 @@ __global__ void __launch_bounds__(GemmThreads<kTiles>(), GemmBlocksPerSm<kNT, kT
   WaitAsync();  // (only empty groups are left)
   // acc[i][j]: rows first + 16 i + g (+ 8 for [2], [3]), rows of x 8 j + 2 c (+ 1 for [1], [3])
   const int first = block_first + warp * kWarpRows;
-  GemmFinish<kGemmThreads>(a, blockIdx.x, blockIdx.y, a.splits, [&](auto&& put) {
+  GemmFinish<kGemmThreads>(a, block_first, [&](auto&& put) {
 #pragma unroll
     for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
@@ -1016,22 +1010,6 @@ __device__ __forceinline__ uint4 LoadStreaming256(const void* p) {
   return v;
 }
 
-// A Q4Wgmma block's place in its units of work (column, sub-step t), walked column by column.
-struct WgmmaUnit {
-  int column, t;
-  __device__ __forceinline__ bool Next(int steps) {  // true when it enters the next column
-    if (++t < steps) return false;
-    t = 0, ++column;
-    return true;
-  }
-};
-
-// Stream-K (a.stream blocks): block b of the grid takes units [b U / P, (b + 1) U / P) of all U
-// = columns x steps; the block that takes unit `unit` is the one this gives.
-__host__ __device__ inline int64_t StreamBlockOf(int64_t unit, int64_t units, int64_t blocks) {
-  return ((unit + 1) * blocks + units - 1) / units - 1;
-}
-
 template <int kN>
 __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1043,28 +1021,15 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
   const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
   const int groups = a.k / 32, steps = groups / 4;
-  // This block's units: with a.stream, its share of every column's; else sub-steps [t0, t1) of
-  // column blockIdx.x (blockIdx.y of a.splits in a cluster)
-  const int64_t units = int64_t{(a.rows + kGemmRows - 1) / kGemmRows} * steps;
-  const int64_t first = a.stream > 0 ? blockIdx.x * units / a.stream
-                                     : int64_t{blockIdx.x} * steps + blockIdx.y * steps / a.splits;
-  const int64_t end = a.stream > 0 ? (blockIdx.x + 1) * units / a.stream
-                                   : int64_t{blockIdx.x} * steps + (blockIdx.y + 1) * steps / a.splits;
-  const int count = static_cast<int>(end - first);
-  const WgmmaUnit start{static_cast<int>(first / steps), static_cast<int>(first % steps)};
+  const int t0 = static_cast<int>(int64_t{blockIdx.y} * steps / a.splits);
+  const int t1 = static_cast<int>(int64_t{blockIdx.y + 1} * steps / a.splits);
+  const int count = t1 - t0, block_first = blockIdx.x * kGemmRows;
   const int mine = 64 * warpgroup + 16 * warp + g;  // this lane's row in the block (+ 8 h)
-  // Where this thread's loads of sub-step 0 of a column start: its rows' weights (the lane's
-  // group c) and (the first kGemmRows threads) a row's scales
-  auto weight_rows = [&](int column, const uint4* (&w)[2]) {
+  const uint4* wsrc[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      w[h] = a.w + int64_t{min(column * kGemmRows + mine + 8 * h, a.rows - 1)} * groups + c;
-    }
-  };
-  auto scale_row = [&](int column) {
-    const int row = min(column * kGemmRows + static_cast<int>(threadIdx.x), a.rows - 1);
-    return a.scale + int64_t{row} * groups;
-  };
+  for (int h = 0; h < 2; ++h) {
+    wsrc[h] = a.w + int64_t{min(block_first + mine + 8 * h, a.rows - 1)} * groups + 4 * t0 + c;
+  }
   // What this thread copies each sub-step: x's pieces (row i / 16, k 8 (i % 16) ..) for
   // i = threadIdx.x + kWgmmaThreads j, and (the first kGemmRows threads) a row's 4 scales
   constexpr int kCopies = (kPieces + kWgmmaThreads - 1) / kWgmmaThreads;
@@ -1074,19 +1039,11 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
   for (int j = 0; j < kCopies; ++j) {
     const int n = (threadIdx.x + kWgmmaThreads * j) / 16;
     x_valid[j] = n < a.m_rows;
-    xsrc[j] = a.x + int64_t{min(n, a.m_rows - 1)} * a.k + 8 * (threadIdx.x % 16);
+    xsrc[j] = a.x + int64_t{min(n, a.m_rows - 1)} * a.k + 128 * t0 + 8 * (threadIdx.x % 16);
   }
-  // The unit copy() and load_w() take next (kWgmmaStaging == kWgmmaDepth units ahead of the
-  // MMAs), and where its column's scales and weights start
-  static_assert(kWgmmaStaging == kWgmmaDepth, "copies and weight loads take the same unit");
-  WgmmaUnit ahead = start;
-  const half* ssrc = scale_row(start.column);
-  const uint4* wsrc[2];
-  weight_rows(start.column, wsrc);
-  auto advance = [&]() {
-    if (ahead.Next(steps)) ssrc = scale_row(ahead.column), weight_rows(ahead.column, wsrc);
-  };
-  auto copy = [&](int u) {  // unit u (ahead) -> staging u % kWgmmaStaging, one commit group
+  const half* ssrc = a.scale + 4 * t0 +
+                     int64_t{min(block_first + static_cast<int>(threadIdx.x), a.rows - 1)} * groups;
+  auto copy = [&](int u) {  // sub-step t0 + u -> staging u % kWgmmaStaging, one commit group
     if (u < count) {
       char* st = staging + (u % kWgmmaStaging) * WgmmaStagingBytes<kN>();
 #pragma unroll
@@ -1094,15 +1051,15 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
         const int i = threadIdx.x + kWgmmaThreads * j;
         if (i >= kPieces) break;
         CopyAsync16(st + (i / 16) * kStagingRow + 16 * (i % 16),
-                    x_valid[j] ? xsrc[j] + 128 * ahead.t : a.x, x_valid[j]);
+                    x_valid[j] ? xsrc[j] + 128 * u : a.x, x_valid[j]);
       }
       if (threadIdx.x < kGemmRows) {
-        CopyAsync8(st + kN * kStagingRow + 8 * threadIdx.x, ssrc + 4 * ahead.t);
+        CopyAsync8(st + kN * kStagingRow + 8 * threadIdx.x, ssrc + 4 * u);
       }
     }
     CommitAsync();
   };
-  // Unit u's x, staged, paired up into B's slot u % kWgmmaSlots; this lane's scales (rows
+  // Sub-step u's x, staged, paired up into B's slot u % kWgmmaSlots; this lane's scales (rows
   // mine and + 8, group c) as (s, s)
   const int xn = threadIdx.x % kN, xv = threadIdx.x / kN;
   auto pair_up = [&](int u, uint32_t (&scales)[2]) {
@@ -1127,14 +1084,16 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the tensor cores
   };
   uint4 q[kWgmmaDepth][2];
-  auto load_w = [&](int u, uint4 (&qs)[2]) {  // unit u's (ahead) weights
+  auto load_w = [&](int u, uint4 (&qs)[2]) {
     if (u < count) {
-      qs[0] = LoadStreaming256(wsrc[0] + 4 * ahead.t);
-      qs[1] = LoadStreaming256(wsrc[1] + 4 * ahead.t);
+      qs[0] = LoadStreaming256(wsrc[0] + 4 * u);
+      qs[1] = LoadStreaming256(wsrc[1] + 4 * u);
     }
   };
 #pragma unroll
-  for (int d = 0; d < kWgmmaDepth; ++d) load_w(d, q[d]), copy(d), advance();
+  for (int d = 0; d < kWgmmaDepth; ++d) load_w(d, q[d]);
+#pragma unroll
+  for (int u = 0; u < kWgmmaStaging; ++u) copy(u);
   uint32_t scales[2], next[2];
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kWgmmaStaging - 1));
   __syncthreads();
@@ -1142,90 +1101,71 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
   float acc[kAcc];
 #pragma unroll
   for (int e = 0; e < kAcc; ++e) acc[e] = 0.0f;
-  // acc[4 j + e]: weight row mine (+ 8 for e = 2, 3), row of x 8 j + 2 c (+ 1 for e = 1, 3)
-  auto each_sum = [&](int column, auto&& put) {
-#pragma unroll
-    for (int e = 0; e < kAcc; ++e) {
-      put(column * kGemmRows + mine + 8 * (e % 4 / 2), 8 * (e / 4) + 2 * c + e % 2, acc[e]);
-    }
-  };
   uint32_t frag[2][2][4];  // [word % 2][half step h][A's 4 registers]
-  // Column by column: the block's units of one column (a segment), then that column's sums (the
-  // unrolled loop stays as small as one column's, whatever the segments)
-  for (int u0 = 0; u0 < count;) {
-    const int column = static_cast<int>((first + u0) / steps);
-    const int seg_end = min(count, u0 + steps - static_cast<int>((first + u0) % steps));
-    for (int base = u0 - u0 % kWgmmaDepth; base < seg_end; base += kWgmmaDepth) {
+  for (int base = 0; base < count; base += kWgmmaDepth) {
 #pragma unroll
-      for (int d = 0; d < kWgmmaDepth; ++d) {
-        const int u = base + d;
-        if (u < u0) continue;
-        if (u >= seg_end) break;
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(kWgmmaStaging - 2));  // u + 1's copies
-        __syncthreads();  // u's B paired up, u + 1 staged, u - 2's MMAs done in every warpgroup
-        copy(u + kWgmmaStaging);
-        const uint64_t desc =
-            WgmmaDescriptor(slots + (u % kWgmmaSlots) * WgmmaSlotBytes<kN>(), kN * 16, 128);
+    for (int d = 0; d < kWgmmaDepth; ++d) {
+      const int u = base + d;
+      if (u >= count) break;
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(kWgmmaStaging - 2));  // u + 1's copies
+      __syncthreads();  // u's B paired up, u + 1 staged, u - 2's MMAs done in every warpgroup
+      copy(u + kWgmmaStaging);
+      const uint64_t desc =
+          WgmmaDescriptor(slots + (u % kWgmmaSlots) * WgmmaSlotBytes<kN>(), kN * 16, 128);
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          WgmmaWait<1>();  // the MMAs of word v - 2 (the same fragment registers) are done
-          uint32_t lo[4], hi[4];
-          Dequantize(reinterpret_cast<const uint32_t*>(&q[d][0])[v], scales[0], lo);
-          Dequantize(reinterpret_cast<const uint32_t*>(&q[d][1])[v], scales[1], hi);
+      for (int v = 0; v < 4; ++v) {
+        WgmmaWait<1>();  // the MMAs of word v - 2 (the same fragment registers) are done
+        uint32_t lo[4], hi[4];
+        Dequantize(reinterpret_cast<const uint32_t*>(&q[d][0])[v], scales[0], lo);
+        Dequantize(reinterpret_cast<const uint32_t*>(&q[d][1])[v], scales[1], hi);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            frag[v % 2][h][0] = lo[2 * h];
-            frag[v % 2][h][1] = hi[2 * h];
-            frag[v % 2][h][2] = lo[2 * h + 1];
-            frag[v % 2][h][3] = hi[2 * h + 1];
-          }
-          WgmmaFence();
-          // virtual steps 2 v and 2 v + 1: their core matrices start 2 (2 v + h) kN x 16 bytes in
-          Wgmma<kN>(acc, frag[v % 2][0], desc + ((4 * v * kN * 16) >> 4));
-          Wgmma<kN>(acc, frag[v % 2][1], desc + (((4 * v + 2) * kN * 16) >> 4));
-          WgmmaCommit();
+        for (int h = 0; h < 2; ++h) {
+          frag[v % 2][h][0] = lo[2 * h];
+          frag[v % 2][h][1] = hi[2 * h];
+          frag[v % 2][h][2] = lo[2 * h + 1];
+          frag[v % 2][h][3] = hi[2 * h + 1];
         }
-        load_w(u + kWgmmaDepth, q[d]);
-        advance();
-        if (u + 1 < count) pair_up(u + 1, next);
-        scales[0] = next[0], scales[1] = next[1];
+        WgmmaFence();
+        // virtual steps 2 v and 2 v + 1: their core matrices start 2 (2 v + h) kN x 16 bytes in
+        Wgmma<kN>(acc, frag[v % 2][0], desc + ((4 * v * kN * 16) >> 4));
+        Wgmma<kN>(acc, frag[v % 2][1], desc + (((4 * v + 2) * kN * 16) >> 4));
+        WgmmaCommit();
       }
+      load_w(u + kWgmmaDepth, q[d]);
+      if (u + 1 < count) pair_up(u + 1, next);
+      scales[0] = next[0], scales[1] = next[1];
     }
-    u0 = seg_end;
-    if (a.splits > 1) break;  // (one segment: its sums meet in the cluster, below)
-    WgmmaWait<0>();
-#pragma unroll
-    for (int e = 0; e < kAcc; ++e) asm volatile("" : "+f"(acc[e])::"memory");
-    int part = 0, parts = 1;
-    if (a.stream > 0) {  // the blocks that take part of the column, in order
-      const int64_t head = StreamBlockOf(int64_t{column} * steps, units, a.stream);
-      part = static_cast<int>(blockIdx.x - head);
-      parts = static_cast<int>(
-          StreamBlockOf(int64_t{column + 1} * steps - 1, units, a.stream) - head + 1);
-    }
-    GemmFinish<kWgmmaThreads>(a, column, part, parts, [&](auto&& put) { each_sum(column, put); });
-#pragma unroll
-    for (int e = 0; e < kAcc; ++e) acc[e] = 0.0f;
   }
-  WaitAsync();  // (only empty groups are left)
-  if (a.splits == 1) return;
-  // K split over the blocks of a cluster (one column of blocks): each block's sums into its own
-  // shared memory (the rings' bytes, free now), then each block adds a slice of all of them
-  // (distributed shared memory) and writes it out
   WgmmaWait<0>();
 #pragma unroll
   for (int e = 0; e < kAcc; ++e) asm volatile("" : "+f"(acc[e])::"memory");
+  WaitAsync();  // (only empty groups are left)
+  // acc[4 j + e]: weight row mine (+ 8 for e = 2, 3), row of x 8 j + 2 c (+ 1 for e = 1, 3)
+  if (a.splits == 1) {
+    GemmFinish<kWgmmaThreads>(a, block_first, [&](auto&& put) {
+#pragma unroll
+      for (int e = 0; e < kAcc; ++e) {
+        put(block_first + mine + 8 * (e % 4 / 2), 8 * (e / 4) + 2 * c + e % 2, acc[e]);
+      }
+    });
+    return;
+  }
+  // K split over the blocks of a cluster (one column of blocks): each block's sums into its own
+  // shared memory (the rings' bytes, free now), then each block adds a slice of all of them
+  // (distributed shared memory) and writes it out
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   __syncthreads();  // every warp is done with the rings
   float* sums = reinterpret_cast<float*>(dynamic_smem);
-  each_sum(0, [&](int n, int m, float sum) { sums[m * kWgmmaSumsRow + n] = sum; });
+#pragma unroll
+  for (int e = 0; e < kAcc; ++e) {
+    sums[(8 * (e / 4) + 2 * c + e % 2) * kWgmmaSumsRow + mine + 8 * (e % 4 / 2)] = acc[e];
+  }
   cluster.sync();
-  const int block_first = blockIdx.x * kGemmRows;
   const int ranks = static_cast<int>(cluster.num_blocks()), rank = cluster.block_rank();
   const int width = min(kGemmRows, a.rows - block_first), quads = a.m_rows * kGemmRows / 4;
-  const int share = (rank + 1) * quads / ranks;  // this block's share of the sums, 4 at a time
-  for (int j = rank * quads / ranks + threadIdx.x; j < share; j += kWgmmaThreads) {
+  const int end = (rank + 1) * quads / ranks;  // this block's share of the sums, 4 at a time
+  for (int j = rank * quads / ranks + threadIdx.x; j < end; j += kWgmmaThreads) {
     const int m = 4 * j / kGemmRows, r = 4 * j % kGemmRows, at = m * kWgmmaSumsRow + r;
     if (r >= width) continue;
     float4 sum = *reinterpret_cast<const float4*>(cluster.map_shared_rank(sums + at, 0));
@@ -1455,7 +1395,6 @@ constexpr const char* kQ4Gemm = "kiln.gemv.q4_gemm";
 constexpr const char* kQ4GemmMma = "kiln.gemv.q4_gemm_mma";
 constexpr const char* kQ4GemmWgmma = "kiln.gemv.q4_gemm_wgmma";
 constexpr const char* kQ4GemmSplits = "kiln.gemv.q4_gemm_splits";
-constexpr const char* kQ4GemmStream = "kiln.gemv.q4_gemm_stream";
 constexpr const char* kQ4GemmPlan = "kiln.gemv.q4_gemm_plan";
 constexpr const char* kQ4MoeSwiGLU = "kiln.gemv.q4_moe_swiglu";
 constexpr const char* kQ4Moe = "kiln.gemv.q4_moe";
@@ -1694,19 +1633,13 @@ bool WgmmaRuns(const char* name, int device) {
 #endif
 }
 
-// A way of running Q4Wgmma, timed in sub-steps of a block's weights: (waves of blocks) x (a
-// block's sub-steps + its fixed cost: 4, and 3 more when a column's sums are split). The fixed
-// costs, at 64 rows of x, from an H200 (bench/q4_batched.py): costs of 2 and 1 split the 7B's
-// gate_up (86 columns) 3 ways, 51.4 us against 47.8 unsplit; o (16 columns, 4 sub-steps a block
-// at 8 splits) takes 16.5 us, down (11 a block) 28.1.
-double WgmmaCost(int64_t waves, int64_t sub_steps, bool split) {
-  return static_cast<double>(waves) * (sub_steps + 4 + (split ? 3 : 0));
-}
-
 // K's splits for Q4Wgmma: 1 to 8 blocks of a cluster (their sums meet in shared memory, no
-// scratch, no counters), the fewest that minimize WgmmaCost with waves of clusters.
-// `clusters(s)`: how many clusters of s blocks the GPU holds at once. A split keeps at least 4
-// sub-steps.
+// scratch, no counters), the fewest that minimize (waves of clusters) x (a block's sub-steps +
+// its fixed cost: 4, and 3 more when split). `clusters(s)`: how many clusters of s blocks the GPU
+// holds at once. A split keeps at least 4 sub-steps. The fixed costs, in sub-steps at 64 rows of
+// x, from an H200 (bench/q4_batched.py): costs of 2 and 1 split the 7B's gate_up (86 columns)
+// 3 ways, 51.4 us against 47.8 unsplit; o (16 columns, 4 sub-steps a block at 8 splits) takes
+// 16.5 us, down (11 a block) 28.1.
 template <typename Clusters>
 int WgmmaSplits(int64_t columns, int64_t k, Clusters clusters) {
   const int64_t steps = k / 128;
@@ -1714,7 +1647,8 @@ int WgmmaSplits(int64_t columns, int64_t k, Clusters clusters) {
   double best_cost = 0;
   for (int s = 1; s <= kWgmmaMaxSplits && (s == 1 || steps / s >= 4); ++s) {
     const int64_t held = std::max<int64_t>(1, clusters(s));
-    const double cost = WgmmaCost((columns + held - 1) / held, (steps + s - 1) / s, s > 1);
+    const double cost = static_cast<double>((columns + held - 1) / held) *
+                        ((steps + s - 1) / s + 4 + (s > 1 ? 3 : 0));
     if (s == 1 || cost < best_cost) best = s, best_cost = cost;
   }
   return best;
@@ -1769,66 +1703,22 @@ int WgmmaClusters(const char* name, int device, int s) {
   return n - 1;
 }
 
-// How Q4Wgmma runs a call: K split over `splits` blocks of a cluster (1: unsplit), or (stream > 0)
-// a stream-K grid of `stream` blocks.
-struct WgmmaWay {
-  int splits, stream;
-};
-
-// The stream-K grid's blocks for a call: `forced`, or the blocks `device` holds at once, at most
-// one a unit; 0 where it cannot run: no counters, or more parts of a column's sums than the
-// scratch (N x K halves) holds as (parts, M, N) fp32.
+// Q4Wgmma<kN>'s splits for `columns` column blocks and K: `forced` (1 to kWgmmaMaxSplits, for
+// tests; at most K / 128) or WgmmaSplits' choice, and 1 where the device holds no cluster of them.
 template <int kN>
-int StreamBlocks(const char* name, int device, const GemmArgs& a, int64_t columns, int forced) {
-  const int64_t units = columns * (a.k / 128);
-  const int64_t blocks =
-      std::min<int64_t>(units, forced > 0 ? forced : WgmmaClusters<kN>(name, device, 1));
-  if (a.counters == nullptr || blocks < 1 || columns > kGemmColumns) return 0;
-  const int64_t per = units / blocks, parts = (a.k / 128 + per - 1) / per + 1;
-  return parts * a.m_rows * 2 <= a.k ? static_cast<int>(blocks) : 0;
-}
-
-// Q4Wgmma<kN>'s way for a call: forced (for tests: `splits` 1 to kWgmmaMaxSplits, at most K / 128,
-// or a stream-K grid of `stream` blocks) or the cheaper by WgmmaCost of WgmmaSplits' clusters and
-// a stream-K grid of the blocks the GPU holds, each of which takes an even share of all the
-// columns' sub-steps (so the grid is one full wave whatever the columns; a column's sums split
-// between blocks meet in the scratch, as Q4Gemm's splits do). Clusters where the device holds
-// none run unsplit; stream-K keeps at least 4 sub-steps a block.
-template <int kN>
-WgmmaWay PlanWgmma(const char* name, int device, const GemmArgs& a, int forced_splits = 0,
-                   int forced_stream = 0) {
-  const int64_t columns = (a.rows + kGemmRows - 1) / kGemmRows, steps = a.k / 128;
-  if (forced_stream > 0) {
-    const int blocks = StreamBlocks<kN>(name, device, a, columns, forced_stream);
-    TVM_FFI_CHECK(blocks > 0, ValueError)
-        << name << ": a stream-K grid of " << forced_stream << " blocks needs the split counters "
-        << "(allocated outside CUDA graph capture) and a scratch of at least (parts of a column) "
-        << "x M x N floats";
-    return {1, blocks};
-  }
+int WgmmaPlan(const char* name, int device, int64_t columns, int k, int forced = 0) {
   auto clusters = [&](int s) { return WgmmaClusters<kN>(name, device, s); };
-  int splits = forced_splits > 0 ? static_cast<int>(std::min<int64_t>(forced_splits, steps))
-                                 : WgmmaSplits(columns, a.k, clusters);
-  if (splits > 1 && clusters(splits) < 1) splits = 1;
-  const int blocks = forced_splits > 0 ? 0 : StreamBlocks<kN>(name, device, a, columns, 0);
-  if (blocks == 0 || columns * steps / blocks < 4) return {splits, 0};
-  const int64_t held = std::max(1, clusters(splits));
-  const double cluster = WgmmaCost((columns + held - 1) / held, (steps + splits - 1) / splits,
-                                   splits > 1);
-  const double stream = WgmmaCost(1, (columns * steps + blocks - 1) / blocks, true);
-  return stream < cluster ? WgmmaWay{1, blocks} : WgmmaWay{splits, 0};
+  const int splits = forced > 0 ? std::min(forced, k / 128) : WgmmaSplits(columns, k, clusters);
+  return splits > 1 && clusters(splits) >= 1 ? splits : 1;
 }
 
 template <int kN>
-void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream,
-                 int forced_splits = 0, int forced_stream = 0) {
+void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream, int forced = 0) {
   OptInWgmma<kN>(name, device);
-  const WgmmaWay way = PlanWgmma<kN>(name, device, a, forced_splits, forced_stream);
-  a.splits = way.splits, a.stream = way.stream;
   const int64_t columns = (a.rows + kGemmRows - 1) / kGemmRows;
+  a.splits = WgmmaPlan<kN>(name, device, columns, a.k, forced);
   cudaLaunchAttribute cluster;
-  const cudaLaunchConfig_t config =
-      WgmmaLaunch<kN>(way.stream > 0 ? way.stream : columns, way.splits, stream, &cluster);
+  const cudaLaunchConfig_t config = WgmmaLaunch<kN>(columns, a.splits, stream, &cluster);
   CheckCuda(cudaLaunchKernelEx(&config, Q4Wgmma<kN>, a), name, "the kernel launch");
 }
 
@@ -1839,10 +1729,10 @@ bool TakesWgmma(const char* name, const Q4Call& call) {
          WgmmaRuns(name, call.device);
 }
 
-// Q4Gemm over x's rows, kGemmMaxM a kernel (Q4Wgmma where it can, unless `mma_only`; forced to a
-// way for tests, PlanWgmma); `w` (N, K) float16 scratch holds split sums.
+// Q4Gemm over x's rows, kGemmMaxM a kernel (Q4Wgmma where it can, unless `mma_only`); `w` (N, K)
+// float16 scratch holds Q4Gemm's splits' sums.
 void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t stream,
-             bool mma_only = false, int forced_splits = 0, int forced_stream = 0) {
+             bool mma_only = false, int forced_splits = 0) {
   const bool wgmma = !mma_only && TakesWgmma(name, call);
   GemmArgs a{};
   a.w = static_cast<const uint4*>(call.a.w);
@@ -1850,7 +1740,7 @@ void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t
   a.scales8 = (call.a.k / 32) % 4 == 0 && reinterpret_cast<uintptr_t>(a.scale) % 8 == 0;
   a.vector_out = call.a.rows % 4 == 0 && reinterpret_cast<uintptr_t>(call.a.out) % 8 == 0;
   a.partial = reinterpret_cast<float*>(DataOf(w));
-  a.counters = GemmCounters(name, call.device, stream);
+  a.counters = wgmma ? nullptr : GemmCounters(name, call.device, stream);  // Q4Gemm's splits
   a.k = call.a.k;
   a.rows = call.a.rows;
   for (int first = 0; first < call.a.m_rows; first += kGemmMaxM) {
@@ -1859,8 +1749,7 @@ void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t
     a.m_rows = std::min(call.a.m_rows - first, kGemmMaxM);
     if (wgmma) {
       WithWgmmaWidth(a.m_rows, [&](auto n) {
-        LaunchWgmma<decltype(n)::value>(name, a, call.device, stream, forced_splits,
-                                        forced_stream);
+        LaunchWgmma<decltype(n)::value>(name, a, call.device, stream, forced_splits);
       });
       continue;
     }
@@ -1915,55 +1804,31 @@ void Q4GemmMma(Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
 }
 
 // For tests: Q4Wgmma with K split over `splits` blocks of a cluster (1 to kWgmmaMaxSplits, at
-// most K / 128), or (`stream`) as a stream-K grid of `splits` blocks, where it runs.
-void RunWgmmaForced(const char* name, bool stream, int64_t splits, const Tensor& x,
-                    const Tensor& qweight, const Tensor& scale, const Tensor& out,
-                    const Tensor& w) {
-  TVM_FFI_CHECK(splits >= 1 && splits <= (stream ? (int64_t{1} << 20) : kWgmmaMaxSplits),
-                ValueError)
-      << name << ": " << (stream ? "blocks" : "splits") << " must be 1 to "
-      << (stream ? (int64_t{1} << 20) : kWgmmaMaxSplits) << ", not " << splits;
+// most K / 128), where it runs.
+void Q4GemmSplits(int64_t splits, Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
+  const char* name = kQ4GemmSplits;
+  TVM_FFI_CHECK(splits >= 1 && splits <= kWgmmaMaxSplits, ValueError)
+      << name << ": splits must be 1 to " << kWgmmaMaxSplits << ", not " << splits;
   const Q4Call call = CheckQ4(name, 0, false, x, qweight, scale, out);
   CheckScratch(name, w, call.a.rows, call.a.k, call.device);
   TVM_FFI_CHECK(TakesWgmma(name, call), ValueError)
       << name << " runs Q4Wgmma, which needs a compute capability 9.0 GPU, a library built for "
       << "sm_90a, K % 128 == 0 and 8-byte aligned scales";
-  const int forced = static_cast<int>(splits);
-  RunGemm(name, call, w, TvmStream(name, call.device), false, stream ? 0 : forced,
-          stream ? forced : 0);
+  RunGemm(name, call, w, TvmStream(name, call.device), false, static_cast<int>(splits));
 }
 
-void Q4GemmSplits(int64_t splits, Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
-  RunWgmmaForced(kQ4GemmSplits, false, splits, x, qweight, scale, out, w);
-}
-
-void Q4GemmStream(int64_t blocks, Tensor x, Tensor qweight, Tensor scale, Tensor out, Tensor w) {
-  RunWgmmaForced(kQ4GemmStream, true, blocks, x, qweight, scale, out, w);
-}
-
-// For benchmarks: how q4_gemm runs on cuda:`device` for `m_rows` rows of x (the first kGemmMaxM)
-// and an (N, K) weight, with a scratch of N x K halves: "mma" (Q4Gemm), or "wgmma splits S"
-// (Q4Wgmma, K split over a cluster of S blocks; 1: unsplit), or "wgmma stream B" (a stream-K
-// grid of B blocks).
-tvm::ffi::String Q4GemmPlan(int64_t m_rows, int64_t n, int64_t k, int64_t device) {
+// For benchmarks: the splits of K q4_gemm takes on cuda:`device` for `m_rows` rows of x and an
+// (N, K) weight; 0 where it runs the mma.sync kernel (Q4Gemm's splits are not reported).
+int64_t Q4GemmPlan(int64_t m_rows, int64_t n, int64_t k, int64_t device) {
   const char* name = kQ4GemmPlan;
-  TVM_FFI_CHECK(m_rows >= 1 && n >= 1 && n < (int64_t{1} << 30) && k >= 32 && k % 32 == 0 &&
-                    k < (int64_t{1} << 30),
-                ValueError)
+  TVM_FFI_CHECK(m_rows >= 1 && n >= 1 && k >= 32 && k % 32 == 0, ValueError)
       << name << ": rows of x, N and K (a multiple of 32) must be positive";
   const int id = static_cast<int>(device);
-  if (k % 128 != 0 || !WgmmaRuns(name, id)) return "mma";
-  GemmArgs a{};
-  a.m_rows = static_cast<int>(std::min<int64_t>(m_rows, kGemmMaxM));
-  a.rows = static_cast<int>(n);
-  a.k = static_cast<int>(k);
-  a.counters = GemmCounters(name, id, TvmStream(name, id));
-  const WgmmaWay way = WithWgmmaWidth(a.m_rows, [&](auto width) {
-    OptInWgmma<decltype(width)::value>(name, id);
-    return PlanWgmma<decltype(width)::value>(name, id, a);
+  if (k % 128 != 0 || !WgmmaRuns(name, id)) return 0;
+  const int64_t columns = (n + kGemmRows - 1) / kGemmRows;
+  return WithWgmmaWidth(std::min<int64_t>(m_rows, kGemmMaxM), [&](auto n) {
+    return int64_t{WgmmaPlan<decltype(n)::value>(name, id, columns, static_cast<int>(k))};
   });
-  return way.stream > 0 ? "wgmma stream " + std::to_string(way.stream)
-                        : "wgmma splits " + std::to_string(way.splits);
 }
 
 // For tests: whether kiln.gemv.q4_gemm runs on the warpgroup MMAs on cuda:`device`.
@@ -2144,7 +2009,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4GemmMma, Q4GemmMma)
       .def(kQ4GemmWgmma, Q4GemmWgmma)
       .def(kQ4GemmSplits, Q4GemmSplits)
-      .def(kQ4GemmStream, Q4GemmStream)
       .def(kQ4GemmPlan, Q4GemmPlan)
       .def_packed(kQ4MoeSwiGLU,
                   [](tvm::ffi::PackedArgs args, tvm::ffi::Any*) {

@@ -36,10 +36,9 @@ one of the kernels' variants, `q4_default_variant(rows, K, swiglu)` names the de
 `q4_gemm(x, qweight, scale, out, w)` runs q4_batched's 9-to-64-row kernel for any rows,
 `q4_gemm_mma(...)` its mma.sync form (what runs off Hopper), `q4_gemm_wgmma(device)` says
 whether q4_gemm takes the warpgroup MMAs there, `q4_gemm_splits(splits, ...)` runs those with
-K split over a cluster of that many blocks, `q4_gemm_stream(blocks, ...)` as a stream-K grid of
-that many blocks, `q4_gemm_plan(m, N, K, device)` names the way q4_gemm takes ("mma", "wgmma
-splits S", "wgmma stream B"), and `q4_dequantize(qweight, scale, w)` is the dequantize:
-bench/q4_batched.py times each way.)
+K split over a cluster of that many blocks, `q4_gemm_plan(m, N, K, device)` says how many
+q4_gemm takes, and `q4_dequantize(qweight, scale, w)` is the dequantize: bench/q4_batched.py
+times each way.)
 
 The library is device code, so it is built with nvcc, as Kiln's prefill attention is
 (kiln.runtime.attention; kiln.runtime.native finds nvcc and builds both alike), for the

@@ -261,31 +261,6 @@ def test_q4_wgmma_splits_meet_in_the_cluster(dev, splits):
     assert error(run_scratch(dev, fn, x, qweight, scale), want) <= TOL, splits
 
 
-@pytest.mark.parametrize("blocks, m", [(1, 40), (7, 40), (50, 16), (132, 100), (400, 40)])
-def test_q4_wgmma_stream_parts_meet_in_the_scratch(dev, blocks, m):
-    """Q4Wgmma as a stream-K grid of `blocks` blocks, each an even share of the (column,
-    sub-step) units: one block walking all four columns; blocks that end and start mid-column,
-    whose parts of a column's sums meet in the scratch (the last to finish adds them in order);
-    more blocks than units (one each). Equals float64, and a second call gives the same bits
-    (the column counters are back at zero, and the order of the parts' sum is fixed). N = 1002
-    (a partial last column), K of 86 sub-steps, 16 to 100 rows of x (two kernels)."""
-    if not tvm_ffi.get_global_func("kiln.gemv.q4_gemm_wgmma")(dev.index):
-        pytest.skip("Q4Wgmma runs on compute capability 9.0 GPUs")
-    rng = np.random.default_rng(blocks + m)
-    n, k = 1002, 11008
-    x = rng.standard_normal((m, k)).astype(np.float16)
-    qweight, scale = q4_weight(rng, n, k)
-    want = x.astype(np.float64) @ dequantize(qweight, scale).T
-    stream = tvm_ffi.get_global_func("kiln.gemv.q4_gemm_stream")
-
-    def fn(*args):
-        stream(blocks, *args)
-
-    first = run_scratch(dev, fn, x, qweight, scale)
-    assert error(first, want) <= TOL, blocks
-    np.testing.assert_array_equal(run_scratch(dev, fn, x, qweight, scale).numpy(), first.numpy())
-
-
 def test_q4_gemm_takes_the_warpgroup_mmas_on_hopper(dev):
     """The library is built for sm_90a wherever it is for sm_90 (kiln.runtime.gemv.build_flags),
     so on a compute capability 9.0 GPU q4_gemm must run Q4Wgmma (what the test above checks

@@ -83,7 +83,6 @@ batched = tvm_ffi.get_global_func("kiln.gemv.q4_batched")
 gemm = tvm_ffi.get_global_func("kiln.gemv.q4_gemm")
 pick = tvm_ffi.get_global_func("kiln.gemv.q4_default_variant")
 splits = tvm_ffi.get_global_func("kiln.gemv.q4_gemm_splits")
-stream = tvm_ffi.get_global_func("kiln.gemv.q4_gemm_stream")
 plan = tvm_ffi.get_global_func("kiln.gemv.q4_gemm_plan")
 host = lambda shape, dtype="float16": tvm_ffi.from_dlpack(np.zeros(shape, dtype))
 w, s = host((10, 8), "uint32"), host((10, 2))
@@ -108,7 +107,6 @@ calls = {
                                             host((1, 10)), 3),
     "graph copies": lambda: graph_time(1, False, host((1, 64)), [w, w], [s], host((1, 10)), 3),
     "splits 9": lambda: splits(9, host((20, 64)), w, s, host((20, 10)), host((10, 64))),
-    "stream 0": lambda: stream(0, host((20, 64)), w, s, host((20, 10)), host((10, 64))),
     "plan K 48": lambda: plan(20, 10, 48, 0),
 }
 errors = {}
@@ -148,7 +146,6 @@ ERRORS = {
     "graph on the host": ("ValueError", "kiln.gemv.q4_graph_time: x must be on cuda:0"),
     "graph copies": ("ValueError", "q4_graph_time: give as many scales as qweights"),
     "splits 9": ("ValueError", "kiln.gemv.q4_gemm_splits: splits must be 1 to 8, not 9"),
-    "stream 0": ("ValueError", "kiln.gemv.q4_gemm_stream: blocks must be 1 to 1048576, not 0"),
     "plan K 48": ("ValueError", "q4_gemm_plan: rows of x, N and K (a multiple of 32) must be"),
 }
 
@@ -162,11 +159,10 @@ def test_loads_and_checks_arguments_without_gpu_or_compiler(built):
     bench = {f"kiln.gemv.{f}" for f in ("q4_tiled", "q4_swiglu_tiled", "q4_default_variant",
                                         "q4_graph_time", "q4_dequantize", "q4_gemm",
                                         "q4_gemm_mma", "q4_gemm_wgmma",
-                                        "q4_gemm_splits", "q4_gemm_stream",
-                                        "q4_gemm_plan")}  # fmt: skip
+                                        "q4_gemm_splits", "q4_gemm_plan")}  # fmt: skip
     assert {*gemv.FUNCTIONS, *bench} <= set(result["names"])
     assert set(result["picks"]) <= {1, 2, 3, 4}  # the default runs one of the variants
-    assert result["plan_k_4160"] == "mma"
+    assert result["plan_k_4160"] == 0
     assert set(result["errors"]) == set(ERRORS)
     for name, (kind, message) in ERRORS.items():
         got = result["errors"][name]
