@@ -1043,15 +1043,18 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
   }
   const half* ssrc = a.scale + 4 * t0 +
                      int64_t{min(block_first + static_cast<int>(threadIdx.x), a.rows - 1)} * groups;
-  auto copy = [&](int u) {  // sub-step t0 + u -> staging u % kWgmmaStaging, one commit group
+  // The rings' slots are static in the loop below (unrolled by kWgmmaDepth == kWgmmaSlots ==
+  // kWgmmaStaging): sub-step u's are u % 3 = its d there, with no division and the addresses fixed
+  static_assert(kWgmmaDepth == kWgmmaSlots && kWgmmaDepth == kWgmmaStaging, "one slot a d");
+  auto copy = [&](int u, int slot) {  // sub-step t0 + u -> staging `slot`, one commit group
     if (u < count) {
-      char* st = staging + (u % kWgmmaStaging) * WgmmaStagingBytes<kN>();
+      char* st = staging + slot * WgmmaStagingBytes<kN>();
 #pragma unroll
       for (int j = 0; j < kCopies; ++j) {
         const int i = threadIdx.x + kWgmmaThreads * j;
-        if (i >= kPieces) break;
-        CopyAsync16(st + (i / 16) * kStagingRow + 16 * (i % 16),
-                    x_valid[j] ? xsrc[j] + 128 * u : a.x, x_valid[j]);
+        if (kPieces % kWgmmaThreads != 0 && i >= kPieces) break;
+        // (a row past M: no read, 16 zero bytes; its address is row M - 1's)
+        CopyAsync16(st + (i / 16) * kStagingRow + 16 * (i % 16), xsrc[j] + 128 * u, x_valid[j]);
       }
       if (threadIdx.x < kGemmRows) {
         CopyAsync8(st + kN * kStagingRow + 8 * threadIdx.x, ssrc + 4 * u);
@@ -1059,13 +1062,15 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
     }
     CommitAsync();
   };
-  // Sub-step u's x, staged, paired up into B's slot u % kWgmmaSlots; this lane's scales (rows
-  // mine and + 8, group c) as (s, s)
-  const int xn = threadIdx.x % kN, xv = threadIdx.x / kN;
-  auto pair_up = [&](int u, uint32_t (&scales)[2]) {
-    const char* st = staging + (u % kWgmmaStaging) * WgmmaStagingBytes<kN>();
-    if (threadIdx.x < kUnits) {
-      char* slot = slots + (u % kWgmmaSlots) * WgmmaSlotBytes<kN>();
+  // A sub-step's x, staged in `slot`, paired up into B's slot `slot` by the last kUnits threads
+  // (the first kGemmRows copy the scales); this lane's scales (rows mine and + 8, group c) as
+  // (s, s)
+  const int pairing = static_cast<int>(threadIdx.x) - (kWgmmaThreads - kUnits);
+  const int xn = pairing % kN, xv = pairing / kN;
+  auto pair_up = [&](int slot_index, uint32_t (&scales)[2]) {
+    const char* st = staging + slot_index * WgmmaStagingBytes<kN>();
+    if (pairing >= 0) {
+      char* slot = slots + slot_index * WgmmaSlotBytes<kN>();
       uint32_t b[4][4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -1076,12 +1081,12 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
         *reinterpret_cast<uint4*>(slot + ((4 * xv + p) * kN + xn) * 16) =
             make_uint4(b[0][p], b[1][p], b[2][p], b[3][p]);
       }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the tensor cores
     }
     const unsigned short* ss =
         reinterpret_cast<const unsigned short*>(st + kN * kStagingRow) + 4 * mine + c;
     scales[0] = ss[0] * 0x10001u;
-    scales[1] = ss[32] * 0x10001u;                                  // row mine + 8
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the tensor cores
+    scales[1] = ss[32] * 0x10001u;  // row mine + 8
   };
   uint4 q[kWgmmaDepth][2];
   auto load_w = [&](int u, uint4 (&qs)[2]) {
@@ -1093,7 +1098,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
 #pragma unroll
   for (int d = 0; d < kWgmmaDepth; ++d) load_w(d, q[d]);
 #pragma unroll
-  for (int u = 0; u < kWgmmaStaging; ++u) copy(u);
+  for (int u = 0; u < kWgmmaStaging; ++u) copy(u, u);
   uint32_t scales[2], next[2];
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kWgmmaStaging - 1));
   __syncthreads();
@@ -1109,9 +1114,8 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
       if (u >= count) break;
       asm volatile("cp.async.wait_group %0;\n" ::"n"(kWgmmaStaging - 2));  // u + 1's copies
       __syncthreads();  // u's B paired up, u + 1 staged, u - 2's MMAs done in every warpgroup
-      copy(u + kWgmmaStaging);
-      const uint64_t desc =
-          WgmmaDescriptor(slots + (u % kWgmmaSlots) * WgmmaSlotBytes<kN>(), kN * 16, 128);
+      copy(u + kWgmmaStaging, d);
+      const uint64_t desc = WgmmaDescriptor(slots + d * WgmmaSlotBytes<kN>(), kN * 16, 128);
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
         WgmmaWait<1>();  // the MMAs of word v - 2 (the same fragment registers) are done
@@ -1132,7 +1136,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
         WgmmaCommit();
       }
       load_w(u + kWgmmaDepth, q[d]);
-      if (u + 1 < count) pair_up(u + 1, next);
+      if (u + 1 < count) pair_up((d + 1) % kWgmmaSlots, next);
       scales[0] = next[0], scales[1] = next[1];
     }
   }
