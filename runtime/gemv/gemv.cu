@@ -877,9 +877,10 @@ __global__ void __launch_bounds__(GemmThreads<kTiles>(), GemmBlocksPerSm<kNT, kT
 
 // ---------------------------------------------------------------------------------------------
 // The same product on Hopper's warpgroup MMAs (wgmma, sm_90a; Q4Gemm above elsewhere), for
-// K % 128 == 0 and up to kN (16, 32 or 64) rows of x: x becomes the MMA's B (16 k x kN, read by
-// the tensor cores from shared memory through a descriptor) and the dequantized weights its A
-// (64 rows x 16 k, in registers). A block is four warpgroups of 64 rows, kGemmRows in all. wgmma
+// K % 128 == 0 and up to kN (16, 32, 64 or 128) rows of x: x becomes the MMA's B (16 k x kN, read
+// by the tensor cores from shared memory through a descriptor) and the dequantized weights its A
+// (64 rows x 16 k, in registers). A block is four warpgroups of 64 rows (two at kN = 128, whose
+// accumulators take 64 registers a thread: WgmmaGroups), WgmmaRows<kN>() in all. wgmma
 // runs asynchronously: a warp dequantizes the next word of its rows while the tensor cores work
 // on the last, so the ALU work that bounds Q4Gemm overlaps the MMAs. K is split over the blocks
 // of a cluster (1 to 8, WgmmaSplits): each puts its sums in its shared memory and adds a slice
@@ -908,13 +909,27 @@ __global__ void __launch_bounds__(GemmThreads<kTiles>(), GemmBlocksPerSm<kNT, kT
 // Two tiles a warpgroup (8 warps, 224-249 registers), a register ring of 2 to 4 sub-steps, 4
 // fragment buffers, and x staged per warpgroup were all within 5% or slower (bench/NOTES.md).
 
-constexpr int kWgmmaThreads = 4 * 128;  // four warpgroups of one 64-row tile
+// A Q4Wgmma<kN> block: four warpgroups of one 64-row tile (256 weight rows, 512 threads) up to
+// kN = 64; two (128 rows, 256 threads) at kN = 128, whose 64 fp32 accumulators a thread need
+// the registers of a 256-thread block.
+template <int kN>
+__host__ __device__ constexpr int WgmmaGroups() {
+  return kN <= 64 ? 4 : 2;
+}
+template <int kN>
+__host__ __device__ constexpr int WgmmaThreads() {
+  return 128 * WgmmaGroups<kN>();
+}
+template <int kN>
+__host__ __device__ constexpr int WgmmaRows() {
+  return 64 * WgmmaGroups<kN>();
+}
+constexpr int kWgmmaMaxN = 128;   // rows of x a Q4Wgmma kernel takes
 constexpr int kWgmmaStaging = 3;  // x and scales as copied: sub-steps u + 1 .. u + 3 in flight
 constexpr int kWgmmaSlots = 3;    // x as B: u - 1 (another warpgroup's MMAs), u, u + 1
 constexpr int kWgmmaDepth = 3;    // sub-steps of weights in registers
 constexpr int kStagingRow = 256 + 16;  // bytes between x's rows in staging (8 rows: 8 banks)
-constexpr int kWgmmaSumsRow = kGemmRows + 4;  // floats between x's rows of a split's sums
-constexpr int kWgmmaMaxSplits = 8;            // a cluster (the portable size)
+constexpr int kWgmmaMaxSplits = 8;     // a cluster (the portable size)
 
 template <int kN>
 __host__ __device__ constexpr int WgmmaSlotBytes() {
@@ -923,7 +938,7 @@ __host__ __device__ constexpr int WgmmaSlotBytes() {
 
 template <int kN>
 __host__ __device__ constexpr int WgmmaStagingBytes() {
-  return kN * kStagingRow + kGemmRows * 8;
+  return kN * kStagingRow + WgmmaRows<kN>() * 8;
 }
 
 template <int kN>
@@ -935,6 +950,34 @@ __host__ __device__ constexpr int WgmmaSmemBytes() {
 // mma.sync's A layout) b (16 x kN fp16, shared memory, `b` its descriptor), asynchronously.
 template <int kN>
 __device__ __forceinline__ void Wgmma(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t b);
+
+template <>
+__device__ __forceinline__ void Wgmma<128>(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+        "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));
+}
 
 template <>
 __device__ __forceinline__ void Wgmma<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
@@ -1011,10 +1054,12 @@ __device__ __forceinline__ uint4 LoadStreaming256(const void* p) {
 }
 
 template <int kN>
-__global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
+__global__ void __launch_bounds__(WgmmaThreads<kN>(), 1) Q4Wgmma(GemmArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kAcc = kN / 2, kUnits = 4 * kN, kPieces = kN * 16;  // x's 16-byte pieces
-  static_assert(WgmmaSmemBytes<kN>() >= kN * kWgmmaSumsRow * 4, "a split's sums fit the rings");
+  constexpr int kThreads = WgmmaThreads<kN>(), kBlockRows = WgmmaRows<kN>();
+  constexpr int kSumsRow = kBlockRows + 4;  // floats between x's rows of a split's sums
+  static_assert(WgmmaSmemBytes<kN>() >= kN * kSumsRow * 4, "a split's sums fit the rings");
   extern __shared__ uint4 dynamic_smem[];
   char* slots = reinterpret_cast<char*>(dynamic_smem);
   char* staging = slots + kWgmmaSlots * WgmmaSlotBytes<kN>();
@@ -1023,7 +1068,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
   const int groups = a.k / 32, steps = groups / 4;
   const int t0 = static_cast<int>(int64_t{blockIdx.y} * steps / a.splits);
   const int t1 = static_cast<int>(int64_t{blockIdx.y + 1} * steps / a.splits);
-  const int count = t1 - t0, block_first = blockIdx.x * kGemmRows;
+  const int count = t1 - t0, block_first = blockIdx.x * kBlockRows;
   const int mine = 64 * warpgroup + 16 * warp + g;  // this lane's row in the block (+ 8 h)
   const uint4* wsrc[2];
 #pragma unroll
@@ -1031,13 +1076,13 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
     wsrc[h] = a.w + int64_t{min(block_first + mine + 8 * h, a.rows - 1)} * groups + 4 * t0 + c;
   }
   // What this thread copies each sub-step: x's pieces (row i / 16, k 8 (i % 16) ..) for
-  // i = threadIdx.x + kWgmmaThreads j, and (the first kGemmRows threads) a row's 4 scales
-  constexpr int kCopies = (kPieces + kWgmmaThreads - 1) / kWgmmaThreads;
+  // i = threadIdx.x + kThreads j, and (the first kBlockRows threads) a row's 4 scales
+  constexpr int kCopies = (kPieces + kThreads - 1) / kThreads;
   const half* xsrc[kCopies];
   bool x_valid[kCopies];
 #pragma unroll
   for (int j = 0; j < kCopies; ++j) {
-    const int n = (threadIdx.x + kWgmmaThreads * j) / 16;
+    const int n = (threadIdx.x + kThreads * j) / 16;
     x_valid[j] = n < a.m_rows;
     xsrc[j] = a.x + int64_t{min(n, a.m_rows - 1)} * a.k + 128 * t0 + 8 * (threadIdx.x % 16);
   }
@@ -1051,35 +1096,40 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
       char* st = staging + slot * WgmmaStagingBytes<kN>();
 #pragma unroll
       for (int j = 0; j < kCopies; ++j) {
-        const int i = threadIdx.x + kWgmmaThreads * j;
-        if (kPieces % kWgmmaThreads != 0 && i >= kPieces) break;
+        const int i = threadIdx.x + kThreads * j;
+        if (kPieces % kThreads != 0 && i >= kPieces) break;
         // (a row past M: no read, 16 zero bytes; its address is row M - 1's)
         CopyAsync16(st + (i / 16) * kStagingRow + 16 * (i % 16), xsrc[j] + 128 * u, x_valid[j]);
       }
-      if (threadIdx.x < kGemmRows) {
+      if (threadIdx.x < kBlockRows) {
         CopyAsync8(st + kN * kStagingRow + 8 * threadIdx.x, ssrc + 4 * u);
       }
     }
     CommitAsync();
   };
   // A sub-step's x, staged in `slot`, paired up into B's slot `slot` by the last kUnits threads
-  // (the first kGemmRows copy the scales); this lane's scales (rows mine and + 8, group c) as
-  // (s, s)
-  const int pairing = static_cast<int>(threadIdx.x) - (kWgmmaThreads - kUnits);
-  const int xn = pairing % kN, xv = pairing / kN;
+  // (the first kBlockRows copy the scales), a unit (row of x xn, word xv) each (at kN = 128, two
+  // each: every thread); this lane's scales (rows mine and + 8, group c) as (s, s)
+  constexpr int kPairings = (kUnits + kThreads - 1) / kThreads;
+  static_assert(kUnits <= kThreads || kUnits % kThreads == 0, "whole units a thread");
+  const int pairing = static_cast<int>(threadIdx.x) - (kUnits < kThreads ? kThreads - kUnits : 0);
   auto pair_up = [&](int slot_index, uint32_t (&scales)[2]) {
     const char* st = staging + slot_index * WgmmaStagingBytes<kN>();
     if (pairing >= 0) {
       char* slot = slots + slot_index * WgmmaSlotBytes<kN>();
-      uint32_t b[4][4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        PairUp(LoadShared(st + xn * kStagingRow + 16 * (4 * q + xv)), b[q]);
-      }
+      for (int r = 0; r < kPairings; ++r) {
+        const int unit = pairing + kThreads * r, xn = unit % kN, xv = unit / kN;
+        uint32_t b[4][4];
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        *reinterpret_cast<uint4*>(slot + ((4 * xv + p) * kN + xn) * 16) =
-            make_uint4(b[0][p], b[1][p], b[2][p], b[3][p]);
+        for (int q = 0; q < 4; ++q) {
+          PairUp(LoadShared(st + xn * kStagingRow + 16 * (4 * q + xv)), b[q]);
+        }
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          *reinterpret_cast<uint4*>(slot + ((4 * xv + p) * kN + xn) * 16) =
+              make_uint4(b[0][p], b[1][p], b[2][p], b[3][p]);
+        }
       }
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the tensor cores
     }
@@ -1146,7 +1196,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
   WaitAsync();  // (only empty groups are left)
   // acc[4 j + e]: weight row mine (+ 8 for e = 2, 3), row of x 8 j + 2 c (+ 1 for e = 1, 3)
   if (a.splits == 1) {
-    GemmFinish<kWgmmaThreads>(a, block_first, [&](auto&& put) {
+    GemmFinish<kThreads>(a, block_first, [&](auto&& put) {
 #pragma unroll
       for (int e = 0; e < kAcc; ++e) {
         put(block_first + mine + 8 * (e % 4 / 2), 8 * (e / 4) + 2 * c + e % 2, acc[e]);
@@ -1163,14 +1213,14 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) Q4Wgmma(GemmArgs a) {
   float* sums = reinterpret_cast<float*>(dynamic_smem);
 #pragma unroll
   for (int e = 0; e < kAcc; ++e) {
-    sums[(8 * (e / 4) + 2 * c + e % 2) * kWgmmaSumsRow + mine + 8 * (e % 4 / 2)] = acc[e];
+    sums[(8 * (e / 4) + 2 * c + e % 2) * kSumsRow + mine + 8 * (e % 4 / 2)] = acc[e];
   }
   cluster.sync();
   const int ranks = static_cast<int>(cluster.num_blocks()), rank = cluster.block_rank();
-  const int width = min(kGemmRows, a.rows - block_first), quads = a.m_rows * kGemmRows / 4;
+  const int width = min(kBlockRows, a.rows - block_first), quads = a.m_rows * kBlockRows / 4;
   const int end = (rank + 1) * quads / ranks;  // this block's share of the sums, 4 at a time
-  for (int j = rank * quads / ranks + threadIdx.x; j < end; j += kWgmmaThreads) {
-    const int m = 4 * j / kGemmRows, r = 4 * j % kGemmRows, at = m * kWgmmaSumsRow + r;
+  for (int j = rank * quads / ranks + threadIdx.x; j < end; j += kThreads) {
+    const int m = 4 * j / kBlockRows, r = 4 * j % kBlockRows, at = m * kSumsRow + r;
     if (r >= width) continue;
     float4 sum = *reinterpret_cast<const float4*>(cluster.map_shared_rank(sums + at, 0));
     for (int other = 1; other < ranks; ++other) {
@@ -1408,10 +1458,10 @@ constexpr const char* kMoeRoute = "kiln.gemv.moe_route";
 // GEMM library, whose cost does not grow with the rows until its tiles fill. H200, the
 // Llama-2-7B matrices (bench/q4_batched.py): at 16 rows Q4Gemm takes 13-45 us a matrix against
 // the GEMV's 16-83, at 64 rows 24-79 us against dequantize + cuBLAS's 24-167, at 128 rows 47-158
-// against 29-170. Q4Wgmma at 64 rows 19-50 us; at 128 rows (two kernels, each reading the
-// weight) a layer's four matrices 253 us against dequantize + cuBLAS's 285, the LM head 101
-// against 171.
-constexpr int64_t kMaxGemmRows = kGemmMaxM, kMaxWgmmaRows = 2 * kGemmMaxM;
+// against 29-170. Q4Wgmma at 64 rows 19-50 us; at 128 rows (then two kernels of 64, each reading
+// the weight) a layer's four matrices 253 us against dequantize + cuBLAS's 285, the LM head 101
+// against 171; now one kernel of kN = 128 (bench/RESULTS.md).
+constexpr int64_t kMaxGemmRows = kGemmMaxM, kMaxWgmmaRows = kWgmmaMaxN;
 
 // A checked q4 call: its arguments, x's device, whether scales load 8 at a time.
 struct Q4Call {
@@ -1658,13 +1708,20 @@ int WgmmaSplits(int64_t columns, int64_t k, Clusters clusters) {
   return best;
 }
 
-// fn(std::integral_constant<int, kN>{}): Q4Wgmma's width kN for `m_rows` (1 to kGemmMaxM) rows
+// fn(std::integral_constant<int, kN>{}): Q4Wgmma's width kN for `m_rows` (1 to kWgmmaMaxN) rows
 // of x.
 template <typename Fn>
 auto WithWgmmaWidth(int64_t m_rows, Fn fn) {
   if (m_rows <= 16) return fn(std::integral_constant<int, 16>{});
   if (m_rows <= 32) return fn(std::integral_constant<int, 32>{});
-  return fn(std::integral_constant<int, 64>{});
+  if (m_rows <= 64) return fn(std::integral_constant<int, 64>{});
+  return fn(std::integral_constant<int, 128>{});
+}
+
+// Q4Wgmma<kN>'s column blocks for N weight rows.
+template <int kN>
+int64_t WgmmaColumns(int64_t rows) {
+  return (rows + WgmmaRows<kN>() - 1) / WgmmaRows<kN>();
 }
 
 // Q4Wgmma<kN>'s launch: `splits` blocks a column as a cluster (1: none) on `stream`.
@@ -1673,7 +1730,7 @@ cudaLaunchConfig_t WgmmaLaunch(int64_t columns, int splits, cudaStream_t stream,
                                cudaLaunchAttribute* cluster) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(columns), splits);
-  config.blockDim = dim3(kWgmmaThreads);
+  config.blockDim = dim3(WgmmaThreads<kN>());
   config.dynamicSmemBytes = WgmmaSmemBytes<kN>();
   config.stream = stream;
   cluster->id = cudaLaunchAttributeClusterDimension;
@@ -1719,7 +1776,7 @@ int WgmmaPlan(const char* name, int device, int64_t columns, int k, int forced =
 template <int kN>
 void LaunchWgmma(const char* name, GemmArgs a, int device, cudaStream_t stream, int forced = 0) {
   OptInWgmma<kN>(name, device);
-  const int64_t columns = (a.rows + kGemmRows - 1) / kGemmRows;
+  const int64_t columns = WgmmaColumns<kN>(a.rows);
   a.splits = WgmmaPlan<kN>(name, device, columns, a.k, forced);
   cudaLaunchAttribute cluster;
   const cudaLaunchConfig_t config = WgmmaLaunch<kN>(columns, a.splits, stream, &cluster);
@@ -1733,8 +1790,8 @@ bool TakesWgmma(const char* name, const Q4Call& call) {
          WgmmaRuns(name, call.device);
 }
 
-// Q4Gemm over x's rows, kGemmMaxM a kernel (Q4Wgmma where it can, unless `mma_only`); `w` (N, K)
-// float16 scratch holds Q4Gemm's splits' sums.
+// Q4Gemm over x's rows, kGemmMaxM a kernel (Q4Wgmma where it can, unless `mma_only`: kWgmmaMaxN
+// a kernel); `w` (N, K) float16 scratch holds Q4Gemm's splits' sums.
 void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t stream,
              bool mma_only = false, int forced_splits = 0) {
   const bool wgmma = !mma_only && TakesWgmma(name, call);
@@ -1747,10 +1804,11 @@ void RunGemm(const char* name, const Q4Call& call, const Tensor& w, cudaStream_t
   a.counters = wgmma ? nullptr : GemmCounters(name, call.device, stream);  // Q4Gemm's splits
   a.k = call.a.k;
   a.rows = call.a.rows;
-  for (int first = 0; first < call.a.m_rows; first += kGemmMaxM) {
+  const int per_kernel = wgmma ? kWgmmaMaxN : kGemmMaxM;
+  for (int first = 0; first < call.a.m_rows; first += per_kernel) {
     a.x = call.a.x + static_cast<int64_t>(first) * a.k;
     a.out = call.a.out + static_cast<int64_t>(first) * a.rows;
-    a.m_rows = std::min(call.a.m_rows - first, kGemmMaxM);
+    a.m_rows = std::min(call.a.m_rows - first, per_kernel);
     if (wgmma) {
       WithWgmmaWidth(a.m_rows, [&](auto n) {
         LaunchWgmma<decltype(n)::value>(name, a, call.device, stream, forced_splits);
@@ -1829,9 +1887,9 @@ int64_t Q4GemmPlan(int64_t m_rows, int64_t n, int64_t k, int64_t device) {
       << name << ": rows of x, N and K (a multiple of 32) must be positive";
   const int id = static_cast<int>(device);
   if (k % 128 != 0 || !WgmmaRuns(name, id)) return 0;
-  const int64_t columns = (n + kGemmRows - 1) / kGemmRows;
-  return WithWgmmaWidth(std::min<int64_t>(m_rows, kGemmMaxM), [&](auto n) {
-    return int64_t{WgmmaPlan<decltype(n)::value>(name, id, columns, static_cast<int>(k))};
+  return WithWgmmaWidth(std::min<int64_t>(m_rows, kWgmmaMaxN), [&](auto width) {
+    constexpr int kN = decltype(width)::value;
+    return int64_t{WgmmaPlan<kN>(name, id, WgmmaColumns<kN>(n), static_cast<int>(k))};
   });
 }
 

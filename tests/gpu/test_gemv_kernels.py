@@ -240,16 +240,18 @@ def test_q4_gemm_equals_float64(dev, m, n, k, entry):
     np.testing.assert_array_equal(run_scratch(dev, gemm, x, qweight, scale).numpy(), first.numpy())
 
 
+@pytest.mark.parametrize("m", [40, 100])
 @pytest.mark.parametrize("splits", range(1, 9))
-def test_q4_wgmma_splits_meet_in_the_cluster(dev, splits):
+def test_q4_wgmma_splits_meet_in_the_cluster(dev, splits, m):
     """Q4Wgmma with K split over 1 to 8 blocks of a cluster, each count forced (the rule picks
     only some for the shapes above): the splits' sums, added through distributed shared memory,
-    equal float64. 40 rows of x (kN = 64, 24 of them padding), N not a multiple of 4 (the last
-    column's sums written one at a time), and K of 86 sub-steps (uneven splits)."""
+    equal float64. 40 rows of x (kN = 64, 24 of them padding; blocks of 256 weight rows) and 100
+    (kN = 128, 28 of them padding; blocks of 128), N not a multiple of 4 (the last column's sums
+    written one at a time), and K of 86 sub-steps (uneven splits)."""
     if not tvm_ffi.get_global_func("kiln.gemv.q4_gemm_wgmma")(dev.index):
         pytest.skip("Q4Wgmma runs on compute capability 9.0 GPUs")
-    rng = np.random.default_rng(splits)
-    m, n, k = 40, 1002, 11008
+    rng = np.random.default_rng(splits + m)
+    n, k = 1002, 11008
     x = rng.standard_normal((m, k)).astype(np.float16)
     qweight, scale = q4_weight(rng, n, k)
     want = x.astype(np.float64) @ dequantize(qweight, scale).T
@@ -258,7 +260,7 @@ def test_q4_wgmma_splits_meet_in_the_cluster(dev, splits):
     def fn(*args):
         forced(splits, *args)
 
-    assert error(run_scratch(dev, fn, x, qweight, scale), want) <= TOL, splits
+    assert error(run_scratch(dev, fn, x, qweight, scale), want) <= TOL, (splits, m)
 
 
 def test_q4_gemm_takes_the_warpgroup_mmas_on_hopper(dev):
