@@ -21,10 +21,45 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.script import tirx as T
 
+# A vocabulary past this is argmaxed in chunks: dlight schedules an argmax row as 256 threads that
+# each walk vocab / 256 values, and unrolls that walk only up to 256 steps; past it the walk is a
+# loop of dependent loads (on an H200, Llama-3's 128,256: 105 us for 64 rows, 50 for one; Llama-2's
+# 32,000: 5 us for 64). In chunks: 17 and 7 us (bench/RESULTS.md).
+CHUNKED_FROM = 256 * 256
+CHUNK = 4096  # the longest chunk (16 values a thread: unrolled)
+
 
 def greedy(logits: nn.Tensor) -> nn.Tensor:
-    return op.wrap_nested(relax.op.astype(relax.op.argmax(logits._expr, axis=1), "int32"),
-                          "greedy")  # fmt: skip
+    """Argmax of each row, the lowest id among ties (so 0 for a row of -inf, where TVM's argmax
+    says -1). A vocabulary past CHUNKED_FROM: the argmax of each chunk (a divisor of the
+    vocabulary of at most CHUNK values, or CHUNK with the last one padded with -inf), then of the
+    chunks' maxima, whose lowest chunk among ties holds the lowest id."""
+    n, vocab = logits.shape
+    x = logits._expr
+
+    def argmax(t: relax.Expr, axis: int) -> relax.Expr:  # keepdims, never -1
+        return relax.op.maximum(relax.op.argmax(t, axis=axis, keepdims=True),
+                                relax.const(0, "int64"))  # fmt: skip
+
+    if not isinstance(vocab, int) or vocab <= CHUNKED_FROM:
+        ids = argmax(x, 1)
+    else:
+        length = chunk_length(vocab)
+        chunks = -(-vocab // length)
+        if chunks * length != vocab:
+            x = relax.op.nn.pad(x, [0, 0, 0, chunks * length - vocab], pad_value=float("-inf"))
+        x = relax.op.reshape(x, [n, chunks, length])
+        local = argmax(x, 2)  # (n, chunks, 1)
+        best = relax.op.reshape(relax.op.gather_elements(x, local, axis=2), [n, chunks])
+        chunk = argmax(best, 1)  # (n, 1)
+        within = relax.op.gather_elements(relax.op.reshape(local, [n, chunks]), chunk, axis=1)
+        ids = chunk * relax.const(length, "int64") + within
+    return op.wrap_nested(relax.op.astype(relax.op.reshape(ids, [n]), "int32"), "greedy")
+
+
+def chunk_length(vocab: int) -> int:
+    """The largest divisor of `vocab` from CHUNK / 4 to CHUNK (no padding), else CHUNK."""
+    return next((d for d in range(CHUNK, CHUNK // 4 - 1, -1) if vocab % d == 0), CHUNK)
 
 
 def sample(

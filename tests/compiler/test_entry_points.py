@@ -115,6 +115,36 @@ def test_greedy_kernel_is_argmax(runner):
     assert got == np.argmax(logits, axis=1).tolist()
 
 
+@pytest.mark.parametrize("vocab", [128256, 70001])
+def test_greedy_of_a_large_vocabulary_is_argmax(vocab):
+    """Past kiln.compiler.sampling.CHUNKED_FROM the argmax runs in chunks (Llama-3's 128,256 in
+    32 of 4,008; 70,001 in 18 of 4,096, the last padded): ties across chunks, at a chunk's edge
+    and within one resolve to the lowest id, the padded tail's last id wins, and a row of -inf
+    gives 0, as NumPy's argmax (on the CPU, the function built alone)."""
+    from tvm import relax
+    from tvm.relax.frontend import nn
+
+    from kiln.compiler import sampling
+
+    class Greedy(nn.Module):
+        def greedy(self, logits: nn.Tensor):
+            return sampling.greedy(logits)
+
+    spec = {"greedy": {"logits": nn.spec.Tensor(["n", vocab], "float32")}}
+    mod, _ = Greedy().export_tvm(spec=spec)
+    vm = relax.VirtualMachine(relax.build(mod, target="llvm"), tvm.cpu())
+    length = sampling.chunk_length(vocab)
+    assert vocab > sampling.CHUNKED_FROM and length == (4008 if vocab == 128256 else 4096)
+    logits = np.random.default_rng(3).standard_normal((6, vocab)).astype("float32")
+    logits[1, [5, length + 5]] = 50.0  # the same maximum in two chunks
+    logits[2, [length - 1, length]] = 50.0  # either side of a chunk's edge
+    logits[3, vocab - 1] = 50.0  # the last id (in the padded chunk for 70,001)
+    logits[4, [9, 7]] = 50.0  # twice in one chunk
+    logits[5] = -np.inf
+    got = vm["greedy"](tvm.runtime.tensor(logits)).numpy()
+    assert got.tolist() == np.argmax(logits, axis=1).tolist()
+
+
 def test_engine_sampling_on_device(built, monkeypatch):
     """With the kernels choosing tokens, greedy equals the host's greedy, and a seeded request
     gives the same tokens alone and in a batch, run after run."""

@@ -1,10 +1,12 @@
 """Build what the GPU tests load, on a machine with the compiler (the GPU machine may have only
 the TVM runtime): tiny checkpoints and their CUDA artifacts, Kiln's prefill attention externs
 with TVM's ragged and paged prefill kernels for the same shapes (tests/gpu/test_attention.py),
-and Kiln's decode GEMV externs (tests/gpu/test_gemv_kernels.py).
+and Kiln's decode GEMV externs (tests/gpu/test_gemv_kernels.py), and the greedy sampler alone for
+vocabularies it argmaxes in chunks (tests/gpu/test_cuda.py).
 
     python tests/gpu/build_artifacts.py OUT_DIR [--arch sm_90] [--tensor-parallel-only]
                                                 [--attention-only] [--gemv-only]
+                                                [--sampling-only]
     KILN_GPU_ARTIFACTS=OUT_DIR pytest -m gpu tests/gpu      # on the GPU machine
 """
 
@@ -38,6 +40,9 @@ WIDE = dict(
     hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
     vocab_size=2048,
 )  # fmt: skip
+# Vocabularies whose greedy sampler runs in chunks (kiln.compiler.sampling.CHUNKED_FROM): one a
+# divisor splits, one it pads; each built alone as greedy-VOCAB.so
+GREEDY_VOCABS = (128256, 70001)
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-llama"
 TENSOR_PARALLEL = [
     ("llama-wide", "llama", WIDE, "q0f16", n) for n in (1, 2, 4)
@@ -75,18 +80,24 @@ def main() -> None:
     parser.add_argument(
         "--gemv-only", action="store_true", help="only what tests/gpu/test_gemv_kernels.py loads"
     )
+    parser.add_argument(
+        "--sampling-only", action="store_true", help="only the greedy samplers built alone"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.attention_only or args.gemv_only:
+    if args.attention_only or args.gemv_only or args.sampling_only:
         if args.attention_only:
             build_attention(args.out, args.arch)
         if args.gemv_only:
             build_gemv(args.out, args.arch)
+        if args.sampling_only:
+            build_sampling(args.out, args.arch)
         return
     build_tensor_parallel(args.out, args.arch)
     if not args.tensor_parallel_only:
         build_attention(args.out, args.arch)
         build_gemv(args.out, args.arch)
+        build_sampling(args.out, args.arch)
         build_single_gpu(args.out, args.arch)
 
 
@@ -101,6 +112,31 @@ def build_gemv(out: Path, arch: str) -> None:
     build_tensor_parallel(out, arch, only=("llama-wide", "q4f16", 1))
     wide = "llama-wide-q4f16"
     dequantized(out / "ckpt-llama-wide", out / wide, out / f"ckpt-{wide}-dequantized")
+
+
+def build_sampling(out: Path, arch: str) -> None:
+    """kiln.compiler.sampling.greedy alone, (n, vocab) float32 logits -> (n,) int32, through the
+    CUDA target's pipeline, for each of GREEDY_VOCABS: greedy-VOCAB.so."""
+    import tvm
+    from tvm.relax.frontend import nn
+
+    from kiln.compiler import sampling
+    from kiln.compiler.pipeline import relax_pipeline
+    from kiln.targets import get_target
+
+    class Greedy(nn.Module):
+        def greedy(self, logits: nn.Tensor):
+            return sampling.greedy(logits)
+
+    spec = get_target("cuda")
+    target = spec.target(arch)
+    for vocab in GREEDY_VOCABS:
+        mod, _ = Greedy().export_tvm(
+            spec={"greedy": {"logits": nn.spec.Tensor(["n", vocab], "float32")}}
+        )
+        with tvm.transform.PassContext(config=dict(spec.pass_config)):
+            executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(spec, target, None))
+        spec.export(executable, str(out / f"greedy-{vocab}.so"), arch)
 
 
 def dequantized(ckpt: Path, art: Path, out: Path) -> None:

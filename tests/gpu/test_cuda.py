@@ -131,6 +131,40 @@ def _check_batched_decode(art: Path, ref, what: str, batch: int) -> None:
     assert worst <= FP16_BOUND
 
 
+@pytest.mark.parametrize("vocab", [128256, 70001])
+def test_greedy_of_a_large_vocabulary_on_cuda(vocab, tmp_path):
+    """The greedy sampler past kiln.compiler.sampling.CHUNKED_FROM (an argmax in chunks: 32 of
+    4,008 for Llama-3's 128,256; 18 of 4,096 for 70,001, the last padded), built alone
+    (build_artifacts.py --sampling-only), on 64 rows: NumPy's argmax, with ties across chunks, at
+    a chunk's edge and within one, the last id, and a row of -inf (0)."""
+    import tvm
+    from tvm.runtime import vm  # (the runtime's: the GPU machine may have no tvm.relax)
+
+    prebuilt = os.environ.get("KILN_GPU_ARTIFACTS")
+    if prebuilt:
+        library = Path(prebuilt) / f"greedy-{vocab}.so"
+        if not library.is_file():
+            pytest.fail(f"{library} is missing: run tests/gpu/build_artifacts.py again")
+    else:
+        from build_artifacts import build_sampling
+
+        build_sampling(tmp_path, "sm_90")
+        library = tmp_path / f"greedy-{vocab}.so"
+    from kiln.runtime.device import open_device
+
+    device = open_device("cuda:0")  # (loads TVM's CUDA runtime, which the library's kernels need)
+    machine = vm.VirtualMachine(tvm.runtime.load_module(str(library)), device)
+    logits = np.random.default_rng(4).standard_normal((64, vocab)).astype("float32")
+    length = 4008 if vocab == 128256 else 4096
+    logits[1, [5, length + 5]] = 50.0
+    logits[2, [length - 1, length]] = 50.0
+    logits[3, vocab - 1] = 50.0
+    logits[4, [9, 7]] = 50.0
+    logits[5] = -np.inf
+    got = machine["greedy"](tvm.runtime.tensor(logits, device)).numpy()
+    assert got.tolist() == np.argmax(logits, axis=1).tolist()
+
+
 def test_batched_int4_decode_of_wide_layers_matches_transformers(gpu_build):
     """llama-wide (hidden and intermediate sizes 256: K % 128 == 0, where the tiny families have
     64), whose batched decode on a Hopper GPU runs its int4 Linears on the warpgroup MMAs
