@@ -187,7 +187,7 @@ def run(
     context = 512 + 128
     engine = Engine(
         path, device, devices=devices, max_batch_size=biggest,
-        kv_tokens=biggest * context + 4096, prefill_chunk=max(prefills), prefix_cache=False,
+        kv_tokens=biggest * context + 4096, prefill_chunk=max((*prefills, 512)), prefix_cache=False,
         step_graphs=step_graphs,
     )  # fmt: skip
     load = time.perf_counter() - start

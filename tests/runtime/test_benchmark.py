@@ -97,6 +97,17 @@ def test_kiln_bench_on_the_cpu(artifact):
     assert "not finite" not in result.output
 
 
+def test_benchmark_without_prefills_or_batches(artifact):
+    """kiln.runtime.benchmark.run with no prefill sizes and no batches measures the batch-1
+    decode alone (its engine chunks prefills as the batched decode's 512-token prompts)."""
+    from kiln.runtime.benchmark import run
+
+    said = []
+    run(artifact("llama"), "cpu", batches=(), prefills=(), say=said.append)
+    text = "\n".join(map(str, said))
+    assert "decode tokens/s, batch 1" in text and "prefill tokens/s" not in text, text
+
+
 def test_a_batch_that_never_decodes_together_is_a_clear_error(artifact):
     """One new token each: every request finishes at its prefill, so no step decodes them all
     at once, and there is no rate to give."""
