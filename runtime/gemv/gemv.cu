@@ -905,9 +905,14 @@ __global__ void __launch_bounds__(GemmThreads<kTiles>(), GemmBlocksPerSm<kNT, kT
 // rows (v, p)) from staging into B's slot while the tensor cores work.
 //
 // H200, Llama-2-7B's matrices at 64 rows of x (bench/q4_batched.py): 128 us for a layer's
-// four with Q4Gemm's splits through global memory, 124 through a cluster, against Q4Gemm's 189.
-// Two tiles a warpgroup (8 warps, 224-249 registers), a register ring of 2 to 4 sub-steps, 4
-// fragment buffers, and x staged per warpgroup were all within 5% or slower (bench/NOTES.md).
+// four with Q4Gemm's splits through global memory, 124 through a cluster, 112.7 with the loop's
+// instructions cut (213 a sub-step a thread), against Q4Gemm's 189; at 128 rows 195 us in one
+// kN = 128 kernel against 224 in two of 64. The kernel is bound by what it issues: fewer
+// instructions made it faster, a loop twice its size (fewer instructions) slower. Two tiles a
+// warpgroup (8 warps, 224-249 registers), a register ring of 2 to 4 sub-steps, 4 fragment
+// buffers, x staged per warpgroup, and a stream-K grid were all within 5% or slower; any non-MMA
+// code between a word's wgmma.fence and its commit makes ptxas serialize the MMAs (C7513)
+// (bench/NOTES.md).
 
 // A Q4Wgmma<kN> block: four warpgroups of one 64-row tile (256 weight rows, 512 threads) up to
 // kN = 64; two (128 rows, 256 threads) at kN = 128, whose 64 fp32 accumulators a thread need
