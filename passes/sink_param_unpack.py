@@ -4,11 +4,11 @@ first binding of its block that reads `v`.
 A model function takes its weights as one tuple (nn.Module's export) and unpacks the ones its
 code reads directly at its start: ~160 in a 32-layer decode, each a VM instruction, all before
 the first kernel. On a GPU the previous pass is over by then, so the device idles while the host
-unpacks (at batch 64 on the Llama-3-8B shape, an H200 idles ~0.65 ms between passes, of which
-this prologue is a part: bench/NOTES.md, eighteenth session). Next to their uses, the first
-kernel is queued at once and the rest of the unpacking overlaps the device's work. A field of a
-parameter is pure, so only its position changes; a field no binding of its block reads stays at
-the block's end. Run last (after TVM's finalize passes), so that no later pass moves it back.
+unpacks. Next to their uses, the first kernel is queued sooner and the rest of the unpacking
+overlaps the device's work (the Llama-3-8B shape at batch 64 on an H200: the idle before a pass's
+first kernel 86 -> 56 us; bench/NOTES.md, eighteenth session). A field of a parameter is pure,
+so only its position changes; a field no binding of its block reads stays at the block's end.
+Run last (after TVM's finalize passes), so that no later pass moves it back.
 """
 
 from __future__ import annotations
