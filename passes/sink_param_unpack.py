@@ -43,6 +43,7 @@ def _sunk(block: relax.BindingBlock, params: set[relax.Var]) -> relax.BindingBlo
 
 @tvm.transform.module_pass(opt_level=0, name="SinkParamUnpack")
 def SinkParamUnpack(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    mod = mod.clone()  # (the caller's module stays as it was)
     for gvar, func in list(mod.functions.items()):
         if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
             continue
