@@ -15,7 +15,7 @@ multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs
   float16 scratch the caller provides: up to 8 rows of x, the GEMV; 9 to 64, one kernel that
   reads the weight once for all of them (a tensor-core GEMM with the dequantize in its main
   loop; its K splits add up in `w`; on Hopper, Q4Wgmma on the warpgroup MMAs, its splits a
-  cluster's blocks adding up in shared memory, 64 rows a kernel up to 128); more, the weight
+  cluster's blocks adding up in shared memory, up to 128 rows in one kernel); more, the weight
   dequantized into `w` and multiplied on `kiln.cublas.matmul`
   (kiln.runtime.cublas, which must be loaded).
 - `kiln.gemv.q4_moe_swiglu(x, gate, qweight_0, scale_0, ..., qweight_E-1, scale_E-1, out)` and

@@ -168,7 +168,7 @@ def test_greedy_of_a_large_vocabulary_on_cuda(vocab, tmp_path):
 def test_batched_int4_decode_of_wide_layers_matches_transformers(gpu_build):
     """llama-wide (hidden and intermediate sizes 256: K % 128 == 0, where the tiny families have
     64), whose batched decode on a Hopper GPU runs its int4 Linears on the warpgroup MMAs
-    (Q4Wgmma: 9 to 128 sequences, 64 a kernel; elsewhere the mma.sync kernel and, past 64,
+    (Q4Wgmma: 9 to 128 sequences in one kernel; elsewhere the mma.sync kernel and, past 64,
     cuBLAS): one step of 12, 40 and 100 sequences against transformers on the artifact's own
     weights, dequantized."""
     root = os.environ.get("KILN_GPU_ARTIFACTS")

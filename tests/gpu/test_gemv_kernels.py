@@ -196,8 +196,9 @@ def run_scratch(dev, fn, x: np.ndarray, qweight: np.ndarray, scale: np.ndarray):
 @pytest.mark.parametrize("lead", [(5,), (12,), (17,), (64,), (2, 40), (100,), (130,)])
 def test_q4_batched_equals_float64(dev, lead):
     """The batched decode's q4: up to 8 rows the GEMV, up to 64 kiln.gemv.q4_gemm (128 where it
-    runs on the warpgroup MMAs: two kernels), more the dequantized weight (written into the
-    scratch it is given) and cuBLAS; Llama-2-7B's qkv and an odd shape."""
+    runs on the warpgroup MMAs, 65 to 128 in one kernel of two warpgroups a block), more the
+    dequantized weight (written into the scratch it is given) and cuBLAS; Llama-2-7B's qkv and
+    an odd shape."""
     rng = np.random.default_rng(sum(lead) + 5)
     batched = tvm_ffi.get_global_func(Q4_BATCHED)
     for n, k in [(12288, 4096), (100, 96)]:
