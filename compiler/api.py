@@ -219,6 +219,11 @@ def compile(
                 KilnWarning,
                 stacklevel=2,
             )
+        # decode's copy captured per batch size, and the most sequences it takes
+        batch_graphs = {}
+        if spec.batch_graphs:
+            entry, most = spec.batch_graphs
+            batch_graphs = {"batch_graphs": {"entry": entry, "max_batch": most}}
         artifact.write_manifest(
             staging,
             {
@@ -240,6 +245,7 @@ def compile(
                 # arch -> library, for targets that build one library per arch
                 **({"libraries": libraries} if spec.split_arch else {}),
                 "entry_points": list(ENTRY_POINTS),
+                **batch_graphs,
                 **({"tensor_parallel": tensor_parallel} if tensor_parallel > 1 else {}),
                 # Shapes are one GPU's; a sharded artifact lists each GPU's file of a tensor.
                 "params": [

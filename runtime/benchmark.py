@@ -276,6 +276,8 @@ def _measure(
     # 512-token prompts and 128 new tokens (shorter prompts where the context is shorter)
     length = min(512, engine.context_length - 128)
     for batch in batches:
+        # the batch size's CUDA graphs captured first, as a server's later steps find them
+        runner.warm_batch_graphs([engine.new_seq_id() for _ in range(batch)])
         rate = batched_decode(engine, [prompt(length) for _ in range(batch)], 128)
         step_bytes = decode_step_bytes(runner, batch, length, 128)
         step_seconds = step_bytes / report.bandwidth + batch * reduce_per_token

@@ -52,6 +52,11 @@ class Runner:
     `step_graphs`: run a lone sequence's decode steps as whole-step CUDA graphs
     (kiln.runtime.step_graph): None (the default) where they run; True needs them (one CUDA
     GPU, an artifact with that entry point, no sliding window) and says what is missing.
+
+    Several sequences decode through the artifact's batch_graphs entry where it has one (CUDA,
+    one GPU) and the batch is within its bound: Relax's CUDA graphs of the batched decode, one
+    set per batch size, each captured on that size's first pass (`warm_batch_graphs` captures
+    ahead); larger batches run the plain decode.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class Runner:
         self._prefill = ex.function("prefill")
         self._decode = ex.function("decode")
         self._decode_1 = ex.function("decode_1")
+        self.batch_graphs, self.batch_graph_max = self._open_batch_graphs()
         self._greedy = ex.function("sample_greedy")
         self._sample = ex.function("sample")
         self._upload = ex.upload
@@ -160,6 +166,37 @@ class Runner:
             raise KilnError(f"{problem}: {fix}")
         return None
 
+    def _open_batch_graphs(self) -> tuple[Any, int]:
+        """The artifact's copy of decode whose kernels Relax captures into CUDA graphs, one set
+        per batch size (kiln.passes.step_graph_entry), and the most sequences it takes: (None,
+        0) where it has none, or on several GPUs (not run there yet)."""
+        entry = self.manifest.data.get("batch_graphs")
+        if not entry or not isinstance(self.executor, LocalExecutor):
+            return None, 0
+        return self.executor.function(entry["entry"]), int(entry["max_batch"])
+
+    def _decode_entry(self, rows: int) -> Any:
+        if rows == 1:
+            return self._decode_1
+        if self.batch_graphs is not None and rows <= self.batch_graph_max:
+            return self.batch_graphs
+        return self._decode
+
+    def warm_batch_graphs(self, seq_ids: Sequence[int]) -> None:
+        """Capture the batched decode's graphs for len(seq_ids) sequences now rather than in a
+        timed step: each of `seq_ids` (ids the cache does not hold) prefills a token, all
+        decode one together, and they leave the cache."""
+        if self.batch_graphs is None or not 1 < len(seq_ids) <= self.batch_graph_max:
+            return
+        for seq in seq_ids:
+            self.kv.add(seq)
+        try:
+            self.prefill(seq_ids, [[1]] * len(seq_ids), on_device=True)
+            self.decode(seq_ids, [1] * len(seq_ids), on_device=True)
+        finally:
+            for seq in seq_ids:
+                self.kv.remove(seq)
+
     def _graph_pages(self, seq_ids: Sequence[int]) -> int | None:
         """The page count a whole-step graph of this begun pass is keyed by, or None where
         no graph takes it (several sequences; a forked one: kiln.runtime.step_graph)."""
@@ -177,6 +214,7 @@ class Runner:
         self.kv.close()
         self.params = self.vm = None
         self._prefill = self._decode = self._decode_1 = self._greedy = self._sample = None
+        self.batch_graphs = None
         self.executor.close()
 
     def __enter__(self) -> Runner:
@@ -283,8 +321,7 @@ class Runner:
             self.step_graphs.set_token(tokens[0])
             out, _ = self.step_graphs.step(pages, greedy=False)
         else:
-            entry = self._decode_1 if len(seq_ids) == 1 else self._decode
-            out = entry(
+            out = self._decode_entry(len(seq_ids))(
                 self._upload(np.array(tokens, dtype="int32")[:, None]),  # (b, 1)
                 self.kv.cache,
                 self.params,
@@ -310,7 +347,7 @@ class Runner:
         (docs/TVM.md). The host reads each pass's tokens as it waits."""
         rows = len(seq_ids)
         ex = self.executor
-        entry = self._decode_1 if rows == 1 else self._decode
+        entry = self._decode_entry(rows)
         graphs = self.step_graphs if self._graph_pages(seq_ids) is not None else None
         if graphs is None:
             ids = self._upload(np.array(tokens, dtype="int32")[:, None])  # (b, 1)

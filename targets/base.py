@@ -65,6 +65,10 @@ class TargetSpec:
     # Whether its kernels may end with the MLP's SiLU(gate) * up (kiln.passes.fuse_swiglu): an
     # epilogue that reads two rows of the matmul's output, which GPU GEMV schedules split apart.
     fuse_swiglu: bool = False
+    # (entry, most sequences): its finalize phase adds `entry`, a copy of the batched decode
+    # captured into graphs per batch size up to that many (kiln.passes.step_graph_entry); the
+    # manifest says so, and the runtime takes it for batches it holds.
+    batch_graphs: tuple[str, int] | None = None
 
     def target(self, arch: str | None = None) -> Target:
         return self.make_target(arch or self.default_arch)

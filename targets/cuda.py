@@ -33,7 +33,7 @@ from kiln.passes.dispatch_gemv import DispatchGEMV, GEMVExterns
 from kiln.passes.dispatch_matmul import DispatchMatmul
 from kiln.passes.dispatch_moe import DispatchMoE, MoEExterns
 from kiln.passes.sink_param_unpack import SinkParamUnpack
-from kiln.passes.step_graph_entry import AddStepGraphEntry, RewriteCUDAGraphExcept
+from kiln.passes.step_graph_entry import AddEntry, RewriteCUDAGraphExcept, batch_graph_entry
 from kiln.runtime import attention, gemv
 from kiln.runtime.cublas import MATMUL as CUBLAS_MATMUL
 from kiln.runtime.errors import KilnError
@@ -54,6 +54,9 @@ from kiln.targets.gpu import dlight_schedule, gpu_legalize
 DEFAULT_ARCHS = "sm_80,sm_86,sm_89,sm_90"
 GEMV_GROUP = 32  # the int4 layout kiln.runtime.gemv reads: one scale per 32 input features
 _ARCH = re.compile(r"^sm_(\d+)(a?)$")
+# The batched decode's CUDA graphs: a copy of decode captured per batch size up to 128
+# sequences (static memory sized for 128); more run on decode itself.
+BATCH_GRAPHS = ("decode_graphs", 128)
 
 
 def cuda_schedule(target: Target) -> list[tvm.transform.Pass]:
@@ -64,13 +67,19 @@ def cuda_schedule(target: Target) -> list[tvm.transform.Pass]:
 
 def cuda_finalize(target: Target) -> list[tvm.transform.Pass]:
     # TVM's, with a copy of decode_1 that Relax's CUDA graphs leave alone, for the runtime's
-    # capture of the whole batch-1 step (kiln.runtime.step_graph); then each weight unpacked
-    # where it is first read, so that a pass's first kernel is queued before the rest.
+    # capture of the whole batch-1 step (kiln.runtime.step_graph), and a copy of decode that
+    # they capture per batch size; then each weight unpacked where it is first read, so that a
+    # pass's first kernel is queued before the rest.
     passes = [
         RewriteCUDAGraphExcept([STEP_GRAPH_ENTRY]) if p.info.name == "RewriteCUDAGraph" else p
         for p in cuda_pipeline.finalize_passes(target)
     ]
-    return [AddStepGraphEntry("decode_1", STEP_GRAPH_ENTRY), *passes, SinkParamUnpack]
+    return [
+        AddEntry("decode_1", STEP_GRAPH_ENTRY),
+        batch_graph_entry("decode", BATCH_GRAPHS[0], "batch_size", BATCH_GRAPHS[1]),
+        *passes,
+        SinkParamUnpack,
+    ]
 
 
 def cuda_library_dispatch(target: Target) -> list[tvm.transform.Pass]:
@@ -347,5 +356,6 @@ CUDA = TargetSpec(
     # (in the batch-1 decode: everything between two KV-cache calls) into a CUDA graph that is
     # captured on the first call and replayed after: one launch instead of dozens.
     pass_config=(("relax.backend.use_cuda_graph", True),),
+    batch_graphs=BATCH_GRAPHS,
     attention_externs=cuda_attention_externs,
 )

@@ -180,6 +180,44 @@ def test_batched_int4_decode_of_wide_layers_matches_transformers(gpu_build):
         _check_batched_decode(art, ref, "llama-wide q4f16", batch)
 
 
+@pytest.mark.parametrize("preset", ["q4f16", "q0f16"])
+def test_batched_decode_graphs_give_decodes_logits(preset, gpu_build):
+    """The batched decode's CUDA graphs (the artifact's batch_graphs entry: Relax's graphs per
+    batch size) against decode without them, bit for bit (the same kernels on the same inputs):
+    a batch size's first pass (run, then captured), its replays, another size in between, and
+    a batch past the bound, which runs decode itself; a size captured ahead
+    (Runner.warm_batch_graphs). llama-wide's int4 Linears take the GEMVs
+    at 5 rows and the int4 GEMMs at 40 and 100 (Q4Wgmma on Hopper); its fp16 ones cuBLAS."""
+    from kiln.runtime.runner import Runner
+
+    _, art = gpu_build("llama-wide", preset)
+    rng = np.random.default_rng(5)
+    bound = 128
+    prompts = [[1, *rng.integers(3, 320, 3 + i % 7).tolist()] for i in range(bound + 1)]
+    plan = [40, 40, 5, 40, 100, 100, 5, bound + 1, 40]  # sequences 0..n-1 decode a token
+    tokens = [rng.integers(3, 320, n).tolist() for n in plan]
+    logits = {}
+    for graphs in (True, False):
+        runner = Runner(art, "cuda", max_batch_size=bound + 1, kv_tokens=(bound + 1) * 64)
+        assert runner.batch_graphs is not None and runner.batch_graph_max == bound
+        assert runner._decode_entry(bound) is runner.batch_graphs
+        assert runner._decode_entry(bound + 1) is runner._decode
+        if graphs:
+            runner.warm_batch_graphs(list(range(1000, 1100)))  # 100's graphs, ahead
+        else:
+            runner.batch_graphs = None
+        for seq, ids in enumerate(prompts):
+            runner.kv.add(seq)
+            runner.prefill([seq], [ids])
+        logits[graphs] = [
+            runner.decode(list(range(n)), t) for n, t in zip(plan, tokens, strict=True)
+        ]
+        del runner
+    for step, (ours, plain) in enumerate(zip(logits[True], logits[False], strict=True)):
+        assert np.isfinite(plain).all()
+        assert np.array_equal(ours, plain), f"pass {step} ({plan[step]} sequences) differs"
+
+
 def _check_greedy(model, ref, ids: list[int], what: str, steps: int = 16) -> None:
     """Greedy decoding (the batch-1 decode: its GEMVs, Kiln's int4 ones with the fused SwiGLU
     among them): each token is the reference's best on the same prefix, or within fp16 rounding

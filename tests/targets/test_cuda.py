@@ -263,6 +263,14 @@ def relax_functions(script: str) -> dict[str, str]:
     return {part.split("(", 1)[0]: part for part in parts}
 
 
+def calls(*texts: str) -> list[str]:
+    """The kernels, externs and packed functions Relax functions call (their own checks and
+    graph plumbing left out)."""
+    found = re.findall(r"(?:cls\.|R\.call_packed\(\")([\w.]+)", "".join(texts))
+    checks = ("vm.builtin.check_", "vm.builtin.match_shape", "shape_func")  # each its own
+    return sorted(c for c in found if "cuda_graph" not in c and not c.startswith(checks))
+
+
 def test_decode_1_has_a_copy_without_relax_graphs_for_the_step_graph(tiny_cuda):
     """The finalize phase keeps Relax's CUDA graphs in decode_1 and copies it, without them,
     into the entry point kiln.runtime.step_graph captures whole: the same kernels, externs
@@ -272,11 +280,33 @@ def test_decode_1_has_a_copy_without_relax_graphs_for_the_step_graph(tiny_cuda):
     assert "cuda_graph" in graphed and "cuda_graph" not in plain
     lifted = [f for name, f in funcs.items() if name.startswith("decode_1_cuda_graph_capture")]
     assert lifted
-
-    def calls(*texts: str) -> list[str]:
-        found = re.findall(r"(?:cls\.|R\.call_packed\(\")([\w.]+)", "".join(texts))
-        checks = ("vm.builtin.check_", "vm.builtin.match_shape")  # each function its own
-        return sorted(c for c in found if "cuda_graph" not in c and not c.startswith(checks))
-
     assert len(calls(plain)) > 20
     assert calls(plain) == calls(graphed, *lifted)
+
+
+def test_decode_has_a_copy_captured_per_batch_size(tiny_cuda):
+    """The finalize phase copies decode into the manifest's batch_graphs entry, whose runs
+    between KV-cache calls are CUDA graphs keyed by the batch size, in static memory for the
+    bound, calling what decode calls; decode keeps its symbolic batch (any size) unkeyed."""
+    manifest = json.loads((tiny_cuda / "manifest.json").read_text())
+    entry = manifest["batch_graphs"]
+    assert entry == {"entry": cuda.BATCH_GRAPHS[0], "max_batch": cuda.BATCH_GRAPHS[1]}
+    funcs = relax_functions((tiny_cuda.parent / "ir" / "5-finalize.py").read_text())
+    plain, graphed = funcs["decode"], funcs[entry["entry"]]
+    bound = f'"tir_var_upper_bound": {{"batch_size": {entry["max_batch"]}}}'
+    assert bound in graphed and bound not in plain
+
+    def captures(text: str) -> list[tuple[str, str]]:
+        """(lifted function, the shape it is keyed by or "") of each run_or_capture."""
+        call = r"cuda_graph\.run_or_capture\", \(cls\.(\w+), \(.*?\), \d+(?:, (\w+))?\)"
+        return re.findall(call, text)
+
+    keyed = captures(graphed)
+    layers = manifest["model"]["config"]["num_hidden_layers"]
+    assert len(keyed) == layers + 1 and all(key for _, key in keyed)  # one a KV-cache call apart
+    assert not any(key for _, key in captures(plain))
+    lifted = [funcs[name] for name, _ in keyed]
+    assert all("shape_expr: R.Shape([batch_size])" in f for f in lifted)
+    plain_lifted = [funcs[name] for name in {name for name, _ in captures(plain)}]
+    assert len(calls(graphed, *lifted)) > 20
+    assert set(calls(graphed, *lifted)) == set(calls(plain, *plain_lifted))
