@@ -39,6 +39,7 @@ class PagedKV:
         self._remove = get("vm.builtin.kv_state_remove_sequence")
         self._fork = get("vm.builtin.kv_state_fork_sequence")
         self._begin = get("vm.builtin.kv_state_begin_forward")
+        self._popn = get("vm.builtin.kv_state_popn")
         self._end = get("vm.builtin.kv_state_end_forward")
         self._free_pages = get("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.total_pages = self.free_pages()
@@ -71,6 +72,14 @@ class PagedKV:
     def end(self) -> None:
         self._end(self.cache)
 
+    def undo_begin(self, seq_ids: Sequence[int]) -> None:
+        """Take back a `begin` of one token for each of `seq_ids` that no pass ran: their
+        lengths (and a page the token started) as they were."""
+        self._end(self.cache)
+        for seq_id in seq_ids:
+            self._popn(self.cache, seq_id, 1)
+            self.lengths[seq_id] -= 1
+
     def free_pages(self) -> int:
         return int(self._read(self._free_pages(self.cache)))
 
@@ -80,5 +89,5 @@ class PagedKV:
     def close(self) -> None:
         """Let go of the cache and its functions (handles into a Disco session)."""
         self.cache = None
-        self._add = self._remove = self._fork = self._begin = self._end = None
+        self._add = self._remove = self._fork = self._begin = self._end = self._popn = None
         self._free_pages = None

@@ -341,10 +341,12 @@ class Runner:
         True. The caller has checked that the cache holds `steps` more tokens of every
         sequence.
 
-        Each pass ends before the next begins: TVM's KV cache copies a pass's page tables into
-        one device buffer on a stream of its own that does not wait for the passes queued
+        Each pass ends before the next is queued: TVM's KV cache copies a pass's page tables
+        into one device buffer on a stream of its own that does not wait for the passes queued
         before it, so a pass queued early overwrites the tables of the one still running
-        (docs/TVM.md). The host reads each pass's tokens as it waits."""
+        (docs/TVM.md). The host reads each pass's tokens as it waits, and before that begins
+        the next pass in the cache (host work only: the tables reach the device when the pass
+        is queued), which a stop undoes."""
         rows = len(seq_ids)
         ex = self.executor
         entry = self._decode_entry(rows)
@@ -355,8 +357,9 @@ class Runner:
             graphs.set_token(tokens[0])  # each step leaves its argmax there for the next
         start = time.perf_counter()
         picked = []
-        for _ in range(steps):
-            self.kv.begin(seq_ids, [1] * rows)
+        for step in range(steps):
+            if step == 0:
+                self.kv.begin(seq_ids, [1] * rows)  # later passes begin while the last runs
             if graphs is None:
                 out = entry(ids, self.kv.cache, self.params)
                 logits = ex.view(ex.item(out, 0), (rows, self.vocab_size), "float32")
@@ -365,8 +368,13 @@ class Runner:
             else:
                 argmax = graphs.step(self._graph_pages(seq_ids), greedy=True)[1]
             self.kv.end()
+            ahead = step + 1 < steps
+            if ahead:
+                self.kv.begin(seq_ids, [1] * rows)
             picked.append(ex.numpy(argmax, (rows,), "int32").tolist())
             if done is not None and done(picked[-1]):
+                if ahead:
+                    self.kv.undo_begin(seq_ids)
                 break
         self.model_seconds += time.perf_counter() - start
         return picked

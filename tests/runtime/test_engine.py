@@ -470,6 +470,42 @@ def test_kv_bookkeeping_follows_the_cache(llama):
         assert kv.lengths and set(kv.lengths) == kv.forked  # the prefix cache's entry alone
 
 
+def test_greedy_passes_stopped_early_leave_the_cache_as_they_ran(llama):
+    """Runner.decode_greedy begins each next pass in the cache while the last one runs; a stop
+    takes that back: the cache (lengths, TVM's next position, free pages) is as after the
+    passes that ran, and the sequences go on to the tokens of an unstopped run."""
+    positions = tvm_ffi.get_global_func("vm.builtin.attention_kv_cache_get_query_positions")
+    rng = np.random.default_rng(17)
+    prompts = [random_prompt(rng, n) for n in (15, 30)]  # 15 + 1 starts a page of 16
+    runs = []
+    for stop_after in (6, 1, 3):  # 6: not stopped
+        with kiln.Engine(llama, max_batch_size=2, prefix_cache=False) as engine:
+            kv, runner = engine.kv, engine.runner
+            for seq, ids in enumerate(prompts):
+                kv.add(seq)
+                runner.prefill([seq], [ids])
+            free = kv.free_pages()
+            seen = []
+
+            def done(tokens: list[int], seen: list = seen, stop_after: int = stop_after) -> bool:
+                seen.append(tokens)
+                return len(seen) == stop_after
+
+            tokens = runner.decode_greedy([0, 1], [5, 7], 6, done)
+            assert len(tokens) == stop_after
+            assert [kv.lengths[0], kv.lengths[1]] == [15 + stop_after, 30 + stop_after]
+            assert kv.free_pages() == free - kv.new_pages(15, stop_after) - kv.new_pages(
+                30, stop_after
+            )
+            kv.begin([0, 1], [1, 1])
+            assert positions(kv.cache).numpy().tolist() == [15 + stop_after, 30 + stop_after]
+            kv.undo_begin([0, 1])
+            if stop_after < 6:
+                tokens += runner.decode_greedy([0, 1], tokens[-1], 6 - stop_after)
+            runs.append(tokens)
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
 def test_step_graphs_are_refused_off_cuda_when_asked_and_skipped_by_default(llama):
     with pytest.raises(KilnError, match=r"one CUDA GPU.*: leave out step_graphs"):
         kiln.Engine(llama, step_graphs=True)
