@@ -513,6 +513,20 @@ class Engine:
 
     def _run_decode_greedy(self, requests: list[Request], steps: int) -> None:
         start = time.perf_counter()
+        # Each pass's tokens are taken while the next pass runs; a request that ends on one
+        # takes no later ones, and finishes (leaves the cache) once the passes are over.
+        ended: dict[int, tuple[Request, str]] = {}
+
+        def accept(tokens: list[int]) -> None:
+            for request, token in zip(requests, tokens, strict=True):
+                if request.id in ended:
+                    continue  # its later tokens are not its own
+                self._counters["decode_tokens"] += 1
+                request.computed += 1
+                reason = self._accept(request, token, None, finish=False)
+                if reason is not None:
+                    ended[request.id] = (request, reason)
+
         try:
             picked = self.runner.decode_greedy(
                 [r.seq_id for r in requests],
@@ -520,18 +534,15 @@ class Engine:
                 steps,
                 # no more passes once every request has met a stop token
                 lambda tokens: all(t in r.stops for r, t in zip(requests, tokens, strict=True)),
+                accept,
             )
         except Exception as e:
-            self._fail(requests, e)
-            return
-        self._pass_seconds = (time.perf_counter() - start) / len(picked)
-        for tokens in picked:
-            for request, token in zip(requests, tokens, strict=True):
-                if request.state != RUNNING:
-                    continue  # stopped at an earlier pass: later tokens are not its own
-                self._counters["decode_tokens"] += 1
-                request.computed += 1
-                self._accept(request, token, None)
+            self._fail([r for r in requests if r.id not in ended], e)
+            picked = None
+        for request, reason in ended.values():
+            self._finish(request, reason)
+        if picked:
+            self._pass_seconds = (time.perf_counter() - start) / len(picked)
 
     def _sample(self, rows: list[tuple[Request, int]], logits: Logits) -> None:
         """Choose the next token of each request from its row of `logits`, and accept it.
@@ -569,8 +580,11 @@ class Engine:
                 uniform[row] = request.sampler.uniform()
         return logits.sample(temperature, top_p, top_k, uniform)
 
-    def _accept(self, request: Request, token: int, logprob: Any) -> None:
-        """Append a sampled token; stream it; finish the request if it is done."""
+    def _accept(
+        self, request: Request, token: int, logprob: Any, finish: bool = True
+    ) -> str | None:
+        """Append a sampled token; stream it; finish the request if it is done (or, with
+        `finish` False, leave that to the caller). Returns why it is done, or None."""
         request.tokens.append(token)
         if request.first_token is None:
             request.first_token = time.perf_counter()
@@ -590,8 +604,9 @@ class Engine:
         ):
             reason = "length"
         request.handle._push(Delta(token, piece, logprob))
-        if reason is not None:
+        if reason is not None and finish:
             self._finish(request, reason)
+        return reason
 
     def _fail(self, requests: list[Request], error: Exception) -> None:
         for request in requests:

@@ -334,12 +334,15 @@ class Runner:
         tokens: Sequence[int],
         steps: int,
         done: Callable[[list[int]], bool] | None = None,
+        each: Callable[[list[int]], None] | None = None,
     ) -> list[list[int]]:
         """Up to `steps` decode passes in a row, each fed the argmax of the one before where
         the pass left it (no upload, no sampling on the host): the greedy token ids (passes,
         batch). `done(tokens)`, given a pass's tokens, ends the run early when it returns
-        True. The caller has checked that the cache holds `steps` more tokens of every
-        sequence.
+        True. `each(tokens)` gets every pass's tokens in order, once the pass after it is
+        queued (the last's at the end), so that the caller's work on them overlaps the GPU's;
+        it must leave the cache alone. The caller has checked that the cache holds `steps`
+        more tokens of every sequence.
 
         Each pass ends before the next is queued: TVM's KV cache copies a pass's page tables
         into one device buffer on a stream of its own that does not wait for the passes queued
@@ -356,7 +359,15 @@ class Runner:
         else:
             graphs.set_token(tokens[0])  # each step leaves its argmax there for the next
         start = time.perf_counter()
-        picked = []
+        picked: list[list[int]] = []
+        caller = 0.0  # seconds in `each`: the caller's, not the model's
+
+        def hand_over(tokens: list[int]) -> None:
+            nonlocal caller
+            began = time.perf_counter()
+            each(tokens)
+            caller += time.perf_counter() - began
+
         for step in range(steps):
             if step == 0:
                 self.kv.begin(seq_ids, [1] * rows)  # later passes begin while the last runs
@@ -371,12 +382,16 @@ class Runner:
             ahead = step + 1 < steps
             if ahead:
                 self.kv.begin(seq_ids, [1] * rows)
+            if each is not None and picked:
+                hand_over(picked[-1])  # while this pass runs
             picked.append(ex.numpy(argmax, (rows,), "int32").tolist())
             if done is not None and done(picked[-1]):
                 if ahead:
                     self.kv.undo_begin(seq_ids)
                 break
-        self.model_seconds += time.perf_counter() - start
+        if each is not None and picked:
+            hand_over(picked[-1])
+        self.model_seconds += time.perf_counter() - start - caller
         return picked
 
     def _finish_pass(self, out: Any, rows: int, start: float, on_device: bool) -> Any:

@@ -506,6 +506,36 @@ def test_greedy_passes_stopped_early_leave_the_cache_as_they_ran(llama):
     assert runs[1] == runs[0] and runs[2] == runs[0]
 
 
+def test_greedy_passes_hand_over_each_pass_while_the_next_runs(llama):
+    """Runner.decode_greedy's `each` gets every pass's tokens, in order, once the next pass is
+    queued (so the engine's work on them overlaps it): the cache holds that next pass's token
+    when it is called, except for the last pass, and for a pass a stop ends the run at."""
+    rng = np.random.default_rng(19)
+    with kiln.Engine(llama, max_batch_size=2, prefix_cache=False) as engine:
+        kv, runner = engine.kv, engine.runner
+        for seq, n in enumerate((12, 20)):
+            kv.add(seq)
+            runner.prefill([seq], [random_prompt(rng, n)])
+        for steps, stop in ((5, None), (5, 2)):
+            start = kv.lengths[0]
+            seen, lengths = [], []
+
+            def each(tokens: list[int], seen: list = seen, lengths: list = lengths) -> None:
+                seen.append(tokens)
+                lengths.append(kv.lengths[0])
+
+            done = (
+                None if stop is None else (lambda _t, seen=seen, stop=stop: len(seen) == stop - 1)
+            )
+            picked = runner.decode_greedy([0, 1], [5, 7], steps, done, each)
+            assert seen == picked and len(picked) == (stop or steps)
+            ran = len(picked)
+            # each(k) once pass k + 1 is queued, when the cache holds pass k + 2's token too
+            # (begun ahead, up to `steps`); the last pass's, or the stopped one's, at the end
+            ahead = [min(start + k + 2, start + steps) for k in range(1, ran)]
+            assert lengths == [*ahead, start + ran]
+
+
 def test_step_graphs_are_refused_off_cuda_when_asked_and_skipped_by_default(llama):
     with pytest.raises(KilnError, match=r"one CUDA GPU.*: leave out step_graphs"):
         kiln.Engine(llama, step_graphs=True)
