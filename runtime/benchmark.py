@@ -187,8 +187,8 @@ def run(
     context = 512 + 128
     engine = Engine(
         path, device, devices=devices, max_batch_size=biggest,
-        kv_tokens=biggest * context + 4096, prefill_chunk=max((*prefills, 512)), prefix_cache=False,
-        step_graphs=step_graphs,
+        kv_tokens=biggest * context + 4096, prefill_chunk=max((*prefills, 2048)),
+        prefix_cache=False, step_graphs=step_graphs,
     )  # fmt: skip
     load = time.perf_counter() - start
     with engine:  # closing it stops a tensor-parallel run's workers, also on an error
@@ -325,6 +325,6 @@ def batched_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) ->
         raise KilnError(
             f"no step decoded all {len(prompts)} requests at once: the first finished their "
             f"{new_tokens} tokens before the last were prefilled; measure fewer requests, or "
-            "prefill in larger chunks (run()'s largest prefill length is the engine's chunk)"
+            "prefill in larger chunks (run()'s: its largest prefill length, 2048 at least)"
         )
     return tokens / seconds

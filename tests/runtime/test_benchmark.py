@@ -99,7 +99,8 @@ def test_kiln_bench_on_the_cpu(artifact):
 
 def test_benchmark_without_prefills_or_batches(artifact):
     """kiln.runtime.benchmark.run with no prefill sizes and no batches measures the batch-1
-    decode alone (its engine chunks prefills as the batched decode's 512-token prompts)."""
+    decode alone (its engine prefills in chunks of 2048 tokens: 4 of the batched decode's
+    512-token prompts a step, so that 128 of them are all prefilled before the first finish)."""
     from kiln.runtime.benchmark import run
 
     said = []
