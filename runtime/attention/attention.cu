@@ -548,18 +548,23 @@ int AutoSplits(int64_t blocks, int64_t batch, int64_t nnz_pages, int64_t page_si
 // Query heads a block takes: the group (rounded up to a power of two, at most kMaxDecodeHeads),
 // so that a block reads its KV head's keys once for all of them; but where a call has few keys,
 // one or two, so that the grid has 4-8x the blocks, each with a fraction of the work, and the
-// keys read again come from L2. H100, 32 query and 8 KV heads of 128 (bench/attention.py):
-// batch 1 after 128 keys 9.1 us with the group, 4.9 with one head a block; after 2048 keys 17.0
-// and 12.6 with two; 64 sequences of 576 keys 59.5 with the group, 74.5 with two, 97.1 with
-// one. `wanted` (1, 2, 4 or 8) overrides it for tests and benchmarks, at most the group.
+// keys read again come from L2. H200, 32 query and 8 KV heads of 128 (bench/NOTES.md,
+// nineteenth session; us with 1 / 2 / 4 heads a block): 2 x 1024 keys 12.3 / 12.9 / 17.4, 1 x
+// 4096 20.6 / 18.1 / 23.2, but from 32 (sequence, KV head) pairs and ~12 MiB the group wins:
+// 4 x 512 11.8 / 12.1 / 12.9, 4 x 1024 18.0 / 17.3 / 14.9, 8 x 512 17.7 / 17.2 / 14.1, 16 x 512
+// 29.4 / 26.3 / 18.5 (8 x 256 11.5 all three). `pairs`: sequences x KV heads. `wanted` (1, 2, 4
+// or 8) overrides it for tests and benchmarks, at most the group.
 constexpr int64_t kOneHeadBytes = int64_t{4} << 20;   // K/V a call reads, at most
 constexpr int64_t kTwoHeadsBytes = int64_t{32} << 20;
+constexpr int64_t kGroupPairs = 32;                    // with more than kGroupBytes of K/V
+constexpr int64_t kGroupBytes = int64_t{12} << 20;
 
-int DecodeHeads(int64_t group, int64_t kv_bytes, int64_t wanted) {
+int DecodeHeads(int64_t group, int64_t kv_bytes, int64_t pairs, int64_t wanted) {
   int heads = 1;
   while (heads < group && heads < kMaxDecodeHeads) heads *= 2;
   if (wanted > 0) return std::min(heads, static_cast<int>(wanted));
   if (kv_bytes <= kOneHeadBytes) return 1;
+  if (pairs >= kGroupPairs && kv_bytes > kGroupBytes) return heads;
   return kv_bytes <= kTwoHeadsBytes ? std::min(heads, 2) : heads;
 }
 
@@ -655,7 +660,7 @@ void DecodePagedTiled(int64_t heads_wanted, int64_t splits, Tensor q, Tensor pag
 
   const int64_t group = h_q / h_kv;
   const int64_t kv_bytes = page_values.size(0) * pages.size(3) * h_kv * d * 2 * 2;  // K and V
-  const int heads = DecodeHeads(group, kv_bytes, heads_wanted);
+  const int heads = DecodeHeads(group, kv_bytes, batch * h_kv, heads_wanted);
   p.q = DataOf(q);
   p.out = DataOf(out);
   p.lse = reinterpret_cast<float*>(DataOf(lse));
