@@ -184,10 +184,10 @@ def test_batched_int4_decode_of_wide_layers_matches_transformers(gpu_build):
 def test_batched_decode_graphs_give_decodes_logits(preset, gpu_build):
     """The batched decode's CUDA graphs (the artifact's batch_graphs entry: Relax's graphs per
     batch size) against decode without them, bit for bit (the same kernels on the same inputs):
-    a batch size's first pass (run, then captured), its replays, another size in between, and
-    a batch past the bound, which runs decode itself; a size captured ahead
-    (Runner.warm_batch_graphs). llama-wide's int4 Linears take the GEMVs
-    at 5 rows and the int4 GEMMs at 40 and 100 (Q4Wgmma on Hopper); its fp16 ones cuBLAS."""
+    a batch size's first pass (run, then captured), its replays, another size in between, a
+    size captured ahead (Runner.warm_batch_graphs), and a batch past the bound, which runs
+    decode itself. llama-wide's int4 Linears take the GEMVs at 5 rows and the int4 GEMMs at 40
+    and 100 (Q4Wgmma on Hopper); its fp16 ones cuBLAS."""
     from kiln.runtime.runner import Runner
 
     _, art = gpu_build("llama-wide", preset)
