@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
+from greedy_checks import planted_logits
 
 import kiln
 from kiln.runtime.runner import Logits, Runner
@@ -135,12 +136,7 @@ def test_greedy_of_a_large_vocabulary_is_argmax(vocab):
     vm = relax.VirtualMachine(relax.build(mod, target="llvm"), tvm.cpu())
     length = sampling.chunk_length(vocab)
     assert vocab > sampling.CHUNKED_FROM and length == (4008 if vocab == 128256 else 4096)
-    logits = np.random.default_rng(3).standard_normal((6, vocab)).astype("float32")
-    logits[1, [5, length + 5]] = 50.0  # the same maximum in two chunks
-    logits[2, [length - 1, length]] = 50.0  # either side of a chunk's edge
-    logits[3, vocab - 1] = 50.0  # the last id (in the padded chunk for 70,001)
-    logits[4, [9, 7]] = 50.0  # twice in one chunk
-    logits[5] = -np.inf
+    logits = planted_logits(6, vocab, length, seed=3)
     got = vm["greedy"](tvm.runtime.tensor(logits)).numpy()
     assert got.tolist() == np.argmax(logits, axis=1).tolist()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from greedy_checks import planted_logits
 from step_graph_checks import check_step_graphs
 
 import kiln
@@ -154,13 +155,7 @@ def test_greedy_of_a_large_vocabulary_on_cuda(vocab, tmp_path):
 
     device = open_device("cuda:0")  # (loads TVM's CUDA runtime, which the library's kernels need)
     machine = vm.VirtualMachine(tvm.runtime.load_module(str(library)), device)
-    logits = np.random.default_rng(4).standard_normal((64, vocab)).astype("float32")
-    length = 4008 if vocab == 128256 else 4096
-    logits[1, [5, length + 5]] = 50.0
-    logits[2, [length - 1, length]] = 50.0
-    logits[3, vocab - 1] = 50.0
-    logits[4, [9, 7]] = 50.0
-    logits[5] = -np.inf
+    logits = planted_logits(64, vocab, 4008 if vocab == 128256 else 4096, seed=4)
     got = machine["greedy"](tvm.runtime.tensor(logits, device)).numpy()
     assert got.tolist() == np.argmax(logits, axis=1).tolist()
 
