@@ -360,14 +360,6 @@ class Runner:
             graphs.set_token(tokens[0])  # each step leaves its argmax there for the next
         start = time.perf_counter()
         picked: list[list[int]] = []
-        caller = 0.0  # seconds in `each`: the caller's, not the model's
-
-        def hand_over(tokens: list[int]) -> None:
-            nonlocal caller
-            began = time.perf_counter()
-            each(tokens)
-            caller += time.perf_counter() - began
-
         for step in range(steps):
             if step == 0:
                 self.kv.begin(seq_ids, [1] * rows)  # later passes begin while the last runs
@@ -383,15 +375,15 @@ class Runner:
             if ahead:
                 self.kv.begin(seq_ids, [1] * rows)
             if each is not None and picked:
-                hand_over(picked[-1])  # while this pass runs
+                each(picked[-1])  # while this pass runs (its time is the pass's)
             picked.append(ex.numpy(argmax, (rows,), "int32").tolist())
             if done is not None and done(picked[-1]):
                 if ahead:
                     self.kv.undo_begin(seq_ids)
                 break
+        self.model_seconds += time.perf_counter() - start
         if each is not None and picked:
-            hand_over(picked[-1])
-        self.model_seconds += time.perf_counter() - start - caller
+            each(picked[-1])
         return picked
 
     def _finish_pass(self, out: Any, rows: int, start: float, on_device: bool) -> Any:
