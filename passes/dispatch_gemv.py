@@ -51,6 +51,7 @@ _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 MAX_ROWS = 8  # a GEMV: x has at most this many (static) rows
+FLOAT_COLS_MULTIPLE = 32  # of the float SwiGLU externs' K
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,8 @@ def _plan(
             if operands is None or dtype not in float_swiglu or str(operands[1].ty.dtype) != dtype:
                 continue
             if not _gemv_rows(operands[0]):  # float weights in batches: the GEMMs' (cuBLAS)
+                continue
+            if int(operands[0].ty.shape.values[-1]) % FLOAT_COLS_MULTIPLE:
                 continue
             extern = float_swiglu[dtype]
         if str(operands[0].ty.dtype) != str(gu.ty.dtype):

@@ -15,6 +15,10 @@ per row) and the CPU runs it as one loop nest. Its numbers are those of TVM's ow
 It matches `rms_norm` over the last axis of a static size whose input is an `add` of two
 tensors of the same shape and dtype (no broadcasting), bound in the same dataflow block, with a
 weight that is defined before the add. Everything else is left as it is.
+
+DispatchAddRMSNorm then gives a target's library the kernels it has a faster form of:
+`call_tir(add_rms_norm, (x, r, w))` -> `call_dps_packed(extern, (x, r, w, epsilon))`, where the
+extern (x, r, w, epsilon, s, y) computes the same numbers.
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script import tirx as T
 
+from kiln.passes.dispatch_matmul import PlannedRewrite, _drop_uncalled_kernels, rewrite_planned
+
 _ADD = tvm.ir.Op.get("relax.add")
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+EPSILON_ATTR = "kiln.add_rms_norm_epsilon"  # marks add_rms_norm_kernel's functions
 _RMS_NORM = tvm.ir.Op.get("relax.nn.rms_norm")
 
 
@@ -42,7 +50,7 @@ def add_rms_norm_kernel(hidden: int, dtype: str, epsilon: float) -> tirx.PrimFun
     def add_rms_norm(
         var_x: T.handle, var_r: T.handle, w: T.Buffer((n,), dtype), var_s: T.handle, var_y: T.handle
     ):
-        T.func_attr({"tirx.noalias": True})
+        T.func_attr({"tirx.noalias": True, EPSILON_ATTR: T.float32(epsilon)})
         a, b = T.int64(), T.int64()
         x = T.match_buffer(var_x, (a, b, n), dtype)
         r = T.match_buffer(var_r, (a, b, n), dtype)
@@ -162,5 +170,50 @@ def FuseAddRMSNorm() -> tvm.transform.Pass:
         for gv, func in funcs:
             fuse.run(gv, func)
         return fuse.builder_.get()
+
+    return _run
+
+
+def DispatchAddRMSNorm(
+    extern: str, dtype: str, hidden_multiple: int, max_hidden: int
+) -> tvm.transform.Pass:
+    """FuseAddRMSNorm's kernels -> `extern(x, r, w, epsilon, s, y)` where x is of `dtype` and
+    its last dimension a multiple of `hidden_multiple`, at most `max_hidden`."""
+
+    def plan_of(mod: tvm.IRModule, func: relax.Function) -> dict:
+        plan = {}
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                call = binding.value
+                if not (isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR)):
+                    continue
+                kernel = mod[call.args[0]]
+                attrs = kernel.attrs if isinstance(kernel, tirx.PrimFunc) else None
+                if attrs is None or EPSILON_ATTR not in attrs:
+                    continue
+                x = call.args[1].fields[0]
+                hidden = _static_dim(x.ty, -1)
+                if (
+                    str(x.ty.dtype) == dtype
+                    and hidden % hidden_multiple == 0
+                    and hidden <= max_hidden
+                ):
+                    plan[binding.var] = (call.args[1].fields, float(attrs[EPSILON_ATTR]))
+        return plan
+
+    @mutator
+    class _Dispatch(PlannedRewrite):
+        def rewrite(self, var: relax.Var, planned: tuple) -> relax.Expr:
+            operands, epsilon = planned
+            args = [self.visit_expr(e) for e in operands] + [
+                relax.prim_value(tirx.FloatImm("float32", epsilon))
+            ]
+            outs = list(var.ty.fields)  # s and y
+            return relax.call_dps_packed(relax.ExternFunc(extern), relax.Tuple(args), outs)
+
+    @tvm.transform.module_pass(opt_level=0, name="DispatchAddRMSNorm")
+    def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        out = rewrite_planned(mod, _Dispatch, lambda _gv, f: plan_of(mod, f))
+        return mod if out is None else _drop_uncalled_kernels(out, before=mod)
 
     return _run

@@ -33,6 +33,7 @@ from kiln.passes.bound_dynamic_storage import BoundDynamicStorage
 from kiln.passes.dispatch_gemv import DispatchGEMV, GEMVExterns
 from kiln.passes.dispatch_matmul import DispatchMatmul
 from kiln.passes.dispatch_moe import DispatchMoE, MoEExterns
+from kiln.passes.fuse_add_rms_norm import DispatchAddRMSNorm
 from kiln.passes.sink_param_unpack import SinkParamUnpack
 from kiln.passes.step_graph_entry import AddEntry, RewriteCUDAGraphExcept, batch_graph_entry
 from kiln.runtime import attention, gemv
@@ -127,7 +128,11 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         max_rows=gemv.MAX_ROWS,
         route=gemv.MOE_ROUTE,
     )
-    return [DispatchGEMV(int4, {}, batched=("decode",)), DispatchMoE(moe)]
+    return [
+        DispatchGEMV(int4, {"float16": gemv.F16_SWIGLU}, batched=("decode",)),
+        DispatchMoE(moe),
+        DispatchAddRMSNorm(gemv.ADD_RMS_NORM, "float16", 8, gemv.MAX_NORM_HIDDEN),
+    ]
 
 
 def cuda_attention_externs(target: Target, dtype: str, head_dim: int) -> dict[str, str]:

@@ -1,11 +1,13 @@
 """Kiln's decode GEMV externs for CUDA artifacts (kiln.runtime.gemv.gemv)."""
 
 from kiln.runtime.gemv.gemv import (
+    ADD_RMS_NORM,
     ARTIFACT_FILE,
     DEFAULT_ARCHS,
     F16_SWIGLU,
     FUNCTIONS,
     MAX_EXPERTS,
+    MAX_NORM_HIDDEN,
     MAX_ROWS,
     MIN_SM,
     MOE_ROUTE,
@@ -22,11 +24,13 @@ from kiln.runtime.gemv.gemv import (
 )
 
 __all__ = [
+    "ADD_RMS_NORM",
     "ARTIFACT_FILE",
     "DEFAULT_ARCHS",
     "F16_SWIGLU",
     "FUNCTIONS",
     "MAX_EXPERTS",
+    "MAX_NORM_HIDDEN",
     "MAX_ROWS",
     "MIN_SM",
     "MOE_ROUTE",

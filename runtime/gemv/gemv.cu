@@ -12,6 +12,8 @@
 //   q4_moe_swiglu(x, gate (..., E) f16, qweight_0, scale_0, ..., out (E, ..., I) f16)
 //   q4_moe(h (E, ..., K), gate, qweight_0, scale_0, ..., out (..., N) f16)
 //   moe_route(x (..., K) f16, gate (E, K) f16, top_k, out (..., E) f16): the router (MoeRoute)
+//   add_rms_norm(x, r (..., H) f16, w (H) f16, epsilon, s, y (..., H) f16): s = x + r and
+//                y = rms_norm(s) w in one read of x and r (AddRMSNorm)
 //
 // M = the product of x's leading dimensions; K % 32 == 0. A GEMV kernel takes 8 rows of x at most
 // (the MMA's 8 columns); more run as one kernel per 8 rows, each reading the weight again. The q4
@@ -1292,6 +1294,113 @@ __global__ void __launch_bounds__(kThreads, 2) F16SwiGLU(Args a) {
   Finish<2, true>(acc, a.out, first, a.rows, a.m_rows);
 }
 
+// f16 SwiGLU of one row of x (the batch-1 decode): a warp per weight row, as the float GEMVs
+// that TVM compiles for Kiln (targets/gemv.py: 16-byte loads, a warp's lanes along K, one
+// shuffle reduction), here with SiLU*up as the epilogue. Warps 2 o and 2 o + 1 take output
+// first + o's gate and up rows; lane l reads the 16-byte pieces l, l + 32, ... of its row and of
+// x, kF16RowLoads of them at once (fp32 products and sums).
+constexpr int kF16RowOutputs = kWarps / 2;  // outputs a block
+constexpr int kF16RowLoads = 8;             // 16-byte pieces of the row a lane has in flight
+
+__global__ void __launch_bounds__(kThreads, 3) F16SwiGLURow(Args a) {
+  __shared__ float sums[kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int output = blockIdx.x * kF16RowOutputs + warp / 2;
+  const int64_t row = min(output, a.rows - 1) + (warp % 2) * int64_t{a.rows};  // past the end:
+  const half* w = static_cast<const half*>(a.w) + row * a.k;  // the last row, result dropped
+  const int pieces = a.k / 8;
+  float acc[4] = {};
+  for (int base = lane; base < pieces; base += 32 * kF16RowLoads) {
+    uint4 wv[kF16RowLoads], xv[kF16RowLoads];
+#pragma unroll
+    for (int u = 0; u < kF16RowLoads; ++u) {
+      const int piece = min(base + 32 * u, pieces - 1);  // past K: read again, counted as 0
+      wv[u] = LoadStreaming(w + 8 * piece);
+      xv[u] = LoadCached(a.x + 8 * piece);
+    }
+#pragma unroll
+    for (int u = 0; u < kF16RowLoads; ++u) {
+      if (base + 32 * u >= pieces) continue;
+      const uint32_t ws[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+      const uint32_t xs[4] = {xv[u].x, xv[u].y, xv[u].z, xv[u].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 wf = __half22float2(*reinterpret_cast<const __half2*>(&ws[j]));
+        const float2 xf = __half22float2(*reinterpret_cast<const __half2*>(&xs[j]));
+        acc[j] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[j]));
+      }
+    }
+  }
+  float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(~0u, sum, off);
+  if (lane == 0) sums[warp] = sum;
+  __syncthreads();
+  if (threadIdx.x < kF16RowOutputs) {
+    const int o = blockIdx.x * kF16RowOutputs + threadIdx.x;
+    if (o < a.rows) {
+      a.out[o] = __float2half_rn(Silu(sums[2 * threadIdx.x]) * sums[2 * threadIdx.x + 1]);
+    }
+  }
+}
+
+// add_rms_norm: a block a row, kNormThreads threads, each holding up to kNormPieces 16-byte
+// pieces of it in registers from the one read to the writes: s = x + r (in fp16, as TVM's
+// `add`), y = fp16(rsqrt(mean(s^2) + eps) s w) (fp32 from s on, as TVM's `rms_norm`, and
+// kiln.passes.fuse_add_rms_norm's kernel, which this replaces).
+constexpr int kNormThreads = 512;
+constexpr int kNormPieces = 4;  // so a row of at most 8 x 512 x 4 = 16384 values
+
+__global__ void __launch_bounds__(kNormThreads) AddRMSNorm(const half* x, const half* r,
+                                                           const half* w, half* s, half* y,
+                                                           int hidden, float epsilon) {
+  __shared__ float warp_sums[kNormThreads / 32];
+  const int64_t base = int64_t{blockIdx.x} * hidden;
+  const int pieces = hidden / 8;
+  uint4 sum_v[kNormPieces], w_v[kNormPieces];
+  float squares = 0.f;
+#pragma unroll
+  for (int u = 0; u < kNormPieces; ++u) {
+    const int piece = threadIdx.x + u * kNormThreads;
+    if (piece >= pieces) continue;
+    const uint4 xv = LoadCached(x + base + 8 * piece), rv = LoadCached(r + base + 8 * piece);
+    w_v[u] = LoadCached(w + 8 * piece);  // with x and r: one round trip before the reduction
+    sum_v[u] = make_uint4(AddHalf2(xv.x, rv.x), AddHalf2(xv.y, rv.y), AddHalf2(xv.z, rv.z),
+                          AddHalf2(xv.w, rv.w));
+    const uint32_t h[4] = {sum_v[u].x, sum_v[u].y, sum_v[u].z, sum_v[u].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h[j]));
+      squares = fmaf(f.x, f.x, fmaf(f.y, f.y, squares));
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) squares += __shfl_xor_sync(~0u, squares, off);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = squares;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < kNormThreads / 32; ++i) total += warp_sums[i];
+  const float inv = rsqrtf(total / static_cast<float>(hidden) + epsilon);
+#pragma unroll
+  for (int u = 0; u < kNormPieces; ++u) {
+    const int piece = threadIdx.x + u * kNormThreads;
+    if (piece >= pieces) continue;
+    const uint32_t h[4] = {sum_v[u].x, sum_v[u].y, sum_v[u].z, sum_v[u].w};
+    const uint32_t g[4] = {w_v[u].x, w_v[u].y, w_v[u].z, w_v[u].w};
+    uint32_t out[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h[j]));
+      const float2 gw = __half22float2(*reinterpret_cast<const __half2*>(&g[j]));
+      const __half2 o = __floats2half2_rn(inv * f.x * gw.x, inv * f.y * gw.y);
+      out[j] = *reinterpret_cast<const uint32_t*>(&o);
+    }
+    *reinterpret_cast<uint4*>(s + base + 8 * piece) = sum_v[u];
+    *reinterpret_cast<uint4*>(y + base + 8 * piece) = make_uint4(out[0], out[1], out[2], out[3]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side: argument checks and launches. Dtypes and shapes are checked first, then devices
 // and layout (so that a caller learns what is wrong with its arguments wherever they are).
@@ -1458,6 +1567,7 @@ constexpr const char* kQ4GemmPlan = "kiln.gemv.q4_gemm_plan";
 constexpr const char* kQ4MoeSwiGLU = "kiln.gemv.q4_moe_swiglu";
 constexpr const char* kQ4Moe = "kiln.gemv.q4_moe";
 constexpr const char* kMoeRoute = "kiln.gemv.moe_route";
+constexpr const char* kAddRMSNorm = "kiln.gemv.add_rms_norm";
 // A batched decode's q4 (Q4Batched): up to kMaxM rows of x, the GEMV; up to kMaxGemmRows, Q4Gemm
 // (kMaxWgmmaRows on the warpgroup MMAs); more, the weight dequantized once and multiplied on the
 // GEMM library, whose cost does not grow with the rows until its tiles fill. H200, the
@@ -1936,6 +2046,12 @@ void F16SwiGLUEntry(Tensor x, Tensor w, Tensor out) {
   CheckPlacement(name, w, "w", device, true);
   a.w = DataOf(w);
   cudaStream_t stream = TvmStream(name, device);
+  if (a.m_rows == 1) {
+    F16SwiGLURow<<<static_cast<unsigned>((a.rows + kF16RowOutputs - 1) / kF16RowOutputs),
+                   kThreads, 0, stream>>>(a);
+    CheckCuda(cudaGetLastError(), name, "the kernel launch");
+    return;
+  }
   ForEachChunk(a, [&](const Args& chunk) {
     F16SwiGLU<<<static_cast<unsigned>((a.rows + kRows - 1) / kRows), kThreads, 0, stream>>>(
         chunk);
@@ -2064,12 +2180,50 @@ void MoeRouteEntry(Tensor x, Tensor gate, int64_t top_k, Tensor out) {
   CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
+// add_rms_norm(x (..., H) f16, r (..., H) f16, w (H) f16, epsilon, s, y (..., H) f16):
+// AddRMSNorm, a block a row; H a multiple of 8, at most 8 kNormThreads kNormPieces.
+void AddRMSNormEntry(Tensor x, Tensor r, Tensor w, double epsilon, Tensor s, Tensor y) {
+  const char* name = kAddRMSNorm;
+  const Tensor* all[] = {&x, &r, &w, &s, &y};
+  const char* what[] = {"x", "r", "w", "s", "y"};
+  for (int i = 0; i < 5; ++i) CheckDtype(name, *all[i], what[i], kDLFloat, 16, "float16");
+  TVM_FFI_CHECK(x.ndim() >= 1, ValueError) << name << ": x must have at least one dimension";
+  const int64_t hidden = x.size(x.ndim() - 1);
+  TVM_FFI_CHECK(hidden % 8 == 0 && hidden >= 8 && hidden <= 8 * kNormThreads * kNormPieces,
+                ValueError)
+      << name << ": the last dimension must be a multiple of 8 from 8 to "
+      << 8 * kNormThreads * kNormPieces << ", not " << hidden;
+  for (const Tensor* t : {&r, &s, &y}) {
+    TVM_FFI_CHECK(t->ndim() == x.ndim(), ValueError) << name << ": r, s and y must be shaped as x";
+    for (int d = 0; d < x.ndim(); ++d) {
+      TVM_FFI_CHECK(t->size(d) == x.size(d), ValueError)
+          << name << ": r, s and y must be shaped as x";
+    }
+  }
+  TVM_FFI_CHECK(w.ndim() == 1 && w.size(0) == hidden, ValueError)
+      << name << ": w must be (" << hidden << ",), x's last dimension";
+  TVM_FFI_CHECK(epsilon >= 0, ValueError) << name << ": epsilon must be >= 0, not " << epsilon;
+  int64_t rows = 1;
+  for (int d = 0; d + 1 < x.ndim(); ++d) rows *= x.size(d);
+  TVM_FFI_CHECK(rows < (int64_t{1} << 31), ValueError) << name << ": too many rows";
+  const int device = x.device().device_id;
+  for (int i = 0; i < 5; ++i) CheckPlacement(name, *all[i], what[i], device, true);
+  if (rows == 0) return;
+  cudaStream_t stream = TvmStream(name, device);
+  AddRMSNorm<<<static_cast<unsigned>(rows), kNormThreads, 0, stream>>>(
+      reinterpret_cast<const half*>(DataOf(x)), reinterpret_cast<const half*>(DataOf(r)),
+      reinterpret_cast<const half*>(DataOf(w)), reinterpret_cast<half*>(DataOf(s)),
+      reinterpret_cast<half*>(DataOf(y)), static_cast<int>(hidden), static_cast<float>(epsilon));
+  CheckCuda(cudaGetLastError(), name, "the kernel launch");
+}
+
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef()
       .def(kQ4, Q4)
       .def(kQ4SwiGLU, Q4SwiGLU)
       .def(kF16SwiGLU, F16SwiGLUEntry)
+      .def(kAddRMSNorm, AddRMSNormEntry)
       .def(kQ4Batched, Q4Batched)
       .def(kQ4Dequantize, Q4Dequantize)
       .def(kQ4Gemm, Q4GemmEntry)

@@ -28,6 +28,9 @@ multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs
   (..., K) float16 and the router's weight gate (E, K) float16: out (..., E) = softmax(x @
   gate^T) (fp32, the logits rounded to fp16 first) at each row's top_k experts (ties to the lower
   index), renormalized to sum to one over them, 0 elsewhere.
+- `kiln.gemv.add_rms_norm(x, r, w, epsilon, s, y)`: a transformer block's residual add and the
+  RMSNorm of its sum (kiln.passes.fuse_add_rms_norm), x, r, s, y (..., H) float16, w (H,):
+  s = x + r (fp16), y = rms_norm(s) * w (fp32 from s on, rounded once), one read of x and r.
 
 K must be a multiple of 32; gemv.cu says how the kernels work and what they round.
 (For benchmarks: `kiln.gemv.q4_tiled(variant, ...)` and `q4_swiglu_tiled(variant, ...)` run
@@ -70,7 +73,11 @@ Q4_BATCHED = "kiln.gemv.q4_batched"
 Q4_MOE_SWIGLU = "kiln.gemv.q4_moe_swiglu"
 Q4_MOE = "kiln.gemv.q4_moe"
 MOE_ROUTE = "kiln.gemv.moe_route"
-FUNCTIONS = (Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE, MOE_ROUTE)
+ADD_RMS_NORM = "kiln.gemv.add_rms_norm"
+FUNCTIONS = (
+    Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE, MOE_ROUTE, ADD_RMS_NORM
+)  # fmt: skip
+MAX_NORM_HIDDEN = 16384  # add_rms_norm's rows (gemv.cu: 8 kNormThreads kNormPieces)
 ARTIFACT_FILE = "kiln-gemv.so"  # the built extern, inside an artifact compiled on its platform
 MAX_ROWS = 8  # of x: the MMA's N
 MAX_EXPERTS = 16  # of the mixture externs (gemv.cu's kMaxExperts)

@@ -7,8 +7,8 @@ variant (kiln.gemv.q4_tiled, q4_swiglu_tiled: 16 or 32 weight rows a block, with
 prefetching), and in a CUDA graph (kiln.gemv.q4_graph_time); 8 rows of x, and 9 to 64 (a
 kernel per 8); the batched decode's q4 (kiln.gemv.q4_batched) and its kernel for 9 to 64 rows
 (kiln.gemv.q4_gemm); a mixture of experts' MLP reading only the routed experts
-(kiln.gemv.q4_moe_swiglu, q4_moe) and its router (kiln.gemv.moe_route); arguments they refuse;
-and TVM's current stream.
+(kiln.gemv.q4_moe_swiglu, q4_moe) and its router (kiln.gemv.moe_route); the residual add with
+its RMSNorm (kiln.gemv.add_rms_norm); arguments they refuse; and TVM's current stream.
 
 Random data as a decode step sees it: x ~ N(0, 1), q4 scales ~ U(0.001, 0.02), nibbles uniform,
 f16 weights ~ N(0, 1 / K) (so that the gate's silu is not saturated).
@@ -39,6 +39,7 @@ from kiln.runtime import cublas
 from kiln.runtime.cublas import load_cublas
 from kiln.runtime.device import open_device
 from kiln.runtime.gemv import (
+    ADD_RMS_NORM,
     ARTIFACT_FILE,
     F16_SWIGLU,
     MOE_ROUTE,
@@ -147,7 +148,13 @@ def test_q4_swiglu_equals_float64(dev, lead, inter, k):
         assert error(got, want) <= TOL, variant
 
 
-@pytest.mark.parametrize("lead,inter,k", SWIGLU_CASES)
+# One row of x takes F16SwiGLURow (a warp a weight row): K of 100 and 1184 pieces of 16 bytes
+# (partial rounds of the lanes' loads), the smallest K, and one output (the other warps' rows
+# clamped and dropped)
+F16_ROW_CASES = [((1,), 37, 800), ((1, 1), 45, 9472), ((1,), 5, 32), ((1,), 1, 4096)]
+
+
+@pytest.mark.parametrize("lead,inter,k", SWIGLU_CASES + F16_ROW_CASES)
 def test_f16_swiglu_equals_float64(dev, lead, inter, k):
     rng = np.random.default_rng(inter + k + lead[0] + 1)
     x = rng.standard_normal((*lead, k)).astype(np.float16)
@@ -499,3 +506,25 @@ def test_runs_on_tvms_current_stream(dev):
     want = swiglu(src.double().cpu().numpy() @ host_w.astype(np.float64).T)
     got = out.double().cpu().numpy()
     assert np.abs(got - want).max() / np.abs(want).max() <= TOL
+
+
+# (shape of x, epsilon): a decode's row of Llama-2-7B and 64 of them, Mixtral's 5120 over two
+# leading dimensions, the largest H, the smallest, one that leaves most threads without a piece
+NORM_CASES = [((1, 1, 4096), 1e-5), ((64, 1, 4096), 1e-6), ((3, 5, 5120), 1e-5),
+              ((2, 16384), 1e-5), ((1, 8), 1e-5), ((7, 96), 0.0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,epsilon", NORM_CASES)
+def test_add_rms_norm_equals_numpy(dev, shape, epsilon):
+    """s = x + r rounded to fp16 (NumPy's fp16 add: the same bits), y against float64 from s."""
+    rng = np.random.default_rng(shape[-1] + len(shape))
+    x, r = (rng.normal(0, 2, shape).astype(np.float16) for _ in range(2))
+    w = rng.normal(1, 0.5, shape[-1]).astype(np.float16)
+    s, y = (tvm.runtime.empty(shape, "float16", dev) for _ in range(2))
+    args = [tvm.runtime.tensor(a, dev) for a in (x, r, w)]
+    tvm_ffi.get_global_func(ADD_RMS_NORM)(*args, epsilon, s, y)
+    total = x + r
+    np.testing.assert_array_equal(s.numpy(), total)
+    f = total.astype(np.float64)
+    want = f / np.sqrt((f * f).mean(-1, keepdims=True) + epsilon) * w.astype(np.float64)
+    assert error(y, want) <= TOL

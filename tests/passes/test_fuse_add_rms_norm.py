@@ -2,7 +2,9 @@
 
 Structure against a hand-written Expected module; modules without the pattern come back
 unchanged; the fused kernel gives the numbers of the unfused add and rms_norm on the CPU; and
-Kiln's CUDA schedule makes it one GPU kernel (one thread block per row).
+Kiln's CUDA schedule makes it one GPU kernel (one thread block per row). DispatchAddRMSNorm
+then sends the kernels of a dtype and size to an extern: which calls it takes, and on the CPU,
+with a NumPy function registered under the extern's name, the numbers of the unfused graph.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
-from kiln.passes.fuse_add_rms_norm import FuseAddRMSNorm
+from kiln.passes.fuse_add_rms_norm import DispatchAddRMSNorm, FuseAddRMSNorm
 
 
 @I.ir_module
@@ -47,7 +49,7 @@ class Expected:
         var_s: T.handle,
         var_y: T.handle,
     ):
-        T.func_attr({"tirx.noalias": True})
+        T.func_attr({"tirx.noalias": True, "kiln.add_rms_norm_epsilon": T.float32(1e-5)})
         a, b = T.int64(), T.int64()
         x = T.match_buffer(var_x, (a, b, T.int64(8)), "float16")
         r = T.match_buffer(var_r, (a, b, T.int64(8)), "float16")
@@ -195,3 +197,46 @@ def test_cuda_schedule_makes_one_kernel():
     assert grids == ["blockIdx.x"]
     body = scheduled.body.block.body  # the root block's body: one loop, the grid
     assert isinstance(body, tvm.tirx.For) and body.thread_binding.thread_tag == "blockIdx.x"
+
+
+def _numpy_add_rms_norm(x, r, w, epsilon, s, y):
+    """The extern's contract in NumPy: s = x + r in x's dtype, y = rms_norm(s) w from fp32."""
+    total = x.numpy() + r.numpy()
+    f = total.astype(np.float32)
+    inv = 1 / np.sqrt((f * f).mean(-1, keepdims=True) + np.float32(epsilon))
+    s.copyfrom(total)
+    y.copyfrom((inv * f * w.numpy().astype(np.float32)).astype(total.dtype))
+
+
+def test_dispatch_takes_the_kernels_of_its_dtype_and_sizes():
+    fused16 = FuseAddRMSNorm()(_layer("float16", 96))
+    after = DispatchAddRMSNorm("kiln.test.add_rms_norm", "float16", 8, 4096)(fused16)
+    bindings = after["main"].body.blocks[0].bindings
+    calls = [b.value for b in bindings if isinstance(b.value, relax.Call)]
+    calls = [c for c in calls if c.op.name == "relax.call_dps_packed"]
+    assert [c.args[0].global_symbol for c in calls] == ["kiln.test.add_rms_norm"] * 2
+    assert [float(c.args[1].fields[3].value) for c in calls] == pytest.approx([1e-6, 1e-5])
+    assert "call_tir" not in after["main"].script()
+    assert [gv.name_hint for gv in after.get_global_vars()] == ["main"]  # the kernels dropped
+    for dtype, multiple, largest in (("float32", 8, 4096), ("float16", 64, 4096),
+                                     ("float16", 8, 64)):  # fmt: skip
+        fused = FuseAddRMSNorm()(_layer(dtype, 96))
+        assert DispatchAddRMSNorm("kiln.test.add_rms_norm", "float16", multiple, largest)(
+            fused
+        ).same_as(fused)
+
+
+def test_dispatched_module_gives_the_unfused_numbers_on_the_cpu():
+    tvm_ffi.register_global_func("kiln.test.add_rms_norm", _numpy_add_rms_norm, override=True)
+    hidden = 96
+    before = _layer("float16", hidden)
+    after = DispatchAddRMSNorm("kiln.test.add_rms_norm", "float16", 8, 4096)(
+        FuseAddRMSNorm()(before)
+    )
+    rng = np.random.default_rng(1)
+    args = [rng.normal(0, 2, (5, 3, hidden)).astype("float16") for _ in range(3)]
+    args += [rng.normal(1, 0.5, hidden).astype("float16") for _ in range(2)]
+    for e, g in zip(_run(before, args), _run(after, args), strict=True):
+        assert np.isfinite(g).all()
+        # fp16 outputs of fp32 numbers summed in another order: at most one rounding apart
+        np.testing.assert_allclose(g.astype("float64"), e.astype("float64"), rtol=2e-3, atol=0)

@@ -84,6 +84,7 @@ gemm = tvm_ffi.get_global_func("kiln.gemv.q4_gemm")
 pick = tvm_ffi.get_global_func("kiln.gemv.q4_default_variant")
 splits = tvm_ffi.get_global_func("kiln.gemv.q4_gemm_splits")
 plan = tvm_ffi.get_global_func("kiln.gemv.q4_gemm_plan")
+norm = tvm_ffi.get_global_func("kiln.gemv.add_rms_norm")
 host = lambda shape, dtype="float16": tvm_ffi.from_dlpack(np.zeros(shape, dtype))
 w, s = host((10, 8), "uint32"), host((10, 2))
 calls = {
@@ -108,6 +109,15 @@ calls = {
     "graph copies": lambda: graph_time(1, False, host((1, 64)), [w, w], [s], host((1, 10)), 3),
     "splits 9": lambda: splits(9, host((20, 64)), w, s, host((20, 10)), host((10, 64))),
     "plan K 48": lambda: plan(20, 10, 48, 0),
+    "norm on the host": lambda: norm(*[host((2, 64))] * 2, host(64), 1e-5, *[host((2, 64))] * 2),
+    "norm x float32": lambda: norm(host((2, 64), "float32"), host((2, 64)), host(64), 1e-5,
+                                   host((2, 64)), host((2, 64))),
+    "norm H 12": lambda: norm(*[host((2, 12))] * 2, host(12), 1e-5, *[host((2, 12))] * 2),
+    "norm H 16392": lambda: norm(*[host((1, 16392))] * 2, host(16392), 1e-5,
+                                 *[host((1, 16392))] * 2),
+    "norm r": lambda: norm(host((2, 64)), host((1, 64)), host(64), 1e-5, *[host((2, 64))] * 2),
+    "norm w": lambda: norm(*[host((2, 64))] * 2, host(32), 1e-5, *[host((2, 64))] * 2),
+    "norm epsilon": lambda: norm(*[host((2, 64))] * 2, host(64), -1.0, *[host((2, 64))] * 2),
 }
 errors = {}
 for name, call in calls.items():
@@ -147,6 +157,13 @@ ERRORS = {
     "graph copies": ("ValueError", "q4_graph_time: give as many scales as qweights"),
     "splits 9": ("ValueError", "kiln.gemv.q4_gemm_splits: splits must be 1 to 8, not 9"),
     "plan K 48": ("ValueError", "q4_gemm_plan: rows of x, N and K (a multiple of 32) must be"),
+    "norm on the host": ("ValueError", "kiln.gemv.add_rms_norm: x must be on cuda:0"),
+    "norm x float32": ("TypeError", "kiln.gemv.add_rms_norm: x must be float16"),
+    "norm H 12": ("ValueError", "last dimension must be a multiple of 8 from 8 to 16384, not 12"),
+    "norm H 16392": ("ValueError", "a multiple of 8 from 8 to 16384, not 16392"),
+    "norm r": ("ValueError", "add_rms_norm: r, s and y must be shaped as x"),
+    "norm w": ("ValueError", "add_rms_norm: w must be (64,), x's last dimension"),
+    "norm epsilon": ("ValueError", "add_rms_norm: epsilon must be >= 0, not -1"),
 }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kiln
-from kiln.runtime import attention
+from kiln.runtime import attention, gemv
 from kiln.runtime.errors import KilnError
 from kiln.runtime.step_graph import STEP_GRAPH_ENTRY
 from kiln.targets import cuda, nvrtc
@@ -313,3 +313,27 @@ def test_decode_has_a_copy_captured_per_batch_size(tiny_cuda):
     plain_lifted = [funcs[name] for name in {name for name, _ in captures(plain)}]
     assert len(calls(graphed, *lifted)) > 20
     assert set(calls(graphed, *lifted)) == set(calls(plain, *plain_lifted))
+
+
+@needs_nvcc
+def test_fp16_decode_takes_kilns_swiglu_and_norm(tiny_cuda):
+    """Float16 weights: the batch-1 decode's gate/up Linear and SiLU*up are one
+    kiln.gemv.f16_swiglu call, and every residual add with its RMSNorm is kiln.gemv.add_rms_norm
+    (decode and prefill alike); the batched decode's gate/up stays a GEMM (cuBLAS)."""
+    funcs = relax_functions((tiny_cuda.parent / "ir" / "5-finalize.py").read_text())
+    manifest = json.loads((tiny_cuda / "manifest.json").read_text())
+    layers = manifest["model"]["config"]["num_hidden_layers"]
+    assert {gemv.F16_SWIGLU, gemv.ADD_RMS_NORM} <= set(manifest["target"]["externs"])
+    # Layer 0's first norm has no add before it; prefill normalizes its last token's state
+    # alone at the end (a slice, not the add)
+    want = {
+        "decode_1": (layers, 2 * layers),
+        "decode": (0, 2 * layers),
+        "prefill": (0, 2 * layers - 1),
+    }
+    for name, (swiglu, norms) in want.items():
+        lifted = [f for n, f in funcs.items() if n.startswith(f"{name}_cuda_graph_capture")]
+        found = calls(funcs[name], *lifted)
+        assert found.count(gemv.F16_SWIGLU) == swiglu, name
+        assert found.count(gemv.ADD_RMS_NORM) == norms, name
+        assert not any(c.startswith("add_rms_norm") for c in found), name
