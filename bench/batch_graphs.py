@@ -76,9 +76,9 @@ def main() -> None:
         stop(batch)
 
     if args.all_sizes:
-        # With graphs first: their static memory, and the logits they return, sized for the
-        # bound (kiln.passes.bound_dynamic_storage) so that one buffer of the VM's pool serves
-        # every size; then without, where the pool keeps a buffer of each size a pass allocates.
+        # With graphs first: their static memory, and each size's logits, which its graph
+        # keeps (a replay writes them where the capture did); then without, where the VM's pool
+        # keeps a buffer of each size a pass allocates.
         for graphed in (True, False):
             free = runner.device.available_global_memory
             began = time.perf_counter()

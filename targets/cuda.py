@@ -29,7 +29,6 @@ from tvm.target import Target
 from kiln.compiler.quantization import QUANTIZATIONS
 from kiln.compiler.quantization.int4_group import Int4Group
 from kiln.compiler.quantization.layers import scheme_key
-from kiln.passes.bound_dynamic_storage import BoundDynamicStorage
 from kiln.passes.dispatch_gemv import DispatchGEMV, GEMVExterns
 from kiln.passes.dispatch_matmul import DispatchMatmul
 from kiln.passes.dispatch_moe import DispatchMoE, MoEExterns
@@ -72,13 +71,10 @@ def cuda_finalize(target: Target) -> list[tvm.transform.Pass]:
     # capture of the whole batch-1 step (kiln.runtime.step_graph), and a copy of decode that
     # they capture per batch size; then each weight unpacked where it is first read, so that a
     # pass's first kernel is queued before the rest.
-    passes = []
-    for p in cuda_pipeline.finalize_passes(target):
-        passes.append(
-            RewriteCUDAGraphExcept([STEP_GRAPH_ENTRY]) if p.info.name == "RewriteCUDAGraph" else p
-        )
-        if p.info.name == "LowerAllocTensor":  # the copy's logits, sized for its bound
-            passes.append(BoundDynamicStorage)
+    passes = [
+        RewriteCUDAGraphExcept([STEP_GRAPH_ENTRY]) if p.info.name == "RewriteCUDAGraph" else p
+        for p in cuda_pipeline.finalize_passes(target)
+    ]
     return [
         AddEntry("decode_1", STEP_GRAPH_ENTRY),
         batch_graph_entry("decode", BATCH_GRAPHS[0], "batch_size", BATCH_GRAPHS[1]),

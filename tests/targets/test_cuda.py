@@ -295,9 +295,6 @@ def test_decode_has_a_copy_captured_per_batch_size(tiny_cuda):
     plain, graphed = funcs["decode"], funcs[entry["entry"]]
     bound = f'"tir_var_upper_bound": {{"batch_size": {entry["max_batch"]}}}'
     assert bound in graphed and bound not in plain
-    # what is not static memory (the logits it returns) is sized for the bound too
-    sizes = re.findall(r"alloc_storage\(([^,]+),", graphed)
-    assert sizes and all(size.startswith("R.shape([") for size in sizes)
 
     def captures(text: str) -> list[tuple[str, str]]:
         """(lifted function, the shape it is keyed by or "") of each run_or_capture."""
