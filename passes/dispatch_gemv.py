@@ -6,9 +6,6 @@ most 8; TVM's GEMV schedules are the alternative), the pass rewrites
 * a quantized Linear's kernel (kiln.compiler.quantization.layers marks it `kiln.linear` with
   its scheme's key) whose scheme `quantized` names:
       y = call_tir(kernel, (x, *stored))  ->  y = call_dps_packed(gemv, (x, *stored))
-* a float Linear of a dtype `float_gemv` names, with at least FLOAT_MIN_ROWS output rows (a
-  mixture's router, E rows, stays for DispatchMoE):
-      y = x @ W^T                     ->  y = call_dps_packed(gemv, (x, W))
 * the MLP's SwiGLU after a combined gate/up Linear (kiln.passes.combine_parallel_matmul), for
   those schemes and for float weights of a dtype `float_swiglu` names:
       gu = Linear(x)                  # (..., 2I): gate rows, then up rows
@@ -54,8 +51,7 @@ _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 MAX_ROWS = 8  # a GEMV: x has at most this many (static) rows
-FLOAT_COLS_MULTIPLE = 32  # of the float externs' K
-FLOAT_MIN_ROWS = 64  # output rows of a float Linear that goes to `float_gemv`
+FLOAT_COLS_MULTIPLE = 32  # of the float SwiGLU externs' K
 
 
 @dataclass(frozen=True)
@@ -124,20 +120,8 @@ def _plan(
     quantized: Mapping[str, GEMVExterns],
     float_swiglu: Mapping[str, str],
     batched: bool,
-    float_gemv: Mapping[str, str],
 ) -> dict[relax.Var, tuple[str, list[relax.Expr], relax.TensorType | None]]:
     """binding var -> (extern, its operands, the scratch's type or None)."""
-
-    def float_extern(operands: list[relax.Expr] | None, dtype: str, externs: Mapping[str, str]):
-        """The extern of `externs` for float operands [x, W] of `dtype` at a GEMV's rows."""
-        if operands is None or dtype not in externs or str(operands[1].ty.dtype) != dtype:
-            return None
-        x = operands[0]
-        if not _gemv_rows(x):  # float weights in batches: the GEMMs' (cuBLAS)
-            return None
-        if str(x.ty.dtype) != dtype or int(x.ty.shape.values[-1]) % FLOAT_COLS_MULTIPLE:
-            return None
-        return externs[dtype]
 
     def takes(linear: tuple[str, list[relax.Expr]] | None) -> GEMVExterns | None:
         if linear is None or linear[0] not in quantized or _rows(linear[1][0]) is None:
@@ -160,11 +144,6 @@ def _plan(
                 rows, cols = var.ty.shape.values[-1], x.ty.shape.values[-1]
                 plan[var] = (externs.batched, linear[1], relax.TensorType([rows, cols], x.ty.dtype))
             continue
-        operands = fn.float_linear(value)
-        if operands is not None and int(operands[1].ty.shape.values[0]) >= FLOAT_MIN_ROWS:
-            if extern := float_extern(operands, str(var.ty.dtype), float_gemv):
-                plan[var] = (extern, operands, None)
-                continue
         gu = swiglu_product(fn, value)
         if gu is None:
             continue
@@ -178,9 +157,14 @@ def _plan(
             continue
         else:
             operands = fn.float_linear(call)
-            extern = float_extern(operands, str(gu.ty.dtype), float_swiglu)
-            if extern is None:
+            dtype = str(gu.ty.dtype)
+            if operands is None or dtype not in float_swiglu or str(operands[1].ty.dtype) != dtype:
                 continue
+            if not _gemv_rows(operands[0]):  # float weights in batches: the GEMMs' (cuBLAS)
+                continue
+            if int(operands[0].ty.shape.values[-1]) % FLOAT_COLS_MULTIPLE:
+                continue
+            extern = float_swiglu[dtype]
         if str(operands[0].ty.dtype) != str(gu.ty.dtype):
             continue
         plan[var] = (extern, operands, None)
@@ -205,18 +189,14 @@ def DispatchGEMV(
     quantized: Mapping[str, GEMVExterns],
     float_swiglu: Mapping[str, str],
     batched: tuple[str, ...] = (),
-    float_gemv: Mapping[str, str] | None = None,
 ) -> tvm.transform.Pass:
-    """`quantized`: scheme key -> its externs; `float_swiglu` / `float_gemv`: weight dtype ->
-    SwiGLU / GEMV extern; `batched`: functions whose symbolic rows are one per sequence (see
-    the module doc)."""
-    float_gemv = float_gemv or {}
+    """`quantized`: scheme key -> its externs; `float_swiglu`: weight dtype -> SwiGLU extern;
+    `batched`: functions whose symbolic rows are one per sequence (see the module doc)."""
 
     @tvm.transform.module_pass(opt_level=0, name="DispatchGEMV")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         def plan_of(gv: tvm.ir.GlobalVar, f: relax.Function) -> dict:
-            batch = gv.name_hint in batched
-            return _plan(_Function(mod, f), quantized, float_swiglu, batch, float_gemv)
+            return _plan(_Function(mod, f), quantized, float_swiglu, gv.name_hint in batched)
 
         out = rewrite_planned(mod, _Dispatch, plan_of)
         return mod if out is None else _drop_uncalled_kernels(out, before=mod)

@@ -108,15 +108,13 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         for q in QUANTIZATIONS.values()
         if isinstance(q, Int4Group) and q.group_size == GEMV_GROUP and q.model_dtype == "float16"
     }
-    # fp16 weights at batch 1 take kiln.gemv.f16 and f16_swiglu (a warp a weight row, SiLU*up
-    # the gate/up's epilogue: on an H200 the 7B's gate/up 43.2 us against 44.0 for Kiln's TIR
-    # GEMV and its SiLU*up kernel after it, bench/gemv.py), every residual add and RMSNorm
-    # kiln.gemv.add_rms_norm (fewer kernels: the step's time is per launch as much as per
-    # byte, bench/NOTES.md). The batched decode's int4 Linears go to kiln.gemv.q4_batched:
-    # GEMVs up to 8 sequences, an int4 tensor-core GEMM up to 64, past that a dequantize and
-    # cuBLAS (dlight's dequantizing GEMMs are the alternative: bench/RESULTS.md). A mixture of
-    # experts' MLP at batch 1 then reads only the routed experts' int4 weights
-    # (kiln.gemv.q4_moe_swiglu and q4_moe), its router one kernel (kiln.gemv.moe_route).
+    # fp16 weights keep Kiln's TIR GEMV (98% of the copy bandwidth on a 7B gate/up against
+    # 88% for kiln.gemv.f16_swiglu, bench/gemv.py), their SiLU*up a kernel of its own. The
+    # batched decode's int4 Linears go to kiln.gemv.q4_batched: GEMVs up to 8 sequences, an
+    # int4 tensor-core GEMM up to 64, past that a dequantize and cuBLAS (dlight's dequantizing
+    # GEMMs are the alternative: bench/RESULTS.md). A mixture of experts' MLP at batch 1 then
+    # reads only the routed experts' int4 weights (kiln.gemv.q4_moe_swiglu and q4_moe), its
+    # router one kernel (kiln.gemv.moe_route).
     moe = MoEExterns(
         gemv.Q4_SWIGLU,
         gemv.Q4,
@@ -127,12 +125,7 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         route=gemv.MOE_ROUTE,
     )
     return [
-        DispatchGEMV(
-            int4,
-            {"float16": gemv.F16_SWIGLU},
-            batched=("decode",),
-            float_gemv={"float16": gemv.F16},
-        ),
+        DispatchGEMV(int4, {"float16": gemv.F16_SWIGLU}, batched=("decode",)),
         DispatchMoE(moe),
         DispatchAddRMSNorm(gemv.ADD_RMS_NORM, "float16", 8, gemv.MAX_NORM_HIDDEN),
     ]

@@ -8,7 +8,6 @@
 //   q4(x (..., K) f16, qweight (N, K / 8) u32, scale (N, K / 32) f16, out (..., N) f16)
 //   q4_swiglu(x, qweight (2I, K / 8), scale (2I, K / 32), out (..., I) f16)
 //   f16_swiglu(x, w (2I, K) f16, out (..., I) f16)
-//   f16(x, w (N, K) f16, out (..., N) f16): up to 8 rows of x, a warp a weight row (F16Row)
 //   q4_batched(x, qweight, scale, out, w (N, K) f16 scratch)
 //   q4_moe_swiglu(x, gate (..., E) f16, qweight_0, scale_0, ..., out (E, ..., I) f16)
 //   q4_moe(h (E, ..., K), gate, qweight_0, scale_0, ..., out (..., N) f16)
@@ -1295,30 +1294,20 @@ __global__ void __launch_bounds__(kThreads, 2) F16SwiGLU(Args a) {
   Finish<2, true>(acc, a.out, first, a.rows, a.m_rows);
 }
 
-// f16 GEMVs of a few rows of x (the batch-1 decode): a warp a weight row, as the float GEMVs
-// TVM compiles for Kiln (targets/gemv.py: 16-byte loads, a warp's lanes along K, one shuffle
-// reduction), a row of x a grid row (blockIdx.y); lane l reads the 16-byte pieces l, l + 32,
-// ... of its weight row and of x, kF16RowLoads of them at once (fp32 products and sums).
-// F16Row<false> (kiln.gemv.f16): warp w gives output first + w. F16Row<true> (f16_swiglu of
-// one row): warps 2 o and 2 o + 1 take output first + o's gate and up rows, SiLU*up its
-// epilogue.
-constexpr int kF16RowLoads = 8;  // 16-byte pieces of the row a lane has in flight
+// f16 SwiGLU of one row of x (the batch-1 decode): a warp per weight row, as the float GEMVs
+// that TVM compiles for Kiln (targets/gemv.py: 16-byte loads, a warp's lanes along K, one
+// shuffle reduction), here with SiLU*up as the epilogue. Warps 2 o and 2 o + 1 take output
+// first + o's gate and up rows; lane l reads the 16-byte pieces l, l + 32, ... of its row and of
+// x, kF16RowLoads of them at once (fp32 products and sums).
+constexpr int kF16RowOutputs = kWarps / 2;  // outputs a block
+constexpr int kF16RowLoads = 8;             // 16-byte pieces of the row a lane has in flight
 
-template <bool kSwiGLU>
-__host__ __device__ constexpr int F16RowOutputs() {  // outputs a block
-  return kSwiGLU ? kWarps / 2 : kWarps;
-}
-
-template <bool kSwiGLU>
-__global__ void __launch_bounds__(kThreads, 3) F16Row(Args a) {
+__global__ void __launch_bounds__(kThreads, 3) F16SwiGLURow(Args a) {
   __shared__ float sums[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  constexpr int kOutputs = F16RowOutputs<kSwiGLU>();
-  const int output = blockIdx.x * kOutputs + (kSwiGLU ? warp / 2 : warp);
-  int64_t row = min(output, a.rows - 1);  // past the end: the last row, its result dropped
-  if (kSwiGLU) row += (warp % 2) * int64_t{a.rows};
-  const half* w = static_cast<const half*>(a.w) + row * a.k;
-  const half* x = kSwiGLU ? a.x : a.x + int64_t{blockIdx.y} * a.k;  // SwiGLU: one row of x
+  const int output = blockIdx.x * kF16RowOutputs + warp / 2;
+  const int64_t row = min(output, a.rows - 1) + (warp % 2) * int64_t{a.rows};  // past the end:
+  const half* w = static_cast<const half*>(a.w) + row * a.k;  // the last row, result dropped
   const int pieces = a.k / 8;
   float acc[4] = {};
   for (int base = lane; base < pieces; base += 32 * kF16RowLoads) {
@@ -1327,7 +1316,7 @@ __global__ void __launch_bounds__(kThreads, 3) F16Row(Args a) {
     for (int u = 0; u < kF16RowLoads; ++u) {
       const int piece = min(base + 32 * u, pieces - 1);  // past K: read again, counted as 0
       wv[u] = LoadStreaming(w + 8 * piece);
-      xv[u] = LoadCached(x + 8 * piece);
+      xv[u] = LoadCached(a.x + 8 * piece);
     }
 #pragma unroll
     for (int u = 0; u < kF16RowLoads; ++u) {
@@ -1345,18 +1334,13 @@ __global__ void __launch_bounds__(kThreads, 3) F16Row(Args a) {
   float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(~0u, sum, off);
-  if constexpr (!kSwiGLU) {
-    if (lane == 0 && output < a.rows) {
-      a.out[int64_t{blockIdx.y} * a.rows + output] = __float2half_rn(sum);
-    }
-    return;
-  }
   if (lane == 0) sums[warp] = sum;
   __syncthreads();
-  if (threadIdx.x < kOutputs) {
-    const int o = blockIdx.x * kOutputs + threadIdx.x;
-    const float gate = sums[2 * threadIdx.x], up = sums[2 * threadIdx.x + 1];
-    if (o < a.rows) a.out[o] = __float2half_rn(Silu(gate) * up);
+  if (threadIdx.x < kF16RowOutputs) {
+    const int o = blockIdx.x * kF16RowOutputs + threadIdx.x;
+    if (o < a.rows) {
+      a.out[o] = __float2half_rn(Silu(sums[2 * threadIdx.x]) * sums[2 * threadIdx.x + 1]);
+    }
   }
 }
 
@@ -1572,7 +1556,6 @@ constexpr const char* kQ4SwiGLUTiled = "kiln.gemv.q4_swiglu_tiled";
 constexpr const char* kQ4DefaultVariant = "kiln.gemv.q4_default_variant";
 constexpr const char* kQ4GraphTime = "kiln.gemv.q4_graph_time";
 constexpr const char* kF16SwiGLU = "kiln.gemv.f16_swiglu";
-constexpr const char* kF16 = "kiln.gemv.f16";
 constexpr const char* kQ4Batched = "kiln.gemv.q4_batched";
 constexpr const char* kQ4Dequantize = "kiln.gemv.q4_dequantize";
 constexpr const char* kGemm = "kiln.cublas.matmul";  // out = x @ w^T, w (N, K) float16
@@ -2052,32 +2035,6 @@ void Q4Dequantize(Tensor qweight, Tensor scale, Tensor w) {
   LaunchDequantize(name, call, w, TvmStream(name, call.device));
 }
 
-template <bool kSwiGLU>
-void LaunchF16Row(const char* name, const Args& a, cudaStream_t stream) {
-  constexpr int per_block = F16RowOutputs<kSwiGLU>();
-  const dim3 grid(static_cast<unsigned>((a.rows + per_block - 1) / per_block),
-                  static_cast<unsigned>(a.m_rows));
-  F16Row<kSwiGLU><<<grid, kThreads, 0, stream>>>(a);
-  CheckCuda(cudaGetLastError(), name, "the kernel launch");
-}
-
-// f16(x (..., K) f16, w (N, K) f16, out (..., N) f16): F16Row<false>, for up to kMaxM rows of x
-// (each reads the weight: a GEMV's few rows).
-void F16Entry(Tensor x, Tensor w, Tensor out) {
-  const char* name = kF16;
-  const int64_t k = CheckK(name, x);
-  CheckDtype(name, w, "w", kDLFloat, 16, "float16");
-  TVM_FFI_CHECK(w.ndim() == 2 && w.size(1) == k, ValueError)
-      << name << ": w must be (N, K) with x's K = " << k;
-  Args a = CheckActivations(name, x, out, w.size(0));
-  TVM_FFI_CHECK(a.m_rows <= kMaxM, ValueError)
-      << name << " takes 1 to " << kMaxM << " rows of x, not " << a.m_rows;
-  const int device = PlaceActivations(name, x, out, &a);
-  CheckPlacement(name, w, "w", device, true);
-  a.w = DataOf(w);
-  LaunchF16Row<false>(name, a, TvmStream(name, device));
-}
-
 void F16SwiGLUEntry(Tensor x, Tensor w, Tensor out) {
   const char* name = kF16SwiGLU;
   const int64_t k = CheckK(name, x);
@@ -2090,7 +2047,9 @@ void F16SwiGLUEntry(Tensor x, Tensor w, Tensor out) {
   a.w = DataOf(w);
   cudaStream_t stream = TvmStream(name, device);
   if (a.m_rows == 1) {
-    LaunchF16Row<true>(name, a, stream);
+    F16SwiGLURow<<<static_cast<unsigned>((a.rows + kF16RowOutputs - 1) / kF16RowOutputs),
+                   kThreads, 0, stream>>>(a);
+    CheckCuda(cudaGetLastError(), name, "the kernel launch");
     return;
   }
   ForEachChunk(a, [&](const Args& chunk) {
@@ -2264,7 +2223,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4, Q4)
       .def(kQ4SwiGLU, Q4SwiGLU)
       .def(kF16SwiGLU, F16SwiGLUEntry)
-      .def(kF16, F16Entry)
       .def(kAddRMSNorm, AddRMSNormEntry)
       .def(kQ4Batched, Q4Batched)
       .def(kQ4Dequantize, Q4Dequantize)

@@ -11,8 +11,6 @@ multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs
 - `kiln.gemv.q4_swiglu(x, qweight, scale, out)`: the MLP's gate and up projections in one
   weight of 2 I rows (gate first); out (..., I) = silu(x @ gate^T) * (x @ up^T).
 - `kiln.gemv.f16_swiglu(x, w, out)`: the same with a float16 weight w (2 I, K).
-- `kiln.gemv.f16(x, w, out)`: `q4` with a float16 weight w (N, K), up to 8 rows of x (a warp
-  a weight row, 16-byte loads, fp32 sums: the float GEMVs of the batch-1 decode).
 - `kiln.gemv.q4_batched(x, qweight, scale, out, w)`: `q4` for a batched decode, with `w` (N, K)
   float16 scratch the caller provides: up to 8 rows of x, the GEMV; 9 to 64, one kernel that
   reads the weight once for all of them (a tensor-core GEMM with the dequantize in its main
@@ -71,14 +69,13 @@ WHAT = "Kiln's decode GEMV kernels"
 Q4 = "kiln.gemv.q4"
 Q4_SWIGLU = "kiln.gemv.q4_swiglu"
 F16_SWIGLU = "kiln.gemv.f16_swiglu"
-F16 = "kiln.gemv.f16"
 Q4_BATCHED = "kiln.gemv.q4_batched"
 Q4_MOE_SWIGLU = "kiln.gemv.q4_moe_swiglu"
 Q4_MOE = "kiln.gemv.q4_moe"
 MOE_ROUTE = "kiln.gemv.moe_route"
 ADD_RMS_NORM = "kiln.gemv.add_rms_norm"
 FUNCTIONS = (
-    Q4, Q4_SWIGLU, F16_SWIGLU, F16, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE, MOE_ROUTE, ADD_RMS_NORM
+    Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE, MOE_ROUTE, ADD_RMS_NORM
 )  # fmt: skip
 MAX_NORM_HIDDEN = 16384  # add_rms_norm's rows (gemv.cu: 8 kNormThreads kNormPieces)
 ARTIFACT_FILE = "kiln-gemv.so"  # the built extern, inside an artifact compiled on its platform

@@ -1,4 +1,4 @@
-"""Kiln's decode GEMV kernels (`kiln.gemv.q4`, `q4_swiglu`, `f16_swiglu`, `f16`) on a GPU, against
+"""Kiln's decode GEMV kernels (`kiln.gemv.q4`, `q4_swiglu`, `f16_swiglu`) on a real GPU, against
 float64 NumPy references of the weights they read: q4 with 1 and 4 rows of x on the Llama-2-7B
 shapes (12288 x 4096, 4096 x 11008) and an odd one (100 x 96); the SwiGLU forms at I = 11008,
 K = 4096 and at small odd I (K with and without a partial last super-step, scales read one by
@@ -41,7 +41,6 @@ from kiln.runtime.device import open_device
 from kiln.runtime.gemv import (
     ADD_RMS_NORM,
     ARTIFACT_FILE,
-    F16,
     F16_SWIGLU,
     MOE_ROUTE,
     Q4,
@@ -507,21 +506,6 @@ def test_runs_on_tvms_current_stream(dev):
     want = swiglu(src.double().cpu().numpy() @ host_w.astype(np.float64).T)
     got = out.double().cpu().numpy()
     assert np.abs(got - want).max() / np.abs(want).max() <= TOL
-
-
-# (x's leading dimensions, N, K): Llama-2-7B's o, qkv and down at batch 1; odd ones with 3 and
-# 8 rows of x (a grid row each), K of 100 and 1184 pieces of 16 bytes, the smallest K, one row
-F16_CASES = [((1,), 4096, 4096), ((1, 1), 12288, 4096), ((1,), 4096, 11008), ((3,), 100, 800),
-             ((2, 4), 37, 9472), ((1,), 5, 32), ((1,), 1, 4096)]  # fmt: skip
-
-
-@pytest.mark.parametrize("lead,n,k", F16_CASES)
-def test_f16_equals_float64(dev, lead, n, k):
-    rng = np.random.default_rng(n + k + len(lead))
-    x = rng.standard_normal((*lead, k)).astype(np.float16)
-    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
-    want = x.astype(np.float64) @ w.astype(np.float64).T
-    assert error(run(dev, tvm_ffi.get_global_func(F16), x, [w], n), want) <= TOL
 
 
 # (shape of x, epsilon): a decode's row of Llama-2-7B and 64 of them, Mixtral's 5120 over two

@@ -218,42 +218,6 @@ def test_dispatched_float_swiglu_gives_the_same_numbers_on_the_cpu():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _float_linear_module(rows, out: int) -> tvm.IRModule:
-    """x (rows, 1, K) @ W^T, W (out, K), as FoldWeightTranspose leaves it."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([rows, 1, K], "float32"))
-    packed = relax.Var("packed", relax.TupleType([relax.TensorType([out, K], "float32")]))
-    with bb.function("main", [x, packed], attrs={"num_input": 1}):
-        with bb.dataflow():
-            w = bb.emit(relax.TupleGetItem(packed, 0))
-            y = bb.emit_output(relax.op.matmul(x, relax.op.permute_dims(w)))
-        bb.emit_func_output(y)
-    return FoldWeightTranspose()(bb.get())
-
-
-def test_dispatched_float_gemv_gives_the_same_numbers_on_the_cpu():
-    """A float Linear of 96 rows at batch 1 and 3 goes to the GEMV extern; one of 40 rows (a
-    router's size) and one in a batched function stay."""
-    tvm_ffi.register_global_func(
-        "kiln.test.f32_gemv", lambda x, w, out: out.copyfrom(x.numpy() @ w.numpy().T), True
-    )
-    gemv = {"float32": "kiln.test.f32_gemv"}
-    rng = np.random.default_rng(3)
-    for rows in (1, 3):
-        before = _float_linear_module(rows, 96)
-        after = DispatchGEMV(EXTERNS, {}, float_gemv=gemv)(before)
-        assert "kiln.test.f32_gemv" in after.script()
-        assert [gv.name_hint for gv in after.get_global_vars()] == ["main"]
-        xs = rng.normal(0, 1, (rows, 1, K)).astype("float32")
-        ws = rng.normal(0, 1, (96, K)).astype("float32")
-        (want,), (got,) = _run(before, xs, [ws]), _run(after, xs, [ws])
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    small = _float_linear_module(1, 40)
-    assert DispatchGEMV(EXTERNS, {}, float_gemv=gemv)(small).same_as(small)
-    batch = _float_linear_module(tvm.tirx.Var("batch", "int64"), 96)
-    assert DispatchGEMV(EXTERNS, {}, batched=("main",), float_gemv=gemv)(batch).same_as(batch)
-
-
 def test_float_weights_in_a_batched_function_stay():
     """Float GEMMs of a batch are cuBLAS's (a GEMV per 8 rows would read the weight again)."""
     before = _float_swiglu_module(tvm.tirx.Var("batch", "int64"))

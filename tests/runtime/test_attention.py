@@ -177,7 +177,7 @@ def test_every_extern_has_a_file_and_a_loader():
     assert set(EXTERNS) == {
         "kiln.cublas.matmul", attention.PREFILL_RAGGED, attention.PREFILL_PAGED,
         attention.DECODE_PAGED, attention.SPLIT_ROPE, attention.APPEND_KV, "kiln.gemv.q4",
-        "kiln.gemv.q4_swiglu", "kiln.gemv.f16_swiglu", "kiln.gemv.f16",
+        "kiln.gemv.q4_swiglu", "kiln.gemv.f16_swiglu",
         "kiln.gemv.q4_batched", "kiln.gemv.q4_moe_swiglu", "kiln.gemv.q4_moe",
         "kiln.gemv.moe_route", "kiln.gemv.add_rms_norm",
     }  # fmt: skip

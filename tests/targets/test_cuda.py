@@ -315,14 +315,12 @@ def test_decode_has_a_copy_captured_per_batch_size(tiny_cuda):
 @needs_nvcc
 def test_fp16_decode_takes_kilns_swiglu_and_norm(tiny_cuda):
     """Float16 weights: the batch-1 decode's gate/up Linear and SiLU*up are one
-    kiln.gemv.f16_swiglu call, its other Linears (qkv, o, down, the LM head) kiln.gemv.f16, and
-    every residual add with its RMSNorm is kiln.gemv.add_rms_norm (decode and prefill alike);
-    the batched decode's Linears stay GEMMs (cuBLAS)."""
+    kiln.gemv.f16_swiglu call, and every residual add with its RMSNorm is kiln.gemv.add_rms_norm
+    (decode and prefill alike); the batched decode's gate/up stays a GEMM (cuBLAS)."""
     funcs = relax_functions((tiny_cuda.parent / "ir" / "5-finalize.py").read_text())
     manifest = json.loads((tiny_cuda / "manifest.json").read_text())
-    config = manifest["model"]["config"]
-    layers = config["num_hidden_layers"]
-    assert {gemv.F16, gemv.F16_SWIGLU, gemv.ADD_RMS_NORM} <= set(manifest["target"]["externs"])
+    layers = manifest["model"]["config"]["num_hidden_layers"]
+    assert {gemv.F16_SWIGLU, gemv.ADD_RMS_NORM} <= set(manifest["target"]["externs"])
     # Layer 0's first norm has no add before it; prefill normalizes its last token's state
     # alone at the end (a slice, not the add)
     want = {
@@ -334,8 +332,5 @@ def test_fp16_decode_takes_kilns_swiglu_and_norm(tiny_cuda):
         lifted = [f for n, f in funcs.items() if n.startswith(f"{name}_cuda_graph_capture")]
         found = calls(funcs[name], *lifted)
         assert found.count(gemv.F16_SWIGLU) == swiglu, name
-        # qkv, o, down (when its K, the MLP's width, is a multiple of 32) and the LM head
-        per_layer = 2 + (config["intermediate_size"] % 32 == 0)
-        assert found.count(gemv.F16) == (per_layer * layers + 1 if swiglu else 0), name
         assert found.count(gemv.ADD_RMS_NORM) == norms, name
         assert not any(c.startswith("add_rms_norm") for c in found), name
