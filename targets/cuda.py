@@ -108,13 +108,15 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         for q in QUANTIZATIONS.values()
         if isinstance(q, Int4Group) and q.group_size == GEMV_GROUP and q.model_dtype == "float16"
     }
-    # fp16 weights keep Kiln's TIR GEMV (98% of the copy bandwidth on a 7B gate/up against
-    # 88% for kiln.gemv.f16_swiglu, bench/gemv.py), their SiLU*up a kernel of its own. The
-    # batched decode's int4 Linears go to kiln.gemv.q4_batched: GEMVs up to 8 sequences, an
-    # int4 tensor-core GEMM up to 64, past that a dequantize and cuBLAS (dlight's dequantizing
-    # GEMMs are the alternative: bench/RESULTS.md). A mixture of experts' MLP at batch 1 then
-    # reads only the routed experts' int4 weights (kiln.gemv.q4_moe_swiglu and q4_moe), its
-    # router one kernel (kiln.gemv.moe_route).
+    # fp16 weights at batch 1: the gate/up GEMV with SiLU*up in one kernel
+    # (kiln.gemv.f16_swiglu, a warp a weight row: on an H200 the 7B's 43.2 us against 44.0 for
+    # Kiln's TIR GEMV alone); their other Linears keep that TIR GEMV (kiln.targets.gemv), which
+    # beat the same kernel on the 7B's down projection. Every residual add and RMSNorm is
+    # kiln.gemv.add_rms_norm. The batched decode's int4 Linears go to kiln.gemv.q4_batched:
+    # GEMVs up to 8 sequences, an int4 tensor-core GEMM up to 64, past that a dequantize and
+    # cuBLAS (dlight's dequantizing GEMMs are the alternative: bench/RESULTS.md). A mixture of
+    # experts' MLP at batch 1 then reads only the routed experts' int4 weights
+    # (kiln.gemv.q4_moe_swiglu and q4_moe), its router one kernel (kiln.gemv.moe_route).
     moe = MoEExterns(
         gemv.Q4_SWIGLU,
         gemv.Q4,

@@ -241,7 +241,7 @@ __host__ __device__ constexpr int OutputsPerBlock() {
 template <int kTiles, bool kSwiGLU>
 __device__ __forceinline__ void Finish(float (&acc)[kTiles][4], half* out, int first, int rows,
                                        int m_rows) {
-  __shared__ float partial[kWarps][kTiles * kRows][kMaxM];
+  __shared__ __align__(16) float partial[kWarps][kTiles * kRows][kMaxM];  // float2 stores
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
