@@ -33,8 +33,8 @@ from kiln.passes.dispatch_matmul import PlannedRewrite, _drop_uncalled_kernels, 
 
 _ADD = tvm.ir.Op.get("relax.add")
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
-EPSILON_ATTR = "kiln.add_rms_norm_epsilon"  # marks add_rms_norm_kernel's functions
 _RMS_NORM = tvm.ir.Op.get("relax.nn.rms_norm")
+EPSILON_ATTR = "kiln.add_rms_norm_epsilon"  # marks add_rms_norm_kernel's functions
 
 
 def add_rms_norm_kernel(hidden: int, dtype: str, epsilon: float) -> tirx.PrimFunc:
