@@ -1402,6 +1402,209 @@ __global__ void __launch_bounds__(kNormThreads) AddRMSNorm(const half* x, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// q4_layer: what a batch-1 decode step does between one layer's attention and the next layer's
+// (or the LM head), in one persistent kernel. For one row:
+//   o = a Wo^T;  s1 = r + o;  y1 = rms_norm(s1) w1;  h = silu(y1 Wg^T) (y1 Wu^T);  d = h Wd^T;
+//   s = s1 + d;  y2 = rms_norm(s) w2;  z = y2 Wz^T
+// Four GEMV stages (o, gate/up, down, z), each Q4Gemv's one-tile form at one row of x: the same
+// loads, MMAs and sums in the same order, so the same numbers, and the norms AddRMSNorm's, its
+// sum of squares in the same order: the kernel's outputs are bit for bit those of the six
+// kernels it replaces. The launch is cooperative (every block resident at once) and a block
+// takes tiles blockIdx.x, + gridDim.x, ... of a stage; the stages are apart by grid-wide
+// barriers. o, h and d cross them through `scratch` in global memory, read back from L2
+// (__ldcg); each block then holds the next stage's whole input row in shared memory, the norms
+// computed by every block alike (3 H halves read from L2 instead of a barrier more). Before it
+// sums a tile, a warp issues the loads of its next weights, of the stage's next tile or the next
+// stage's first (they depend on nothing), so that their round trip overlaps the block's sums,
+// the barrier and the norm: what a kernel boundary costs each GEMV otherwise (bench/NOTES.md).
+
+struct LayerStage {
+  const uint4* w;      // qweight (N, K / 8): one uint4 a group of 32 values
+  const half* scale;   // (N, K / 32)
+  half* out;           // (outputs,)
+  int k, outputs, tiles;  // outputs: N, or I for SwiGLU; a tile is 16 weight rows
+};
+
+struct LayerArgs {
+  const half* a;  // (A,) the attention's output
+  const half* r;  // (H,) the residual stream before the layer's o
+  const half* norm1;
+  const half* norm2;  // (H,)
+  half* s;            // (H,) the residual stream after the MLP
+  float eps1, eps2;
+  int hidden, x_len;  // x_len: the longest stage input, rounded up to a super-step (512)
+  LayerStage stage[4];  // o, gate/up (SwiGLU), down, z
+};
+
+constexpr int kLayerStepValues = 512;  // a warp's super-step: 16 groups of 32
+
+template <bool kVectorScales>
+using LayerStep = Q4Step<1, kVectorScales>;
+
+// Issues the loads of super-step t of a stage's tile (Q4BlockSums' for its 16 weight rows).
+template <bool kSwiGLU, bool kVectorScales>
+__device__ __forceinline__ void LayerLoad(LayerStep<kVectorScales>& s, const LayerStage& st,
+                                          int tile, int t, int lane) {
+  const int g = lane / 4, c = lane % 4, groups = st.k / 32;
+  const int first = tile * OutputsPerBlock<1, kSwiGLU>();
+  const uint4* w[1][2];
+  const half* srow[1][2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = WeightRow<1, kSwiGLU>(first, 0, g + 8 * h, st.outputs);
+    w[0][h] = st.w + row * groups + c;
+    srow[0][h] = st.scale + row * groups;
+  }
+  Q4Load<1, kVectorScales, false>(s, w, srow, t, groups, c);
+}
+
+// The warp's first super-step (t = warp) of a tile, if the stage has the tile and K the step.
+template <bool kSwiGLU, bool kVectorScales>
+__device__ __forceinline__ void LayerLoadFirst(LayerStep<kVectorScales>& s, const LayerStage& st,
+                                               int tile, int warp, int lane) {
+  if (tile < st.tiles && warp < (st.k / 32 + 15) / 16) {
+    LayerLoad<kSwiGLU, kVectorScales>(s, st, tile, warp, lane);
+  }
+}
+
+// A stage's tiles from `xrow` (its input row in shared memory, zeros past K to a super-step).
+// On entry `s` holds the warp's first super-step of the block's first tile; on return, that of
+// the next stage's (kNextSwiGLU, `next`).
+template <bool kSwiGLU, bool kNextSwiGLU, bool kVectorScales>
+__device__ __forceinline__ void LayerStageRun(const LayerStage& st, const LayerStage& next,
+                                              const half* xrow, LayerStep<kVectorScales>& s) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int steps = (st.k / 32 + 15) / 16;
+  Args one{};
+  one.m_rows = 1;
+  one.k = st.k;
+  for (int tile = blockIdx.x; tile < st.tiles; tile += gridDim.x) {
+    float acc[1][2][4] = {};
+    for (int t = warp; t < steps; t += kWarps) {
+      if (t != warp) LayerLoad<kSwiGLU, kVectorScales>(s, st, tile, t, lane);
+      Q4Compute<1, 2, kVectorScales>(acc, s, xrow + kLayerStepValues * t, one, lane);
+    }
+    if (tile + static_cast<int>(gridDim.x) < st.tiles) {
+      LayerLoadFirst<kSwiGLU, kVectorScales>(s, st, tile + gridDim.x, warp, lane);
+    } else {
+      LayerLoadFirst<kNextSwiGLU, kVectorScales>(s, next, blockIdx.x, warp, lane);
+    }
+    float sums[1][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) sums[0][j] = acc[0][0][j] + acc[0][1][j];
+    Finish<1, kSwiGLU>(sums, st.out, tile * OutputsPerBlock<1, kSwiGLU>(), st.outputs, 1);
+    __syncthreads();  // every warp has read Finish's partial sums before the next tile's
+  }
+  if (static_cast<int>(blockIdx.x) >= st.tiles) {
+    LayerLoadFirst<kNextSwiGLU, kVectorScales>(s, next, blockIdx.x, warp, lane);
+  }
+}
+
+// xrow = src[0, n) (written before the kernel or by its other blocks: read from L2), then zeros
+// to x_len.
+__device__ __forceinline__ void LayerCopyRow(half* xrow, const half* src, int n, int x_len) {
+  for (int i = threadIdx.x; i < x_len / 8; i += kThreads) {
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (8 * i < n) v = __ldcg(reinterpret_cast<const uint4*>(src) + i);
+    reinterpret_cast<uint4*>(xrow)[i] = v;
+  }
+  __syncthreads();
+}
+
+// The squares of AddRMSNorm's thread `tid` (its pieces tid + u kNormThreads), summed as it does.
+__device__ __forceinline__ float LayerSquares(const half* res, int tid, int pieces) {
+  float squares = 0.f;
+#pragma unroll
+  for (int u = 0; u < kNormPieces; ++u) {
+    const int piece = tid + u * kNormThreads;
+    if (piece >= pieces) continue;
+    const uint4 v = reinterpret_cast<const uint4*>(res)[piece];
+    const uint32_t h[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h[j]));
+      squares = fmaf(f.x, f.x, fmaf(f.y, f.y, squares));
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) squares += __shfl_xor_sync(~0u, squares, off);
+  return squares;
+}
+
+// res = res_in + add (fp16; res_in may be res itself), then xrow = rms_norm(res) w as AddRMSNorm
+// computes it, zeros past `hidden` to x_len; `s`, where given, gets res too. A block's 256
+// threads stand for AddRMSNorm's 512 (thread t for t and t + 256), so that its sum of squares
+// adds the same numbers in the same order.
+__device__ __forceinline__ void LayerNorm(half* xrow, half* res, const half* res_in,
+                                          const half* add, const half* w, float eps, int hidden,
+                                          int x_len, half* s) {
+  static_assert(kNormThreads == 2 * kThreads, "a thread stands for two of AddRMSNorm's");
+  __shared__ float warp_sums[kNormThreads / 32];
+  const int pieces = hidden / 8, warp = threadIdx.x / 32;
+  for (int i = threadIdx.x; i < pieces; i += kThreads) {
+    const uint4 xv = reinterpret_cast<const uint4*>(res_in)[i];
+    const uint4 rv = __ldcg(reinterpret_cast<const uint4*>(add) + i);
+    reinterpret_cast<uint4*>(res)[i] = make_uint4(AddHalf2(xv.x, rv.x), AddHalf2(xv.y, rv.y),
+                                                  AddHalf2(xv.z, rv.z), AddHalf2(xv.w, rv.w));
+  }
+  __syncthreads();
+#pragma unroll
+  for (int v = 0; v < 2; ++v) {
+    const float squares = LayerSquares(res, threadIdx.x + v * kThreads, pieces);
+    if (threadIdx.x % 32 == 0) warp_sums[warp + v * kWarps] = squares;
+  }
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < kNormThreads / 32; ++i) total += warp_sums[i];
+  const float inv = rsqrtf(total / static_cast<float>(hidden) + eps);
+  for (int i = threadIdx.x; i < x_len / 8; i += kThreads) {
+    uint4 y = make_uint4(0, 0, 0, 0);
+    if (i < pieces) {
+      const uint4 sum = reinterpret_cast<const uint4*>(res)[i], wv = LoadCached(w + 8 * i);
+      const uint32_t h[4] = {sum.x, sum.y, sum.z, sum.w}, g[4] = {wv.x, wv.y, wv.z, wv.w};
+      uint32_t out[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h[j]));
+        const float2 gw = __half22float2(*reinterpret_cast<const __half2*>(&g[j]));
+        const __half2 o = __floats2half2_rn(inv * f.x * gw.x, inv * f.y * gw.y);
+        out[j] = *reinterpret_cast<const uint32_t*>(&o);
+      }
+      y = make_uint4(out[0], out[1], out[2], out[3]);
+      if (s != nullptr) reinterpret_cast<uint4*>(s)[i] = sum;
+    }
+    reinterpret_cast<uint4*>(xrow)[i] = y;
+  }
+  __syncthreads();
+}
+
+// Dynamic shared memory: the stage's input row (x_len halves), then the residual (hidden).
+template <bool kVectorScales>
+__global__ void __launch_bounds__(kThreads, 2) Q4Layer(LayerArgs p) {
+  extern __shared__ uint4 dynamic_smem[];
+  half* xrow = reinterpret_cast<half*>(dynamic_smem);
+  half* res = xrow + p.x_len;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const LayerStage none{};
+  LayerStep<kVectorScales> s;
+  LayerLoadFirst<false, kVectorScales>(s, p.stage[0], blockIdx.x, warp, lane);
+  LayerCopyRow(xrow, p.a, p.stage[0].k, p.x_len);
+  LayerStageRun<false, true, kVectorScales>(p.stage[0], p.stage[1], xrow, s);
+  grid.sync();
+  LayerNorm(xrow, res, p.r, p.stage[0].out, p.norm1, p.eps1, p.hidden, p.x_len, nullptr);
+  LayerStageRun<true, false, kVectorScales>(p.stage[1], p.stage[2], xrow, s);
+  grid.sync();
+  LayerCopyRow(xrow, p.stage[1].out, p.stage[2].k, p.x_len);
+  LayerStageRun<false, false, kVectorScales>(p.stage[2], p.stage[3], xrow, s);
+  grid.sync();
+  LayerNorm(xrow, res, res, p.stage[2].out, p.norm2, p.eps2, p.hidden, p.x_len,
+            blockIdx.x == 0 ? p.s : nullptr);
+  LayerStageRun<false, false, kVectorScales>(p.stage[3], none, xrow, s);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host side: argument checks and launches. Dtypes and shapes are checked first, then devices
 // and layout (so that a caller learns what is wrong with its arguments wherever they are).
 
@@ -2217,6 +2420,132 @@ void AddRMSNormEntry(Tensor x, Tensor r, Tensor w, double epsilon, Tensor s, Ten
   CheckCuda(cudaGetLastError(), name, "the kernel launch");
 }
 
+// q4_layer(a, r, o_qweight, o_scale, norm1, gu_qweight, gu_scale, down_qweight, down_scale,
+//          norm2, z_qweight, z_scale, eps1, eps2, scratch, s, z): Q4Layer's six kernels for one
+// row (a: (..., A), r and s: (..., H), z: (..., Z), their leading dimensions' product 1);
+// scratch (2 H + I,) float16 holds o, h and d.
+constexpr const char* kQ4Layer = "kiln.gemv.q4_layer";
+
+LayerStage CheckLayerStage(const char* name, const char* what, const Tensor& qweight,
+                           const Tensor& scale, int64_t k, int64_t n, int device) {
+  CheckDtype(name, qweight, what, kDLUInt, 32, "uint32");
+  CheckDtype(name, scale, what, kDLFloat, 16, "float16");
+  TVM_FFI_CHECK(qweight.ndim() == 2 && scale.ndim() == 2 && qweight.size(0) == n &&
+                    scale.size(0) == n && qweight.size(1) == k / 8 && scale.size(1) == k / 32,
+                ValueError)
+      << name << ": " << what << "'s qweight must be (" << n << ", " << k / 8
+      << ") and its scale (" << n << ", " << k / 32 << ")";
+  CheckPlacement(name, qweight, what, device, true);
+  CheckPlacement(name, scale, what, device, false);
+  LayerStage st{};
+  st.w = reinterpret_cast<const uint4*>(DataOf(qweight));
+  st.scale = reinterpret_cast<const half*>(DataOf(scale));
+  st.k = static_cast<int>(k);
+  st.outputs = static_cast<int>(n);
+  return st;
+}
+
+// A row tensor of `n` values with the leading dimensions of `like` (whose product is 1).
+void CheckRow(const char* name, const Tensor& t, const char* what, const Tensor& like, int64_t n,
+              int device) {
+  CheckDtype(name, t, what, kDLFloat, 16, "float16");
+  bool same = t.ndim() == like.ndim() && t.size(t.ndim() - 1) == n;
+  for (int d = 0; same && d + 1 < t.ndim(); ++d) same = t.size(d) == like.size(d);
+  TVM_FFI_CHECK(same, ValueError) << name << ": " << what << " must have a's leading dimensions"
+                                  << " and " << n << " values in its last";
+  CheckPlacement(name, t, what, device, true);
+}
+
+void Q4LayerEntry(Tensor a, Tensor r, Tensor o_qweight, Tensor o_scale, Tensor norm1,
+                  Tensor gu_qweight, Tensor gu_scale, Tensor down_qweight, Tensor down_scale,
+                  Tensor norm2, Tensor z_qweight, Tensor z_scale, double eps1, double eps2,
+                  Tensor scratch, Tensor s, Tensor z) {
+  const char* name = kQ4Layer;
+  CheckDtype(name, a, "a", kDLFloat, 16, "float16");
+  TVM_FFI_CHECK(a.ndim() >= 1, ValueError) << name << ": a must have at least one dimension";
+  int64_t m = 1;
+  for (int d = 0; d + 1 < a.ndim(); ++d) m *= a.size(d);
+  TVM_FFI_CHECK(m == 1, ValueError) << name << " takes one row (a batch-1 decode), not " << m;
+  const int64_t width = a.size(a.ndim() - 1), hidden = o_qweight.ndim() == 2 ? o_qweight.size(0) : 0;
+  const int64_t inter = gu_qweight.ndim() == 2 ? gu_qweight.size(0) / 2 : 0;
+  const int64_t zn = z_qweight.ndim() == 2 ? z_qweight.size(0) : 0;
+  for (int64_t k : {width, hidden, inter}) {
+    TVM_FFI_CHECK(k > 0 && k % 32 == 0 && k < (int64_t{1} << 24), ValueError)
+        << name << ": a's width, the hidden size and the MLP's must be positive multiples of 32"
+        << " (they are " << width << ", " << hidden << " and " << inter << ")";
+  }
+  TVM_FFI_CHECK(zn > 0 && zn < (int64_t{1} << 30), ValueError) << name << ": z_qweight's rows";
+  const int device = a.device().device_id;
+  CheckPlacement(name, a, "a", device, true);
+  LayerArgs p{};
+  p.stage[0] = CheckLayerStage(name, "o", o_qweight, o_scale, width, hidden, device);
+  p.stage[1] = CheckLayerStage(name, "gate/up", gu_qweight, gu_scale, hidden, 2 * inter, device);
+  p.stage[1].outputs = static_cast<int>(inter);
+  p.stage[2] = CheckLayerStage(name, "down", down_qweight, down_scale, inter, hidden, device);
+  p.stage[3] = CheckLayerStage(name, "z", z_qweight, z_scale, hidden, zn, device);
+  CheckRow(name, r, "r", a, hidden, device);
+  CheckRow(name, s, "s", a, hidden, device);
+  CheckRow(name, z, "z", a, zn, device);
+  for (const Tensor* w : {&norm1, &norm2}) {
+    CheckDtype(name, *w, "norm", kDLFloat, 16, "float16");
+    TVM_FFI_CHECK(w->ndim() == 1 && w->size(0) == hidden, ValueError)
+        << name << ": norm1 and norm2 must be (" << hidden << ",)";
+    CheckPlacement(name, *w, "norm", device, true);
+  }
+  CheckDtype(name, scratch, "scratch", kDLFloat, 16, "float16");
+  TVM_FFI_CHECK(scratch.ndim() == 1 && scratch.size(0) == 2 * hidden + inter, ValueError)
+      << name << ": scratch must be (" << 2 * hidden + inter << ",): o, h and d";
+  CheckPlacement(name, scratch, "scratch", device, true);
+  TVM_FFI_CHECK(eps1 >= 0 && eps2 >= 0, ValueError) << name << ": epsilon must be >= 0";
+  half* work = reinterpret_cast<half*>(DataOf(scratch));
+  p.stage[0].out = work;
+  p.stage[1].out = work + hidden;
+  p.stage[2].out = work + hidden + inter;
+  p.stage[3].out = reinterpret_cast<half*>(DataOf(z));
+  p.a = reinterpret_cast<const half*>(DataOf(a));
+  p.r = reinterpret_cast<const half*>(DataOf(r));
+  p.norm1 = reinterpret_cast<const half*>(DataOf(norm1));
+  p.norm2 = reinterpret_cast<const half*>(DataOf(norm2));
+  p.s = reinterpret_cast<half*>(DataOf(s));
+  p.eps1 = static_cast<float>(eps1);
+  p.eps2 = static_cast<float>(eps2);
+  p.hidden = static_cast<int>(hidden);
+  const int64_t longest = std::max({width, hidden, inter});
+  p.x_len = static_cast<int>((longest + kLayerStepValues - 1) / kLayerStepValues * kLayerStepValues);
+  int tiles = 0;
+  bool vector_scales = true;
+  const Tensor* scales[] = {&o_scale, &gu_scale, &down_scale, &z_scale};
+  for (int i = 0; i < 4; ++i) {
+    const int per_tile = OutputsPerBlock<1, false>() / (i == 1 ? 2 : 1);
+    p.stage[i].tiles = (p.stage[i].outputs + per_tile - 1) / per_tile;
+    tiles = std::max(tiles, p.stage[i].tiles);
+    vector_scales = vector_scales && (p.stage[i].k / 32) % 8 == 0 && Aligned16(*scales[i]);
+  }
+  const size_t smem = sizeof(half) * (p.x_len + hidden);
+  auto kernel = vector_scales ? Q4Layer<true> : Q4Layer<false>;
+  static std::atomic<uint64_t> opted_in[2] = {0, 0};  // per kernel: past 48 KiB
+  if (smem > 48 * 1024) OptInSharedMemory(kernel, smem, device, opted_in[vector_scales], name);
+  cudaStream_t stream = TvmStream(name, device);
+  int per_sm = 0;
+  CheckCuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem), name,
+            "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  TVM_FFI_CHECK(per_sm >= 1, ValueError)
+      << name << ": a block's " << smem << " bytes of shared memory do not fit an SM";
+  // Every block resident at once (the barriers wait for all); no more than a stage has tiles.
+  const int grid = std::min(per_sm * SmCount(name, device), tiles);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute cooperative{};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  config.attrs = &cooperative;
+  config.numAttrs = 1;
+  CheckCuda(cudaLaunchKernelEx(&config, kernel, p), name, "the cooperative launch");
+}
+
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef()
@@ -2224,6 +2553,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def(kQ4SwiGLU, Q4SwiGLU)
       .def(kF16SwiGLU, F16SwiGLUEntry)
       .def(kAddRMSNorm, AddRMSNormEntry)
+      .def(kQ4Layer, Q4LayerEntry)
       .def(kQ4Batched, Q4Batched)
       .def(kQ4Dequantize, Q4Dequantize)
       .def(kQ4Gemm, Q4GemmEntry)
