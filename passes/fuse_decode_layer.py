@@ -171,9 +171,11 @@ def FuseDecodeLayer(layer: str, q4: str, q4_swiglu: str, add_rms_norm: str) -> t
                 relax.ExternFunc(layer), relax.Tuple([self.visit_expr(e) for e in operands]), outs
             )
             fused = self.builder_.emit(call, name_hint="layer")
-            if s is not None:
-                self.builder_.emit_normalized(relax.VarBinding(s, relax.TupleGetItem(fused, 0)))
-            self.builder_.emit_normalized(relax.VarBinding(binding.var, relax.TupleGetItem(fused, 1)))
+            for i, var in ((0, s), (1, binding.var)):
+                if var is not None:
+                    self.builder_.emit_normalized(
+                        relax.VarBinding(var, relax.TupleGetItem(fused, i))
+                    )
 
     @tvm.transform.module_pass(opt_level=0, name="FuseDecodeLayer")
     def _run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

@@ -2421,7 +2421,7 @@ void AddRMSNormEntry(Tensor x, Tensor r, Tensor w, double epsilon, Tensor s, Ten
 }
 
 // q4_layer(a, r, o_qweight, o_scale, norm1, gu_qweight, gu_scale, down_qweight, down_scale,
-//          norm2, z_qweight, z_scale, eps1, eps2, scratch, s, z): Q4Layer's six kernels for one
+//          norm2, z_qweight, z_scale, eps1, eps2, s, z, scratch): Q4Layer's six kernels for one
 // row (a: (..., A), r and s: (..., H), z: (..., Z), their leading dimensions' product 1);
 // scratch (2 H + I,) float16 holds o, h and d.
 constexpr const char* kQ4Layer = "kiln.gemv.q4_layer";
@@ -2459,7 +2459,7 @@ void CheckRow(const char* name, const Tensor& t, const char* what, const Tensor&
 void Q4LayerEntry(Tensor a, Tensor r, Tensor o_qweight, Tensor o_scale, Tensor norm1,
                   Tensor gu_qweight, Tensor gu_scale, Tensor down_qweight, Tensor down_scale,
                   Tensor norm2, Tensor z_qweight, Tensor z_scale, double eps1, double eps2,
-                  Tensor scratch, Tensor s, Tensor z) {
+                  Tensor s, Tensor z, Tensor scratch) {
   const char* name = kQ4Layer;
   CheckDtype(name, a, "a", kDLFloat, 16, "float16");
   TVM_FFI_CHECK(a.ndim() >= 1, ValueError) << name << ": a must have at least one dimension";

@@ -32,7 +32,7 @@ multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs
   RMSNorm of its sum (kiln.passes.fuse_add_rms_norm), x, r, s, y (..., H) float16, w (H,):
   s = x + r (fp16), y = rms_norm(s) * w (fp32 from s on, rounded once), one read of x and r.
 - `kiln.gemv.q4_layer(a, r, o_qweight, o_scale, norm1, gu_qweight, gu_scale, down_qweight,
-  down_scale, norm2, z_qweight, z_scale, eps1, eps2, scratch, s, z)`: for one row (a batch-1
+  down_scale, norm2, z_qweight, z_scale, eps1, eps2, s, z, scratch)`: for one row (a batch-1
   decode), what runs between a layer's attention output a and the next layer's attention (or
   the LM head), in one persistent kernel (kiln.passes.fuse_decode_layer): o = q4(a, o_*);
   s1, y1 = add_rms_norm(r, o, norm1, eps1); h = q4_swiglu(y1, gu_*); d = q4(h, down_*);
