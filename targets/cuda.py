@@ -33,7 +33,6 @@ from kiln.passes.dispatch_gemv import DispatchGEMV, GEMVExterns
 from kiln.passes.dispatch_matmul import DispatchMatmul
 from kiln.passes.dispatch_moe import DispatchMoE, MoEExterns
 from kiln.passes.fuse_add_rms_norm import DispatchAddRMSNorm
-from kiln.passes.fuse_decode_layer import FuseDecodeLayer
 from kiln.passes.sink_param_unpack import SinkParamUnpack
 from kiln.passes.step_graph_entry import AddEntry, RewriteCUDAGraphExcept, batch_graph_entry
 from kiln.runtime import attention, gemv
@@ -118,8 +117,6 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
     # cuBLAS (dlight's dequantizing GEMMs are the alternative: bench/RESULTS.md). A mixture of
     # experts' MLP at batch 1 then reads only the routed experts' int4 weights
     # (kiln.gemv.q4_moe_swiglu and q4_moe), its router one kernel (kiln.gemv.moe_route).
-    # Last, the int4 batch-1 decode's o projection, norms, MLP and next projection: one
-    # persistent kernel a layer (kiln.gemv.q4_layer), six kernels' boundaries fewer.
     moe = MoEExterns(
         gemv.Q4_SWIGLU,
         gemv.Q4,
@@ -133,7 +130,6 @@ def _gemv_dispatch(target: Target) -> list[tvm.transform.Pass]:
         DispatchGEMV(int4, {"float16": gemv.F16_SWIGLU}, batched=("decode",)),
         DispatchMoE(moe),
         DispatchAddRMSNorm(gemv.ADD_RMS_NORM, "float16", 8, gemv.MAX_NORM_HIDDEN),
-        FuseDecodeLayer(gemv.Q4_LAYER, gemv.Q4, gemv.Q4_SWIGLU, gemv.ADD_RMS_NORM),
     ]
 
 

@@ -31,13 +31,6 @@ multiply on the tensor cores (fp32 sums). Destination-passing functions, outputs
 - `kiln.gemv.add_rms_norm(x, r, w, epsilon, s, y)`: a transformer block's residual add and the
   RMSNorm of its sum (kiln.passes.fuse_add_rms_norm), x, r, s, y (..., H) float16, w (H,):
   s = x + r (fp16), y = rms_norm(s) * w (fp32 from s on, rounded once), one read of x and r.
-- `kiln.gemv.q4_layer(a, r, o_qweight, o_scale, norm1, gu_qweight, gu_scale, down_qweight,
-  down_scale, norm2, z_qweight, z_scale, eps1, eps2, s, z, scratch)`: for one row (a batch-1
-  decode), what runs between a layer's attention output a and the next layer's attention (or
-  the LM head), in one persistent kernel (kiln.passes.fuse_decode_layer): o = q4(a, o_*);
-  s1, y1 = add_rms_norm(r, o, norm1, eps1); h = q4_swiglu(y1, gu_*); d = q4(h, down_*);
-  s, y2 = add_rms_norm(s1, d, norm2, eps2); z = q4(y2, z_*), the same numbers bit for bit;
-  scratch (2 H + I,) float16 holds o, h and d.
 
 K must be a multiple of 32; gemv.cu says how the kernels work and what they round.
 (For benchmarks: `kiln.gemv.q4_tiled(variant, ...)` and `q4_swiglu_tiled(variant, ...)` run
@@ -81,9 +74,8 @@ Q4_MOE_SWIGLU = "kiln.gemv.q4_moe_swiglu"
 Q4_MOE = "kiln.gemv.q4_moe"
 MOE_ROUTE = "kiln.gemv.moe_route"
 ADD_RMS_NORM = "kiln.gemv.add_rms_norm"
-Q4_LAYER = "kiln.gemv.q4_layer"
 FUNCTIONS = (
-    Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE, MOE_ROUTE, ADD_RMS_NORM, Q4_LAYER
+    Q4, Q4_SWIGLU, F16_SWIGLU, Q4_BATCHED, Q4_MOE_SWIGLU, Q4_MOE, MOE_ROUTE, ADD_RMS_NORM
 )  # fmt: skip
 MAX_NORM_HIDDEN = 16384  # add_rms_norm's rows (gemv.cu: 8 kNormThreads kNormPieces)
 ARTIFACT_FILE = "kiln-gemv.so"  # the built extern, inside an artifact compiled on its platform

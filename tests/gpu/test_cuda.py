@@ -175,22 +175,6 @@ def test_batched_int4_decode_of_wide_layers_matches_transformers(gpu_build):
         _check_batched_decode(art, ref, "llama-wide q4f16", batch)
 
 
-def test_batch1_int4_decode_of_wide_layers_is_one_kernel_a_layer(gpu_build):
-    """llama-wide q4f16 (every int4 Linear on Kiln's GEMVs): its batch-1 decode runs a layer's
-    o projection, norms, MLP and next projection as one persistent kernel
-    (kiln.gemv.q4_layer, a cooperative launch): greedy decoding against transformers on the
-    artifact's own weights, dequantized, and the whole-step CUDA graphs (the launch captured)
-    giving the same tokens."""
-    root = os.environ.get("KILN_GPU_ARTIFACTS")
-    if not root:
-        pytest.skip("the dequantized reference is built by tests/gpu/build_artifacts.py")
-    _, art = gpu_build("llama-wide", "q4f16")
-    assert gemv.Q4_LAYER in json.loads((art / "manifest.json").read_text())["target"]["externs"]
-    ref = reference(Path(root) / "ckpt-llama-wide-q4f16-dequantized")
-    _check_greedy(kiln.load(art, device="cuda"), ref, prompt(2), "llama-wide q4f16", steps=24)
-    check_step_graphs(art, prompt(3))
-
-
 @pytest.mark.parametrize("preset", ["q4f16", "q0f16"])
 def test_batched_decode_graphs_give_decodes_logits(preset, gpu_build):
     """The batched decode's CUDA graphs (the artifact's batch_graphs entry: Relax's graphs per

@@ -8,9 +8,7 @@ prefetching), and in a CUDA graph (kiln.gemv.q4_graph_time); 8 rows of x, and 9 
 kernel per 8); the batched decode's q4 (kiln.gemv.q4_batched) and its kernel for 9 to 64 rows
 (kiln.gemv.q4_gemm); a mixture of experts' MLP reading only the routed experts
 (kiln.gemv.q4_moe_swiglu, q4_moe) and its router (kiln.gemv.moe_route); the residual add with
-its RMSNorm (kiln.gemv.add_rms_norm); a batch-1 layer's o, norms, MLP and next projection in one
-persistent kernel (kiln.gemv.q4_layer), bit for bit the six kernels it replaces and within TOL of
-NumPy; arguments they refuse; and TVM's current stream.
+its RMSNorm (kiln.gemv.add_rms_norm); arguments they refuse; and TVM's current stream.
 
 Random data as a decode step sees it: x ~ N(0, 1), q4 scales ~ U(0.001, 0.02), nibbles uniform,
 f16 weights ~ N(0, 1 / K) (so that the gate's silu is not saturated).
@@ -47,7 +45,6 @@ from kiln.runtime.gemv import (
     MOE_ROUTE,
     Q4,
     Q4_BATCHED,
-    Q4_LAYER,
     Q4_MOE,
     Q4_MOE_SWIGLU,
     Q4_SWIGLU,
@@ -531,98 +528,3 @@ def test_add_rms_norm_equals_numpy(dev, shape, epsilon):
     f = total.astype(np.float64)
     want = f / np.sqrt((f * f).mean(-1, keepdims=True) + epsilon) * w.astype(np.float64)
     assert error(y, want) <= TOL
-
-
-# (A, H, I, Z): Llama-2-7B's layer with its next qkv, Llama-3-8B's with its LM head; small odd
-# sizes (groups not a multiple of 8: scales one by one; a stage with fewer tiles than blocks)
-LAYER_CASES = [(4096, 4096, 11008, 12288), (4096, 4096, 14336, 128256), (96, 160, 224, 100)]
-
-
-def layer_chain(dev, a, r, weights, norms, eps):
-    """The six kernels q4_layer replaces, run one by one: (s, z)."""
-    (o_w, gu_w, down_w, z_w), (w1, w2) = weights, norms
-    f = {name: tvm_ffi.get_global_func(name) for name in (Q4, Q4_SWIGLU, ADD_RMS_NORM)}
-    put = [tvm.runtime.tensor(v, dev) for v in (r, w1, w2)]
-
-    def q4(name, x, w, n):
-        out = tvm.runtime.empty((1, n), "float16", dev)
-        f[name](x, *(tvm.runtime.tensor(v, dev) for v in w), out)
-        return out
-
-    def norm(x, add, w, epsilon):
-        s, y = (tvm.runtime.empty(x.shape, "float16", dev) for _ in range(2))
-        f[ADD_RMS_NORM](x, add, w, epsilon, s, y)
-        return s, y
-
-    o = q4(Q4, tvm.runtime.tensor(a, dev), o_w, len(o_w[0]))
-    s1, y1 = norm(put[0], o, put[1], eps[0])
-    h = q4(Q4_SWIGLU, y1, gu_w, len(gu_w[0]) // 2)
-    d = q4(Q4, h, down_w, len(down_w[0]))
-    s, y2 = norm(s1, d, put[2], eps[1])
-    return s.numpy(), q4(Q4, y2, z_w, len(z_w[0])).numpy()
-
-
-def layer_numpy(a, r, weights, norms, eps):
-    """float64 with the fp16 roundings the kernels make between stages: (s, z)."""
-    f16 = lambda v: v.astype(np.float16).astype(np.float64)  # noqa: E731
-
-    def norm(x, add, w, epsilon):
-        s = (x.astype(np.float16) + add.astype(np.float16)).astype(np.float64)
-        return s, f16(s / np.sqrt((s * s).mean(-1, keepdims=True) + epsilon) * w)
-
-    o_w, gu_w, down_w, z_w = (dequantize(*w) for w in weights)
-    o = f16(a.astype(np.float64) @ o_w.T)
-    s1, y1 = norm(r, o, norms[0].astype(np.float64), eps[0])
-    h = f16(swiglu(y1 @ gu_w.T))
-    s, y2 = norm(s1, f16(h @ down_w.T), norms[1].astype(np.float64), eps[1])
-    return s, y2 @ z_w.T
-
-
-def layer_inputs(width, hidden, inter, zn):
-    rng = np.random.default_rng(width + hidden + inter + zn)
-    a = rng.standard_normal((1, width)).astype(np.float16)
-    r = rng.normal(0, 2, (1, hidden)).astype(np.float16)
-    weights = [q4_weight(rng, n, k) for n, k in
-               [(hidden, width), (2 * inter, hidden), (hidden, inter), (zn, hidden)]]  # fmt: skip
-    norms = [rng.normal(1, 0.5, hidden).astype(np.float16) for _ in range(2)]
-    return a, r, weights, norms, (1e-5, 1e-6)
-
-
-def run_layer(dev, a, r, weights, norms, eps, lead=(1,)):
-    hidden, inter, zn = len(weights[0][0]), len(weights[2][0][0]) * 8, len(weights[3][0])
-    flat = [tvm.runtime.tensor(v, dev) for w in weights for v in w]
-    n1, n2 = (tvm.runtime.tensor(w, dev) for w in norms)
-    s = tvm.runtime.empty((*lead, hidden), "float16", dev)
-    z = tvm.runtime.empty((*lead, zn), "float16", dev)
-    scratch = tvm.runtime.empty((2 * hidden + inter,), "float16", dev)
-    x = [tvm.runtime.tensor(v.reshape(*lead, -1), dev) for v in (a, r)]
-    tvm_ffi.get_global_func(Q4_LAYER)(
-        *x, *flat[:2], n1, *flat[2:6], n2, *flat[6:], *eps, s, z, scratch
-    )
-    return s.numpy().reshape(1, -1), z.numpy().reshape(1, -1)
-
-
-@pytest.mark.parametrize("width,hidden,inter,zn", LAYER_CASES)
-def test_q4_layer_is_the_six_kernels(dev, width, hidden, inter, zn):
-    inputs = layer_inputs(width, hidden, inter, zn)
-    s, z = run_layer(dev, *inputs)
-    want_s, want_z = layer_chain(dev, *inputs)
-    np.testing.assert_array_equal(s, want_s)
-    np.testing.assert_array_equal(z, want_z)
-    ref_s, ref_z = layer_numpy(*inputs)
-    for got, want in ((s, ref_s), (z, ref_z)):
-        got = got.astype(np.float64)
-        assert np.isfinite(got).all()
-        assert np.abs(got - want).max() / np.abs(want).max() <= TOL
-    again = run_layer(dev, *inputs, lead=(1, 1))  # twice in a row: the barriers reset
-    np.testing.assert_array_equal(again[1], z)
-
-
-def test_q4_layer_refuses_wrong_arguments(dev):
-    a, r, weights, norms, eps = layer_inputs(96, 160, 224, 100)
-    with pytest.raises(ValueError, match="one row"):
-        run_layer(dev, np.concatenate([a, a]), np.concatenate([r, r]), weights, norms, eps,
-                  lead=(2,))  # fmt: skip
-    short = [weights[0], weights[1], (weights[2][0][:, :-4], weights[2][1][:, :-1]), weights[3]]
-    with pytest.raises(ValueError, match="down's qweight must be"):
-        run_layer(dev, a, r, short, norms, eps)

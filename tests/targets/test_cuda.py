@@ -334,26 +334,3 @@ def test_fp16_decode_takes_kilns_swiglu_and_norm(tiny_cuda):
         assert found.count(gemv.F16_SWIGLU) == swiglu, name
         assert found.count(gemv.ADD_RMS_NORM) == norms, name
         assert not any(c.startswith("add_rms_norm") for c in found), name
-
-
-@needs_nvcc
-def test_int4_batch1_decode_runs_a_layer_in_one_kernel(custom_checkpoint, tmp_path,
-                                                       monkeypatch_module):  # fmt: skip
-    """q4f16 at sizes Kiln's int4 GEMVs take (multiples of 32): decode_1 runs each layer's o
-    projection, norms, MLP and next projection (the last layer's: the LM head) as one
-    kiln.gemv.q4_layer call; of the kernels it replaces only layer 0's qkv GEMV and its norm
-    stay. The batched decode keeps its kernels."""
-    ckpt = custom_checkpoint("llama", hidden_size=128, intermediate_size=160, num_hidden_layers=3)
-    art = kiln.compile(
-        str(ckpt), target="cuda", quantization="q4f16", output=tmp_path / "a", arch="sm_90",
-        dump_ir=tmp_path / "ir",
-    )  # fmt: skip
-    assert gemv.Q4_LAYER in json.loads((art / "manifest.json").read_text())["target"]["externs"]
-    funcs = relax_functions((tmp_path / "ir" / "5-finalize.py").read_text())
-    # decode_1's copy for the whole-step graph: its calls in order (Relax's graphs lift the
-    # layers' alike regions into one function, called once a layer)
-    found = calls(funcs[STEP_GRAPH_ENTRY])
-    assert found.count(gemv.Q4_LAYER) == 3 and found.count(gemv.Q4) == 1
-    assert gemv.Q4_SWIGLU not in found and gemv.ADD_RMS_NORM not in found  # layer 0: no add
-    lifted = [f for n, f in funcs.items() if n.startswith("decode_cuda_graph_capture")]
-    assert gemv.Q4_LAYER not in calls(funcs["decode"], *lifted)
