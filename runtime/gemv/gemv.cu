@@ -117,6 +117,13 @@ __device__ __forceinline__ uint4 LoadShared(const void* p) {
   return *reinterpret_cast<const uint4*>(p);
 }
 
+// The sum of a warp's 32 values, in every lane (the same butterfly order in each).
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(~0u, v, off);
+  return v;
+}
+
 template <int kLut>
 __device__ __forceinline__ uint32_t Lop3(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t d;
@@ -583,8 +590,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
         sum += fa.x * fb.x + fa.y * fb.y;
       }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    sum = WarpSum(sum);
     if (lane == 0) partial[s][e] = sum;
   }
   __syncthreads();
@@ -598,19 +604,14 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) most = fmaxf(most, __shfl_xor_sync(0xffffffffu, most, o));
   float p = mine ? expf(l - most) : 0.0f;
-  float total = p;
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffffu, total, o);
-  p /= total;
+  p /= WarpSum(p);
   int above = 0;  // experts ranked above this one: a higher p, or an equal one at a lower index
   for (int j = 0; j < experts; ++j) {
     const float q = __shfl_sync(0xffffffffu, p, j);
     above += q > p || (q == p && j < lane);
   }
   const bool chosen = mine && above < top_k;
-  float kept = chosen ? p : 0.0f;
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) kept += __shfl_xor_sync(0xffffffffu, kept, o);
+  const float kept = WarpSum(chosen ? p : 0.0f);
   if (mine) {
     out[static_cast<int64_t>(blockIdx.x) * experts + lane] = __float2half(chosen ? p / kept : 0.0f);
   }
@@ -1331,9 +1332,7 @@ __global__ void __launch_bounds__(kThreads, 3) F16SwiGLURow(Args a) {
       }
     }
   }
-  float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(~0u, sum, off);
+  const float sum = WarpSum((acc[0] + acc[1]) + (acc[2] + acc[3]));
   if (lane == 0) sums[warp] = sum;
   __syncthreads();
   if (threadIdx.x < kF16RowOutputs) {
@@ -1374,8 +1373,7 @@ __global__ void __launch_bounds__(kNormThreads) AddRMSNorm(const half* x, const 
       squares = fmaf(f.x, f.x, fmaf(f.y, f.y, squares));
     }
   }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) squares += __shfl_xor_sync(~0u, squares, off);
+  squares = WarpSum(squares);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = squares;
   __syncthreads();
   float total = 0.f;
